@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Both bootstrap everything on a fresh Debian 12 machine (as root) and are
+# quick no-ops when already set up.
+
+PYTHON    ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+STAMPS    := .stamps
+APT_PKGS  := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+             fsverity nginx-light erofs-utils sqlite3 fio squashfuse iproute2 kmod
+
+.PHONY: setup demo test bench bench-quick clean
+
+setup: $(STAMPS)/venv
+
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PKGS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@touch $@
+
+$(STAMPS)/venv: $(STAMPS)/apt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip
+	@$(BIN)/pip install -q -e '.[test,bench]'
+	@touch $@
+
+demo: setup
+	@$(BIN)/python -m incfs.demo
+
+test: setup
+	@$(BIN)/python -m pytest -q tests
+
+bench: setup
+	@$(BIN)/python bench/run.py
+
+bench-quick: setup
+	@$(BIN)/python bench/run.py --quick
+
+clean:
+	rm -rf $(STAMPS) $(VENV) build src/*.egg-info

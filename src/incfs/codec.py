@@ -1,0 +1,62 @@
+"""Per-block compression: none, LZ4 or zstd, chosen block by block.
+
+A block that does not shrink is stored raw and an all-zero block is stored as
+no bytes at all, so the codec returns the kind it actually used.
+"""
+
+from __future__ import annotations
+
+import lz4.block
+import zstandard
+
+from . import BLOCK_SIZE
+from .errors import CorruptImage
+from .format.records import BlockKind
+
+COMPRESSIONS = {"none": BlockKind.RAW, "lz4": BlockKind.LZ4, "zstd": BlockKind.ZSTD}
+_ZERO = bytes(BLOCK_SIZE)
+_zstd_c = zstandard.ZstdCompressor(level=3, write_content_size=False,
+                                   write_checksum=False)
+_zstd_d = zstandard.ZstdDecompressor()
+
+
+def is_zero(block: bytes) -> bool:
+    return block == _ZERO[: len(block)]
+
+
+def compress(block: bytes, kind: BlockKind) -> tuple[BlockKind, bytes]:
+    """Encode one block (at most 4096 bytes) as `kind`, falling back to raw
+    when compression does not save at least a little space."""
+    if is_zero(block):
+        return BlockKind.ZERO, b""
+    if kind is BlockKind.LZ4:
+        packed = lz4.block.compress(block, store_size=False)
+    elif kind is BlockKind.ZSTD:
+        packed = _zstd_c.compress(block)
+    else:
+        return BlockKind.RAW, block
+    if len(packed) >= len(block):
+        return BlockKind.RAW, block
+    return kind, packed
+
+
+def decompress(kind: BlockKind, stored: bytes, size: int) -> bytes:
+    """Decode a stored block whose plain size is `size`.
+
+    The output is bounded by `size` (never more than one block), so a hostile
+    block cannot expand past 4 KiB.
+    """
+    try:
+        if kind is BlockKind.RAW:
+            out = stored
+        elif kind is BlockKind.ZERO:
+            return _ZERO[:size]
+        elif kind is BlockKind.LZ4:
+            out = lz4.block.decompress(stored, uncompressed_size=size)
+        else:
+            out = _zstd_d.decompress(stored, max_output_size=size)
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
+        raise CorruptImage(f"compressed block does not decode: {e}") from None
+    if len(out) != size:
+        raise CorruptImage(f"block decodes to {len(out)} bytes, expected {size}")
+    return out

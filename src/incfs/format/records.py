@@ -1,0 +1,253 @@
+"""Bodies of the metadata records, encoded and decoded as plain values.
+
+Records batch many entries (an INODES record holds up to thousands of inodes)
+so a million-file image is a few hundred records, not millions, and a reader
+parses them with one `struct` call per entry.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..errors import CorruptImage
+
+MAX_NAME = 255
+MAX_METADATA = 512
+MAX_SYMLINK = 4095
+MAX_FILE_SIZE = (1 << 63) - 1
+
+
+class InodeFlags(enum.IntFlag):
+    HAS_TREE = 1  # root_hash is meaningful: blocks are verified against it
+
+
+class BlockKind(enum.IntEnum):
+    """How one stored block is encoded (2 bits of the per-block info word)."""
+
+    RAW = 0
+    LZ4 = 1
+    ZSTD = 2
+    ZERO = 3  # an all-zero block: no bytes stored
+
+
+class TreeKind(enum.IntEnum):
+    """Which per-file block space a run of blocks belongs to."""
+
+    DATA = 0
+    HASH = 1
+
+
+class DirentOp(enum.IntEnum):
+    ADD = 1
+    REMOVE = 2
+
+
+# ino, mode, flags, size, mtime_ns, file_id, root_hash, meta_len, target_len
+_INODE = struct.Struct("<QIIQq16s32sHH")
+# op, name_len, parent, child
+_DIRENT = struct.Struct("<BBQQ")
+# ino, tree, reserved, first_index, count, base_offset
+_RUN = struct.Struct("<QBxxxIIQ")
+# info (size | kind << 14), crc32 of the stored bytes
+_BLOCK = struct.Struct("<HI")
+# algorithm, key_id, root, sig_len
+_SIGNATURE = struct.Struct("<B3x32s32sH")
+_COUNT = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class InodeEntry:
+    ino: int
+    mode: int
+    size: int = 0
+    mtime_ns: int = 0
+    file_id: bytes = bytes(16)
+    root_hash: bytes = bytes(32)
+    flags: InodeFlags = InodeFlags(0)
+    metadata: bytes = b""
+    target: bytes = b""  # symlink target; empty for files and directories
+
+
+@dataclass(slots=True)
+class DirentEntry:
+    op: DirentOp
+    parent: int
+    child: int
+    name: bytes
+
+
+@dataclass(slots=True)
+class BlockRun:
+    """Consecutive blocks of one file stored from `base` on.
+
+    `blocks` holds (info, crc) pairs; the offset of each block follows from
+    `base` by the placement rule in `block_offsets`.
+    """
+
+    ino: int
+    tree: TreeKind
+    first: int
+    base: int
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SignatureEntry:
+    algorithm: int
+    key_id: bytes
+    root: bytes
+    signature: bytes
+
+
+def block_info(kind: BlockKind, stored_size: int) -> int:
+    return stored_size | (int(kind) << 14)
+
+
+def info_kind(info: int) -> BlockKind:
+    return BlockKind(info >> 14)
+
+
+def info_size(info: int) -> int:
+    return info & 0x1FFF
+
+
+def place_block(cursor: int, kind: BlockKind, stored_size: int) -> tuple[int, int]:
+    """Placement rule: where a block goes and where the next one may start.
+
+    Raw blocks start on a 4 KiB boundary so a kernel EROFS image can map them
+    in place; compressed blocks pack tightly; zero blocks take no space.
+    """
+    if kind is BlockKind.ZERO:
+        return 0, cursor
+    if kind is BlockKind.RAW:
+        cursor = (cursor + 4095) & ~4095
+    return cursor, cursor + stored_size
+
+
+def run_offsets(run: BlockRun) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (index, offset, info, crc) for each block of a run."""
+    cursor = run.base
+    for i, (info, crc) in enumerate(run.blocks):
+        offset, cursor = place_block(cursor, info_kind(info), info_size(info))
+        yield run.first + i, offset, info, crc
+
+
+# --- encoding ---------------------------------------------------------------
+
+def encode_inodes(entries: list[InodeEntry]) -> bytes:
+    parts = [_COUNT.pack(len(entries))]
+    for e in entries:
+        parts.append(_INODE.pack(e.ino, e.mode, int(e.flags), e.size,
+                                 e.mtime_ns, e.file_id, e.root_hash,
+                                 len(e.metadata), len(e.target)))
+        parts.append(e.metadata)
+        parts.append(e.target)
+    return b"".join(parts)
+
+
+def encode_dirents(entries: list[DirentEntry]) -> bytes:
+    parts = [_COUNT.pack(len(entries))]
+    for e in entries:
+        parts.append(_DIRENT.pack(int(e.op), len(e.name), e.parent, e.child))
+        parts.append(e.name)
+    return b"".join(parts)
+
+
+def encode_runs(runs: list[BlockRun]) -> bytes:
+    parts = [_COUNT.pack(len(runs))]
+    for r in runs:
+        parts.append(_RUN.pack(r.ino, int(r.tree), r.first, len(r.blocks), r.base))
+        parts.extend(_BLOCK.pack(info, crc) for info, crc in r.blocks)
+    return b"".join(parts)
+
+
+def encode_signature(s: SignatureEntry) -> bytes:
+    return _SIGNATURE.pack(s.algorithm, s.key_id, s.root, len(s.signature)) + s.signature
+
+
+# --- decoding ---------------------------------------------------------------
+
+class _Cursor:
+    """Bounds-checked reading of a record body: a lying length is an error,
+    never an IndexError or a read past the body."""
+
+    def __init__(self, body: bytes, what: str):
+        self.body = memoryview(body)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> memoryview:
+        end = self.pos + n
+        if n < 0 or end > len(self.body):
+            raise CorruptImage(f"{self.what} record is truncated or lies about its length")
+        view = self.body[self.pos:end]
+        self.pos = end
+        return view
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        return st.unpack(self.take(st.size))
+
+    def count(self, entry_size: int) -> int:
+        (n,) = self.unpack(_COUNT)
+        if n * entry_size > len(self.body) - self.pos:
+            raise CorruptImage(f"{self.what} record claims {n} entries, too many for its size")
+        return n
+
+    def done(self) -> None:
+        if self.pos != len(self.body):
+            raise CorruptImage(f"{self.what} record has trailing bytes")
+
+
+def decode_inodes(body: bytes) -> list[InodeEntry]:
+    cur = _Cursor(body, "inode")
+    out = []
+    for _ in range(cur.count(_INODE.size)):
+        ino, mode, flags, size, mtime, fid, root, mlen, tlen = cur.unpack(_INODE)
+        if mlen > MAX_METADATA or tlen > MAX_SYMLINK or size > MAX_FILE_SIZE:
+            raise CorruptImage(f"inode {ino}: metadata, target or size out of range")
+        meta = bytes(cur.take(mlen))
+        target = bytes(cur.take(tlen))
+        out.append(InodeEntry(ino, mode, size, mtime, fid, root,
+                              InodeFlags(flags & 1), meta, target))
+    cur.done()
+    return out
+
+
+def decode_dirents(body: bytes) -> list[DirentEntry]:
+    cur = _Cursor(body, "directory")
+    out = []
+    for _ in range(cur.count(_DIRENT.size)):
+        op, nlen, parent, child = cur.unpack(_DIRENT)
+        if op not in (DirentOp.ADD, DirentOp.REMOVE):
+            raise CorruptImage(f"directory record has unknown operation {op}")
+        out.append(DirentEntry(DirentOp(op), parent, child, bytes(cur.take(nlen))))
+    cur.done()
+    return out
+
+
+def decode_runs(body: bytes) -> list[BlockRun]:
+    cur = _Cursor(body, "block map")
+    runs = []
+    for _ in range(cur.count(_RUN.size)):
+        ino, tree, first, count, base = cur.unpack(_RUN)
+        if tree not in (0, 1):
+            raise CorruptImage(f"block map of inode {ino} names unknown tree {tree}")
+        raw = cur.take(count * _BLOCK.size)
+        blocks = list(_BLOCK.iter_unpack(raw))
+        for info, _crc in blocks:
+            if info_size(info) > 4096 or (info & 0x2000):
+                raise CorruptImage(f"block map of inode {ino}: stored size over 4096")
+        runs.append(BlockRun(ino, TreeKind(tree), first, base, blocks))
+    cur.done()
+    return runs
+
+
+def decode_signature(body: bytes) -> SignatureEntry:
+    cur = _Cursor(body, "signature")
+    alg, key_id, root, slen = cur.unpack(_SIGNATURE)
+    sig = bytes(cur.take(slen))
+    cur.done()
+    return SignatureEntry(alg, key_id, root, sig)

@@ -1,0 +1,586 @@
+"""Image: the namespace and block presence over one backing file.
+
+This is the library every other layer uses: `pack` writes images, `fusefs`
+reads blocks through it, the control server and the built-in loader change
+the tree and fill blocks through it. It never fetches anything: a block is
+either here (and verified) or absent.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import time
+import uuid as uuidlib
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from . import BLOCK_SIZE, ROOT_INO, codec
+from .blockmap import BlockMap
+from .errors import CorruptImage, IntegrityError, UsageError, os_error
+from .format import layout, records
+from .format.layout import LOG_START, RecordType, Superblock, SuperFlags
+from .format.log import LogAppender, ScanResult, scan_log
+from .format.records import (BlockKind, BlockRun, DirentEntry, DirentOp,
+                             InodeEntry, InodeFlags, SignatureEntry, TreeKind,
+                             block_info, info_kind, info_size)
+from .integrity import merkle, signing
+from .namespace import Inode, Namespace, check_name
+
+HASH_CACHE_BLOCKS = 4096  # verified hash blocks kept in memory (16 MiB)
+METADATA_BATCH = 1 << 20
+
+
+class MissingBlock(Exception):
+    """A read needs a block (data or hash) that is not present yet."""
+
+    def __init__(self, ino: int, tree: TreeKind, index: int):
+        super().__init__(f"inode {ino} {tree.name.lower()} block {index} is absent")
+        self.ino, self.tree, self.index = ino, tree, index
+
+
+@dataclass(slots=True)
+class FillBlock:
+    """One block handed in by a loader: stored bytes and how they are encoded."""
+
+    index: int
+    data: bytes
+    kind: BlockKind = BlockKind.RAW
+    tree: TreeKind = TreeKind.DATA
+
+
+@dataclass
+class FillResult:
+    stored: int = 0  # newly stored blocks
+    already: int = 0  # present before: a silent no-op
+    errors: list[tuple[int, int, str]] = field(default_factory=list)  # (index, errno, why)
+
+
+@dataclass
+class SignatureState:
+    entry: SignatureEntry
+    root: bytes  # canonical root computed at the signature record
+    verified: bool = False
+
+
+class Image:
+    """An open backing image. Use `Image.create` or `Image.open`."""
+
+    def __init__(self, path: Path, fd: int, superblock: Superblock, writable: bool):
+        self.path = path
+        self.fd = fd
+        self.superblock = superblock
+        self.writable = writable
+        self.ns = Namespace()
+        self.signature: SignatureState | None = None
+        self.source_maps: dict[int, tuple[BlockMap, BlockMap | None]] = {}
+        self.scan: ScanResult | None = None
+        self.appender: LogAppender | None = None
+        self.durable = True  # fdatasync before a fill or change returns
+        self._hash_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self.counters = {"verify_failures": 0, "blocks_stored": 0, "bytes_stored": 0}
+
+    # --- opening -------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, image_uuid: bytes | None = None,
+               superblock: Superblock | None = None, exist_ok: bool = False) -> "Image":
+        """A new, empty image holding only the root directory."""
+        path = Path(path)
+        flags = os.O_RDWR | os.O_CREAT | (0 if exist_ok else os.O_EXCL)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise UsageError(f"{path} already exists") from None
+        _lock(fd, path)
+        os.ftruncate(fd, 0)
+        sb = superblock or Superblock(uuid=image_uuid or uuidlib.uuid4().bytes)
+        os.pwrite(fd, sb.encode(), 0)
+        img = cls(path, fd, sb, True)
+        img.scan = ScanResult(end=LOG_START, last_record=0, file_size=LOG_START)
+        img.appender = LogAppender(fd, LOG_START, 0)
+        if superblock is None:
+            root = InodeEntry(ROOT_INO, stat.S_IFDIR | 0o555, mtime_ns=time.time_ns())
+            img._append_inodes([root])
+        return img
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, writable: bool = False) -> "Image":
+        """Open an image, replaying its log; a torn tail is dropped (and cut
+        off when writable). `scan.dropped_reason` says what was dropped."""
+        path = Path(path)
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError as e:
+            raise UsageError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"{path} is not a regular file")
+            if writable:
+                _lock(fd, path)
+            img = cls(path, fd, Superblock.decode(os.pread(fd, layout.SUPERBLOCK_SIZE, 0)),
+                      writable)
+            img._replay()
+        except BaseException:
+            os.close(fd)
+            raise
+        return img
+
+    def _replay(self) -> None:
+        size = os.fstat(self.fd).st_size
+        with os.fdopen(os.dup(self.fd), "rb", buffering=1 << 20) as f:
+            self.scan = scan_log(f, size, self._apply_record)
+        if ROOT_INO not in self.ns.inodes:
+            raise CorruptImage("image has no root directory")
+        if self.writable:
+            if self.scan.end < size:
+                os.ftruncate(self.fd, self.scan.end)
+            self.appender = LogAppender(self.fd, self.scan.end, self.scan.last_record)
+
+    def _apply_record(self, offset: int, header, body: bytes) -> None:
+        try:
+            self._apply(header.type, body)
+        except OSError as e:
+            raise CorruptImage(f"record at offset {offset} is invalid: {e.strerror}") from None
+        except CorruptImage as e:
+            raise CorruptImage(f"record at offset {offset}: {e}") from None
+
+    def _apply(self, rtype: int, body: bytes) -> None:
+        if rtype == RecordType.INODES:
+            for e in records.decode_inodes(body):
+                self.ns.check_add_inode(e)
+                self.ns.add_inode(e)
+        elif rtype == RecordType.DIRENTS:
+            for d in records.decode_dirents(body):
+                self._apply_dirent(d)
+        elif rtype == RecordType.BLOCKS:
+            for run in records.decode_runs(body):
+                self._apply_run(run, self._maps_of(run.ino))
+        elif rtype == RecordType.SOURCE_BLOCKS:
+            for run in records.decode_runs(body):
+                self._apply_run(run, self._source_maps_of(run.ino), check_bounds=False)
+        elif rtype == RecordType.SIGNATURE:
+            entry = records.decode_signature(body)
+            self.signature = SignatureState(entry, self.canonical_root())
+            for node in self.ns.inodes.values():
+                node.signed = True
+
+    def _apply_dirent(self, d: DirentEntry) -> None:
+        if d.op == DirentOp.ADD:
+            self.ns.check_link(d.child, d.parent, d.name)
+            self.ns.link(d.child, d.parent, d.name)
+        else:
+            self.ns.check_unlink(d.parent, d.name)
+            self.ns.unlink(d.parent, d.name)
+
+    def _maps_of(self, ino: int) -> tuple[BlockMap, BlockMap | None]:
+        node = self.ns.inodes.get(ino)
+        if node is None or node.data is None:
+            raise CorruptImage(f"block map for inode {ino}, which is not a file")
+        return node.data, node.hashes
+
+    def _source_maps_of(self, ino: int) -> tuple[BlockMap, BlockMap | None]:
+        if ino not in self.source_maps:
+            data, hashes = self._maps_of(ino)
+            self.source_maps[ino] = (BlockMap(data.count),
+                                     BlockMap(hashes.count) if hashes else None)
+        return self.source_maps[ino]
+
+    def _apply_run(self, run: BlockRun, maps, check_bounds: bool = True) -> None:
+        target = maps[0] if run.tree == TreeKind.DATA else maps[1]
+        if target is None or run.first + len(run.blocks) > target.count:
+            raise CorruptImage(f"block map of inode {run.ino} runs past the end of the file")
+        limit = self.scan_limit()
+        for index, offset, info, crc in records.run_offsets(run):
+            if check_bounds and info_kind(info) is not BlockKind.ZERO:
+                if offset < LOG_START or offset + info_size(info) > limit:
+                    raise CorruptImage(f"block {index} of inode {run.ino} points outside the image")
+            target.set(index, offset, info, crc)
+
+    def scan_limit(self) -> int:
+        return self.scan.file_size if self.scan else os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.writable and self.appender:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- signatures ----------------------------------------------------------
+
+    def canonical_root(self) -> bytes:
+        """SHA-256 over the whole named tree: every path with its inode's
+        identity, type, size, time, file id, fs-verity digest, metadata and
+        symlink target, in path order. Signing this signs the namespace and,
+        through the digests, every byte of every file."""
+        h = hashlib.sha256(b"incfs canonical root v1\0" + self.superblock.uuid)
+        for path, node in self.ns.walk():
+            h.update(struct.pack("<I", len(path)) + path)
+            h.update(struct.pack("<QIIQq", node.ino, node.mode, int(node.flags),
+                                 node.size, node.mtime_ns))
+            h.update(node.file_id + self.file_digest(node))
+            h.update(struct.pack("<HH", len(node.metadata), len(node.target)))
+            h.update(node.metadata + node.target)
+        return h.digest()
+
+    def file_digest(self, node: Inode) -> bytes:
+        if not node.has_tree:
+            return bytes(32)
+        return merkle.digest(node.root_hash, node.size)
+
+    def sign(self, private_key) -> None:
+        root = self.canonical_root()
+        alg, key_id, sig = signing.sign(private_key, root)
+        entry = SignatureEntry(int(alg), key_id, root, sig)
+        self._append(RecordType.SIGNATURE, records.encode_signature(entry))
+        self.signature = SignatureState(entry, root)
+        for node in self.ns.inodes.values():
+            node.signed = True
+
+    def verify_signature(self, public_key) -> None:
+        """Raise IntegrityError unless the image is signed by `public_key` and
+        the tree as of the signature matches what was signed."""
+        if self.signature is None:
+            raise IntegrityError("image is not signed")
+        s = self.signature
+        if s.root != s.entry.root:
+            raise IntegrityError("namespace or file digests differ from what was signed")
+        signing.verify(public_key, s.entry.algorithm, s.entry.key_id, s.root,
+                       s.entry.signature)
+        s.verified = True
+
+    # --- namespace changes ---------------------------------------------------
+
+    def _append(self, rtype: RecordType, body: bytes) -> int:
+        if self.appender is None:
+            raise UsageError("image is open read-only")
+        offset = self.appender.append(rtype, body)
+        if self.durable:
+            self.appender.sync()
+        return offset
+
+    def _append_inodes(self, entries: list[InodeEntry]) -> None:
+        for e in entries:
+            self.ns.check_add_inode(e)
+        self._append(RecordType.INODES, records.encode_inodes(entries))
+        for e in entries:
+            self.ns.add_inode(e)
+
+    def create_node(self, parent: int, name: bytes, mode: int, *, size: int = 0,
+                    file_id: bytes | None = None, metadata: bytes = b"",
+                    root_hash: bytes | None = None, target: bytes = b"",
+                    mtime_ns: int | None = None) -> int:
+        """Create an inode and give it its first name; returns its number."""
+        if len(metadata) > records.MAX_METADATA:
+            raise os_error(errno.E2BIG, "user metadata is limited to 512 bytes")
+        if file_id is not None and len(file_id) != 16:
+            raise os_error(errno.EINVAL, "a file id is 16 bytes")
+        if size < 0 or size > records.MAX_FILE_SIZE:
+            raise os_error(errno.EFBIG, "file size out of range")
+        if root_hash is not None and len(root_hash) != 32:
+            raise os_error(errno.EINVAL, "a root hash is 32 bytes")
+        ino = self.ns.next_ino
+        entry = InodeEntry(ino, mode, size, mtime_ns if mtime_ns is not None else time.time_ns(),
+                           file_id or uuidlib.uuid4().bytes, root_hash or bytes(32),
+                           InodeFlags.HAS_TREE if root_hash is not None else InodeFlags(0),
+                           metadata, target)
+        self.ns.check_add_inode(entry)
+        self._check_new_name(parent, name)
+        self._append_inodes([entry])
+        self.link(ino, parent, name)
+        return ino
+
+    def _check_new_name(self, parent: int, name: bytes) -> None:
+        check_name(name)
+        if name in self.ns.directory(parent).children:
+            raise os_error(errno.EEXIST, f"{name!r} exists")
+
+    def add_inodes(self, entries: list[InodeEntry]) -> None:
+        """Add inodes in one record (pack and bulk loaders)."""
+        self._append_inodes(entries)
+
+    def add_links(self, links: list[tuple[int, int, bytes]]) -> None:
+        """Give (child, parent, name) names in one record, all checked first."""
+        for child, parent, name in links:
+            self.ns.check_link(child, parent, name)
+            self.ns.link(child, parent, name)
+        entries = [DirentEntry(DirentOp.ADD, p, c, n) for c, p, n in links]
+        self._append(RecordType.DIRENTS, records.encode_dirents(entries))
+
+    def link(self, child: int, parent: int, name: bytes) -> None:
+        self.ns.check_link(child, parent, name)
+        entry = DirentEntry(DirentOp.ADD, parent, child, name)
+        self._append(RecordType.DIRENTS, records.encode_dirents([entry]))
+        self.ns.link(child, parent, name)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        node = self.ns.check_unlink(parent, name)
+        entry = DirentEntry(DirentOp.REMOVE, parent, node.ino, name)
+        self._append(RecordType.DIRENTS, records.encode_dirents([entry]))
+        self.ns.unlink(parent, name)
+
+    # --- reading -------------------------------------------------------------
+
+    def read_block(self, node: Inode, index: int) -> bytes:
+        """The plain bytes of data block `index`, verified. Raises
+        MissingBlock when it (or a hash block needed for it) is absent and
+        IntegrityError when the stored bytes are wrong."""
+        loc = node.data.get(index)
+        if loc is None:
+            raise MissingBlock(node.ino, TreeKind.DATA, index)
+        plain = self._load(node, TreeKind.DATA, index, loc, _plain_size(node, index))
+        if node.has_tree:
+            self._check_data_hash(node, index, plain)
+        return plain
+
+    def _load(self, node: Inode, tree: TreeKind, index: int, loc, size: int) -> bytes:
+        offset, info, crc = loc
+        kind = info_kind(info)
+        if kind is BlockKind.ZERO:
+            return bytes(size)
+        stored = os.pread(self.fd, info_size(info), offset)
+        if zlib.crc32(stored) != crc:
+            self.counters["verify_failures"] += 1
+            raise IntegrityError(f"inode {node.ino} {tree.name.lower()} block {index}: "
+                                 "stored bytes fail their checksum")
+        try:
+            return codec.decompress(kind, stored, size)
+        except CorruptImage as e:
+            self.counters["verify_failures"] += 1
+            raise IntegrityError(f"inode {node.ino} block {index}: {e}") from None
+
+    def _check_data_hash(self, node: Inode, index: int, plain: bytes) -> None:
+        want = self._expected(node, -1, index)
+        if merkle.hash_block(plain) != want:
+            self.counters["verify_failures"] += 1
+            raise IntegrityError(f"inode {node.ino} data block {index} fails verification")
+
+    def _expected(self, node: Inode, level: int, index: int) -> bytes:
+        try:
+            return merkle.expected_hash(node.geometry, node.root_hash, level, index,
+                                        lambda s: self.hash_block(node, s))
+        except merkle.MissingHashBlock as e:
+            raise MissingBlock(node.ino, TreeKind.HASH, e.storage_index) from None
+
+    def hash_block(self, node: Inode, storage_index: int) -> bytes | None:
+        """A verified hash block, or None if absent (IntegrityError if bad)."""
+        key = (node.ino, storage_index)
+        cached = self._hash_cache.get(key)
+        if cached is not None:
+            self._hash_cache.move_to_end(key)
+            return cached
+        loc = node.hashes.get(storage_index)
+        if loc is None:
+            return None
+        plain = self._load(node, TreeKind.HASH, storage_index, loc, BLOCK_SIZE)
+        level, index = node.geometry.level_of(storage_index)
+        if hashlib.sha256(plain).digest() != self._expected(node, level, index):
+            self.counters["verify_failures"] += 1
+            raise IntegrityError(f"inode {node.ino} hash block {storage_index} fails verification")
+        self._remember_hash_block(key, plain)
+        return plain
+
+    def _remember_hash_block(self, key: tuple[int, int], plain: bytes) -> None:
+        self._hash_cache[key] = plain
+        if len(self._hash_cache) > HASH_CACHE_BLOCKS:
+            self._hash_cache.popitem(last=False)
+
+    def read_range(self, node: Inode, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of a file whose blocks are present."""
+        end = min(node.size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        data = b"".join(self.read_block(node, i) for i in range(first, last + 1))
+        skip = offset - first * BLOCK_SIZE
+        return data[skip:skip + end - offset]
+
+    def missing_for_read(self, node: Inode, offset: int, length: int) -> list[tuple[TreeKind, int]]:
+        """Every block (data, and hash blocks on the way to the root) that a
+        read of this range still needs."""
+        end = min(node.size, offset + length)
+        if offset >= end or node.data is None:
+            return []
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        need = [(TreeKind.DATA, i) for i in node.data.missing(first, last + 1)]
+        if node.hashes is not None and node.hashes.present < node.hashes.count:
+            wanted: set[int] = set()
+            for i in range(first, last + 1, merkle.HASHES_PER_BLOCK):
+                wanted.update(merkle.required_hash_blocks(node.geometry, i))
+            wanted.update(merkle.required_hash_blocks(node.geometry, last))
+            need.extend((TreeKind.HASH, s) for s in sorted(wanted)
+                        if not node.hashes.is_present(s))
+        return need
+
+    # --- filling -------------------------------------------------------------
+
+    def fill(self, ino: int, blocks: Iterable[FillBlock]) -> FillResult:
+        """Verify and store blocks of one file; present blocks are a no-op.
+
+        Hash-tree blocks are taken top level first, so one batch can carry a
+        whole path from the root down to the data it verifies. A block that
+        fails is reported in `errors` and never stored; the rest still are.
+        """
+        node = self.ns.get(ino)
+        if node.data is None:
+            raise os_error(errno.EINVAL, f"inode {ino} is not a regular file")
+        result = FillResult()
+        accepted: list[tuple[FillBlock, bytes]] = []
+        staged: dict[int, bytes] = {}
+        for blk in sorted(blocks, key=lambda b: (-int(b.tree), b.index)):
+            status = self._check_fill(node, blk, staged)
+            if status is None:
+                result.already += 1
+            elif isinstance(status, tuple):
+                result.errors.append((blk.index, *status))
+            else:
+                accepted.append((blk, status))
+        if accepted:
+            self._store(node, accepted)
+            result.stored = len(accepted)
+        return result
+
+    def _check_fill(self, node: Inode, blk: FillBlock, staged: dict[int, bytes]):
+        """None: already present; (errno, why): refused; bytes: plain content."""
+        target = node.data if blk.tree == TreeKind.DATA else node.hashes
+        if target is None:
+            return errno.EINVAL, "file has no hash tree"
+        if not 0 <= blk.index < target.count:
+            return errno.EINVAL, f"block index {blk.index} is past the end"
+        if target.is_present(blk.index):
+            return None
+        size = _plain_size(node, blk.index) if blk.tree == TreeKind.DATA else BLOCK_SIZE
+        if blk.kind is BlockKind.RAW and len(blk.data) != size:
+            return errno.EINVAL, f"raw block is {len(blk.data)} bytes, expected {size}"
+        if len(blk.data) > BLOCK_SIZE:
+            return errno.EINVAL, "stored block larger than 4096 bytes"
+        try:
+            plain = codec.decompress(blk.kind, blk.data, size)
+        except CorruptImage as e:
+            return errno.EBADMSG, str(e)
+        try:
+            self._verify_fill(node, blk, plain, staged)
+        except IntegrityError as e:
+            self.counters["verify_failures"] += 1
+            return errno.EBADMSG, str(e)
+        except MissingBlock as e:
+            return errno.ENODATA, f"verifying needs hash block {e.index} first"
+        if blk.tree == TreeKind.HASH:
+            staged[blk.index] = plain
+        return plain
+
+    def _verify_fill(self, node: Inode, blk: FillBlock, plain: bytes,
+                     staged: dict[int, bytes]) -> None:
+        if not node.has_tree:
+            return
+        get = lambda s: staged.get(s) or self.hash_block(node, s)  # noqa: E731
+        try:
+            if blk.tree == TreeKind.DATA:
+                want = merkle.expected_hash(node.geometry, node.root_hash, -1, blk.index, get)
+                got = merkle.hash_block(plain)
+            else:
+                level, index = node.geometry.level_of(blk.index)
+                want = merkle.expected_hash(node.geometry, node.root_hash, level, index, get)
+                got = hashlib.sha256(plain).digest()
+        except merkle.MissingHashBlock as e:
+            raise MissingBlock(node.ino, TreeKind.HASH, e.storage_index) from None
+        if got != want:
+            raise IntegrityError(f"{blk.tree.name.lower()} block {blk.index} "
+                                 "does not match the file's Merkle tree")
+
+    def _store(self, node: Inode, accepted: list[tuple[FillBlock, bytes]]) -> None:
+        """Append the blocks as one DATA record plus one BLOCKS record."""
+        base = self.appender.payload_base()
+        payload, runs, placed = bytearray(), [], []
+        cursor = base
+        for blk, plain in accepted:
+            kind, stored = _store_form(blk, plain)
+            offset, cursor = records.place_block(cursor, kind, len(stored))
+            if kind is not BlockKind.ZERO:
+                payload += bytes(offset - base - len(payload)) + stored
+            info = block_info(kind, len(stored))
+            crc = zlib.crc32(stored)
+            runs.append(BlockRun(node.ino, blk.tree, blk.index, offset, [(info, crc)]))
+            placed.append((blk.tree, blk.index, offset, info, crc))
+        if payload:
+            self.appender.write_data(bytes(payload))
+        self.appender.append(RecordType.BLOCKS, records.encode_runs(_merge_runs(runs)))
+        if self.durable:
+            self.appender.sync()
+        for tree, index, offset, info, crc in placed:
+            target = node.data if tree == TreeKind.DATA else node.hashes
+            target.set(index, offset, info, crc)
+        self.counters["blocks_stored"] += len(placed)
+        self.counters["bytes_stored"] += len(payload)
+
+    # --- summaries -------------------------------------------------------------
+
+    def totals(self) -> dict[str, int]:
+        files = blocks_total = blocks_present = 0
+        for node in self.ns.inodes.values():
+            if node.data is not None:
+                files += 1
+                blocks_total += node.data.count + (node.hashes.count if node.hashes else 0)
+                blocks_present += node.data.present + (node.hashes.present if node.hashes else 0)
+        return {"files": files, "inodes": len(self.ns), "blocks_total": blocks_total,
+                "blocks_present": blocks_present}
+
+
+def _plain_size(node: Inode, index: int) -> int:
+    return min(BLOCK_SIZE, node.size - index * BLOCK_SIZE)
+
+
+def _store_form(blk: FillBlock, plain: bytes) -> tuple[BlockKind, bytes]:
+    """Keep what the loader sent (no recompression), but never spend space on
+    zeros or on "compressed" blocks that did not shrink."""
+    if codec.is_zero(plain):
+        return BlockKind.ZERO, b""
+    if blk.kind is not BlockKind.RAW and len(blk.data) >= len(plain):
+        return BlockKind.RAW, plain
+    return blk.kind, blk.data
+
+
+def _merge_runs(runs: list[BlockRun]) -> list[BlockRun]:
+    """Join single-block runs that continue each other into longer runs (same
+    file and tree, consecutive indexes, offsets following the placement rule)."""
+    merged: list[BlockRun] = []
+    for run in runs:
+        last = merged[-1] if merged else None
+        if last and last.tree == run.tree and last.first + len(last.blocks) == run.first:
+            end = _run_end(last)
+            info = run.blocks[0][0]
+            offset, _ = records.place_block(end, info_kind(info), info_size(info))
+            if offset == run.base or info_kind(info) is BlockKind.ZERO:
+                last.blocks.extend(run.blocks)
+                continue
+        merged.append(run)
+    return merged
+
+
+def _run_end(run: BlockRun) -> int:
+    cursor = run.base
+    for info, _ in run.blocks:
+        _, cursor = records.place_block(cursor, info_kind(info), info_size(info))
+    return cursor
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{path} is in use by another incfs process") from None

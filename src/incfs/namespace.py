@@ -1,0 +1,189 @@
+"""The tree of inodes and names, with the rules of R2 (and their errnos).
+
+The same checks guard live changes from a loader and the replay of an image's
+log, so a hostile image cannot build what a loader could not: a directory
+with two names, a cycle, a bad name.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+from typing import Iterator
+
+from . import ROOT_INO
+from .blockmap import BlockMap
+from .errors import os_error
+from .format.records import MAX_NAME, InodeEntry, InodeFlags
+from .integrity.merkle import TreeGeometry, block_count
+
+
+class Inode:
+    __slots__ = ("ino", "mode", "size", "mtime_ns", "file_id", "root_hash",
+                 "flags", "metadata", "target", "nlink", "parent", "children",
+                 "data", "hashes", "geometry", "signed")
+
+    def __init__(self, e: InodeEntry):
+        self.ino = e.ino
+        self.mode = e.mode
+        self.size = e.size
+        self.mtime_ns = e.mtime_ns
+        self.file_id = e.file_id
+        self.root_hash = e.root_hash
+        self.flags = e.flags
+        self.metadata = e.metadata
+        self.target = e.target
+        self.nlink = 0
+        self.parent = 0  # directories only: their one parent (0 = unnamed)
+        self.signed = False
+        self.children: dict[bytes, int] | None = {} if self.is_dir else None
+        self.data: BlockMap | None = None
+        self.hashes: BlockMap | None = None
+        self.geometry: TreeGeometry | None = None
+        if self.is_reg:
+            self.data = BlockMap(block_count(self.size))
+            if self.has_tree:
+                self.geometry = TreeGeometry(self.size)
+                self.hashes = BlockMap(self.geometry.hash_blocks)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def has_tree(self) -> bool:
+        return bool(self.flags & InodeFlags.HAS_TREE)
+
+    @property
+    def complete(self) -> bool:
+        if self.data is None:
+            return True
+        return self.data.complete and (self.hashes is None or self.hashes.complete)
+
+    def entry(self) -> InodeEntry:
+        return InodeEntry(self.ino, self.mode, self.size, self.mtime_ns, self.file_id,
+                          self.root_hash, self.flags, self.metadata, self.target)
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise os_error(errno.EINVAL, f"bad name {name!r}")
+    if len(name) > MAX_NAME:
+        raise os_error(errno.ENAMETOOLONG, "name longer than 255 bytes")
+
+
+ALLOWED_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
+
+
+class Namespace:
+    def __init__(self) -> None:
+        self.inodes: dict[int, Inode] = {}
+        self.next_ino = ROOT_INO + 1
+
+    def __len__(self) -> int:
+        return len(self.inodes)
+
+    def get(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise os_error(errno.ENOENT, f"no inode {ino}")
+        return node
+
+    def directory(self, ino: int) -> Inode:
+        node = self.get(ino)
+        if not node.is_dir:
+            raise os_error(errno.ENOTDIR, f"inode {ino} is not a directory")
+        return node
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        child = self.directory(parent).children.get(name)
+        if child is None:
+            raise os_error(errno.ENOENT, f"no {name!r} in inode {parent}")
+        return self.inodes[child]
+
+    # --- checks (raise OSError) then applies (never fail) -------------------
+
+    def check_add_inode(self, e: InodeEntry) -> None:
+        if e.ino in self.inodes or e.ino < ROOT_INO:
+            raise os_error(errno.EEXIST, f"inode {e.ino} exists")
+        if stat.S_IFMT(e.mode) not in ALLOWED_TYPES:
+            raise os_error(errno.EINVAL, f"unsupported file type {oct(e.mode)}")
+        if not stat.S_ISREG(e.mode) and e.size and not stat.S_ISLNK(e.mode):
+            raise os_error(errno.EINVAL, "only files have a size")
+        if e.ino == ROOT_INO and not stat.S_ISDIR(e.mode):
+            raise os_error(errno.EINVAL, "the root must be a directory")
+
+    def add_inode(self, e: InodeEntry) -> Inode:
+        node = Inode(e)
+        self.inodes[e.ino] = node
+        self.next_ino = max(self.next_ino, e.ino + 1)
+        return node
+
+    def check_link(self, child: int, parent: int, name: bytes) -> None:
+        check_name(name)
+        pdir = self.directory(parent)
+        node = self.get(child)
+        if name in pdir.children:
+            raise os_error(errno.EEXIST, f"{name!r} exists")
+        if child == ROOT_INO or child == parent:
+            raise os_error(errno.EINVAL, "a directory cannot go into itself, nor the root anywhere")
+        if node.is_dir:
+            if node.parent:
+                raise os_error(errno.EMLINK, "a directory has exactly one name")
+            if self._is_under(parent, child):
+                raise os_error(errno.EMLINK, "that name would make a loop")
+
+    def _is_under(self, ino: int, ancestor: int) -> bool:
+        seen = 0
+        while ino and seen <= len(self.inodes):
+            if ino == ancestor:
+                return True
+            ino = self.inodes[ino].parent
+            seen += 1
+        return False
+
+    def link(self, child: int, parent: int, name: bytes) -> None:
+        self.inodes[parent].children[name] = child
+        node = self.inodes[child]
+        node.nlink += 1
+        if node.is_dir:
+            node.parent = parent
+            self.inodes[parent].nlink += 1  # the child's ".."
+
+    def check_unlink(self, parent: int, name: bytes) -> Inode:
+        node = self.lookup(parent, name)
+        if node.is_dir and node.children:
+            raise os_error(errno.ENOTEMPTY, f"{name!r} is not empty")
+        return node
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        child = self.inodes[parent].children.pop(name)
+        node = self.inodes[child]
+        node.nlink -= 1
+        if node.is_dir:
+            node.parent = 0
+            self.inodes[parent].nlink -= 1
+
+    # --- walking -------------------------------------------------------------
+
+    def walk(self, ino: int = ROOT_INO, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:
+        """Yield (path, inode) for every name under `ino`, depth first, sorted."""
+        stack = [(prefix, ino)]
+        while stack:
+            path, cur = stack.pop()
+            node = self.inodes[cur]
+            yield path, node
+            if node.is_dir:
+                for name in sorted(node.children, reverse=True):
+                    stack.append((path + b"/" + name, node.children[name]))
+
+    def path_of(self, ino: int) -> bytes:
+        """A path for an inode (directories have one; files: the first found)."""
+        for path, node in self.walk():
+            if node.ino == ino:
+                return path or b"/"
+        raise os_error(errno.ENOENT, f"inode {ino} has no name")

@@ -1,0 +1,341 @@
+"""HTTP(S) objects as a Source: one Range request per read, strictly checked.
+
+Strictness is the point. A proxy or server that ignores `Range` and answers
+200 with the whole file, labels a response with a different range, or cuts the
+body short would otherwise hand the block loader plausible-looking wrong
+bytes; here each of those raises. Accepted answers:
+
+* 206 whose Content-Range is exactly the asked range and whose body is
+  exactly that long;
+* 200 only when the asked range is the whole object (offset 0, length ==
+  object size), which is how servers legitimately answer such a request.
+
+The first ETag (else Last-Modified) and total size seen are remembered;
+a later response carrying different ones raises ObjectChangedError.
+`Accept-Encoding: identity` is sent and encoded answers are refused, since a
+byte range of a gzip stream is not a byte range of the object.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import httpx
+import trio
+
+from incfs.errors import UsageError
+from incfs.sources.base import (
+    AccessDeniedError,
+    NotFoundError,
+    ObjectChangedError,
+    PermanentSourceError,
+    RangeNotSatisfiableError,
+    Source,
+    SourceError,
+    TransientSourceError,
+    check_range,
+    check_within,
+)
+from incfs.sources.retry import RetryPolicy, call_with_retry
+
+T = TypeVar("T")
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+# Statuses where the server itself says "later might work".
+_TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 509, 520, 521,
+                                 522, 523, 524})
+
+
+def redact_url(url: str) -> str:
+    """URL without credentials or query: presigned URLs carry secrets in the
+    query string, and `name` ends up in logs and error messages."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """`bytes a-b/total` -> (a, b, total or None for `*`); None if malformed."""
+    match = _CONTENT_RANGE.match(value or "")
+    if not match:
+        return None
+    start, end = int(match[1]), int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    if end < start or (total is not None and end >= total):
+        return None
+    return start, end, total
+
+
+def status_error(name: str, response: httpx.Response) -> SourceError:
+    """Classify a non-success HTTP status."""
+    status = response.status_code
+    message = f"{name}: HTTP {status} {response.reason_phrase}".rstrip()
+    if status in (404, 410):
+        return NotFoundError(message)
+    if status in (401, 403):
+        return AccessDeniedError(message)
+    if status == 412:
+        return ObjectChangedError(message)
+    if status == 416:
+        return RangeNotSatisfiableError(message)
+    if status in _TRANSIENT_STATUSES:
+        return TransientSourceError(message)
+    return PermanentSourceError(message)
+
+
+def transport_error(name: str, exc: httpx.HTTPError) -> SourceError:
+    """Classify an httpx exception: our own mistakes and redirect loops are
+    permanent; everything on the wire (timeouts, resets, refused connections,
+    truncated bodies) is transient."""
+    detail = f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError,
+                        httpx.TooManyRedirects)):
+        return PermanentSourceError(detail)
+    return TransientSourceError(detail)
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+class HttpSource(Source):
+    """Byte ranges of one object behind an http:// or https:// URL.
+
+    One `httpx.AsyncClient` per source (keep-alive pool, HTTP/2 when the
+    server offers it over TLS, redirects followed). `headers` are added to
+    every request, e.g. `{"Authorization": "Bearer ..."}`; httpx drops
+    Authorization on cross-host redirects. At most `max_connections` requests
+    are in flight; further reads queue here rather than time out in the
+    connection pool.
+    """
+
+    OPTIONS = frozenset({"headers", "timeout", "connect_timeout", "max_connections",
+                         "http2", "verify", "retry", "check_validators", "name"})
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_connections: int = 16,
+        http2: bool = True,
+        verify: bool | str = True,
+        retry: RetryPolicy | None = None,
+        check_validators: bool = True,
+        name: str | None = None,
+    ) -> None:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise UsageError(f"invalid URL {url!r}: {exc}") from exc
+        if parsed.scheme not in ("http", "https"):
+            raise UsageError(f"not an http(s) URL: {redact_url(url)}")
+        super().__init__(name or redact_url(url), max_concurrency=max_connections)
+        self.url = url
+        self.retry = retry or RetryPolicy()
+        self.check_validators = check_validators
+        self._client = httpx.AsyncClient(
+            http2=http2,
+            follow_redirects=True,
+            max_redirects=10,
+            verify=verify,
+            headers={"Accept-Encoding": "identity", **dict(headers or {})},
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections,
+                                keepalive_expiry=30.0),
+        )
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self._size: int | None = None
+        self._size_lock = trio.Lock()
+        self._etag: str | None = None
+        self._last_modified: str | None = None
+
+    # -- identity -----------------------------------------------------------
+
+    def _check_identity(self, response: httpx.Response, total: int | None) -> None:
+        """Remember the object's size and validator on first sight; raise
+        ObjectChangedError when a later response disagrees."""
+        if total is not None:
+            if self._size is None:
+                self._size = total
+            elif total != self._size:
+                raise ObjectChangedError(
+                    f"{self.name}: object size changed from {self._size} to {total}")
+        if not self.check_validators:
+            return
+        etag = response.headers.get("etag")
+        if etag:
+            etag = etag.removeprefix("W/")  # proxies may weaken an unchanged tag
+            if self._etag is None:
+                self._etag = etag
+            elif etag != self._etag:
+                raise ObjectChangedError(
+                    f"{self.name}: ETag changed from {self._etag} to {etag}")
+            return
+        modified = response.headers.get("last-modified")
+        if modified:
+            if self._last_modified is None:
+                self._last_modified = modified
+            elif modified != self._last_modified:
+                raise ObjectChangedError(f"{self.name}: Last-Modified changed from "
+                                         f"{self._last_modified} to {modified}")
+
+    def _check_encoding(self, response: httpx.Response) -> None:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise PermanentSourceError(
+                f"{self.name}: server sent Content-Encoding {encoding!r} despite "
+                "Accept-Encoding: identity; byte ranges would be of the encoded data")
+
+    # -- requests -----------------------------------------------------------
+
+    async def _send(
+        self,
+        method: str,
+        headers: dict[str, str],
+        handle: Callable[[httpx.Response], Awaitable[T]],
+    ) -> T:
+        """Send one request and pass the streaming response to `handle`,
+        translating httpx errors. Bounded by the connection limiter."""
+        async with self._limiter:
+            self.stats.requests += 1
+            try:
+                async with self._client.stream(method, self.url, headers=headers) as response:
+                    return await handle(response)
+            except httpx.HTTPError as exc:
+                raise transport_error(self.name, exc) from exc
+
+    async def _read_exact(self, response: httpx.Response, length: int) -> bytes:
+        """Read the raw body, which must be exactly `length` bytes."""
+        buf = bytearray()
+        async for chunk in response.aiter_raw():
+            buf += chunk
+            if len(buf) > length:
+                raise PermanentSourceError(
+                    f"{self.name}: body is longer than the {length} bytes asked")
+        if len(buf) < length:
+            raise TransientSourceError(
+                f"{self.name}: short body, got {len(buf)} of {length} bytes")
+        return bytes(buf)
+
+    async def _handle_range(self, response: httpx.Response, offset: int, length: int) -> bytes:
+        end = offset + length - 1
+        status = response.status_code
+        if status == 206:
+            raw = response.headers.get("content-range")
+            parsed = parse_content_range(raw)
+            if parsed is None:
+                raise PermanentSourceError(
+                    f"{self.name}: 206 without a usable Content-Range ({raw!r})")
+            start, stop, total = parsed
+            self._check_identity(response, total)
+            if (start, stop) != (offset, end):
+                if total is not None:
+                    check_within(self.name, offset, length, total)
+                raise PermanentSourceError(f"{self.name}: asked for bytes {offset}-{end}, "
+                                           f"server answered Content-Range {raw!r}")
+        elif status == 200:
+            # The whole object. Only acceptable if that is what we asked for.
+            self._check_encoding(response)
+            declared = _content_length(response)
+            self._check_identity(response, declared)
+            if offset != 0 or (declared is not None and declared != length):
+                raise PermanentSourceError(
+                    f"{self.name}: server ignored the Range header (200 with the whole "
+                    "object); ranged reads are not possible from this server")
+        elif status == 416:
+            unsatisfied = _UNSATISFIED_RANGE.match(response.headers.get("content-range", ""))
+            if unsatisfied:
+                self._check_identity(response, int(unsatisfied[1]))
+            raise status_error(self.name, response)
+        else:
+            raise status_error(self.name, response)
+        self._check_encoding(response)
+        declared = _content_length(response)
+        if declared is not None and declared != length:
+            error = TransientSourceError if declared < length else PermanentSourceError
+            raise error(f"{self.name}: Content-Length {declared} for a {length}-byte range")
+        return await self._read_exact(response, length)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`, retried per `self.retry`."""
+        check_range(offset, length)
+        if length == 0:
+            return b""
+        if self._size is not None:
+            check_within(self.name, offset, length, self._size)
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+
+        async def handle(response: httpx.Response) -> bytes:
+            return await self._handle_range(response, offset, length)
+
+        async def attempt() -> bytes:
+            return await self._send("GET", headers, handle)
+
+        data = await call_with_retry(self.retry, attempt, name=self.name, stats=self.stats)
+        self.stats.bytes += len(data)
+        return data
+
+    # -- size ---------------------------------------------------------------
+
+    async def size(self) -> int:
+        """Object size: HEAD, else a one-byte ranged GET (some servers and
+        presigned URLs refuse HEAD). Cached after the first answer."""
+        if self._size is None:
+            async with self._size_lock:
+                if self._size is None:
+                    await call_with_retry(self.retry, self._probe_size,
+                                          name=self.name, stats=self.stats)
+        assert self._size is not None
+        return self._size
+
+    async def _probe_size(self) -> None:
+        async def handle_head(response: httpx.Response) -> bool:
+            declared = _content_length(response)
+            encoding = response.headers.get("content-encoding", "identity").lower()
+            if response.status_code == 200 and declared is not None \
+                    and encoding in ("", "identity"):
+                self._check_identity(response, declared)
+                return True
+            if response.status_code in (404, 410) or response.status_code >= 500:
+                raise status_error(self.name, response)
+            return False  # e.g. 403/405 for HEAD: try a ranged GET instead
+
+        if await self._send("HEAD", {}, handle_head):
+            return
+        await self._send("GET", {"Range": "bytes=0-0"}, self._handle_size_probe)
+
+    async def _handle_size_probe(self, response: httpx.Response) -> None:
+        status = response.status_code
+        if status == 206:
+            parsed = parse_content_range(response.headers.get("content-range"))
+            if parsed is None or parsed[2] is None:
+                raise PermanentSourceError(f"{self.name}: cannot learn the object size "
+                                           "(no total in Content-Range)")
+            self._check_identity(response, parsed[2])
+            await response.aread()  # drain the byte so the connection is reusable
+        elif status == 416:
+            unsatisfied = _UNSATISFIED_RANGE.match(response.headers.get("content-range", ""))
+            if not unsatisfied:
+                raise status_error(self.name, response)
+            self._check_identity(response, int(unsatisfied[1]))  # empty object
+        elif status == 200 and _content_length(response) is not None:
+            # Range ignored; the size is still right, reads will fail clearly.
+            self._check_identity(response, _content_length(response))
+        else:
+            raise status_error(self.name, response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
