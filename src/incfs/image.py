@@ -82,6 +82,8 @@ class Image:
         self.signature: SignatureState | None = None
         self.source_maps: dict[int, tuple[BlockMap, BlockMap | None]] = {}
         self.scan: ScanResult | None = None
+        self._block_limit: int | None = None  # blocks must end by here to count
+        self.blocks_beyond_log = 0  # mapped blocks whose bytes are not in the good log
         self.appender: LogAppender | None = None
         self.durable = True  # fdatasync before a fill or change returns
         self._hash_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -135,14 +137,29 @@ class Image:
 
     def _replay(self) -> None:
         size = os.fstat(self.fd).st_size
-        with os.fdopen(os.dup(self.fd), "rb", buffering=1 << 20) as f:
-            self.scan = scan_log(f, size, self._apply_record)
+        self._block_limit = size
+        self._scan_records(size)
+        if self.scan.end < size:
+            # A torn or damaged tail was dropped. A block counts only if its
+            # bytes lie inside the good log (a packed image maps its blocks
+            # before the DATA record that holds them), so replay once more
+            # with the good end as the bound: blocks in the tail are absent.
+            self.ns = Namespace()
+            self.signature = None
+            self.source_maps = {}
+            self._block_limit = self.scan.end
+            self._scan_records(size)
         if ROOT_INO not in self.ns.inodes:
             raise CorruptImage("image has no root directory")
         if self.writable:
             if self.scan.end < size:
                 os.ftruncate(self.fd, self.scan.end)
             self.appender = LogAppender(self.fd, self.scan.end, self.scan.last_record)
+
+    def _scan_records(self, size: int) -> None:
+        self.blocks_beyond_log = 0
+        with os.fdopen(os.dup(self.fd), "rb", buffering=1 << 20) as f:
+            self.scan = scan_log(f, size, self._apply_record)
 
     def _apply_record(self, offset: int, header, body: bytes) -> None:
         try:
@@ -200,11 +217,17 @@ class Image:
         limit = self.scan_limit()
         for index, offset, info, crc in records.run_offsets(run):
             if check_bounds and info_kind(info) is not BlockKind.ZERO:
-                if offset < LOG_START or offset + info_size(info) > limit:
+                if offset < LOG_START:
                     raise CorruptImage(f"block {index} of inode {run.ino} points outside the image")
+                if offset + info_size(info) > limit:
+                    # cut off (a truncated or torn image): the block is absent
+                    self.blocks_beyond_log += 1
+                    continue
             target.set(index, offset, info, crc)
 
     def scan_limit(self) -> int:
+        if self._block_limit is not None:
+            return self._block_limit
         return self.scan.file_size if self.scan else os.fstat(self.fd).st_size
 
     def close(self) -> None:

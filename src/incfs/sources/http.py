@@ -248,13 +248,13 @@ class HttpSource(Source):
                                            f"server answered Content-Range {raw!r}")
         elif status == 200:
             # The whole object. Only acceptable if that is what we asked for.
-            self._check_encoding(response)
             declared = _content_length(response)
-            self._check_identity(response, declared)
             if offset != 0 or (declared is not None and declared != length):
                 raise PermanentSourceError(
                     f"{self.name}: server ignored the Range header (200 with the whole "
                     "object); ranged reads are not possible from this server")
+            self._check_encoding(response)
+            self._check_identity(response, declared)
         elif status == 416:
             unsatisfied = _UNSATISFIED_RANGE.match(response.headers.get("content-range", ""))
             if unsatisfied:

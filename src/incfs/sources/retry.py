@@ -22,7 +22,7 @@ from typing import TypeVar
 import trio
 
 from incfs.errors import UsageError
-from incfs.sources.base import SourceStats, TransientSourceError
+from incfs.sources.base import SourceError, SourceStats, TransientSourceError
 
 T = TypeVar("T")
 
@@ -83,32 +83,36 @@ async def call_with_retry(
     """Run `op()` until it succeeds, raises a non-transient error, or the
     policy is exhausted; then re-raise the last TransientSourceError.
 
-    `stats.errors` counts failed attempts, `stats.retries` the attempts made
-    after the first. Exceeding the deadline mid-attempt cancels that attempt
-    and raises TransientSourceError (the link was too slow, not wrong).
+    `stats.errors` counts failed attempts (permanent failures included),
+    `stats.retries` the attempts made after the first. Exceeding the deadline
+    mid-attempt cancels that attempt and raises TransientSourceError (the
+    link was too slow, not wrong).
     """
     deadline = math.inf if policy.deadline is None else trio.current_time() + policy.deadline
     attempt = 0
     while True:
         attempt += 1
+        failure: TransientSourceError | None = None
         with trio.move_on_at(deadline) as scope:
             try:
                 return await op()
             except TransientSourceError as exc:
-                last = exc
+                failure = exc
+            except SourceError:
                 if stats is not None:
                     stats.errors += 1
-        if scope.cancelled_caught:
-            if stats is not None:
-                stats.errors += 1
+                raise  # permanent: retrying cannot help
+        if stats is not None:
+            stats.errors += 1
+        if failure is None:  # the deadline cancelled the attempt in flight
+            assert scope.cancelled_caught
             raise TransientSourceError(
-                f"{name}: no answer within the {policy.deadline:g}s deadline"
-            )
+                f"{name}: no answer within the {policy.deadline:g}s deadline")
         if policy.max_attempts is not None and attempt >= policy.max_attempts:
-            raise last
+            raise failure
         delay = policy.backoff(attempt - 1)
         if trio.current_time() + delay >= deadline:
-            raise last
+            raise failure
         await trio.sleep(delay)
         if stats is not None:
             stats.retries += 1

@@ -248,10 +248,13 @@ class S3Source(Source):
                                        f"ContentRange ({answer.content_range!r})")
         else:
             self._check_identity(answer.etag, answer.content_length)  # whole object
-        if answer.data is None or len(answer.data) < length:
-            got = 0 if answer.data is None else len(answer.data)
+        if answer.data is None and (answer.content_length or 0) > length:
+            raise PermanentSourceError(f"{self.name}: ContentLength {answer.content_length} "
+                                       f"for a {length}-byte range")
+        got = 0 if answer.data is None else len(answer.data)
+        if answer.data is None or got < length:
             raise TransientSourceError(f"{self.name}: short body, {got} of {length} bytes")
-        if len(answer.data) > length:
+        if got > length:
             raise PermanentSourceError(f"{self.name}: body longer than the {length} bytes asked")
         return answer.data
 

@@ -27,7 +27,9 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TypeVar
 
-__all__ = ["Nginx", "LogEntry", "NGINX_BIN"]
+from incfs.testing.netns import call_in_netns
+
+__all__ = ["NGINX_BIN", "LogEntry", "Nginx"]
 
 NGINX_BIN = "/usr/sbin/nginx"
 _START_TIMEOUT_S = 10.0
@@ -325,8 +327,4 @@ def _has_module(name: str) -> bool:
 
 def _in_netns(netns: str | None, fn: Callable[[], T]) -> T:
     """Run ``fn`` here, or in a thread switched into ``netns``."""
-    if netns is None:
-        return fn()
-    from incfs.testing.netns import call_in_netns  # noqa: PLC0415 - avoid cycle
-
-    return call_in_netns(netns, fn)
+    return fn() if netns is None else call_in_netns(netns, fn)

@@ -1,0 +1,261 @@
+"""The control server: a Unix socket that only the mount's owner (or root) may
+use. Each connection is served by its own trio task; a malformed frame gets an
+error answer and closes only that connection, never the mount."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+import trio
+
+from .. import ROOT_INO
+from ..codec import COMPRESSIONS
+from ..errors import IncfsError
+from ..format.records import TreeKind
+from ..image import FillBlock
+from ..service import Service
+from . import wire
+from .wire import Op, ProtocolError
+
+log = logging.getLogger("incfs.control")
+MAX_CONNECTIONS = 256
+MAX_PENDING_WAIT = 3600.0
+
+
+class ControlServer:
+    def __init__(self, service: Service, path: Path, owner_uid: int):
+        self.service = service
+        self.path = path
+        self.owner_uid = owner_uid
+        self.connections = 0
+        self.handlers = {
+            Op.HELLO: self._hello, Op.CREATE_FILE: self._create_file, Op.MKDIR: self._mkdir,
+            Op.SYMLINK: self._symlink, Op.LINK: self._link, Op.UNLINK: self._unlink,
+            Op.FILL_BLOCKS: self._fill, Op.PENDING_READS: self._pending,
+            Op.FILLED_RANGES: self._filled_ranges, Op.READ_LOG: self._read_log,
+            Op.STATUS: self._status, Op.LOOKUP: self._lookup,
+        }
+
+    def listen(self) -> trio.SocketListener:
+        """Bind the socket (mode 0600 inside a 0700 directory)."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        if self.path.exists() or self.path.is_symlink():
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise IncfsError(f"{self.path} exists and is not a socket")
+            self.path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            # trio's bind is async; the path is local so a plain bind is fine
+            sock._sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        sock.listen(128)
+        return trio.SocketListener(sock)
+
+    async def serve(self, listener: trio.SocketListener, task_status=trio.TASK_STATUS_IGNORED):
+        async with listener:
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                while True:
+                    stream = await listener.accept()
+                    nursery.start_soon(self._connection, stream)
+
+    # --- one connection --------------------------------------------------------
+
+    def _peer_allowed(self, stream: trio.SocketStream) -> bool:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid == 0 or uid == self.owner_uid
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if not self._peer_allowed(stream):
+                await _send_quietly(stream, wire.encode(Op.RESPONSE, 0, _error(
+                    errno.EACCES, "only the mount's owner may use the control socket")))
+                return
+            if self.connections >= MAX_CONNECTIONS:
+                await _send_quietly(stream, wire.encode(Op.RESPONSE, 0, _error(
+                    errno.EMFILE, "too many control connections")))
+                return
+            self.connections += 1
+            try:
+                await self._serve_frames(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                self.connections -= 1
+
+    async def _serve_frames(self, stream: trio.SocketStream) -> None:
+        reader = _FrameReader(stream)
+        while True:
+            try:
+                frame = await reader.next()
+            except ProtocolError as e:
+                await _send_quietly(stream, wire.encode(Op.RESPONSE, 0, _error(errno.EPROTO, str(e))))
+                return
+            if frame is None:
+                return
+            op, request_id, payload = frame
+            answer, tail = await self._dispatch(op, payload)
+            await stream.send_all(wire.encode(Op.RESPONSE, request_id, answer, tail))
+            if answer.get("errno") == errno.EPROTO:
+                return
+
+    async def _dispatch(self, op: int, payload: bytes) -> tuple[dict, bytes]:
+        handler = self.handlers.get(op)
+        if handler is None:
+            return _error(errno.EOPNOTSUPP, f"unknown operation {op}"), b""
+        try:
+            fields, tail = wire.decode_payload(payload)
+            result = await handler(fields, tail)
+        except ProtocolError as e:
+            return _error(errno.EPROTO, str(e)), b""
+        except OSError as e:
+            return _error(e.errno or errno.EIO, e.strerror or str(e)), b""
+        except IncfsError as e:
+            return _error(e.errno, str(e)), b""
+        except (KeyError, TypeError, ValueError) as e:
+            return _error(errno.EINVAL, f"bad request: {e!r}"), b""
+        if isinstance(result, tuple):
+            return {"ok": True, **result[0]}, result[1]
+        return {"ok": True, **result}, b""
+
+    # --- operations ------------------------------------------------------------
+
+    async def _hello(self, f, tail):
+        return {"version": wire.VERSION, "root": ROOT_INO, "pid": os.getpid()}
+
+    async def _create_file(self, f, tail):
+        root_hash = bytes.fromhex(f["root_hash"]) if f.get("root_hash") else None
+        file_id = bytes.fromhex(f["file_id"]) if f.get("file_id") else None
+        mode = stat.S_IFREG | (_int(f.get("mode", 0o444)) & 0o7777)
+        ino = await self.service.create(
+            _int(f["parent"]), _name(f), mode, size=_int(f["size"]), file_id=file_id,
+            metadata=bytes.fromhex(f.get("metadata", "")), root_hash=root_hash)
+        return {"ino": ino}
+
+    async def _mkdir(self, f, tail):
+        mode = stat.S_IFDIR | (_int(f.get("mode", 0o555)) & 0o7777)
+        return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode)}
+
+    async def _symlink(self, f, tail):
+        target = bytes.fromhex(f["target"])
+        mode = stat.S_IFLNK | 0o777
+        return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode,
+                                                 size=len(target), target=target)}
+
+    async def _link(self, f, tail):
+        await self.service.link(_int(f["ino"]), _int(f["parent"]), _name(f))
+        return {}
+
+    async def _unlink(self, f, tail):
+        await self.service.unlink(_int(f["parent"]), _name(f))
+        return {}
+
+    async def _lookup(self, f, tail):
+        node = self.service.image.ns.lookup(_int(f["parent"]), _name(f))
+        return {"ino": node.ino, "mode": node.mode, "size": node.size}
+
+    async def _fill(self, f, tail):
+        blocks = []
+        for b in f["blocks"]:
+            kind = COMPRESSIONS.get(b.get("compression", "none"))
+            if kind is None:
+                raise ProtocolError(f"unknown compression {b.get('compression')!r}")
+            tree = TreeKind.HASH if b.get("tree") in (1, "hash") else TreeKind.DATA
+            data = wire.tail_slice(tail, b["offset"], b["length"])
+            blocks.append(FillBlock(_int(b["index"]), data, kind, tree))
+        result = await self.service.fill(_int(f["ino"]), blocks)
+        return {"stored": result.stored, "already": result.already,
+                "errors": [{"index": i, "errno": e, "error": why} for i, e, why in result.errors]}
+
+    async def _pending(self, f, tail):
+        timeout = min(float(f.get("timeout", 0)), MAX_PENDING_WAIT)
+        found = await self.service.waits.next_pending(
+            timeout, _int(f.get("after_serial", 0)), min(_int(f.get("limit", 1024)), 65536))
+        return {"reads": [pr.as_dict() for pr in found]}
+
+    async def _filled_ranges(self, f, tail):
+        node = self.service.image.ns.get(_int(f["ino"]))
+        if node.data is None:
+            raise OSError(errno.EINVAL, "not a regular file")
+        out = {"data": node.data.ranges(), "blocks": node.data.count}
+        if node.hashes is not None:
+            out["hash"] = node.hashes.ranges()
+            out["hash_blocks"] = node.hashes.count
+        return out
+
+    async def _read_log(self, f, tail):
+        after = _int(f.get("after_serial", 0))
+        entries = [e for e in self.service.waits.read_log if e[0] > after]
+        return {"entries": entries}
+
+    async def _status(self, f, tail):
+        return self.service.status()
+
+
+class _FrameReader:
+    """Reads whole frames from a stream, enforcing the size bound first."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self.buffer) < n:
+            chunk = await self.stream.receive_some(max(65536, n - len(self.buffer)))
+            if not chunk:
+                if self.buffer:
+                    raise ProtocolError("connection closed in the middle of a message")
+                return False
+            self.buffer += chunk
+        return True
+
+    async def next(self) -> tuple[int, int, bytes] | None:
+        try:
+            if not await self._fill(wire.HEADER.size):
+                return None
+        except ProtocolError:
+            return None
+        length, _version, op, request_id = wire.parse_header(bytes(self.buffer[:wire.HEADER.size]))
+        try:
+            if not await self._fill(wire.HEADER.size + length):
+                return None
+        except ProtocolError:
+            return None  # the client went away mid-message: nothing to answer
+        payload = bytes(self.buffer[wire.HEADER.size:wire.HEADER.size + length])
+        del self.buffer[:wire.HEADER.size + length]
+        return op, request_id, payload
+
+
+def _error(code: int, message: str) -> dict:
+    return {"ok": False, "errno": code, "error": message}
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _name(f: dict) -> bytes:
+    name = f["name"]
+    if not isinstance(name, str):
+        raise ProtocolError("name must be a string (hex in name_hex for raw bytes)")
+    return bytes.fromhex(f["name_hex"]) if f.get("name_hex") else os.fsencode(name)
+
+
+async def _send_quietly(stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

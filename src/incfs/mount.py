@@ -1,0 +1,250 @@
+"""Mounting: wires an Image, the Service, FUSE, the control server and (for
+remote sources) the built-in loader together, and runs them in one trio loop.
+
+`incfs mount` without --foreground starts this module as a child process and
+returns once the child reports that the mount is ready (or why it is not).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import IncfsError, IntegrityError, UsageError
+from .fusefs import IncfsOperations, invalidator
+from .image import Image
+from .integrity import signing
+from .service import Service
+from .waits import process_alive
+
+log = logging.getLogger("incfs.mount")
+READY_TIMEOUT = 120.0
+
+
+@dataclass
+class MountConfig:
+    source: str
+    mountpoint: str
+    cache: str | None = None
+    key: str | None = None
+    allow_unsigned: bool = False
+    read_timeout: float | None = None  # None: wait forever
+    prefetch: str = "sequential"
+    max_tasks: int = 4096
+    source_options: dict | None = None
+
+
+def is_remote(source: str) -> bool:
+    return source.startswith(("http://", "https://", "s3://"))
+
+
+def runtime_dir(mountpoint: str) -> Path:
+    """Per-mount directory (0700) for the control socket and the pid file."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else "/tmp")
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return Path(base) / f"incfs-{os.geteuid()}" / key
+
+
+def default_cache(config: MountConfig) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs"
+    base.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{config.source}\0{os.path.realpath(config.mountpoint)}".encode())
+    return base / f"{key.hexdigest()[:20]}.img"
+
+
+def open_backing(config: MountConfig) -> Image:
+    """The backing image for a mount, checked against the key policy."""
+    if config.source == "empty":
+        path = Path(config.cache) if config.cache else default_cache(config)
+        image = Image.open(path, writable=True) if path.exists() else Image.create(path)
+    elif is_remote(config.source) or config.cache:
+        from .loader import open_cache  # the built-in loader owns caches of sources
+        image = open_cache(config)
+    else:
+        path = Path(config.source)
+        if not path.exists():
+            raise UsageError(f"{path}: no such image")
+        image = Image.open(path, writable=os.access(path, os.W_OK))
+    try:
+        check_trust(image, config)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def check_trust(image: Image, config: MountConfig) -> None:
+    if config.key:
+        image.verify_signature(signing.load_public(config.key))
+    elif config.source == "empty":
+        return  # the owner's own loader fills it: nothing to check against
+    elif not config.allow_unsigned:
+        what = "signed, but no --key was given" if image.signature else "not signed"
+        raise IntegrityError(f"image is {what}; pass --key KEY.pub, or --allow-unsigned "
+                             "to mount it without checking who made it")
+
+
+async def serve(config: MountConfig, image: Image, ready=None) -> None:
+    """Run the mount until it is unmounted (or SIGTERM/SIGINT)."""
+    from .control.server import ControlServer
+
+    rundir = runtime_dir(config.mountpoint)
+    service = Service(image, config.read_timeout)
+    control = ControlServer(service, rundir / "control.sock", os.getuid())
+    listener = control.listen()
+    ops = IncfsOperations(service, str(control.path))
+    options = set(pyfuse3.default_options) | {"fsname=incfs", "subtype=incfs", "ro"}
+    if os.geteuid() == 0:
+        options.add("allow_other")
+    pyfuse3.init(ops, config.mountpoint, options)
+    service.invalidate = invalidator()
+    (rundir / "pid").write_text(f"{os.getpid()}\n")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, listener)
+            loader = _start_loader(config, service, nursery)
+            nursery.start_soon(_unmount_on_signal, config.mountpoint)
+            # stat() of the mount point is served by this very loop: never
+            # call it on the trio thread
+            nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, config.mountpoint)
+            if ready:
+                ready()
+            await pyfuse3.main(max_tasks=config.max_tasks)
+            if loader is not None:
+                await loader.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=False)
+        for leftover in (rundir / "pid", control.path):
+            leftover.unlink(missing_ok=True)
+
+
+def _start_loader(config: MountConfig, service: Service, nursery):
+    if not (is_remote(config.source) or (config.cache and config.source != "empty")):
+        return None
+    from .loader import start_loader
+    return start_loader(config, service, nursery)
+
+
+async def _unmount_on_signal(mountpoint: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return
+
+
+def _tune_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB at a time (root only; best effort)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        path.write_text("1024")
+    except OSError:
+        pass
+
+
+# --- running in the foreground or as a background child ----------------------
+
+def run_foreground(config: MountConfig, ready_fd: int | None = None) -> int:
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+
+    try:
+        _check_mountpoint(config.mountpoint)
+        image = open_backing(config)
+    except (IncfsError, OSError) as e:
+        _report_failure(ready_fd, e)
+        return 2 if isinstance(e, UsageError) else 1
+    try:
+        trio.run(serve, config, image, ready)
+    except (IncfsError, OSError, RuntimeError) as e:
+        _report_failure(ready_fd, e)
+        return 1
+    finally:
+        image.close()
+    return 0
+
+
+def _report_failure(ready_fd: int | None, e: BaseException) -> None:
+    message = _describe(e)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, f"ERROR {message}\n".encode())
+        except OSError:
+            pass
+    else:
+        print(f"incfs: {message}", file=sys.stderr)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}{': ' + str(e.filename) if e.filename else ''}"
+    return str(e)
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    path = Path(mountpoint)
+    if not path.is_dir():
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point")
+
+
+def mount_background(config: MountConfig) -> None:
+    """Start the daemon and return once the mount is ready."""
+    _check_mountpoint(config.mountpoint)
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, "-m", "incfs.mount", json.dumps(asdict(config)), str(write_end)]
+    log_path = runtime_dir(config.mountpoint).parent / "daemon.log"
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=log_file, start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "READY":
+        return
+    proc.wait(timeout=READY_TIMEOUT)
+    raise IncfsError(line[6:] if line.startswith("ERROR ") else
+                     f"mount daemon exited with status {proc.returncode} (log: {log_path})")
+
+
+def umount(mountpoint: str, timeout: float = 60.0) -> None:
+    """Unmount and wait until the daemon has flushed and exited."""
+    pid_file = runtime_dir(mountpoint) / "pid"
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(errno.EBUSY, done.stderr.strip() or "fusermount3 -u failed")
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.05)
+
+
+def main(argv: list[str]) -> int:
+    config = MountConfig(**json.loads(argv[0]))
+    ready_fd = int(argv[1]) if len(argv) > 1 else None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_foreground(config, ready_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

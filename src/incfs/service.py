@@ -1,0 +1,138 @@
+"""The running mount's state: one image, its waits and its counters.
+
+FUSE reads, the control server and the built-in loader all come through here,
+so every change takes the same path: checked and written by `Image` (in a
+worker thread, one writer at a time, because it hashes and fsyncs), then
+waiters are woken and the kernel's caches told.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable
+
+import trio
+
+from . import BLOCK_SIZE
+from .errors import IntegrityError
+from .format.records import TreeKind
+from .image import FillBlock, FillResult, Image, MissingBlock
+from .namespace import Inode
+from .waits import ReaderGone, ReadTimedOut, Waits
+
+Invalidator = Callable[[int, bytes], None]  # (parent inode, name)
+
+
+class Service:
+    def __init__(self, image: Image, read_timeout: float | None):
+        self.image = image
+        self.waits = Waits(read_timeout)
+        self.started = time.time()
+        self.write_lock = trio.Lock()
+        self.image_lock = threading.Lock()  # Image is not thread-safe
+        self.invalidate: Invalidator = lambda parent, name: None
+        self.on_missing: Callable[[], None] = lambda: None
+        self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
+                         "bytes_reused": 0, "reads": 0, "read_errors": 0}
+        self.source_errors: dict[str, int] = {}
+        self.loader_status: dict = {}
+
+    # --- reads (FUSE) ---------------------------------------------------------
+
+    async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0) -> bytes:
+        """Bytes of a file, waiting for absent blocks. Raises ReadTimedOut,
+        ReaderGone or IntegrityError; never returns short or zero-filled data
+        for a block that is not here."""
+        end = min(node.size, offset + size)
+        if offset >= end:
+            return b""
+        self.waits.log_read(node.ino, offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE)
+        while True:
+            missing = self.image.missing_for_read(node, offset, size)
+            if missing:
+                keys = [(node.ino, int(tree), index) for tree, index in missing]
+                self.on_missing()
+                await self.waits.wait_all(keys, opener_pid)
+                continue
+            try:
+                with self.image_lock:
+                    data = self.image.read_range(node, offset, size)
+            except MissingBlock:
+                continue  # a hash block the cache had dropped: ask again
+            self.counters["bytes_read"] += len(data)
+            self.counters["reads"] += 1
+            return data
+
+    # --- changes (control protocol, loaders) -----------------------------------
+
+    async def fill(self, ino: int, blocks: list[FillBlock], fetched: bool = False) -> FillResult:
+        async with self.write_lock:
+            result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks)
+        for blk in blocks:
+            tree = int(blk.tree)
+            maps = self.image.ns.inodes[ino]
+            target = maps.data if blk.tree == TreeKind.DATA else maps.hashes
+            if target is not None and 0 <= blk.index < target.count and target.is_present(blk.index):
+                self.waits.filled((ino, tree, blk.index))
+        size = sum(len(b.data) for b in blocks)
+        self.counters["bytes_fetched" if fetched else "bytes_filled"] += size
+        return result
+
+    def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
+        with self.image_lock:
+            return self.image.fill(ino, blocks)
+
+    async def change(self, fn: Callable, *args, **kwargs):
+        """Run a namespace change of `Image` (create, link, unlink) safely."""
+        async with self.write_lock:
+            def locked():
+                with self.image_lock:
+                    return fn(*args, **kwargs)
+            return await trio.to_thread.run_sync(locked)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self.change(self.image.unlink, parent, name)
+        self.invalidate(parent, name)
+
+    async def link(self, child: int, parent: int, name: bytes) -> None:
+        await self.change(self.image.link, child, parent, name)
+        self.invalidate(parent, name)
+
+    async def create(self, parent: int, name: bytes, mode: int, **kw) -> int:
+        ino = await self.change(self.image.create_node, parent, name, mode, **kw)
+        self.invalidate(parent, name)
+        return ino
+
+    # --- status ----------------------------------------------------------------
+
+    def status(self) -> dict:
+        totals = self.image.totals()
+        complete = totals["blocks_present"] == totals["blocks_total"]
+        return {
+            **totals,
+            "complete": complete,
+            "pending_reads": len(self.waits.pending),
+            "bytes_fetched": self.counters["bytes_fetched"],
+            "bytes_filled": self.counters["bytes_filled"],
+            "bytes_read": self.counters["bytes_read"],
+            "bytes_reused": self.counters["bytes_reused"],
+            "reads": self.counters["reads"],
+            "misses": self.waits.counters["misses"],
+            "miss_latency": self.waits.latency_percentiles(),
+            "timeouts": self.waits.counters["timeouts"],
+            "reads_abandoned": self.waits.counters["reads_abandoned"],
+            "verify_failures": self.image.counters["verify_failures"],
+            "read_errors": self.counters["read_errors"],
+            "source_errors": dict(self.source_errors),
+            "loader": dict(self.loader_status),
+            "signed": self.image.signature is not None,
+            "image": str(self.image.path),
+            "read_timeout": self.waits.read_timeout,
+            "uptime_s": round(time.time() - self.started, 3),
+            "pid": os.getpid(),
+        }
+
+
+__all__ = ["Service", "ReadTimedOut", "ReaderGone", "IntegrityError"]

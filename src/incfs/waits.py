@@ -1,0 +1,167 @@
+"""Pending reads: who waits for which block, serial numbers, wake-ups, timeouts,
+and the read log.
+
+One `PendingRead` per absent block, however many readers wait for it; a
+loader sees it once (by serial) and a fill wakes every reader at once. All of
+this runs on the trio thread of the daemon, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from .format.records import TreeKind
+
+BlockKey = tuple[int, int, int]  # (ino, tree, index)
+READ_LOG_SIZE = 65536
+LATENCY_SAMPLES = 4096
+
+
+@dataclass(eq=False)
+class PendingRead:
+    serial: int
+    ino: int
+    tree: int
+    index: int
+    time_ns: int
+    done: trio.Event = field(default_factory=trio.Event)
+    waiters: int = 0
+
+    def as_dict(self) -> dict:
+        return {"serial": self.serial, "ino": self.ino, "tree": int(self.tree),
+                "block": self.index, "time_ns": self.time_ns}
+
+
+class ReadTimedOut(Exception):
+    pass
+
+
+class ReaderGone(Exception):
+    """The process that opened the file died while its read waited."""
+
+
+class Waits:
+    def __init__(self, read_timeout: float | None):
+        self.read_timeout = read_timeout  # None waits forever
+        self.pending: dict[BlockKey, PendingRead] = {}
+        self.serial = 0
+        self._new_pending = trio.Event()
+        self.read_log: deque[tuple[int, int, int, int]] = deque(maxlen=READ_LOG_SIZE)
+        self.log_serial = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0}
+
+    # --- readers ---------------------------------------------------------------
+
+    def request(self, key: BlockKey) -> PendingRead:
+        """The pending read for a block, created (and announced) if new."""
+        pr = self.pending.get(key)
+        if pr is None:
+            self.serial += 1
+            pr = PendingRead(self.serial, key[0], key[1], key[2], time.time_ns())
+            self.pending[key] = pr
+            self._new_pending.set()
+            self._new_pending = trio.Event()
+            self.counters["misses"] += 1
+        return pr
+
+    async def wait_all(self, keys: list[BlockKey], opener_pid: int = 0) -> None:
+        """Wait until every block in `keys` is filled, the timeout passes
+        (ReadTimedOut) or the reading process dies (ReaderGone)."""
+        started = time.monotonic()
+        waits = [self.request(k) for k in keys]
+        for pr in waits:
+            pr.waiters += 1
+        try:
+            deadline = math.inf if self.read_timeout is None else started + self.read_timeout
+            for pr in waits:
+                await self._wait_one(pr, deadline, opener_pid)
+        finally:
+            for pr in waits:
+                pr.waiters -= 1
+                self._drop_if_abandoned(pr)
+        self.latencies.append(time.monotonic() - started)
+
+    async def _wait_one(self, pr: PendingRead, deadline: float, opener_pid: int) -> None:
+        while not pr.done.is_set():
+            step = min(deadline - time.monotonic(), 1.0)
+            if step <= 0:
+                self.counters["timeouts"] += 1
+                raise ReadTimedOut()
+            with trio.move_on_after(step):
+                await pr.done.wait()
+            if not pr.done.is_set() and opener_pid and not process_alive(opener_pid):
+                self.counters["reads_abandoned"] += 1
+                raise ReaderGone()
+
+    def _drop_if_abandoned(self, pr: PendingRead) -> None:
+        """Nobody waits any more (timed out or died): forget the pending read
+        so loaders are not asked for a block no one needs now."""
+        key = (pr.ino, pr.tree, pr.index)
+        if pr.waiters == 0 and not pr.done.is_set() and self.pending.get(key) is pr:
+            del self.pending[key]
+
+    def log_read(self, ino: int, first: int, last: int) -> None:
+        now = time.time_ns()
+        for index in range(first, last + 1):
+            self.log_serial += 1
+            self.read_log.append((self.log_serial, ino, index, now))
+
+    # --- loaders ---------------------------------------------------------------
+
+    def filled(self, key: BlockKey) -> None:
+        pr = self.pending.pop(key, None)
+        if pr is not None:
+            pr.done.set()
+
+    async def next_pending(self, timeout: float, after_serial: int = 0,
+                           limit: int = 1024) -> list[PendingRead]:
+        """Pending reads with a serial above `after_serial`, waiting up to
+        `timeout` seconds for one to appear."""
+        with trio.move_on_after(max(0.0, timeout)):
+            while True:
+                found = self.newer_than(after_serial, limit)
+                if found:
+                    return found
+                await self._new_pending.wait()
+        return self.newer_than(after_serial, limit)
+
+    def newer_than(self, after_serial: int, limit: int = 1024) -> list[PendingRead]:
+        found = [pr for pr in self.pending.values() if pr.serial > after_serial]
+        found.sort(key=lambda pr: pr.serial)
+        return found[:limit]
+
+    def latency_percentiles(self) -> dict[str, float]:
+        if not self.latencies:
+            return {"p50_ms": 0.0, "p99_ms": 0.0}
+        ordered = sorted(self.latencies)
+        pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+        return {"p50_ms": round(pick(0.50), 3), "p99_ms": round(pick(0.99), 3)}
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return os.path.exists(f"/proc/{pid}") and _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+DATA = int(TreeKind.DATA)
+HASH = int(TreeKind.HASH)

@@ -1,0 +1,250 @@
+"""pack: directory -> image, read back byte for byte through the library."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MiB, assert_image_matches, build_sample_tree, source_entries
+from incfs import BLOCK_SIZE, ROOT_INO
+from incfs.errors import UsageError
+from incfs.format.records import BlockKind, TreeKind, info_kind, info_size
+from incfs.image import Image
+from incfs.pack import pack
+from incfs.verify import verify_image
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory) -> Path:
+    return build_sample_tree(tmp_path_factory.mktemp("big") / "tree", big=50 * MiB, deep=40)
+
+
+def _kinds(img: Image) -> dict[BlockKind, int]:
+    out = {k: 0 for k in BlockKind}
+    for node in img.ns.inodes.values():
+        if node.data is not None:
+            for _i, _off, info, _crc in node.data.entries():
+                out[info_kind(info)] += 1
+    return out
+
+
+@pytest.mark.parametrize("compress", ["none", "lz4", "zstd"])
+def test_round_trip(big_tree, tmp_path, compress):
+    image = tmp_path / f"tree-{compress}.img"
+    stats = pack(big_tree, image, compress=compress)
+    regular = {(st.st_dev, st.st_ino): st for st in source_entries(big_tree).values()
+               if stat.S_ISREG(st.st_mode)}
+    assert stats.files == len(regular) and stats.symlinks == 4
+    assert stats.bytes_in == sum(st.st_size for st in regular.values())
+    with Image.open(image) as img:
+        assert_image_matches(img, big_tree)
+        kinds = _kinds(img)
+        assert kinds[BlockKind.ZERO] > 0  # zero MiBs of big.bin, "zeros", "mixed"
+        assert kinds[BlockKind.RAW] > 0  # random data never shrinks
+        if compress == "none":
+            assert kinds[BlockKind.LZ4] == kinds[BlockKind.ZSTD] == 0
+        elif compress == "lz4":
+            assert kinds[BlockKind.LZ4] > 0 and kinds[BlockKind.ZSTD] == 0
+        else:
+            assert kinds[BlockKind.ZSTD] > 0 and kinds[BlockKind.LZ4] == 0
+        for node in img.ns.inodes.values():
+            for bmap in (node.data, node.hashes):
+                for _i, offset, info, _crc in (bmap.entries() if bmap else ()):
+                    kind = info_kind(info)
+                    if kind is BlockKind.ZERO:
+                        assert info_size(info) == 0
+                    elif kind is BlockKind.RAW:
+                        assert offset % BLOCK_SIZE == 0  # EROFS can map raw blocks in place
+        # hard links are one inode under each name
+        _p, a = next((p, n) for p, n in img.ns.walk() if p == b"/text.txt")
+        _p, b = next((p, n) for p, n in img.ns.walk() if p == b"/links/hard-a")
+        assert a.ino == b.ino and a.nlink == 2
+    report = verify_image(image)
+    assert report.ok and report.complete and report.exit_code == 0, report.problems
+
+
+def test_compression_saves_space(big_tree, tmp_path):
+    sizes = {c: pack(big_tree, tmp_path / c, compress=c).bytes_stored for c in ("none", "zstd")}
+    assert sizes["zstd"] < sizes["none"] * 0.8
+    # zero blocks take no space: the 12.5 MiB of zeros in big.bin are not stored
+    assert sizes["none"] < 40 * MiB
+
+
+def test_identical_blocks_are_stored_once(small_tree, tmp_path):
+    image = tmp_path / "img"
+    stats = pack(small_tree, image, compress="none")
+    assert stats.dedup_blocks >= 4  # dup2 repeats dup1 (4 blocks)
+    with Image.open(image) as img:
+        nodes = {p: n for p, n in img.ns.walk()}
+        d1, d2 = nodes[b"/dup1"], nodes[b"/dup2"]
+        assert d1.ino != d2.ino
+        assert [e[1] for e in d1.data.entries()] == [e[1] for e in d2.data.entries()]
+        assert img.read_range(d2, 0, d2.size) == (small_tree / "dup2").read_bytes()
+
+
+def test_pack_with_base_reuses_blocks(tmp_path, sample_tree):
+    old_src = sample_tree(big=2 * MiB, deep=3)
+    old = tmp_path / "old.img"
+    pack(old_src, old, compress="lz4")
+    new_src = tmp_path / "new"
+    shutil.copytree(old_src, new_src, symlinks=True)
+    with open(new_src / "big.bin", "r+b") as f:
+        f.seek(5 * BLOCK_SIZE)
+        f.write(b"changed")
+    (new_src / "added.txt").write_bytes(b"new file\n" * 100)
+    new = tmp_path / "new.img"
+    stats = pack(new_src, new, compress="zstd", base=old)
+    assert stats.base_reused > 0
+    with Image.open(new) as img:
+        assert_image_matches(img, new_src)
+        # reused blocks keep the base's lz4 encoding: no recompression
+        assert _kinds(img)[BlockKind.LZ4] > 0
+
+
+def test_profile_orders_blocks(sample_tree, tmp_path):
+    src = sample_tree(big=1 * MiB, deep=2)
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"version": 1, "blocks": [
+        ["big.bin", 200], ["/big.bin", 7], ["edge-4097", 1], ["missing", 0], ["big.bin", 9999]]}))
+    image = tmp_path / "img"
+    pack(src, image, compress="none", profile=profile)
+    with Image.open(image) as img:
+        nodes = {p: n for p, n in img.ns.walk()}
+        big, edge = nodes[b"/big.bin"], nodes[b"/edge-4097"]
+        hot = [big.data.get(200)[0], big.data.get(7)[0], edge.data.get(1)[0]]
+        assert hot == sorted(hot)  # in profile order
+        hash_offsets = [o for n in img.ns.inodes.values() if n.hashes
+                        for _i, o, _f, _c in n.hashes.entries()]
+        cold = [o for n in img.ns.inodes.values() if n.data
+                for i, o, info, _c in n.data.entries()
+                if info_kind(info) is not BlockKind.ZERO and o not in hot]
+        assert max(hash_offsets) < min(hot)  # hash trees first
+        assert max(hot) < min(cold)  # then profiled blocks, then the rest
+        assert min(hash_offsets) == img.superblock.data_start
+        assert_image_matches(img, src)
+
+
+def test_pack_refuses_bad_input(tmp_path, small_tree, keys):
+    existing = tmp_path / "exists.img"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(UsageError, match="already exists"):
+        pack(small_tree, existing)
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(UsageError, match="not a directory"):
+        pack(tmp_path / "missing", tmp_path / "a.img")
+    with pytest.raises(UsageError, match="compression"):
+        pack(small_tree, tmp_path / "b.img", compress="gzip")
+    _priv, pub = keys("ed25519")
+    with pytest.raises(UsageError, match="private key"):
+        pack(small_tree, tmp_path / "c.img", sign_key=pub)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.img"]
+
+
+def test_failed_pack_leaves_nothing(tmp_path, sample_tree, monkeypatch):
+    src = sample_tree(big=0, deep=2)
+    real_open = open
+
+    def failing_open(file, *args, **kwargs):
+        if str(file).endswith("edge-4096"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UsageError, match="cannot read .*edge-4096"):
+        pack(src, out / "tree.img")
+    assert list(out.iterdir()) == []
+
+
+# --- scale -------------------------------------------------------------------------
+
+_MAKE = textwrap.dedent("""
+    import os, sys
+    root = sys.argv[1]
+    for d in range(1000):
+        dp = os.path.join(root, "d%03d" % d)
+        os.mkdir(dp)
+        dfd = os.open(dp, os.O_RDONLY | os.O_DIRECTORY)
+        for i in range(1000):
+            fd = os.open("f%03d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
+            if i % 100 == 0:
+                os.write(fd, b"file %d/%d\\n" % (d, i))
+            os.close(fd)
+        os.close(dfd)
+""")
+
+_PACK = textwrap.dedent("""
+    import json, resource, sys, time
+    from incfs.pack import pack
+    t = time.perf_counter()
+    stats = pack(sys.argv[1], sys.argv[2], compress="zstd")
+    print(json.dumps({"seconds": time.perf_counter() - t, "files": stats.files,
+                      "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+_OPEN = textwrap.dedent("""
+    import json, resource, sys, time
+    from incfs.image import Image
+    t = time.perf_counter()
+    img = Image.open(sys.argv[1])
+    seconds = time.perf_counter() - t
+    node = img.ns.lookup(img.ns.lookup(1, b"d999").ino, b"f900")
+    data = img.read_range(node, 0, 100)
+    totals = img.totals()
+    print(json.dumps({"seconds": seconds, "inodes": len(img.ns), "files": totals["files"],
+                      "sample": data.decode(),
+                      "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+def _scratch_dir(tmp_path: Path) -> Path:
+    """tmpfs when it has room for a million inodes (creating them is ~3x
+    faster there), else the test's own directory."""
+    shm = Path("/dev/shm")
+    try:
+        st = os.statvfs(shm)
+        if st.f_favail > 1_200_000 and st.f_bavail * st.f_frsize > 2 << 30:
+            return Path(os.path.join(shm, f"incfs-test-{os.getpid()}"))
+    except OSError:
+        pass
+    return tmp_path / "million"
+
+
+@pytest.mark.slow
+def test_million_files(tmp_path, capsys):
+    src = _scratch_dir(tmp_path)
+    src.mkdir()
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _MAKE, str(src)], check=True)
+        created = time.perf_counter() - t0
+        image = tmp_path / "million.img"
+        packed = json.loads(subprocess.run([sys.executable, "-c", _PACK, str(src), str(image)],
+                                           check=True, capture_output=True, text=True).stdout)
+        opened = json.loads(subprocess.run([sys.executable, "-c", _OPEN, str(image)],
+                                           check=True, capture_output=True, text=True).stdout)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    assert packed["files"] == 1_000_000
+    assert opened["files"] == 1_000_000
+    assert opened["inodes"] == 1_000_000 + 1000 + 1
+    assert opened["sample"] == "file 999/900\n"
+    size = image.stat().st_size
+    with capsys.disabled():
+        print(f"\n[1M files] create {created:.1f} s; pack {packed['seconds']:.1f} s, "
+              f"peak RSS {packed['peak_rss_kib'] / 1024:.0f} MiB; open "
+              f"{opened['seconds']:.1f} s, peak RSS {opened['peak_rss_kib'] / 1024:.0f} MiB; "
+              f"image {size / MiB:.1f} MiB "
+              f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+              " MiB)")
