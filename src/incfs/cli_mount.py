@@ -1,0 +1,161 @@
+"""Command-line commands of a running mount: mount, umount, status, serve and
+profile. Registered on the `incfs` group by `cli.py`; the work is done by
+`mount`, `serve` and `profile`, this module only parses and prints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+
+from .errors import UsageError
+
+
+def parse_timeout(value: str) -> float | None:
+    if value.lower() in ("forever", "inf", "none"):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise click.BadParameter("a number of seconds or 'forever'") from None
+    if not seconds > 0 or math.isinf(seconds):
+        raise click.BadParameter("must be a positive number of seconds or 'forever'")
+    return seconds
+
+
+def read_status(mountpoint: str) -> dict:
+    path = Path(mountpoint) / ".incfs" / "status"
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UsageError(f"{mountpoint} is not an incfs mount") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_status(s: dict) -> str:
+    total = max(1, s["blocks_total"])
+    pct = 100.0 * s["blocks_present"] / total
+    lat = s.get("miss_latency", {})
+    lines = [
+        f"image        {s.get('image', '?')}  ({'signed' if s.get('signed') else 'unsigned'})",
+        f"files        {s['files']}",
+        f"blocks       {s['blocks_present']}/{s['blocks_total']} present ({pct:.1f}%)"
+        + ("  complete" if s["complete"] else ""),
+        f"read         {_human(s.get('bytes_read', 0))} by programs, "
+        f"{s.get('reads', 0)} reads, {s.get('misses', 0)} misses",
+        f"fetched      {_human(s.get('bytes_fetched', 0))}"
+        f"  (reused {_human(s.get('bytes_reused', 0))}, filled by loaders {_human(s.get('bytes_filled', 0))})",
+        f"pending      {s['pending_reads']} reads waiting; miss latency p50 "
+        f"{lat.get('p50_ms', 0)} ms, p99 {lat.get('p99_ms', 0)} ms",
+        f"errors       {s.get('timeouts', 0)} timeouts, {s.get('verify_failures', 0)} "
+        f"verification failures, {s.get('read_errors', 0)} read errors",
+    ]
+    for name, count in sorted(s.get("source_errors", {}).items()):
+        lines.append(f"source       {name}: {count} errors")
+    return "\n".join(lines)
+
+
+def register(main: click.Group) -> None:
+    @main.command("mount")
+    @click.argument("source")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    @click.option("--cache", type=click.Path(dir_okay=False),
+                  help="Backing image to use or create (default: under ~/.cache/incfs).")
+    @click.option("--key", type=click.Path(dir_okay=False, exists=True),
+                  help="Public key the image must be signed with.")
+    @click.option("--allow-unsigned", is_flag=True,
+                  help="Mount an image without checking its signature.")
+    @click.option("--read-timeout", default="forever", show_default=True,
+                  help="Seconds a read waits for an absent block before ETIME, or 'forever'.")
+    @click.option("--prefetch", default="sequential", show_default=True,
+                  help="Background fetching: none, sequential or profile:FILE.")
+    @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
+    def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
+                  foreground):
+        """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
+        from .mount import MountConfig, mount_background, run_foreground
+
+        if key and allow_unsigned:
+            raise click.UsageError("--key and --allow-unsigned exclude each other")
+        if not (prefetch in ("none", "sequential") or prefetch.startswith("profile:")):
+            raise click.BadParameter("none, sequential or profile:FILE", param_hint="--prefetch")
+        config = MountConfig(source=source, mountpoint=mountpoint, cache=cache, key=key,
+                             allow_unsigned=allow_unsigned,
+                             read_timeout=parse_timeout(read_timeout), prefetch=prefetch)
+        if foreground:
+            raise SystemExit(run_foreground(config))
+        mount_background(config)
+        click.echo(f"incfs: mounted {source} on {mountpoint}")
+
+    @main.command("umount")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    def umount_cmd(mountpoint):
+        """Unmount MOUNTPOINT and wait until the daemon has flushed its image."""
+        from .mount import umount
+
+        umount(mountpoint)
+
+    @main.command("status")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+    @click.option("--watch", is_flag=True, help="Show a live progress bar until complete.")
+    def status_cmd(mountpoint, as_json, watch):
+        """Show what a mount holds, has fetched and is waiting for."""
+        if watch:
+            watch_status(mountpoint)
+            return
+        s = read_status(mountpoint)
+        click.echo(json.dumps(s, indent=2, sort_keys=True) if as_json else format_status(s))
+
+    @main.command("serve")
+    @click.argument("image", type=click.Path(exists=True))
+    @click.option("--port", type=int, default=8080, show_default=True)
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    def serve_cmd(image, port, host):
+        """Serve IMAGE over HTTP with Range support (for demos and tests)."""
+        from .serve import run_server
+
+        run_server(image, port, host)
+
+    @main.group("profile")
+    def profile_group():
+        """Record and use prefetch profiles."""
+
+    @profile_group.command("record")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    @click.argument("file", type=click.Path(dir_okay=False))
+    def profile_record_cmd(mountpoint, file):
+        """Save the order in which blocks were first read on MOUNTPOINT."""
+        from .profile import record
+
+        count = record(mountpoint, file)
+        click.echo(f"incfs: recorded {count} blocks to {file}")
+
+
+def watch_status(mountpoint: str, interval: float = 0.2) -> None:
+    """A live progress bar of blocks present, until the image is complete."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+
+    s = read_status(mountpoint)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+               TextColumn("{task.fields[extra]}"), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("incfs", total=s["blocks_total"] * 4096, extra="")
+        while True:
+            s = read_status(mountpoint)
+            extra = f"fetched {_human(s.get('bytes_fetched', 0))}, {s['pending_reads']} waiting"
+            bar.update(task, completed=s["blocks_present"] * 4096, extra=extra)
+            if s["complete"]:
+                break
+            time.sleep(interval)
