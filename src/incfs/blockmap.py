@@ -24,9 +24,10 @@ class BlockMap:
         self._crcs: array | None = None
 
     def _allocate(self) -> None:
+        # Readers in other threads test `_infos` first: publish it last.
         self._offsets = array("Q", bytes(8 * self.count))
-        self._infos = array("H", [ABSENT]) * self.count
         self._crcs = array("I", bytes(4 * self.count))
+        self._infos = array("H", [ABSENT]) * self.count
 
     def get(self, index: int) -> tuple[int, int, int] | None:
         """(offset, info, crc) of a present block, None for a hole."""
@@ -36,6 +37,11 @@ class BlockMap:
         if info == ABSENT:
             return None
         return self._offsets[index], info, self._crcs[index]
+
+    def arrays(self) -> tuple[array | None, array | None, array | None]:
+        """The raw (offsets, infos, crcs) arrays, for the batched read path;
+        all None while no block is present."""
+        return self._offsets, self._infos, self._crcs
 
     def is_present(self, index: int) -> bool:
         return self._infos is not None and self._infos[index] != ABSENT
@@ -47,9 +53,11 @@ class BlockMap:
             self._allocate()
         if self._infos[index] != ABSENT:
             return False
+        # The info word marks presence, so it is written last: a reader in
+        # another thread sees either a hole or a complete entry.
         self._offsets[index] = offset
-        self._infos[index] = info
         self._crcs[index] = crc
+        self._infos[index] = info
         self.present += 1
         return True
 

@@ -23,6 +23,8 @@ from .namespace import Inode
 from .waits import ReaderGone, ReadTimedOut, Waits
 
 Invalidator = Callable[[int, bytes], None]  # (parent inode, name)
+THREAD_READ_MIN = 32 * 1024
+READ_THREADS = 4
 
 
 class Service:
@@ -31,7 +33,10 @@ class Service:
         self.waits = Waits(read_timeout)
         self.started = time.time()
         self.write_lock = trio.Lock()
-        self.image_lock = threading.Lock()  # Image is not thread-safe
+        # Writers (fills, namespace changes) take this one at a time; reads
+        # need no lock (see BlockMap.set for why).
+        self.image_lock = threading.Lock()
+        self.read_threads = trio.CapacityLimiter(READ_THREADS)
         self.invalidate: Invalidator = lambda parent, name: None
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
@@ -57,13 +62,21 @@ class Service:
                 await self.waits.wait_all(keys, opener_pid)
                 continue
             try:
-                with self.image_lock:
-                    data = self.image.read_range(node, offset, size)
+                data = await self._read_present(node, offset, size)
             except MissingBlock:
                 continue  # a hash block the cache had dropped: ask again
             self.counters["bytes_read"] += len(data)
             self.counters["reads"] += 1
             return data
+
+    async def _read_present(self, node: Inode, offset: int, size: int) -> bytes:
+        """Large reads go to worker threads so disk waits, hashing and
+        decompression (which release the GIL) overlap on both cores; small
+        ones stay inline, where a thread hop would cost more than the read."""
+        if size < THREAD_READ_MIN:
+            return self.image.read_range(node, offset, size)
+        return await trio.to_thread.run_sync(self.image.read_range, node, offset, size,
+                                             limiter=self.read_threads)
 
     # --- changes (control protocol, loaders) -----------------------------------
 
