@@ -4,6 +4,11 @@ A 64 GiB image has 16M blocks, so this is the structure that decides the
 daemon's memory. Three parallel arrays, allocated on first use: the offset of
 the stored bytes (8), the info word with kind and stored size (2) and the
 CRC32 of the stored bytes (4). `ABSENT` in the info word marks a hole.
+
+The arrays are sized by the file's *declared* size, which an image or a loader
+may set to anything up to 2^63: a map starts sparse (a dict of present blocks)
+and turns dense once 1/DENSE_AT of its blocks are present, so memory follows
+the blocks actually stored, never the size a file claims.
 """
 
 from __future__ import annotations
@@ -11,6 +16,21 @@ from __future__ import annotations
 from array import array
 
 ABSENT = 0xFFFF  # never a valid info word: bit 13 set means size > 8191
+DENSE_AT = 16  # a sparse map turns dense once present * DENSE_AT >= count
+
+
+class _Column:
+    """One column (0 offset, 1 info, 2 crc) of a sparse map, indexable like
+    the dense array it stands in for (the read path indexes them)."""
+
+    __slots__ = ("cells", "field", "default")
+
+    def __init__(self, cells: dict, field: int, default: int):
+        self.cells, self.field, self.default = cells, field, default
+
+    def __getitem__(self, index: int) -> int:
+        cell = self.cells.get(index)
+        return self.default if cell is None else cell[self.field]
 
 
 class BlockMap:
@@ -25,9 +45,29 @@ class BlockMap:
 
     def _allocate(self) -> None:
         # Readers in other threads test `_infos` first: publish it last.
+        if self.count > DENSE_AT:
+            cells: dict[int, tuple[int, int, int]] = {}
+            self._offsets, self._crcs = _Column(cells, 0, 0), _Column(cells, 2, 0)
+            self._infos = _Column(cells, 1, ABSENT)
+            return
         self._offsets = array("Q", bytes(8 * self.count))
         self._crcs = array("I", bytes(4 * self.count))
         self._infos = array("H", [ABSENT]) * self.count
+
+    def _densify(self, cells: dict) -> None:
+        """Swap a sparse map for arrays, built whole before they are published
+        (a reader holding either form sees every block set so far)."""
+        offsets = array("Q", bytes(8 * self.count))
+        crcs = array("I", bytes(4 * self.count))
+        infos = array("H", [ABSENT]) * self.count
+        for index, (offset, info, crc) in list(cells.items()):
+            offsets[index], infos[index], crcs[index] = offset, info, crc
+        self._offsets, self._crcs = offsets, crcs
+        self._infos = infos
+
+    def _cells(self) -> dict | None:
+        infos = self._infos
+        return infos.cells if isinstance(infos, _Column) else None
 
     def get(self, index: int) -> tuple[int, int, int] | None:
         """(offset, info, crc) of a present block, None for a hole."""
@@ -53,6 +93,13 @@ class BlockMap:
             self._allocate()
         if self._infos[index] != ABSENT:
             return False
+        cells = self._cells()
+        if cells is not None:
+            cells[index] = (offset, info, crc)  # one store: atomic for readers
+            self.present += 1
+            if self.present * DENSE_AT >= self.count:
+                self._densify(cells)
+            return True
         # The info word marks presence, so it is written last: a reader in
         # another thread sees either a hole or a complete entry.
         self._offsets[index] = offset
@@ -78,6 +125,16 @@ class BlockMap:
         if self._infos is None or not self.present:
             return []
         out, start = [], None
+        cells = self._cells()
+        if cells is not None:
+            for i in sorted(cells):
+                if start is None or i != end:
+                    if start is not None:
+                        out.append((start, end))
+                    start = i
+                end = i + 1
+            out.append((start, end))
+            return out
         for i, info in enumerate(self._infos):
             if info != ABSENT and start is None:
                 start = i
@@ -91,6 +148,12 @@ class BlockMap:
     def entries(self):
         """Yield (index, offset, info, crc) for every present block."""
         if self._infos is None:
+            return
+        cells = self._cells()
+        if cells is not None:
+            for i in sorted(cells):
+                offset, info, crc = cells[i]
+                yield i, offset, info, crc
             return
         for i, info in enumerate(self._infos):
             if info != ABSENT:

@@ -11,6 +11,7 @@ and an exit code:
     2  usage or I/O error (bad argument, missing file, not an image, ...)
     3  internal error (a bug; set INCFS_DEBUG=1 to see the traceback)
   130  interrupted
+  141  stdout was closed early (as with SIGPIPE)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from . import __version__
 from .errors import CorruptImage, IncfsError, IntegrityError
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 141  # as if killed by SIGPIPE, like other tools in a pipeline
 
 
 def _one_line(text: str) -> str:
@@ -71,6 +73,10 @@ class IncfsGroup(click.Group):
             _fail(str(e), EXIT_INTEGRITY)
         except IncfsError as e:
             _fail(str(e), EXIT_USAGE)
+        except BrokenPipeError:  # stdout closed early (`incfs inspect | head`): quietly stop
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except OSError as e:
             _fail(_os_error_text(e), EXIT_USAGE)
         except Exception as e:  # a bug: say so in one line
@@ -155,7 +161,10 @@ def pack_cmd(src_dir: Path, image: Path, compress: str, sign_key: Path | None,
                                TimeRemainingColumn, TransferSpeedColumn)
 
     from . import pack as packing
+    from .verify import check_is_image
 
+    if base is not None:
+        check_is_image(base)  # a wrong --base is a usage error, not a damaged image
     console = _stderr_console()
     started = time.monotonic()
     show_bar = console.is_terminal and src_dir.is_dir()
@@ -272,7 +281,6 @@ def _print_description(info: dict) -> None:
     if rec["blocks_beyond_log"]:
         recovery += f"; {rec['blocks_beyond_log']} mapped blocks past the good log are absent"
     grid.add_row("Recovery", recovery)
-    console.print(grid)
 
     shown = len(info["tree"])
     title = f"Tree ({info['entries_total']} entries" + \
@@ -285,7 +293,12 @@ def _print_description(info: dict) -> None:
         blocks_col = f"{e['blocks_present']}/{e['blocks_total']}" if "blocks_total" in e else ""
         path = e["path"] + (f" -> {e['target']}" if "target" in e else "")
         table.add_row(e["type"], e["mode"], str(e["size"]), blocks_col, path)
-    console.print(table, markup=False)
+    # Render into a string and write it with click, so a closed stdout is
+    # handled like every other command's output.
+    with console.capture() as captured:
+        console.print(grid)
+        console.print(table, markup=False)
+    click.echo(captured.get(), nl=False)
 
 
 # --- verify --------------------------------------------------------------------
@@ -341,3 +354,9 @@ def digest_cmd(image: Path, path: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Commands of a running mount (mount, umount, status, serve, profile).
+from .cli_mount import register as _register_mount_commands  # noqa: E402
+
+_register_mount_commands(main)

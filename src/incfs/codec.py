@@ -54,6 +54,13 @@ def decompress(kind: BlockKind, stored: bytes, size: int) -> bytes:
         elif kind is BlockKind.LZ4:
             out = lz4.block.decompress(stored, uncompressed_size=size)
         else:
+            # python-zstandard ignores max_output_size when the frame header
+            # declares a content size and allocates (then fills) that much:
+            # a 4 KiB frame can claim 2^40 bytes (MemoryError) or really
+            # expand to ~128 MiB. Refuse any declared size but the block's.
+            declared = zstandard.get_frame_parameters(stored).content_size
+            if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+                raise CorruptImage(f"block decodes to {declared} bytes, expected {size}")
             out = _zstd_d.decompress(stored, max_output_size=size)
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
         raise CorruptImage(f"compressed block does not decode: {e}") from None

@@ -252,11 +252,18 @@ class IncfsOperations(pyfuse3.Operations):
     create = write = setxattr = removexattr = fallocate = _erofs
 
 
-def invalidator() -> Callable[[int, bytes], None]:
-    """Tell the kernel a name changed (it may have cached it for an hour)."""
+def invalidator(wait: bool = False) -> Callable[[int, bytes], None]:
+    """Tell the kernel a name changed (it may have cached it for an hour).
+
+    With `wait` the kernel has forgotten the name when this returns (it
+    blocks: call it from a worker thread, never the trio thread), so a
+    loader's unlink is visible to programs once it is acknowledged."""
     def invalidate(parent: int, name: bytes) -> None:
         try:
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+            if wait:
+                pyfuse3.invalidate_entry(parent, name)
+            else:
+                pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         except Exception as e:  # the kernel may not know the entry: fine
             log.debug("invalidate %s/%r: %s", parent, name, e)
     return invalidate

@@ -37,6 +37,10 @@ from .namespace import Inode, Namespace, check_name
 
 HASH_CACHE_BLOCKS = 4096  # verified hash blocks kept in memory (16 MiB)
 METADATA_BATCH = 1 << 20
+# A compressed block as sent may be a little larger than the 4 KiB it encodes
+# (incompressible data: LZ4 adds ~18 bytes, zstd ~10); it is accepted and
+# stored raw. The bound keeps hostile input small (output is bounded anyway).
+MAX_SENT_BLOCK = 2 * BLOCK_SIZE
 
 
 class MissingBlock(Exception):
@@ -85,6 +89,7 @@ class Image:
         self.scan: ScanResult | None = None
         self._block_limit: int | None = None  # blocks must end by here to count
         self.blocks_beyond_log = 0  # mapped blocks whose bytes are not in the good log
+        self._max_mapped_end = 0  # highest byte any block map names
         self.appender: LogAppender | None = None
         self.durable = True  # fdatasync before a fill or change returns
         self._hash_cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
@@ -159,9 +164,15 @@ class Image:
             if self.scan.end < size:
                 os.ftruncate(self.fd, self.scan.end)
             self.appender = LogAppender(self.fd, self.scan.end, self.scan.last_record)
+            if self._max_mapped_end > self.scan.end:
+                # Maps before the cut still name offsets past it; new data
+                # must never land there, or on the next open those stale maps
+                # would claim the new bytes. Skip the range with a PAD record.
+                self.appender.pad_past(self._max_mapped_end)
 
     def _scan_records(self, size: int) -> None:
         self.blocks_beyond_log = 0
+        self._max_mapped_end = 0
         with os.fdopen(os.dup(self.fd), "rb", buffering=1 << 20) as f:
             self.scan = scan_log(f, size, self._apply_record)
 
@@ -220,6 +231,8 @@ class Image:
             raise CorruptImage(f"block map of inode {run.ino} runs past the end of the file")
         limit = self.scan_limit()
         for index, offset, info, crc in records.run_offsets(run):
+            if check_bounds:
+                self._max_mapped_end = max(self._max_mapped_end, offset + info_size(info))
             if check_bounds and info_kind(info) is not BlockKind.ZERO:
                 if offset < LOG_START:
                     raise CorruptImage(f"block {index} of inode {run.ino} points outside the image")
@@ -314,6 +327,8 @@ class Image:
         """Create an inode and give it its first name; returns its number."""
         if len(metadata) > records.MAX_METADATA:
             raise os_error(errno.E2BIG, "user metadata is limited to 512 bytes")
+        if len(target) > records.MAX_SYMLINK:  # replay refuses longer: it would brick the image
+            raise os_error(errno.ENAMETOOLONG, "a symlink target is limited to 4095 bytes")
         if file_id is not None and len(file_id) != 16:
             raise os_error(errno.EINVAL, "a file id is 16 bytes")
         if size < 0 or size > records.MAX_FILE_SIZE:
@@ -547,13 +562,15 @@ class Image:
             return errno.EINVAL, "file has no hash tree"
         if not 0 <= blk.index < target.count:
             return errno.EINVAL, f"block index {blk.index} is past the end"
+        if blk.index > 0xFFFFFFFF:  # a block map run names its first block in a u32
+            return errno.EFBIG, f"block index {blk.index} is beyond 2^32 (16 TiB)"
         if target.is_present(blk.index):
             return None
         size = _plain_size(node, blk.index) if blk.tree == TreeKind.DATA else BLOCK_SIZE
         if blk.kind is BlockKind.RAW and len(blk.data) != size:
             return errno.EINVAL, f"raw block is {len(blk.data)} bytes, expected {size}"
-        if len(blk.data) > BLOCK_SIZE:
-            return errno.EINVAL, "stored block larger than 4096 bytes"
+        if len(blk.data) > MAX_SENT_BLOCK:
+            return errno.EINVAL, f"stored block larger than {MAX_SENT_BLOCK} bytes"
         try:
             plain = codec.decompress(blk.kind, blk.data, size)
         except CorruptImage as e:
@@ -668,16 +685,18 @@ def _merge_runs(runs: list[BlockRun]) -> list[BlockRun]:
     """Join single-block runs that continue each other into longer runs (same
     file and tree, consecutive indexes, offsets following the placement rule)."""
     merged: list[BlockRun] = []
+    end = 0  # where the last merged run ends (kept as we go: O(n), not O(n^2))
     for run in runs:
         last = merged[-1] if merged else None
         if last and last.tree == run.tree and last.first + len(last.blocks) == run.first:
-            end = _run_end(last)
             info = run.blocks[0][0]
-            offset, _ = records.place_block(end, info_kind(info), info_size(info))
+            offset, next_end = records.place_block(end, info_kind(info), info_size(info))
             if offset == run.base or info_kind(info) is BlockKind.ZERO:
                 last.blocks.extend(run.blocks)
+                end = next_end
                 continue
         merged.append(run)
+        end = _run_end(run)
     return merged
 
 

@@ -44,6 +44,12 @@ class MountConfig:
     prefetch: str = "sequential"
     max_tasks: int = 4096
     source_options: dict | None = None
+    # built-in loader (incfs.loader) for remote sources and caches
+    mirrors: list[str] | None = None  # more URLs of the same image, tried in order
+    amplify: int = 256 * 1024  # bytes: a miss fetches up to this much around it
+    max_inflight: int = 8  # source requests in flight at once
+    bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
+    base_cache: str | None = None  # an older image whose identical blocks are reused
 
 
 def is_remote(source: str) -> bool:
@@ -110,6 +116,7 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
         options.add("allow_other")
     pyfuse3.init(ops, config.mountpoint, options)
     service.invalidate = invalidator()
+    service.invalidate_now = invalidator(wait=True)
     (rundir / "pid").write_text(f"{os.getpid()}\n")
     try:
         async with trio.open_nursery() as nursery:

@@ -77,6 +77,9 @@ def check_name(name: bytes) -> None:
 
 
 ALLOWED_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
+# Inode numbers from 2^62 up are the mount's own (fusefs.SPECIAL_BASE: the
+# hidden .incfs files); an image's inode there would be served as one of them.
+INO_LIMIT = 1 << 62
 
 
 class Namespace:
@@ -110,6 +113,10 @@ class Namespace:
     def check_add_inode(self, e: InodeEntry) -> None:
         if e.ino in self.inodes or e.ino < ROOT_INO:
             raise os_error(errno.EEXIST, f"inode {e.ino} exists")
+        if e.ino >= INO_LIMIT:
+            raise os_error(errno.ENOSPC, f"inode number {e.ino} is out of range")
+        if e.target and not stat.S_ISLNK(e.mode):
+            raise os_error(errno.EINVAL, "only symlinks have a target")
         if stat.S_IFMT(e.mode) not in ALLOWED_TYPES:
             raise os_error(errno.EINVAL, f"unsupported file type {oct(e.mode)}")
         if not stat.S_ISREG(e.mode) and e.size and not stat.S_ISLNK(e.mode):

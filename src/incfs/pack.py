@@ -99,6 +99,7 @@ class _Packer:
         self.by_hash: dict[bytes, tuple[str, int, int, int]] = {}
         self.base_blocks = _index_base(base) if base else {}
         self.base = base
+        self.exclude: set[tuple[int, int]] = set()  # (dev, ino) never to pack
 
     # --- the tree ------------------------------------------------------------
 
@@ -118,6 +119,8 @@ class _Packer:
             name = os.fsencode(entry.name)
             check_name(name)
             st = entry.stat(follow_symlinks=False)
+            if (st.st_dev, st.st_ino) in self.exclude:
+                continue  # our own temporary image, when packing into the source
             ino = self._add_entry(Path(entry.path), st, seen)
             if ino is None:
                 continue
@@ -274,6 +277,8 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
     os.close(fd)
     try:
         packer = _Packer(src, codec.COMPRESSIONS[compress], progress, base_img, tmpdir)
+        tmp_st = os.stat(tmp_name)
+        packer.exclude.add((tmp_st.st_dev, tmp_st.st_ino))
         packer.scan()
         packer.pack_profile(blocks_profile)
         packer.pack_files()

@@ -33,11 +33,15 @@ class Service:
         self.waits = Waits(read_timeout)
         self.started = time.time()
         self.write_lock = trio.Lock()
+        self._sync_lock = trio.Lock()
+        self._written = self._synced = 0  # namespace changes written / synced
         # Writers (fills, namespace changes) take this one at a time; reads
         # need no lock (see BlockMap.set for why).
         self.image_lock = threading.Lock()
         self.read_threads = trio.CapacityLimiter(READ_THREADS)
         self.invalidate: Invalidator = lambda parent, name: None
+        # blocking: run in a worker thread; done before an unlink is answered
+        self.invalidate_now: Invalidator = lambda parent, name: None
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
                          "bytes_reused": 0, "reads": 0, "read_errors": 0}
@@ -80,7 +84,11 @@ class Service:
 
     # --- changes (control protocol, loaders) -----------------------------------
 
-    async def fill(self, ino: int, blocks: list[FillBlock], fetched: bool = False) -> FillResult:
+    async def fill(self, ino: int, blocks: list[FillBlock], fetched: bool = False,
+                   reused: bool = False) -> FillResult:
+        """Store blocks and wake their waiters. `fetched`: the bytes came over
+        the network (bytes_fetched); `reused`: copied from an older local
+        image (bytes_reused); neither: handed in by a loader (bytes_filled)."""
         async with self.write_lock:
             result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks)
         for blk in blocks:
@@ -90,7 +98,8 @@ class Service:
             if target is not None and 0 <= blk.index < target.count and target.is_present(blk.index):
                 self.waits.filled((ino, tree, blk.index))
         size = sum(len(b.data) for b in blocks)
-        self.counters["bytes_fetched" if fetched else "bytes_filled"] += size
+        self.counters["bytes_reused" if reused else
+                      "bytes_fetched" if fetched else "bytes_filled"] += size
         return result
 
     def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
@@ -98,16 +107,39 @@ class Service:
             return self.image.fill(ino, blocks)
 
     async def change(self, fn: Callable, *args, **kwargs):
-        """Run a namespace change of `Image` (create, link, unlink) safely."""
+        """Run a namespace change of `Image` (create, link, unlink) safely.
+
+        Durable before it returns, by group commit: the change is written
+        without a sync under the write lock, then one fdatasync covers every
+        change written so far, so concurrent loaders share syncs instead of
+        paying two each (a create writes an inode and a name)."""
         async with self.write_lock:
             def locked():
                 with self.image_lock:
-                    return fn(*args, **kwargs)
-            return await trio.to_thread.run_sync(locked)
+                    durable, self.image.durable = self.image.durable, False
+                    try:
+                        return fn(*args, **kwargs)
+                    finally:
+                        self.image.durable = durable
+            result = await trio.to_thread.run_sync(locked)
+            self._written += 1
+            generation = self._written
+        if self.image.durable:
+            await self._sync_through(generation)
+        return result
+
+    async def _sync_through(self, generation: int) -> None:
+        async with self._sync_lock:
+            if self._synced >= generation:
+                return  # a sync that started after our write covered it
+            target = self._written
+            await trio.to_thread.run_sync(os.fdatasync, self.image.fd)
+            self._synced = target
 
     async def unlink(self, parent: int, name: bytes) -> None:
         await self.change(self.image.unlink, parent, name)
-        self.invalidate(parent, name)
+        # the kernel may hold the name for an hour: forget it before answering
+        await trio.to_thread.run_sync(self.invalidate_now, parent, name)
 
     async def link(self, child: int, parent: int, name: bytes) -> None:
         await self.change(self.image.link, child, parent, name)
@@ -135,6 +167,7 @@ class Service:
             "misses": self.waits.counters["misses"],
             "miss_latency": self.waits.latency_percentiles(),
             "timeouts": self.waits.counters["timeouts"],
+            "reads_failed": self.waits.counters["failed"],
             "reads_abandoned": self.waits.counters["reads_abandoned"],
             "verify_failures": self.image.counters["verify_failures"],
             "read_errors": self.counters["read_errors"],

@@ -67,11 +67,13 @@ class Problem:
     tree: str | None = None
     first: int | None = None
     last: int | None = None
+    aliases: list[str] = field(default_factory=list)  # the file's other names
 
     def __str__(self) -> str:
         where = []
         if self.path is not None:
-            where.append(self.path)
+            where.append(self.path + (f" (also {', '.join(self.aliases)})"
+                                      if self.aliases else ""))
         if self.tree is not None and self.first is not None:
             if self.last is None or self.last == self.first:
                 where.append(f"{self.tree} block {self.first}")
@@ -245,13 +247,15 @@ def digest_of(image_path: str | os.PathLike, path: str | bytes) -> str:
         return "sha256:" + file_digest(img, node).hex()
 
 
-def unique_files(img: Image) -> Iterator[tuple[bytes, Inode]]:
-    """(first path, inode) for every named regular file, hard links once."""
-    seen: set[int] = set()
+def unique_files(img: Image) -> Iterator[tuple[list[bytes], Inode]]:
+    """(its paths, inode) for every named regular file: hard links once, with
+    all their names (in walk order)."""
+    names: dict[int, list[bytes]] = {}
     for path, node in img.ns.walk():
-        if node.data is not None and node.ino not in seen:
-            seen.add(node.ino)
-            yield path, node
+        if node.data is not None:
+            names.setdefault(node.ino, []).append(path)
+    for ino, paths in names.items():
+        yield paths, img.ns.inodes[ino]
 
 
 # --- verify --------------------------------------------------------------------
@@ -367,8 +371,8 @@ class _Ranges:
     """Collects per-block findings of one file and merges neighbours with the
     same severity and message into one ranged Problem."""
 
-    def __init__(self, report: VerifyReport, path: str):
-        self.report, self.path = report, path
+    def __init__(self, report: VerifyReport, path: str, aliases: list[str]):
+        self.report, self.path, self.aliases = report, path, aliases
         self.open: tuple[str, str, str, int, int] | None = None
 
     def add(self, severity: str, tree: str, index: int, message: str) -> None:
@@ -383,7 +387,8 @@ class _Ranges:
     def flush(self) -> None:
         if self.open:
             severity, tree, message, first, last = self.open
-            self.report.add(Problem(severity, message, self.path, tree, first, last))
+            self.report.add(Problem(severity, message, self.path, tree, first, last,
+                                    list(self.aliases)))
             self.open = None
 
 
@@ -402,18 +407,19 @@ def _check_blocks(img: Image, report: VerifyReport, progress: VerifyProgress | N
     missing_why = ("absent (a packed image holds every block: truncated or damaged)"
                    if report.packed else "absent (not filled yet)")
     tick = _Ticker(progress, total)
-    for path, node in files:
-        shown = display_path(path)
+    for paths, node in files:
+        shown = display_path(paths[0])
+        aliases = [display_path(p) for p in paths[1:]]
         if node.complete:
             report.files_complete += 1
-        ranges = _Ranges(report, shown)
+        ranges = _Ranges(report, shown, aliases)
         bad_hash: dict[int, str] = {}
         if node.has_tree:
             for s in range(node.hashes.count):
                 if not node.hashes.is_present(s):
                     ranges.add(missing_severity, "hash", s, missing_why)
                     continue
-                finding = _check_hash_block(img, node, s, bad_hash)
+                finding = _check_hash_block(img, node, s, bad_hash, missing_severity)
                 if finding:
                     ranges.add(finding[0], "hash", s, finding[1])
                 report.blocks_checked += 1
@@ -421,12 +427,13 @@ def _check_blocks(img: Image, report: VerifyReport, progress: VerifyProgress | N
         elif node.data.count and report.signed:
             severity = INTEGRITY if report.signature_verified is not None else NOTE
             report.add(Problem(severity, "file has no Merkle tree: its content is not covered "
-                                         "by the signature (blocks checked by CRC only)", shown))
+                                         "by the signature (blocks checked by CRC only)", shown,
+                               aliases=aliases))
         for i in range(node.data.count):
             if not node.data.is_present(i):
                 ranges.add(missing_severity, "data", i, missing_why)
                 continue
-            finding = _check_data_block(img, node, i, bad_hash)
+            finding = _check_data_block(img, node, i, bad_hash, missing_severity)
             if finding:
                 ranges.add(finding[0], "data", i, finding[1])
             report.blocks_checked += 1
@@ -435,8 +442,10 @@ def _check_blocks(img: Image, report: VerifyReport, progress: VerifyProgress | N
     tick.done()
 
 
-def _check_hash_block(img: Image, node: Inode, s: int, bad_hash: dict[int, str]):
-    """None when hash block `s` verifies, else (severity, what is wrong)."""
+def _check_hash_block(img: Image, node: Inode, s: int, bad_hash: dict[int, str],
+                      absent: str):
+    """None when hash block `s` verifies, else (severity, what is wrong).
+    `absent` is the severity of "a hash block it needs is absent"."""
     level, index = node.geometry.level_of(s)
     if level + 1 < node.geometry.levels:
         parent, _ = node.geometry.locate(level, index)
@@ -445,7 +454,7 @@ def _check_hash_block(img: Image, node: Inode, s: int, bad_hash: dict[int, str])
             return INTEGRITY, f"cannot be verified: hash block {parent} above it is damaged"
         if not node.hashes.is_present(parent):
             bad_hash[s] = "parent"
-            return INTEGRITY, f"cannot be verified: hash block {parent} above it is absent"
+            return absent, f"cannot be verified: hash block {parent} above it is absent"
     try:
         img.hash_block(node, s)
     except IntegrityError:
@@ -454,27 +463,28 @@ def _check_hash_block(img: Image, node: Inode, s: int, bad_hash: dict[int, str])
         return INTEGRITY, why
     except MissingBlock as e:
         bad_hash[s] = "parent"
-        return INTEGRITY, f"cannot be verified: hash block {e.index} above it is absent"
+        return absent, f"cannot be verified: hash block {e.index} above it is absent"
     except OSError as e:
         bad_hash[s] = "io"
         return IO, f"read failed: {e.strerror or e}"
     return None
 
 
-def _check_data_block(img: Image, node: Inode, i: int, bad_hash: dict[int, str]):
+def _check_data_block(img: Image, node: Inode, i: int, bad_hash: dict[int, str],
+                      absent: str):
     """None when data block `i` reads back verified, else (severity, why)."""
     if node.has_tree:
         for s in merkle.required_hash_blocks(node.geometry, i):
             if s in bad_hash:
                 return INTEGRITY, f"cannot be verified: hash block {s} above it is damaged"
             if not node.hashes.is_present(s):
-                return INTEGRITY, f"cannot be verified: hash block {s} above it is absent"
+                return absent, f"cannot be verified: hash block {s} above it is absent"
     try:
         img.read_block(node, i)
     except IntegrityError:
         return INTEGRITY, _diagnose(img, node, TreeKind.DATA, i)
     except MissingBlock as e:
-        return INTEGRITY, f"cannot be verified: {e.tree.name.lower()} block {e.index} is absent"
+        return absent, f"cannot be verified: {e.tree.name.lower()} block {e.index} is absent"
     except OSError as e:
         return IO, f"read failed: {e.strerror or e}"
     return None

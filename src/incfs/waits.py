@@ -32,6 +32,7 @@ class PendingRead:
     time_ns: int
     done: trio.Event = field(default_factory=trio.Event)
     waiters: int = 0
+    error: BaseException | None = None  # set by `Waits.fail`: raised in every waiter
 
     def as_dict(self) -> dict:
         return {"serial": self.serial, "ino": self.ino, "tree": int(self.tree),
@@ -55,7 +56,7 @@ class Waits:
         self.read_log: deque[tuple[int, int, int, int]] = deque(maxlen=READ_LOG_SIZE)
         self.log_serial = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0}
+        self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
 
     # --- readers ---------------------------------------------------------------
 
@@ -99,6 +100,8 @@ class Waits:
             if not pr.done.is_set() and opener_pid and not process_alive(opener_pid):
                 self.counters["reads_abandoned"] += 1
                 raise ReaderGone()
+        if pr.error is not None:
+            raise pr.error
 
     def _drop_if_abandoned(self, pr: PendingRead) -> None:
         """Nobody waits any more (timed out or died): forget the pending read
@@ -119,6 +122,19 @@ class Waits:
         pr = self.pending.pop(key, None)
         if pr is not None:
             pr.done.set()
+
+    def fail(self, key: BlockKey, error: BaseException) -> bool:
+        """A loader gave up on a block (it failed verification from every
+        source, or the source refuses it): wake its waiters with `error`
+        instead of letting them wait forever. A later read asks again.
+        Returns whether anyone was waiting."""
+        pr = self.pending.pop(key, None)
+        if pr is None:
+            return False
+        pr.error = error
+        pr.done.set()
+        self.counters["failed"] += 1
+        return True
 
     async def next_pending(self, timeout: float, after_serial: int = 0,
                            limit: int = 1024) -> list[PendingRead]:

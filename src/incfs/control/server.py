@@ -106,7 +106,12 @@ class ControlServer:
                 return
             op, request_id, payload = frame
             answer, tail = await self._dispatch(op, payload)
-            await stream.send_all(wire.encode(Op.RESPONSE, request_id, answer, tail))
+            try:
+                frame_out = wire.encode(Op.RESPONSE, request_id, answer, tail)
+            except ProtocolError as e:  # the answer would exceed MAX_FRAME
+                answer = _error(errno.EMSGSIZE, str(e))
+                frame_out = wire.encode(Op.RESPONSE, request_id, answer)
+            await stream.send_all(frame_out)
             if answer.get("errno") == errno.EPROTO:
                 return
 
@@ -123,8 +128,12 @@ class ControlServer:
             return _error(e.errno or errno.EIO, e.strerror or str(e)), b""
         except IncfsError as e:
             return _error(e.errno, str(e)), b""
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                IndexError, struct.error) as e:
             return _error(errno.EINVAL, f"bad request: {e!r}"), b""
+        except Exception as e:  # noqa: BLE001 - one bad request must never end the mount
+            log.exception("control request %s failed", op)
+            return _error(errno.EIO, f"internal error: {e!r}"), b""
         if isinstance(result, tuple):
             return {"ok": True, **result[0]}, result[1]
         return {"ok": True, **result}, b""

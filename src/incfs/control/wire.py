@@ -65,7 +65,7 @@ def decode_payload(payload: bytes) -> tuple[dict, memoryview]:
         raise ProtocolError("JSON part overruns the frame")
     try:
         fields = json.loads(bytes(payload[4:4 + jlen]))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # deep nesting: RecursionError
         raise ProtocolError("JSON part is malformed") from None
     if not isinstance(fields, dict):
         raise ProtocolError("JSON part is not an object")

@@ -113,6 +113,18 @@ class LogAppender:
         header = RecordHeader(int(RecordType.PAD), 0, length, self.last_record, 0)
         self._write(header.encode(b"").ljust(length, b"\0"))
 
+    def pad_past(self, offset: int) -> None:
+        """Append a PAD record that ends at or beyond `offset` (its body is a
+        hole in the file, so it costs no disk space)."""
+        target = _aligned(max(offset, self.end + RECORD_HEADER_SIZE))
+        length = target - self.end
+        header = RecordHeader(int(RecordType.PAD), 0, length, self.last_record, 0)
+        start = self.end
+        os.pwrite(self.fd, header.encode(b""), start)
+        os.ftruncate(self.fd, target)
+        self.last_record = start
+        self.end = target
+
     def begin_data(self, payload_len: int) -> int:
         """Write only the header of a DATA record of `payload_len` bytes and
         move the end past it; the caller writes the payload itself (for

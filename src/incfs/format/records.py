@@ -117,12 +117,14 @@ def info_size(info: int) -> int:
 def place_block(cursor: int, kind: BlockKind, stored_size: int) -> tuple[int, int]:
     """Placement rule: where a block goes and where the next one may start.
 
-    Raw blocks start on a 4 KiB boundary so a kernel EROFS image can map them
-    in place; compressed blocks pack tightly; zero blocks take no space.
+    Full raw blocks start on a 4 KiB boundary so a kernel EROFS image can map
+    them in place; compressed blocks and short raw tails (a small file's only
+    block) pack tightly, so tiny files do not cost 4 KiB each; zero blocks
+    take no space.
     """
     if kind is BlockKind.ZERO:
         return 0, cursor
-    if kind is BlockKind.RAW:
+    if kind is BlockKind.RAW and stored_size == 4096:
         cursor = (cursor + 4095) & ~4095
     return cursor, cursor + stored_size
 
