@@ -127,6 +127,17 @@ def register(main: click.Group) -> None:
 
         run_server(image, port, host)
 
+    @main.command("handoff")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    @click.option("--erofs", "erofs_image", type=click.Path(dir_okay=False),
+                  help="Where to write the EROFS image (default: beside the backing image).")
+    def handoff_cmd(mountpoint, erofs_image):
+        """Serve a complete mount from the kernel (EROFS, no user-space shim)."""
+        from .native import handoff
+
+        image = handoff(mountpoint, erofs_image)
+        click.echo(f"incfs: {mountpoint} is now served by the kernel from {image}")
+
     @main.group("profile")
     def profile_group():
         """Record and use prefetch profiles."""

@@ -238,7 +238,9 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
     pid = int(pid_file.read_text()) if pid_file.exists() else None
     if not os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is not mounted")
-    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    # after a hand-off the mount is a kernel EROFS one: plain umount
+    command = ["fusermount3", "-u", mountpoint] if pid else ["umount", mountpoint]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise OSError(errno.EBUSY, done.stderr.strip() or "fusermount3 -u failed")
     deadline = time.monotonic() + timeout

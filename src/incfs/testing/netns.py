@@ -29,6 +29,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from incfs.waits import process_alive
+
 __all__ = ["NS_PREFIX", "EmulatedLink", "LinkSetupError", "call_in_netns", "cleanup_stale", "missing_feature"]
 
 T = TypeVar("T")
@@ -66,16 +68,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def _list_netns() -> list[str]:
     """Names from ``ip netns list`` (lines look like ``name (id: 3)``)."""
     return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------- namespaces
@@ -180,7 +172,7 @@ def cleanup_stale(prefix: str = NS_PREFIX, *, include_live: bool = False) -> lis
     removed = []
     for name in _list_netns():
         match = pattern.match(name)
-        if match and (include_live or not _pid_alive(int(match.group(1)))):
+        if match and (include_live or not process_alive(int(match.group(1)))):
             _delete_ns(name)
             removed.append(name)
     _delete_stale_veths(include_live)
@@ -192,7 +184,7 @@ def _delete_stale_veths(include_live: bool) -> None:
     for line in _ip("-o", "link", "show", "type", "veth").stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
         match = pattern.match(name)
-        if match and (include_live or not _pid_alive(int(match.group(1)))):
+        if match and (include_live or not process_alive(int(match.group(1)))):
             _ip("link", "del", name, check=False)
 
 
