@@ -14,12 +14,12 @@ backing image is kept in a file), the helper says how.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - numpy comes with the bench extra
 
 MiB = 1 << 20
 LONG_TIMEOUT = 60.0  # read timeout for mounts whose reads must wait, not fail
+UMOUNT_GRACE = 5.0  # seconds a daemon gets to exit after a clean unmount
 
 
 # --- mounting ---------------------------------------------------------------------
@@ -79,16 +80,27 @@ def wait_gone(pid: int | None, timeout: float = 20.0) -> bool:
     return not pid or not process_alive(pid)
 
 
-def force_unmount(mountpoint: str | os.PathLike, pid: int | None = None) -> None:
-    """Last resort: lazy unmount, then make sure the daemon is gone."""
+def force_unmount(mountpoint: str | os.PathLike, pid: int | None = None,
+                  grace: float = 10.0) -> None:
+    """Last resort: lazy unmount, then make sure the daemon is gone (SIGKILL
+    after `grace` seconds)."""
     pid = pid or daemon_pid(mountpoint)
     if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    if pid and not wait_gone(pid, 10.0):
+    if pid and not wait_gone(pid, grace) and _is_mount_daemon(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10.0)
+
+
+def _is_mount_daemon(pid: int) -> bool:
+    """Never kill a process that merely reuses a stale pid."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"incfs.mount" in f.read()
+    except OSError:
+        return False
 
 
 class Mount:
@@ -124,15 +136,20 @@ class Mount:
         return (self.path / ".incfs" / "pending").read_text().splitlines()
 
     def stop(self) -> None:
-        """Unmount cleanly if possible, lazily if not; the daemon is gone after."""
-        if not is_mounted(self.path):
-            force_unmount(self.path, self.pid)
-            return
-        try:
-            umount(str(self.path))
-        except Exception:
-            pass
-        force_unmount(self.path, self.pid)
+        """Unmount cleanly if possible, lazily if not; the daemon is gone after.
+
+        A daemon can outlive a clean unmount: when another process made a
+        mount namespace while the mount existed (`ip netns exec`, as the
+        network tests do, with / mounted private), its copy keeps the FUSE
+        connection open until that process exits. Every fill was synced
+        before it was acknowledged, so the daemon is then simply killed
+        (the image lock must go before a remount)."""
+        if is_mounted(self.path):
+            try:
+                umount(str(self.path), timeout=UMOUNT_GRACE)
+            except Exception:
+                pass
+        force_unmount(self.path, self.pid, grace=0.5)
 
     def restart(self, **changes) -> "Mount":
         """Unmount and mount the same source and backing image again."""
@@ -143,15 +160,23 @@ class Mount:
 
 
 @contextlib.contextmanager
-def mounted(base: str | os.PathLike, source: str = "empty", *, name: str = "mnt",
-            cache: str | os.PathLike | None = None, keep_cache: bool = False,
-            **options) -> Iterator[Mount]:
+def mounted(base: str | os.PathLike | None = None, source: str = "empty", *,
+            name: str = "mnt", cache: str | os.PathLike | None = None,
+            keep_cache: bool = False, **options) -> Iterator[Mount]:
     """Mount `source` ("empty" or an image path) at base/name and always
     unmount afterwards (`fusermount3 -u -z` and SIGKILL as last resorts).
+    Other options are MountConfig fields (read_timeout defaults to 60 s).
 
-    For "empty" the backing image defaults to base/name.img (the seed's
+    Without `base` a temporary directory is made (and removed after). For
+    "empty" the backing image defaults to base/name.img (the seed's
     `<mount_dir>.img`); it is deleted afterwards unless keep_cache is set,
     so big test images do not pile up in pytest's kept temp dirs."""
+    if base is None:
+        with tempfile.TemporaryDirectory(prefix="incfs-test-") as tmp:
+            with mounted(tmp, source, name=name, cache=cache, keep_cache=keep_cache,
+                         **options) as m:
+                yield m
+        return
     base = Path(base)
     mountpoint = base / name
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -404,9 +429,8 @@ def read_whole_file(path: str | os.PathLike) -> int:
 # --- loaders and readers in forked children ----------------------------------------
 
 def fork_child(fn: Callable, *args, **kwargs) -> int:
-    """Run fn in a forked child; it exits 0 on success, 1 on an exception
-    (traceback on stderr) or with the int fn returns. Never returns into
-    pytest in the child."""
+    """Run fn in a forked child; it exits 0 when fn returns, 1 on an
+    exception (traceback on stderr). Never returns into pytest in the child."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -414,8 +438,8 @@ def fork_child(fn: Callable, *args, **kwargs) -> int:
         return pid
     code = 1
     try:
-        result = fn(*args, **kwargs)
-        code = result if isinstance(result, int) else 0
+        fn(*args, **kwargs)
+        code = 0
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()

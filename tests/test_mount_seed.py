@@ -308,7 +308,7 @@ def test_dynamic_files_and_data(mounts):
             with pytest.raises(OSError) as raised:
                 os.pread(fh.fileno(), 1, 0)
         assert raised.value.errno == errno.ETIME
-        assert 0.4 <= time.monotonic() - started < 5.0
+        assert 0.4 <= time.monotonic() - started < 10.0
     status = m.status()
     assert status["timeouts"] >= 1 and not status["complete"]
 

@@ -73,6 +73,7 @@ class SignatureState:
     entry: SignatureEntry
     root: bytes  # canonical root computed at the signature record
     verified: bool = False
+    names_after: bool = False  # a DIRENTS record follows it in the log
 
 
 class Image:
@@ -105,21 +106,41 @@ class Image:
                superblock: Superblock | None = None, exist_ok: bool = False) -> "Image":
         """A new, empty image holding only the root directory."""
         path = Path(path)
-        flags = os.O_RDWR | os.O_CREAT | (0 if exist_ok else os.O_EXCL)
+        # A new empty image is built unnamed and linked in only once its root
+        # is on disk: a crash (kill -9, power loss) while creating it must not
+        # leave a file at `path` that every later open refuses.
+        atomic = superblock is None and not exist_ok
+        fd, tmp = _open_unnamed(path) if atomic else (-1, None)
+        if fd < 0:
+            atomic = False
+            flags = os.O_RDWR | os.O_CREAT | (0 if exist_ok else os.O_EXCL)
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileExistsError:
+                raise UsageError(f"{path} already exists") from None
         try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise UsageError(f"{path} already exists") from None
-        _lock(fd, path)
+            _lock(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         sb = superblock or Superblock(uuid=image_uuid or uuidlib.uuid4().bytes)
         os.pwrite(fd, sb.encode(), 0)
         img = cls(path, fd, sb, True)
         img.scan = ScanResult(end=LOG_START, last_record=0, file_size=LOG_START)
         img.appender = LogAppender(fd, LOG_START, 0)
-        if superblock is None:
-            root = InodeEntry(ROOT_INO, stat.S_IFDIR | 0o555, mtime_ns=time.time_ns())
-            img._append_inodes([root])
+        try:
+            if superblock is None:
+                root = InodeEntry(ROOT_INO, stat.S_IFDIR | 0o555, mtime_ns=time.time_ns())
+                img._append_inodes([root])
+            if atomic:
+                os.fdatasync(fd)
+                _link_unnamed(tmp, path)
+        except BaseException:
+            os.close(fd)
+            if atomic:
+                tmp.unlink(missing_ok=True)
+            raise
         return img
 
     @classmethod
@@ -190,6 +211,8 @@ class Image:
                 self.ns.check_add_inode(e)
                 self.ns.add_inode(e)
         elif rtype == RecordType.DIRENTS:
+            if self.signature is not None:
+                self.signature.names_after = True
             for d in records.decode_dirents(body):
                 self._apply_dirent(d)
         elif rtype == RecordType.BLOCKS:
@@ -290,6 +313,12 @@ class Image:
         self.signature = SignatureState(entry, root)
         for node in self.ns.inodes.values():
             node.signed = True
+
+    def changed_since_signature(self) -> bool:
+        """True when records after the signature added, removed or swapped
+        names, so the tree served is not the one that was signed."""
+        s = self.signature
+        return s is not None and s.names_after and self.canonical_root() != s.root
 
     def verify_signature(self, public_key) -> None:
         """Raise IntegrityError unless the image is signed by `public_key` and
@@ -707,9 +736,34 @@ def _run_end(run: BlockRun) -> int:
     return cursor
 
 
+def _open_unnamed(path: Path) -> tuple[int, Path | None]:
+    """A new file under a temporary name beside `path`, or (-1, None) if none
+    can be made there."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    try:
+        return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), tmp
+    except OSError:
+        return -1, None
+
+
+def _link_unnamed(tmp: Path, path: Path) -> None:
+    """Give a complete new image its name, never over an existing file."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def _lock(fd: int, path: Path) -> None:
+    """Take the image's writer lock; the caller closes `fd` if this raises."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
         raise UsageError(f"{path} is in use by another incfs process") from None

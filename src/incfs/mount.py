@@ -94,6 +94,9 @@ def open_backing(config: MountConfig) -> Image:
 def check_trust(image: Image, config: MountConfig) -> None:
     if config.key:
         image.verify_signature(signing.load_public(config.key))
+        if image.changed_since_signature():
+            raise IntegrityError("names were added or changed after the image was signed: "
+                                 "the signature does not cover them (see incfs verify --key)")
     elif config.source == "empty":
         return  # the owner's own loader fills it: nothing to check against
     elif not config.allow_unsigned:
@@ -232,20 +235,39 @@ def mount_background(config: MountConfig) -> None:
                      f"mount daemon exited with status {proc.returncode} (log: {log_path})")
 
 
-def umount(mountpoint: str, timeout: float = 60.0) -> None:
-    """Unmount and wait until the daemon has flushed and exited."""
+def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
+    """Unmount and wait until the daemon has flushed and exited.
+
+    If the kernel keeps the FUSE connection open after the unmount (a copy of
+    the mount lives on in another mount namespace), the daemon would never
+    hear about it; after `grace` seconds the connection is aborted, which
+    ends the daemon cleanly (every acknowledged fill is already on disk)."""
     pid_file = runtime_dir(mountpoint) / "pid"
     pid = int(pid_file.read_text()) if pid_file.exists() else None
     if not os.path.ismount(mountpoint):
         raise UsageError(f"{mountpoint} is not mounted")
+    connection = os.minor(os.stat(mountpoint).st_dev) if pid else None
     # after a hand-off the mount is a kernel EROFS one: plain umount
     command = ["fusermount3", "-u", mountpoint] if pid else ["umount", mountpoint]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise OSError(errno.EBUSY, done.stderr.strip() or "fusermount3 -u failed")
-    deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline and process_alive(pid):
+    if not pid:
+        return
+    started = time.monotonic()
+    aborted = False
+    while time.monotonic() - started < timeout and process_alive(pid):
+        if not aborted and time.monotonic() - started > grace:
+            aborted = _abort_connection(connection)
         time.sleep(0.05)
+
+
+def _abort_connection(connection: int | None) -> bool:
+    try:
+        Path(f"/sys/fs/fuse/connections/{connection}/abort").write_text("1")
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:

@@ -159,6 +159,13 @@ def _delete_ns(name: str, host_if: str | None = None) -> None:
     _ip("netns", "del", name, check=False)
 
 
+def ns_exec_argv(ns_name: str, argv: Sequence[str]) -> list[str]:
+    """Run argv in the namespace's network only. `ip netns exec` would also
+    give it a private copy of every mount, FUSE mounts included, which keeps
+    those alive (and their daemons running) after they are unmounted here."""
+    return ["nsenter", f"--net=/run/netns/{ns_name}", "--", *argv]
+
+
 def cleanup_stale(prefix: str = NS_PREFIX, *, include_live: bool = False) -> list[str]:
     """Remove namespaces (and host veths) left behind by crashed runs.
 
@@ -325,7 +332,7 @@ class EmulatedLink:
     # -------------------------------------------------------------- helpers
     def run_in_ns(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside the namespace; close() kills it if still alive."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns_name, *argv], **popen_kwargs)
+        proc = subprocess.Popen(ns_exec_argv(self.ns_name, argv), **popen_kwargs)
         self._procs.append(proc)
         return proc
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self, TypeVar
 
-from incfs.testing.netns import call_in_netns
+from incfs.testing.netns import call_in_netns, ns_exec_argv
 
 __all__ = ["NGINX_BIN", "LogEntry", "Nginx"]
 
@@ -90,7 +90,7 @@ class Nginx:
     """nginx in the foreground serving ``root_dir`` on ``host``:``port``.
 
     ``port=None`` picks a free port.  With ``netns`` the server runs inside
-    that network namespace (``ip netns exec``), and ``host`` must be an address
+    that network namespace (``nsenter --net``), and ``host`` must be an address
     that exists there (e.g. :attr:`EmulatedLink.ns_addr`).
     """
 
@@ -239,7 +239,7 @@ class Nginx:
         prefix = self._require_prefix()
         argv = [NGINX_BIN, "-p", f"{prefix}/", "-c", f"{prefix}/nginx.conf", "-e", f"{prefix}/error.log"]
         if self.netns is not None:
-            argv = ["ip", "netns", "exec", self.netns, *argv]  # ip execs nginx: same pid
+            argv = ns_exec_argv(self.netns, argv)  # nsenter execs nginx: same pid
         # Own session so a last-resort killpg also reaches the workers.
         with open(prefix / "stderr.log", "wb") as stderr:
             return subprocess.Popen(
