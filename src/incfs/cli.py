@@ -352,11 +352,12 @@ def digest_cmd(image: Path, path: str) -> None:
     click.echo(digest_of(image, path))
 
 
-if __name__ == "__main__":
-    main()
-
-
 # Commands of a running mount (mount, umount, status, serve, profile).
 from .cli_mount import register as _register_mount_commands  # noqa: E402
 
 _register_mount_commands(main)
+
+
+if __name__ == "__main__":
+    main()
+

@@ -79,19 +79,36 @@ def register(main: click.Group) -> None:
                   help="Seconds a read waits for an absent block before ETIME, or 'forever'.")
     @click.option("--prefetch", default="sequential", show_default=True,
                   help="Background fetching: none, sequential or profile:FILE.")
+    @click.option("--mirror", "mirrors", multiple=True,
+                  help="Another URL of the same image, tried in order after SOURCE (repeatable).")
+    @click.option("--amplify", type=click.IntRange(min=4096), default=256 * 1024,
+                  show_default=True, help="Bytes a miss fetches around the block it needs.")
+    @click.option("--max-inflight", type=click.IntRange(min=1), default=8, show_default=True,
+                  help="Source requests in flight at once.")
+    @click.option("--bandwidth", type=click.FloatRange(min=1), default=None,
+                  help="Cap background prefetch to this many bytes/s (reads are never capped).")
+    @click.option("--base-cache", type=click.Path(dir_okay=False, exists=True),
+                  help="An older image or cache whose identical blocks are copied, not fetched.")
+    @click.option("--s3-endpoint", default=None, help="Custom S3 endpoint URL.")
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
+                  mirrors, amplify, max_inflight, bandwidth, base_cache, s3_endpoint,
                   foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
         if key and allow_unsigned:
             raise click.UsageError("--key and --allow-unsigned exclude each other")
-        if not (prefetch in ("none", "sequential") or prefetch.startswith("profile:")):
-            raise click.BadParameter("none, sequential or profile:FILE", param_hint="--prefetch")
+        from .loader import check_prefetch
+
+        check_prefetch(prefetch)
         config = MountConfig(source=source, mountpoint=mountpoint, cache=cache, key=key,
                              allow_unsigned=allow_unsigned,
-                             read_timeout=parse_timeout(read_timeout), prefetch=prefetch)
+                             read_timeout=parse_timeout(read_timeout), prefetch=prefetch,
+                             mirrors=list(mirrors) or None, amplify=amplify,
+                             max_inflight=max_inflight, bandwidth=bandwidth,
+                             base_cache=base_cache,
+                             source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))
         mount_background(config)

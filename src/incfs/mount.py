@@ -22,7 +22,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .errors import IncfsError, IntegrityError, UsageError
+from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .fusefs import IncfsOperations, invalidator
 from .image import Image
 from .integrity import signing
@@ -193,8 +193,11 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None) -> int:
 def _report_failure(ready_fd: int | None, e: BaseException) -> None:
     message = _describe(e)
     if ready_fd is not None:
+        # the kind travels with the message so the parent exits as the
+        # child would have (1 for integrity, 2 for usage)
+        kind = "integrity" if isinstance(e, (IntegrityError, CorruptImage)) else "usage"
         try:
-            os.write(ready_fd, f"ERROR {message}\n".encode())
+            os.write(ready_fd, f"ERROR {kind} {message}\n".encode())
         except OSError:
             pass
     else:
@@ -231,8 +234,10 @@ def mount_background(config: MountConfig) -> None:
     if line == "READY":
         return
     proc.wait(timeout=READY_TIMEOUT)
-    raise IncfsError(line[6:] if line.startswith("ERROR ") else
-                     f"mount daemon exited with status {proc.returncode} (log: {log_path})")
+    if line.startswith("ERROR "):
+        kind, _, message = line[6:].partition(" ")
+        raise (IntegrityError if kind == "integrity" else IncfsError)(message)
+    raise IncfsError(f"mount daemon exited with status {proc.returncode} (log: {log_path})")
 
 
 def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
