@@ -52,7 +52,7 @@ def format_status(s: dict) -> str:
         f"blocks       {s['blocks_present']}/{s['blocks_total']} present ({pct:.1f}%)"
         + ("  complete" if s["complete"] else ""),
         f"read         {_human(s.get('bytes_read', 0))} by programs, "
-        f"{s.get('reads', 0)} reads, {s.get('misses', 0)} misses",
+        f"{s.get('reads', 0)} reads, {s.get('misses', 0)} blocks waited for",
         f"fetched      {_human(s.get('bytes_fetched', 0))}"
         f"  (reused {_human(s.get('bytes_reused', 0))}, filled by loaders {_human(s.get('bytes_filled', 0))})",
         f"pending      {s['pending_reads']} reads waiting; miss latency p50 "
