@@ -7,7 +7,10 @@ VENV      := .venv
 BIN       := $(VENV)/bin
 STAMPS    := .stamps
 APT_PKGS  := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-             fsverity nginx-light erofs-utils sqlite3 fio squashfuse iproute2 kmod
+             fsverity nginx-light erofs-utils sqlite3 fio squashfuse iproute2 kmod \
+             curl tar util-linux
+# peers only the benchmarks compare against
+BENCH_APT := squashfs-tools rclone httpfs2
 
 .PHONY: setup demo test bench bench-quick clean
 
@@ -35,10 +38,20 @@ demo: setup
 test: setup
 	@$(BIN)/python -m pytest -q tests
 
-bench: setup
+$(STAMPS)/bench: $(STAMPS)/venv
+	@missing=$$(for p in $(BENCH_APT); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "apt: installing $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@$(BIN)/pip install -q py-spy
+	@touch $@
+
+bench: $(STAMPS)/bench
 	@$(BIN)/python bench/run.py
 
-bench-quick: setup
+bench-quick: $(STAMPS)/bench
 	@$(BIN)/python bench/run.py --quick
 
 clean:
