@@ -6,6 +6,8 @@ no bytes at all, so the codec returns the kind it actually used.
 
 from __future__ import annotations
 
+import threading
+
 import lz4.block
 import zstandard
 
@@ -15,9 +17,24 @@ from .format.records import BlockKind
 
 COMPRESSIONS = {"none": BlockKind.RAW, "lz4": BlockKind.LZ4, "zstd": BlockKind.ZSTD}
 _ZERO = bytes(BLOCK_SIZE)
-_zstd_c = zstandard.ZstdCompressor(level=3, write_content_size=False,
-                                   write_checksum=False)
-_zstd_d = zstandard.ZstdDecompressor()
+# python-zstandard (de)compressor objects must not be used by two threads at
+# once (reads run in worker threads: a shared one segfaults): one per thread.
+_zstd = threading.local()
+
+
+def _zstd_c() -> zstandard.ZstdCompressor:
+    c = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=3, write_content_size=False,
+                                               write_checksum=False)
+    return c
+
+
+def _zstd_d() -> zstandard.ZstdDecompressor:
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
+    return d
 
 
 def is_zero(block: bytes) -> bool:
@@ -32,7 +49,7 @@ def compress(block: bytes, kind: BlockKind) -> tuple[BlockKind, bytes]:
     if kind is BlockKind.LZ4:
         packed = lz4.block.compress(block, store_size=False)
     elif kind is BlockKind.ZSTD:
-        packed = _zstd_c.compress(block)
+        packed = _zstd_c().compress(block)
     else:
         return BlockKind.RAW, block
     if len(packed) >= len(block):
@@ -61,7 +78,7 @@ def decompress(kind: BlockKind, stored: bytes, size: int) -> bytes:
             declared = zstandard.get_frame_parameters(stored).content_size
             if declared not in (size, zstandard.CONTENTSIZE_UNKNOWN):
                 raise CorruptImage(f"block decodes to {declared} bytes, expected {size}")
-            out = _zstd_d.decompress(stored, max_output_size=size)
+            out = _zstd_d().decompress(stored, max_output_size=size)
     except (lz4.block.LZ4BlockError, zstandard.ZstdError) as e:
         raise CorruptImage(f"compressed block does not decode: {e}") from None
     if len(out) != size:

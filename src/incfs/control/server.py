@@ -25,6 +25,11 @@ from .wire import Op, ProtocolError
 
 log = logging.getLogger("incfs.control")
 MAX_CONNECTIONS = 256
+# Frames over SMALL_FRAME share a budget of bytes held at once across all
+# connections (a frame waits for room): without it, 256 clients each sending
+# most of a 64 MiB frame and then stalling held 16 GiB of daemon memory.
+SMALL_FRAME = 1 << 20
+MAX_BUFFERED = 128 << 20
 MAX_PENDING_WAIT = 3600.0
 
 
@@ -34,6 +39,8 @@ class ControlServer:
         self.path = path
         self.owner_uid = owner_uid
         self.connections = 0
+        self.buffered = 0  # bytes of large frames being received or served
+        self._room = trio.Event()
         self.handlers = {
             Op.HELLO: self._hello, Op.CREATE_FILE: self._create_file, Op.MKDIR: self._mkdir,
             Op.SYMLINK: self._symlink, Op.LINK: self._link, Op.UNLINK: self._unlink,
@@ -95,7 +102,23 @@ class ControlServer:
                 self.connections -= 1
 
     async def _serve_frames(self, stream: trio.SocketStream) -> None:
-        reader = _FrameReader(stream)
+        reader = _FrameReader(stream, self)
+        try:
+            await self._serve_frames_of(stream, reader)
+        finally:
+            reader.release()
+
+    async def reserve(self, n: int) -> None:
+        while self.buffered and self.buffered + n > MAX_BUFFERED:
+            await self._room.wait()
+        self.buffered += n
+
+    def release(self, n: int) -> None:
+        self.buffered -= n
+        self._room.set()
+        self._room = trio.Event()
+
+    async def _serve_frames_of(self, stream: trio.SocketStream, reader: "_FrameReader") -> None:
         while True:
             try:
                 frame = await reader.next()
@@ -215,9 +238,17 @@ class ControlServer:
 class _FrameReader:
     """Reads whole frames from a stream, enforcing the size bound first."""
 
-    def __init__(self, stream: trio.SocketStream):
+    def __init__(self, stream: trio.SocketStream, server: "ControlServer | None" = None):
         self.stream = stream
         self.buffer = bytearray()
+        self.server = server
+        self.reserved = 0
+
+    def release(self) -> None:
+        """Give back the budget of the frame before (it has been answered)."""
+        if self.reserved and self.server is not None:
+            self.server.release(self.reserved)
+        self.reserved = 0
 
     async def _fill(self, n: int) -> bool:
         while len(self.buffer) < n:
@@ -230,12 +261,16 @@ class _FrameReader:
         return True
 
     async def next(self) -> tuple[int, int, bytes] | None:
+        self.release()
         try:
             if not await self._fill(wire.HEADER.size):
                 return None
         except ProtocolError:
             return None
         length, _version, op, request_id = wire.parse_header(bytes(self.buffer[:wire.HEADER.size]))
+        if length > SMALL_FRAME and self.server is not None:
+            await self.server.reserve(length)
+            self.reserved = length
         try:
             if not await self._fill(wire.HEADER.size + length):
                 return None
