@@ -49,7 +49,7 @@ CASES = [
 
 
 def run_cases(system: System, root: Path, tree: LocalTree, rand_ios: int, seed: int,
-              record: Callable[[str, float], None]) -> None:
+              record: Callable[[str, float], None], engine: str = "fio") -> None:
     big = root / tree.big
     native = system.reference
 
@@ -64,12 +64,12 @@ def run_cases(system: System, root: Path, tree: LocalTree, rand_ios: int, seed: 
     # random 4 KiB: the same offsets cold, then again (2nd pass), then a
     # different set with only the layer below cached (warm)
     drop_caches()
-    record("rand_cold", w.rand_read(big, rand_ios, seed))
-    record("rand_2nd", w.rand_read(big, rand_ios, seed))
+    record("rand_cold", w.rand_read(big, rand_ios, seed, engine))
+    record("rand_2nd", w.rand_read(big, rand_ios, seed, engine))
     read_whole(big)
     if not native:
         evict_file(big)
-    record("rand_warm", w.rand_read(big, rand_ios, seed + 1))
+    record("rand_warm", w.rand_read(big, rand_ios, seed + 1, engine))
 
     # metadata
     drop_caches()
@@ -82,13 +82,13 @@ def run_cases(system: System, root: Path, tree: LocalTree, rand_ios: int, seed: 
 
     # a real package tree
     drop_caches()
-    w.warm_interpreter(tree.warm_pkgs)
-    record("import_cold", w.import_time(root / tree.pkgs))
-    record("import_2nd", w.import_time(root / tree.pkgs))
+    w.warm_interpreter(tree.warm_pkgs, tree.imports, tree.check_module)
+    record("import_cold", w.import_time(root / tree.pkgs, tree.imports, tree.check_module))
+    record("import_2nd", w.import_time(root / tree.pkgs, tree.imports, tree.check_module))
 
 
 def run_local(systems: list[System], tree: LocalTree, work: Path, reps: int, rand_ios: int,
-              log: Callable[[str], None]) -> dict[str, dict[str, Samples]]:
+              log: Callable[[str], None], engine: str = "fio") -> dict[str, dict[str, Samples]]:
     """results[case][system] = Samples over `reps` repetitions."""
     results: dict[str, dict[str, Samples]] = {
         c.key: {s.name: Samples(c.unit, c.higher_is_better) for s in systems} for c in CASES}
@@ -113,7 +113,7 @@ def run_local(systems: list[System], tree: LocalTree, work: Path, reps: int, ran
                 results[case][s.name].values.append(value)
             try:
                 with s.mounted(mountpoint) as root:
-                    run_cases(s, root, tree, rand_ios, 1000 + rep, record)
+                    run_cases(s, root, tree, rand_ios, 1000 + rep, record, engine)
                     if s.daemon_pid:
                         mem = daemon_memory(s.daemon_pid)
                         mem["blocks_total"] = read_status(root).get("blocks_total", 0)
@@ -122,6 +122,8 @@ def run_local(systems: list[System], tree: LocalTree, work: Path, reps: int, ran
                 s.unavailable = str(e)
                 log(f"  {s.label}: unavailable: {e}")
             except Exception as e:  # one broken system must not sink the run
-                s.unavailable = f"failed: {e}"
+                s.failures.append(f"rep {rep + 1}: {e}")
                 log(f"  {s.label}: FAILED: {e}\n{traceback.format_exc()}")
+                if len(s.failures) >= 2:  # once may be bad luck; twice is a verdict
+                    s.unavailable = f"failed: {e}"
     return results

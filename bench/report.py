@@ -67,7 +67,7 @@ def lazy_table(doc: dict) -> str:
         names = list(approaches)
         lines.append(f"\n{link}, image {body['image_bytes'] / (1 << 20):.0f} MiB "
                      f"(time as a fraction of download-then-run; lower is better; "
-                     f"[bytes on the wire / bytes read])")
+                     f"[bytes on the wire / bytes read])\n")
         header = ["case"] + [approaches[n]["label"] for n in names]
         rows = [header, ["---"] * len(header)]
         for key, case in body["cases"].items():
@@ -90,7 +90,7 @@ def lazy_table(doc: dict) -> str:
         lines.append("\n".join("| " + " | ".join(r) + " |" for r in rows))
         for n in names:
             if approaches[n].get("unavailable"):
-                lines.append(f"  {approaches[n]['label']}: unavailable: {approaches[n]['unavailable']}")
+                lines.append(f"\n{approaches[n]['label']}: unavailable: {approaches[n]['unavailable']}")
     return "\n".join(lines)
 
 
@@ -142,7 +142,8 @@ def chart(doc: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title(f"Local, data complete ({doc['meta']['mode']} run, medians of "
                  f"{doc['meta']['params']['reps']}; dashed = 0.9)")
-    ax.legend(fontsize=8, ncol=3)
+    if systems:
+        ax.legend(fontsize=8, ncol=3)
     ax.grid(axis="y", alpha=0.3, which="both")
 
     for row, (link, body) in enumerate(lazy.items(), start=1):
@@ -163,8 +164,29 @@ def chart(doc: dict, path: Path) -> None:
         ax.set_ylabel("time / download-then-run (log)")
         ax.set_title(f"Lazy over {link}, image {body['image_bytes'] / (1 << 20):.0f} MiB "
                      "(lower is better; dashed = 0.25)")
-        ax.legend(fontsize=8, ncol=4)
+        if approaches:
+            ax.legend(fontsize=8, ncol=4)
         ax.grid(axis="y", alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(doc: dict) -> str:
+    """The run's tables as Markdown (written beside the JSON as <mode>.md)."""
+    m = doc["meta"]
+    parts = [f"Run: `{m['command']}` ({m['mode']}, {m['started']}, {m.get('duration_s', 0):.0f} s; "
+             f"local repetitions {m['params']['reps']}, lazy repetitions {m['params']['lazy_reps']})"]
+    if doc.get("local"):
+        parts += ["", "Local, data complete: speed relative to native ext4 (higher is better; "
+                  "native column: absolute median)", "", local_table(doc)]
+        for s in doc["local_systems"].values():
+            if not s["available"]:
+                parts.append(f"\n{s['label']}: unavailable: {s.get('unavailable')}")
+            elif s.get("failures"):
+                parts.append(f"\n{s['label']}: failed repetitions: {'; '.join(s['failures'])}")
+    if doc.get("lazy"):
+        parts += ["", lazy_table(doc).strip()]
+    if doc.get("targets"):
+        parts += ["", targets_table(doc)]
+    return "\n".join(parts) + "\n"

@@ -29,6 +29,7 @@ class System:
         self.image: Path | None = None
         self.unavailable: str | None = None
         self.memory: list[dict] = []  # daemon memory after each repetition
+        self.failures: list[str] = []
 
     def prepare(self, tree_root: Path, work: Path) -> None:
         """Build what the system serves from; raise Unavailable if it cannot run."""
@@ -50,6 +51,8 @@ class System:
             d["image_bytes"] = self.image.stat().st_size
         if self.memory:
             d["daemon_memory"] = self.memory
+        if self.failures:
+            d["failures"] = self.failures
         return d
 
 
@@ -176,7 +179,11 @@ class PassFS(System):
         finally:
             fuse_umount(str(mountpoint))
             try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()

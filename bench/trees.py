@@ -40,6 +40,8 @@ class LocalTree:
     meta_paths: list[str]  # every entry under meta, relative to root
     big_size: int
     warm_pkgs: Path  # a second copy outside every tested tree, to warm the interpreter
+    imports: str = IMPORTS  # what the import case imports
+    check_module: str = "rich"  # must come from the tree under test
 
 
 def _text_chunk(rng: random.Random, size: int, i: int) -> bytes:
@@ -81,10 +83,14 @@ def write_meta(root: Path, files: int, seed: int = 11) -> list[str]:
     return paths
 
 
-def copy_packages(dest: Path) -> None:
+SMALL_PACKAGES = ["markdown_it", "mdurl"]  # --smoke: quick to copy and compile
+SMALL_IMPORTS = "markdown_it"
+
+
+def copy_packages(dest: Path, packages: list[str] = PACKAGES) -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     dest.mkdir(parents=True)
-    for name in PACKAGES:
+    for name in packages:
         src = site / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -92,20 +98,23 @@ def copy_packages(dest: Path) -> None:
                            invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
 
 
-def build_local(work: Path, big_size: int, meta_files: int) -> LocalTree:
+def build_local(work: Path, big_size: int, meta_files: int, small_packages: bool = False) -> LocalTree:
     root = work / "local"
     if root.exists():
         shutil.rmtree(root)
     (root / "data").mkdir(parents=True)
     write_big(root / "data" / "big.bin", big_size)
     meta_paths = [f"meta/{p}" for p in write_meta(root / "meta", meta_files)]
-    copy_packages(root / "pkgs")
+    copy_packages(root / "pkgs", SMALL_PACKAGES if small_packages else PACKAGES)
     warm = work / "warm-pkgs"
     if warm.exists():
         shutil.rmtree(warm)
     shutil.copytree(root / "pkgs", warm)
     os.sync()
-    return LocalTree(root, "data/big.bin", "meta", "pkgs", meta_paths, big_size, warm)
+    tree = LocalTree(root, "data/big.bin", "meta", "pkgs", meta_paths, big_size, warm)
+    if small_packages:
+        tree.imports, tree.check_module = SMALL_IMPORTS, SMALL_PACKAGES[0]
+    return tree
 
 
 @dataclass

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import subprocess
-import time
 from pathlib import Path
 
 from benchlib import PYTHON, MiB, Timer, which
@@ -32,12 +31,12 @@ def seq_read(path: Path) -> float:
     return n / t.seconds / 1e6
 
 
-def rand_read(path: Path, ios: int, seed: int) -> float:
+def rand_read(path: Path, ios: int, seed: int, engine: str = "fio") -> float:
     """Random 4 KiB reads, one at a time (psync), buffered: IOPS.
 
     fio when installed (its job hints POSIX_FADV_RANDOM, so no readahead),
     otherwise a Python pread loop with the same hint."""
-    if which("fio"):
+    if engine == "fio" and which("fio"):
         return _fio_rand(path, ios, seed)
     return _py_rand(path, ios, seed)
 
@@ -53,7 +52,9 @@ def _fio_rand(path: Path, ios: int, seed: int) -> float:
     job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
     if job["io_bytes"] <= 0 or job["runtime"] <= 0:
         raise RuntimeError(f"fio did no I/O on {path}")
-    return job["total_ios"] / (job["runtime"] / 1000) if job.get("total_ios") else job["iops"]
+    # per-I/O latency (ns) is finer than fio's millisecond runtime
+    lat = (job.get("lat_ns") or {}).get("mean")
+    return 1e9 / lat if lat else job["iops"]
 
 
 def _py_rand(path: Path, ios: int, seed: int) -> float:
@@ -91,35 +92,31 @@ def ls_recursive(directory: Path) -> float:
 
 
 _IMPORT_CODE = (
-    "import sys, time\n"
+    "import importlib, sys, time\n"
     "t = time.perf_counter()\n"
-    f"import {IMPORTS}\n"
+    "import {imports}\n"
     "dt = time.perf_counter() - t\n"
-    "import rich\n"
-    "assert rich.__file__.startswith(sys.argv[1]), rich.__file__\n"
+    "m = importlib.import_module('{check}')\n"
+    "assert m.__file__.startswith(sys.argv[1]), m.__file__\n"
     "print(dt)\n"
 )
 
 
-def import_time(pkgs: Path) -> float:
+def import_time(pkgs: Path, imports: str = IMPORTS, check: str = "rich") -> float:
     """Seconds for `import rich..., httpx` with PYTHONPATH in `pkgs` (timed
     inside the interpreter; -S keeps the venv's own copies out of sys.path)."""
     env = {**os.environ, "PYTHONPATH": str(pkgs), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("PYTHONHOME", None)
-    out = subprocess.run([PYTHON, "-S", "-c", _IMPORT_CODE, str(pkgs)], capture_output=True,
+    code = _IMPORT_CODE.format(imports=imports, check=check)
+    out = subprocess.run([PYTHON, "-S", "-c", code, str(pkgs)], capture_output=True,
                          text=True, env=env, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"import from {pkgs} failed: {out.stderr.strip()[-400:]}")
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def warm_interpreter(warm_pkgs: Path) -> None:
+def warm_interpreter(warm_pkgs: Path, imports: str = IMPORTS, check: str = "rich") -> None:
     """After dropping caches: load the interpreter and the standard library
     again (from a copy of the packages outside the tree under test), so a
     cold import measures the file system holding the packages."""
-    import_time(warm_pkgs)
-
-
-def wait_quiet(seconds: float = 0.0) -> None:
-    if seconds:
-        time.sleep(seconds)
+    import_time(warm_pkgs, imports, check)

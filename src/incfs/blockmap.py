@@ -86,26 +86,42 @@ class BlockMap:
     def is_present(self, index: int) -> bool:
         return self._infos is not None and self._infos[index] != ABSENT
 
-    def set(self, index: int, offset: int, info: int, crc: int) -> bool:
+    def set(self, index: int, offset: int, info: int, crc: int, replace: bool = False) -> bool:
         """Record a block; False (and no change) when it was already present:
-        a loaded block never changes."""
+        a loaded block never changes, unless `replace` (a repair record)."""
         if self._infos is None:
             self._allocate()
-        if self._infos[index] != ABSENT:
+        was_present = self._infos[index] != ABSENT
+        if was_present and not replace:
             return False
         cells = self._cells()
         if cells is not None:
             cells[index] = (offset, info, crc)  # one store: atomic for readers
-            self.present += 1
+            self.present += 0 if was_present else 1
             if self.present * DENSE_AT >= self.count:
                 self._densify(cells)
             return True
         # The info word marks presence, so it is written last: a reader in
         # another thread sees either a hole or a complete entry.
+        if was_present:
+            self._infos[index] = ABSENT  # readers see a hole while it changes
         self._offsets[index] = offset
         self._crcs[index] = crc
         self._infos[index] = info
-        self.present += 1
+        self.present += 0 if was_present else 1
+        return True
+
+    def forget(self, index: int) -> bool:
+        """Make a present block a hole again (in memory only): its stored
+        bytes were found bad and it is to be fetched anew."""
+        if self._infos is None or self._infos[index] == ABSENT:
+            return False
+        cells = self._cells()
+        if cells is not None:
+            del cells[index]
+        else:
+            self._infos[index] = ABSENT
+        self.present -= 1
         return True
 
     @property

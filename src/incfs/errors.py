@@ -24,6 +24,15 @@ class IntegrityError(IncfsError):
     errno = errno.EBADMSG
 
 
+class BadBlock(IntegrityError):
+    """One stored block (data or hash) failed its checksum or its Merkle
+    check; names which, so a cache can forget it and fetch it again."""
+
+    def __init__(self, ino: int, tree: int, index: int, message: str):
+        super().__init__(message)
+        self.ino, self.tree, self.index = ino, int(tree), index
+
+
 class UsageError(IncfsError):
     """The caller asked for something that cannot be done (bad argument)."""
 

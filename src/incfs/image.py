@@ -25,9 +25,9 @@ from typing import Iterable
 
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .blockmap import ABSENT, BlockMap
-from .errors import CorruptImage, IntegrityError, UsageError, os_error
+from .errors import BadBlock, CorruptImage, IntegrityError, UsageError, os_error
 from .format import layout, records
-from .format.layout import LOG_START, RecordType, Superblock, SuperFlags
+from .format.layout import LOG_START, RecordFlags, RecordType, Superblock, SuperFlags
 from .format.log import LogAppender, ScanResult, scan_log
 from .format.records import (BlockKind, BlockRun, DirentEntry, DirentOp,
                              InodeEntry, InodeFlags, SignatureEntry, TreeKind,
@@ -97,6 +97,7 @@ class Image:
         # Reads run in several threads at once (fills in one more); only
         # this cache is shared mutable state on the read path.
         self._hash_lock = threading.Lock()
+        self._forgotten: set[tuple[int, int, int]] = set()  # bad blocks to refill
         self.counters = {"verify_failures": 0, "blocks_stored": 0, "bytes_stored": 0}
 
     # --- opening -------------------------------------------------------------
@@ -199,13 +200,13 @@ class Image:
 
     def _apply_record(self, offset: int, header, body: bytes) -> None:
         try:
-            self._apply(header.type, body)
+            self._apply(header.type, body, header.flags)
         except OSError as e:
             raise CorruptImage(f"record at offset {offset} is invalid: {e.strerror}") from None
         except CorruptImage as e:
             raise CorruptImage(f"record at offset {offset}: {e}") from None
 
-    def _apply(self, rtype: int, body: bytes) -> None:
+    def _apply(self, rtype: int, body: bytes, flags: int = 0) -> None:
         if rtype == RecordType.INODES:
             for e in records.decode_inodes(body):
                 self.ns.check_add_inode(e)
@@ -216,8 +217,9 @@ class Image:
             for d in records.decode_dirents(body):
                 self._apply_dirent(d)
         elif rtype == RecordType.BLOCKS:
+            replace = bool(flags & RecordFlags.REPLACES)
             for run in records.decode_runs(body):
-                self._apply_run(run, self._maps_of(run.ino))
+                self._apply_run(run, self._maps_of(run.ino), replace=replace)
         elif rtype == RecordType.SOURCE_BLOCKS:
             for run in records.decode_runs(body):
                 self._apply_run(run, self._source_maps_of(run.ino), check_bounds=False)
@@ -248,7 +250,8 @@ class Image:
                                      BlockMap(hashes.count) if hashes else None)
         return self.source_maps[ino]
 
-    def _apply_run(self, run: BlockRun, maps, check_bounds: bool = True) -> None:
+    def _apply_run(self, run: BlockRun, maps, check_bounds: bool = True,
+                   replace: bool = False) -> None:
         target = maps[0] if run.tree == TreeKind.DATA else maps[1]
         if target is None or run.first + len(run.blocks) > target.count:
             raise CorruptImage(f"block map of inode {run.ino} runs past the end of the file")
@@ -263,7 +266,7 @@ class Image:
                     # cut off (a truncated or torn image): the block is absent
                     self.blocks_beyond_log += 1
                     continue
-            target.set(index, offset, info, crc)
+            target.set(index, offset, info, crc, replace=replace)
 
     def scan_limit(self) -> int:
         if self._block_limit is not None:
@@ -426,19 +429,20 @@ class Image:
         stored = os.pread(self.fd, info_size(info), offset)
         if zlib.crc32(stored) != crc:
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} {tree.name.lower()} block {index}: "
-                                 "stored bytes fail their checksum")
+            raise BadBlock(node.ino, tree, index, f"inode {node.ino} {tree.name.lower()} "
+                           f"block {index}: stored bytes fail their checksum")
         try:
             return codec.decompress(kind, stored, size)
         except CorruptImage as e:
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} block {index}: {e}") from None
+            raise BadBlock(node.ino, tree, index, f"inode {node.ino} block {index}: {e}") from None
 
     def _check_data_hash(self, node: Inode, index: int, plain: bytes) -> None:
         want = self._expected(node, -1, index)
         if merkle.hash_block(plain) != want:
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} data block {index} fails verification")
+            raise BadBlock(node.ino, TreeKind.DATA, index,
+                           f"inode {node.ino} data block {index} fails verification")
 
     def _expected(self, node: Inode, level: int, index: int) -> bytes:
         try:
@@ -462,7 +466,8 @@ class Image:
         level, index = node.geometry.level_of(storage_index)
         if hashlib.sha256(plain).digest() != self._expected(node, level, index):
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} hash block {storage_index} fails verification")
+            raise BadBlock(node.ino, TreeKind.HASH, storage_index,
+                           f"inode {node.ino} hash block {storage_index} fails verification")
         self._remember_hash_block(key, plain)
         return plain
 
@@ -508,7 +513,8 @@ class Image:
                 j += 1
             extent = memoryview(os.pread(self.fd, total, base))
             if len(extent) != total:
-                raise IntegrityError(f"inode {node.ino}: stored data cut short at block {i}")
+                raise BadBlock(node.ino, TreeKind.DATA, i,
+                               f"inode {node.ino}: stored data cut short at block {i}")
             pos = 0
             for k in range(i, j):
                 size = infos[k] & 0x1FFF
@@ -516,8 +522,8 @@ class Image:
                 pos += size
                 if checker is None and zlib.crc32(stored) != crcs[k]:
                     self.counters["verify_failures"] += 1
-                    raise IntegrityError(f"inode {node.ino} data block {k}: "
-                                         "stored bytes fail their checksum")
+                    raise BadBlock(node.ino, TreeKind.DATA, k, f"inode {node.ino} data block "
+                                   f"{k}: stored bytes fail their checksum")
                 out.append(self._checked(node, k, self._decode(node, k, infos[k], stored), checker))
             i = j
         return out
@@ -531,12 +537,14 @@ class Image:
             return codec.decompress(BlockKind(kind), stored, size)
         except CorruptImage as e:
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} block {index}: {e}") from None
+            raise BadBlock(node.ino, TreeKind.DATA, index,
+                           f"inode {node.ino} block {index}: {e}") from None
 
     def _checked(self, node: Inode, index: int, plain: bytes, checker) -> bytes:
         if checker is not None and not checker.matches(index, plain):
             self.counters["verify_failures"] += 1
-            raise IntegrityError(f"inode {node.ino} data block {index} fails verification")
+            raise BadBlock(node.ino, TreeKind.DATA, index,
+                           f"inode {node.ino} data block {index} fails verification")
         return plain
 
     def missing_for_read(self, node: Inode, offset: int, length: int) -> list[tuple[TreeKind, int]]:
@@ -650,14 +658,40 @@ class Image:
             placed.append((blk.tree, blk.index, offset, info, crc))
         if payload:
             self.appender.write_data(bytes(payload))
-        self.appender.append(RecordType.BLOCKS, records.encode_runs(_merge_runs(runs)))
+        repairs = {(node.ino, int(t), i) for t, i, *_ in placed} & self._forgotten
+        flags = RecordFlags.REPLACES if repairs else 0
+        self.appender.append(RecordType.BLOCKS, records.encode_runs(_merge_runs(runs)), flags)
         if self.durable:
             self.appender.sync()
+        self._forgotten -= repairs
         for tree, index, offset, info, crc in placed:
             target = node.data if tree == TreeKind.DATA else node.hashes
             target.set(index, offset, info, crc)
         self.counters["blocks_stored"] += len(placed)
         self.counters["bytes_stored"] += len(payload)
+
+    def forget_block(self, ino: int, tree: int, index: int) -> bool:
+        """Turn a bad stored block of a cache back into a hole, so a loader
+        fetches it again (a power cut can keep a block's map record but lose
+        its bytes). Only for writable caches that know where the block lives
+        in their source; the refill is written as a REPLACES record so the
+        next open prefers it to the stale mapping. False when not possible."""
+        node = self.ns.inodes.get(ino)
+        source = self.source_maps.get(ino)
+        if not self.writable or node is None or source is None:
+            return False
+        tree = TreeKind(tree)
+        target, where = ((node.data, source[0]) if tree == TreeKind.DATA
+                         else (node.hashes, source[1]))
+        if target is None or where is None or where.get(index) is None:
+            return False
+        if tree == TreeKind.HASH:
+            with self._hash_lock:
+                self._hash_cache.pop((ino, index), None)
+        if not target.forget(index):
+            return False
+        self._forgotten.add((ino, int(tree), index))
+        return True
 
     # --- summaries -------------------------------------------------------------
 

@@ -538,7 +538,10 @@ class Loader:
             with self._scope:
                 if image_complete(self.image):
                     await self._on_complete()
-                    return
+                    # No network unless a stored block turns out bad: the
+                    # service then forgets it and its read waits for a fetch.
+                    while not await self.waits.next_pending(3600.0):
+                        pass
                 self.source = open_loader_source(self.config)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery

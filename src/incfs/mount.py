@@ -31,6 +31,8 @@ from .waits import process_alive
 
 log = logging.getLogger("incfs.mount")
 READY_TIMEOUT = 120.0
+READAHEAD_COMPLETE_KB = 8192
+READAHEAD_LOADING_KB = 1024
 
 
 @dataclass
@@ -128,7 +130,9 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
             nursery.start_soon(_unmount_on_signal, config.mountpoint)
             # stat() of the mount point is served by this very loop: never
             # call it on the trio thread
-            nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, config.mountpoint)
+            readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
+            nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, config.mountpoint,
+                               readahead)
             if ready:
                 ready()
             await pyfuse3.main(max_tasks=config.max_tasks)
@@ -156,12 +160,15 @@ async def _unmount_on_signal(mountpoint: str) -> None:
             return
 
 
-def _tune_readahead(mountpoint: str) -> None:
-    """Let the kernel read ahead 1 MiB at a time (root only; best effort)."""
+def _tune_readahead(mountpoint: str, kb: int) -> None:
+    """Set the mount's readahead window (root only; best effort): large when
+    every block is local (the daemon is CPU-bound, and more requests in flight
+    keep both cores busy), 1 MiB while loading (each readahead request past
+    what a program needs would be fetched over the network)."""
     try:
         dev = os.stat(mountpoint).st_dev
         path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        path.write_text("1024")
+        path.write_text(str(kb))
     except OSError:
         pass
 

@@ -16,7 +16,7 @@ from typing import Callable
 import trio
 
 from . import BLOCK_SIZE
-from .errors import IntegrityError
+from .errors import BadBlock, IntegrityError
 from .format.records import TreeKind
 from .image import FillBlock, FillResult, Image, MissingBlock
 from .namespace import Inode
@@ -44,7 +44,8 @@ class Service:
         self.invalidate_now: Invalidator = lambda parent, name: None
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
-                         "bytes_reused": 0, "reads": 0, "read_errors": 0}
+                         "bytes_reused": 0, "reads": 0, "read_errors": 0,
+                         "blocks_repaired": 0}
         self.source_errors: dict[str, int] = {}
         self.loader_status: dict = {}
 
@@ -58,6 +59,7 @@ class Service:
         if offset >= end:
             return b""
         self.waits.log_read(node.ino, offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE)
+        repaired: set[tuple[int, int, int]] = set()
         while True:
             missing = self.image.missing_for_read(node, offset, size)
             if missing:
@@ -69,6 +71,15 @@ class Service:
                 data = await self._read_present(node, offset, size)
             except MissingBlock:
                 continue  # a hash block the cache had dropped: ask again
+            except BadBlock as e:
+                # bad bytes on disk (e.g. torn by a power cut): a cache can
+                # fetch the block again, once; anything else fails the read
+                key = (e.ino, e.tree, e.index)
+                if key in repaired or not self.image.forget_block(*key):
+                    raise
+                repaired.add(key)
+                self.counters["blocks_repaired"] += 1
+                continue
             self.counters["bytes_read"] += len(data)
             self.counters["reads"] += 1
             return data
@@ -171,6 +182,7 @@ class Service:
             "reads_abandoned": self.waits.counters["reads_abandoned"],
             "verify_failures": self.image.counters["verify_failures"],
             "read_errors": self.counters["read_errors"],
+            "blocks_repaired": self.counters["blocks_repaired"],
             "source_errors": dict(self.source_errors),
             "loader": dict(self.loader_status),
             "signed": self.image.signature is not None,

@@ -60,6 +60,12 @@ class RecordType(enum.IntEnum):
 CRITICAL_TYPE_BIT = 0x8000
 
 
+class RecordFlags(enum.IntFlag):
+    # A BLOCKS record that repairs blocks: its mappings win over earlier ones
+    # (written only after the earlier bytes failed their check).
+    REPLACES = 1
+
+
 class SuperFlags(enum.IntFlag):
     PACKED = 1  # written by `incfs pack`: meta_end/data_* are meaningful
     CACHE = 2  # a local cache of a remote image: holds SOURCE_BLOCKS

@@ -94,10 +94,10 @@ class LogAppender:
         self.end = end
         self.last_record = last_record
 
-    def append(self, rtype: RecordType, body: bytes) -> int:
+    def append(self, rtype: RecordType, body: bytes, flags: int = 0) -> int:
         """Append a metadata record; returns its offset."""
         length = _aligned(RECORD_HEADER_SIZE + len(body))
-        header = RecordHeader(int(rtype), 0, length, self.last_record, len(body))
+        header = RecordHeader(int(rtype), flags, length, self.last_record, len(body))
         blob = header.encode(body) + body
         return self._write(blob.ljust(length, b"\0"))
 
