@@ -17,7 +17,6 @@ The coverage-guided versions of these targets are bench/fuzz/fuzz_*.py.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import math
 import os
@@ -33,11 +32,12 @@ from hypothesis import strategies as st
 from incfs import BLOCK_SIZE, ROOT_INO, codec
 from incfs.control import wire
 from incfs.control.wire import Op, ProtocolError
+from incfs.testing.exercise import exercise_image as exercise
 from incfs.errors import CorruptImage, IncfsError
 from incfs.format import records as R
 from incfs.format.layout import (LOG_START, RECORD_HEADER_SIZE, RecordHeader, RecordType,
                                  Superblock)
-from incfs.image import FillBlock, Image, MissingBlock
+from incfs.image import FillBlock, Image
 from incfs.integrity import merkle, signing
 from incfs.pack import pack
 
@@ -132,42 +132,7 @@ def _clean(e: BaseException) -> None:
 def exercise_image(path: Path, public_key=None, blocks_per_file: int = 64) -> str:
     """Open and read an image as a mount would; returns "refused", "opened".
     Anything but a documented exception fails the test."""
-    try:
-        img = Image.open(path)
-    except Exception as e:  # noqa: BLE001 - judged by _clean
-        _clean(e)
-        return "refused"
-    with img:
-        img.totals()
-        img.canonical_root()
-        if public_key is not None and img.signature is not None:
-            try:
-                img.verify_signature(public_key)
-            except IncfsError as e:
-                _clean(e)
-        for _path, node in itertools.islice(img.ns.walk(), 500):
-            if node.data is None:
-                continue
-            for bmap in (node.data, node.hashes):
-                for i, *_rest in itertools.islice(bmap.entries() if bmap else (), blocks_per_file):
-                    try:
-                        if bmap is node.data:
-                            img.read_block(node, i)
-                        else:
-                            img.hash_block(node, i)
-                    except MissingBlock:
-                        pass
-                    except Exception as e:  # noqa: BLE001
-                        _clean(e)
-            try:
-                img.read_range(node, 0, 64 * 1024)
-            except MissingBlock:
-                pass
-            except Exception as e:  # noqa: BLE001
-                _clean(e)
-            img.missing_for_read(node, 0, 1 << 20)
-            node.data.ranges()
-    return "opened"
+    return exercise(path, _clean, public_key=public_key, blocks_per_file=blocks_per_file)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ builds seed corpora, and exercises an image the way a mount would."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import stat
 import sys
@@ -25,12 +24,13 @@ with atheris.instrument_imports(include=["incfs"]):
     import incfs.image  # noqa: F401
     import incfs.namespace  # noqa: F401
     import incfs.service  # noqa: F401
+    import incfs.testing.exercise  # noqa: F401
     import incfs.verify  # noqa: F401
 
 from incfs import BLOCK_SIZE, ROOT_INO, codec  # noqa: E402
 from incfs.errors import IncfsError  # noqa: E402
 from incfs.format import records as R  # noqa: E402
-from incfs.image import FillBlock, Image, MissingBlock  # noqa: E402
+from incfs.image import FillBlock, Image  # noqa: E402
 from incfs.integrity import merkle  # noqa: E402
 
 SCRATCH = Path(os.environ.get("INCFS_FUZZ_SCRATCH", "/dev/shm" if os.path.isdir("/dev/shm")
@@ -90,36 +90,6 @@ def live_image(path: Path) -> bytes:
 
 
 def exercise_image(path: Path, verify: bool = False) -> None:
-    try:
-        img = Image.open(path)
-    except Exception as e:  # noqa: BLE001
-        clean(e)
-        return
-    with img:
-        img.totals()
-        img.canonical_root()
-        for _p, node in itertools.islice(img.ns.walk(), 200):
-            if node.data is None:
-                continue
-            for bmap in (node.data, node.hashes):
-                for i, *_r in itertools.islice(bmap.entries() if bmap else (), 32):
-                    try:
-                        img.read_block(node, i) if bmap is node.data else img.hash_block(node, i)
-                    except MissingBlock:
-                        pass
-                    except Exception as e:  # noqa: BLE001
-                        clean(e)
-            try:
-                img.read_range(node, 0, 64 * 1024)
-            except MissingBlock:
-                pass
-            except Exception as e:  # noqa: BLE001
-                clean(e)
-            img.missing_for_read(node, 0, 1 << 20)
-            node.data.ranges()
-    if verify:
-        from incfs.verify import verify_image
-        try:
-            verify_image(path)
-        except Exception as e:  # noqa: BLE001
-            clean(e)
+    from incfs.testing.exercise import exercise_image as exercise
+
+    exercise(path, clean, files=200, blocks_per_file=32, verify=verify)
