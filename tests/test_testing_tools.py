@@ -63,7 +63,7 @@ def netns_ok() -> None:
         pytest.skip("network namespaces need root")
     reason = missing_feature()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(f"missing kernel feature: {reason}")
 
 
 def raw_get(port: int, path: str, timeout: float = 5.0) -> tuple[bytes, BaseException | None]:

@@ -93,3 +93,18 @@ def exercise_image(path: Path, verify: bool = False) -> None:
     from incfs.testing.exercise import exercise_image as exercise
 
     exercise(path, clean, files=200, blocks_per_file=32, verify=verify)
+
+
+def run(test_one_input, corpus: Path, scratch: Path | None = None) -> None:
+    """Start atheris on a target with its seed corpus (unless the command
+    line names one); remove the target's scratch file afterwards."""
+    import sys
+
+    given = any(not a.startswith("-") for a in sys.argv[1:])
+    argv = sys.argv + ([] if given else [str(corpus)])
+    try:
+        atheris.Setup(argv, test_one_input)
+        atheris.Fuzz()
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)

@@ -10,12 +10,11 @@ IncfsError / OSError(errno) / MissingBlock may escape opening and reading.
 from __future__ import annotations
 
 import struct
-import sys
 import zlib
 
 import atheris
 
-from _common import SCRATCH, corpus_dir, exercise_image, live_image
+from _common import SCRATCH, corpus_dir, exercise_image, live_image, run
 from incfs.format.layout import LOG_START, RECORD_HEADER_SIZE, RecordHeader, Superblock
 
 COUNT = [0]
@@ -59,10 +58,4 @@ def seeds():
 
 
 if __name__ == "__main__":
-    corpus = seeds()
-    argv = sys.argv + ([str(corpus)] if not any(not a.startswith("-") for a in sys.argv[1:]) else [])
-    try:
-        atheris.Setup(argv, test_one_input)
-        atheris.Fuzz()
-    finally:
-        SCRATCH.unlink(missing_ok=True)
+    run(test_one_input, seeds(), SCRATCH)

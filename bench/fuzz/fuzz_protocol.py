@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 
 import atheris
 import trio
 
-from _common import D, F, SCRATCH, corpus_dir
+from _common import D, F, SCRATCH, corpus_dir, run
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.control import wire
 from incfs.control.server import ControlServer
@@ -116,10 +115,4 @@ def seeds():
 
 
 if __name__ == "__main__":
-    corpus = seeds()
-    argv = sys.argv + ([str(corpus)] if not any(not a.startswith("-") for a in sys.argv[1:]) else [])
-    try:
-        atheris.Setup(argv, test_one_input)
-        atheris.Fuzz()
-    finally:
-        SCRATCH.unlink(missing_ok=True)
+    run(test_one_input, seeds(), SCRATCH)

@@ -7,11 +7,10 @@ CorruptImage may escape; a decoded value must encode and decode back to itself.
 
 from __future__ import annotations
 
-import sys
 
 import atheris
 
-from _common import corpus_dir  # noqa: F401  (instruments incfs on import)
+from _common import corpus_dir, run  # noqa: F401  (instruments incfs on import)
 from incfs.errors import CorruptImage
 from incfs.format import records as R
 
@@ -49,7 +48,4 @@ def seeds() -> None:
 
 
 if __name__ == "__main__":
-    corpus = seeds()
-    argv = sys.argv + ([str(corpus)] if not any(not a.startswith("-") for a in sys.argv[1:]) else [])
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
+    run(test_one_input, seeds())
