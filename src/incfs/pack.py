@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import UsageError
-from .format.layout import RecordType, Superblock, SuperFlags
+from .format.layout import RECORD_HEADER_SIZE, RecordType, Superblock, SuperFlags
 from .format.records import (BlockKind, BlockRun, InodeEntry, InodeFlags, TreeKind,
                              block_info, encode_runs, place_block)
 from .image import Image
@@ -327,7 +327,7 @@ def _write_maps_and_data(img: Image, packer: _Packer, sizes: dict[str, int]) -> 
     for batch in _batches(packer.runs(spool_base)):
         app.append(RecordType.BLOCKS, encode_runs(batch))
     meta_end = app.end
-    _pad_until(app, payload - 32)
+    app.pad_to(payload - RECORD_HEADER_SIZE)  # the DATA header ends on the boundary
     total = sum(sizes.values())
     payload_offset = app.begin_data(total)
     assert payload_offset == payload, (payload_offset, payload)
@@ -337,15 +337,6 @@ def _write_maps_and_data(img: Image, packer: _Packer, sizes: dict[str, int]) -> 
     sb = Superblock(uuid=img.superblock.uuid, flags=SuperFlags.PACKED, meta_end=meta_end,
                     data_start=payload, data_end=payload + total, packed_size=app.end)
     os.pwrite(img.fd, sb.encode(), 0)
-
-
-def _pad_until(app, target: int) -> None:
-    from .format.layout import RecordHeader
-    length = target - app.end
-    if length < 32 or length % 8:
-        raise AssertionError("pack layout miscalculated the metadata size")
-    header = RecordHeader(int(RecordType.PAD), 0, length, app.last_record, 0)
-    app._write(header.encode(b"").ljust(length, b"\0"))
 
 
 def _batches(runs: Iterator[BlockRun]) -> Iterator[list[BlockRun]]:

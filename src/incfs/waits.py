@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .format.records import TreeKind
 
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
 READ_LOG_SIZE = 65536
@@ -178,6 +177,3 @@ def _not_zombie(pid: int) -> bool:
     except OSError:
         return False
 
-
-DATA = int(TreeKind.DATA)
-HASH = int(TreeKind.HASH)

@@ -106,24 +106,28 @@ class LogAppender:
         caller can place 4 KiB-aligned raw blocks before building it."""
         return self.end + RECORD_HEADER_SIZE
 
-    def pad_to_payload_alignment(self, alignment: int = 4096) -> None:
-        """Append a PAD record so the next DATA payload starts aligned."""
-        target = _round_up(self.end + 2 * RECORD_HEADER_SIZE, alignment) - RECORD_HEADER_SIZE
+    def pad_to(self, target: int) -> None:
+        """Append a PAD record ending exactly at `target` (8-aligned, at
+        least one header past the end). Its body is a hole in the file, so a
+        long pad costs no disk space."""
         length = target - self.end
-        header = RecordHeader(int(RecordType.PAD), 0, length, self.last_record, 0)
-        self._write(header.encode(b"").ljust(length, b"\0"))
-
-    def pad_past(self, offset: int) -> None:
-        """Append a PAD record that ends at or beyond `offset` (its body is a
-        hole in the file, so it costs no disk space)."""
-        target = _aligned(max(offset, self.end + RECORD_HEADER_SIZE))
-        length = target - self.end
+        if length < RECORD_HEADER_SIZE or length % RECORD_ALIGN:
+            raise ValueError(f"cannot pad from {self.end} to {target}")
         header = RecordHeader(int(RecordType.PAD), 0, length, self.last_record, 0)
         start = self.end
         os.pwrite(self.fd, header.encode(b""), start)
-        os.ftruncate(self.fd, target)
+        if os.fstat(self.fd).st_size < target:
+            os.ftruncate(self.fd, target)
         self.last_record = start
         self.end = target
+
+    def pad_to_payload_alignment(self, alignment: int = 4096) -> None:
+        """Pad so the next DATA payload starts on an `alignment` boundary."""
+        self.pad_to(_round_up(self.end + 2 * RECORD_HEADER_SIZE, alignment) - RECORD_HEADER_SIZE)
+
+    def pad_past(self, offset: int) -> None:
+        """Pad so the log ends at or beyond `offset`."""
+        self.pad_to(_aligned(max(offset, self.end + RECORD_HEADER_SIZE)))
 
     def begin_data(self, payload_len: int) -> int:
         """Write only the header of a DATA record of `payload_len` bytes and
