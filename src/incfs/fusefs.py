@@ -1,9 +1,13 @@
-"""pyfuse3 operations: a thin translation of FUSE calls to the Service.
+"""The incfs file system on our FUSE session layer (incfs.fuse): a thin
+translation of FUSE requests to the Service.
 
 It never fetches: a read of an absent block waits in `Service.read` while a
-loader fills it. Everything that would change the tree fails with EROFS.
-Content never changes once present, so replies carry long cache timeouts and
-files open with keep_cache; names that a loader removes are invalidated.
+loader fills it. Everything that would change the tree fails with EROFS (in
+the session). Content never changes once present, so replies carry long
+cache timeouts, files open with FOPEN_KEEP_CACHE, directories with
+FOPEN_CACHE_DIR (the kernel keeps listings), and names or listings a loader
+changes are invalidated. Complete, verified files open in passthrough mode
+when the kernel and our privileges allow it (see passthrough.py).
 
 A hidden directory `.incfs` in the root (looked up by name, never listed, so
 `find`, `tar` and `diff -r` see only the image) holds `status` (JSON),
@@ -17,18 +21,21 @@ import json
 import logging
 import os
 import stat
-from typing import Callable
-
-import pyfuse3
+from collections import OrderedDict
+from typing import Callable, Iterable
 
 from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
+from .fuse import Attr, Connection, Context, DirEntry, Entry, FuseError, OpenFlag, Opened
+from .fuse import Operations, StatFs
 from .namespace import Inode
-from .service import ReaderGone, ReadTimedOut, Service
+from .service import ReaderGone, ReadTimedOut, Service, TailAbsent
 
 log = logging.getLogger("incfs.fuse")
 
-CACHE_TIMEOUT = 3600.0
+LISTINGS_KEPT = 1024  # directory listings kept for readdir offsets (the kernel caches the rest)
+SPARED_LIMIT = 4096  # remembered readahead windows answered early (per mount)
+CACHE_TIMEOUT = 3600.0  # names and attributes change only through a loader, which invalidates
 SPECIAL_BASE = 1 << 62
 CONTROL_DIR = b".incfs"
 SPECIAL_DIR_INO = SPECIAL_BASE
@@ -36,127 +43,129 @@ SPECIAL_FILES = {b"status": SPECIAL_BASE + 1, b"pending": SPECIAL_BASE + 2,
                  b"control": SPECIAL_BASE + 3}
 XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.verity_digest",
           b"user.incfs.blocks")
+IO_XATTR = b"user.incfs.io"  # "passthrough" or "daemon": who serves this file's reads
 
 
-def _erofs(*_args, **_kwargs):
-    raise pyfuse3.FUSEError(errno.EROFS)
-
-
-class IncfsOperations(pyfuse3.Operations):
-    enable_writeback_cache = False
-
+class IncfsOperations(Operations):
     def __init__(self, service: Service, control_path: str):
-        super().__init__()
         self.service = service
         self.ns = service.image.ns
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
-        self._handles: dict[int, tuple[Inode | bytes, int]] = {}
-        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
+        self._dirs: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()  # dir ino -> listing
         self._next_fh = 1
+        self._spared: OrderedDict[tuple[int, int], None] = OrderedDict()  # (ino, offset) answered TailAbsent
+        self.conn: Connection | None = None
+        self.passthrough = None  # a passthrough.Passthrough once INIT allows it
+
+    def init(self, conn: Connection) -> None:
+        self.conn = conn
 
     # --- attributes ----------------------------------------------------------
 
     def _node(self, ino: int) -> Inode:
         node = self.ns.inodes.get(ino)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         return node
 
-    def _attr(self, node: Inode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.st_mode = node.mode
-        a.st_size = len(node.target) if node.target else node.size
+    def _attr(self, node: Inode) -> Attr:
         if node.is_dir:
-            a.st_nlink = node.nlink + (1 if node.parent else 2)
+            nlink = node.nlink + (1 if node.parent else 2)
         else:
-            a.st_nlink = max(node.nlink, 1)
-        a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_blksize = BLOCK_SIZE
-        a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
-        a.entry_timeout = a.attr_timeout = CACHE_TIMEOUT
-        return a
+            nlink = max(node.nlink, 1)
+        size = len(node.target) if node.target else node.size
+        return Attr(ino=node.ino, mode=node.mode, size=size, nlink=nlink, uid=self.uid,
+                    gid=self.gid, blksize=BLOCK_SIZE, atime_ns=node.mtime_ns,
+                    mtime_ns=node.mtime_ns, ctime_ns=node.mtime_ns)
 
-    def _special_attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = ino
-        a.st_mode = (stat.S_IFDIR | 0o555) if ino == SPECIAL_DIR_INO else (stat.S_IFREG | 0o444)
-        a.st_nlink = 2 if ino == SPECIAL_DIR_INO else 1
-        a.st_uid, a.st_gid = self.uid, self.gid
-        a.st_size = 0
-        a.st_blksize = BLOCK_SIZE
-        a.entry_timeout = a.attr_timeout = 0
-        return a
+    def _entry(self, node: Inode) -> Entry:
+        return Entry(self._attr(node), CACHE_TIMEOUT, CACHE_TIMEOUT)
 
-    async def getattr(self, inode, ctx=None):
-        if inode >= SPECIAL_BASE:
-            return self._special_attr(inode)
-        return self._attr(self._node(inode))
+    def _special_entry(self, ino: int) -> Entry:
+        is_dir = ino == SPECIAL_DIR_INO
+        attr = Attr(ino=ino, mode=(stat.S_IFDIR | 0o555) if is_dir else (stat.S_IFREG | 0o444),
+                    nlink=2 if is_dir else 1, uid=self.uid, gid=self.gid)
+        return Entry(attr, 0.0, 0.0)  # never cached: their content changes all the time
 
-    async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode == ROOT_INO and name == CONTROL_DIR:
-            return self._special_attr(SPECIAL_DIR_INO)
-        if parent_inode == SPECIAL_DIR_INO:
+    def getattr(self, ino: int, ctx: Context) -> tuple[Attr, float]:
+        if ino >= SPECIAL_BASE:
+            return self._special_entry(ino).attr, 0.0
+        return self._attr(self._node(ino)), CACHE_TIMEOUT
+
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
+        if parent == ROOT_INO and name == CONTROL_DIR:
+            return self._special_entry(SPECIAL_DIR_INO)
+        if parent == SPECIAL_DIR_INO:
             if name in SPECIAL_FILES:
-                return self._special_attr(SPECIAL_FILES[name])
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        parent = self._node(parent_inode)
-        if not parent.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+                return self._special_entry(SPECIAL_FILES[name])
+            raise FuseError(errno.ENOENT)
+        node = self._node(parent)
+        if not node.is_dir:
+            raise FuseError(errno.ENOTDIR)
         if name == b".":
-            return self._attr(parent)
+            return self._entry(node)
         if name == b"..":
-            return self._attr(self._node(parent.parent or ROOT_INO))
-        child = parent.children.get(name)
+            return self._entry(self._node(node.parent or ROOT_INO))
+        child = node.children.get(name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(self.ns.inodes[child])
+            raise FuseError(errno.ENOENT)
+        return self._entry(self.ns.inodes[child])
 
-    async def forget(self, inode_list):
-        pass
-
-    async def readlink(self, inode, ctx):
-        node = self._node(inode)
+    def readlink(self, ino: int, ctx: Context) -> bytes:
+        node = self._node(ino)
         if not stat.S_ISLNK(node.mode):
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         return node.target
 
-    async def access(self, inode, mode, ctx):
-        if mode & os.W_OK:
-            raise pyfuse3.FUSEError(errno.EROFS)
+    def access(self, ino: int, mask: int, ctx: Context) -> None:
+        if mask & os.W_OK:
+            raise FuseError(errno.EROFS)
 
     # --- directories -----------------------------------------------------------
 
-    async def opendir(self, inode, ctx):
-        if inode == SPECIAL_DIR_INO:
-            listing = sorted((name, ino) for name, ino in SPECIAL_FILES.items())
-        else:
-            node = self._node(inode)
-            if not node.is_dir:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            listing = list(node.children.items())
-        fh = self._new_fh()
-        self._dirs[fh] = listing
-        return fh
+    def opendir(self, ino: int, flags: int, ctx: Context) -> Opened:
+        """ENOSYS: the kernel then opens directories without asking us
+        (FUSE_NO_OPENDIR_SUPPORT) and keeps their listings cached
+        (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE is its default for such opens),
+        so a second `ls -R` sends nothing at all. readdir works by inode."""
+        raise FuseError(errno.ENOSYS)
 
-    async def readdir(self, fh, start_id, token):
-        listing = self._dirs.get(fh, [])
-        for i in range(start_id, len(listing)):
-            name, ino = listing[i]
-            if ino >= SPECIAL_BASE:
-                attr = self._special_attr(ino)
+    def _listing(self, ino: int) -> list[tuple[bytes, int]]:
+        """A directory's entries in a stable order, the offsets readdir
+        resumes from. Kept until a name in it changes (`names_changed`)."""
+        listing = self._dirs.get(ino)
+        if listing is None:
+            if ino == SPECIAL_DIR_INO:
+                listing = sorted(SPECIAL_FILES.items())
             else:
-                node = self.ns.inodes.get(ino)
+                node = self._node(ino)
+                if not node.is_dir:
+                    raise FuseError(errno.ENOTDIR)
+                listing = list(node.children.items())
+            self._dirs[ino] = listing
+            if len(self._dirs) > LISTINGS_KEPT:
+                self._dirs.popitem(last=False)
+        else:
+            self._dirs.move_to_end(ino)
+        return listing
+
+    def names_changed(self, parent: int) -> None:
+        self._dirs.pop(parent, None)
+
+    def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
+        listing = self._listing(ino)
+        for i in range(offset, len(listing)):
+            name, child = listing[i]
+            if child >= SPECIAL_BASE:
+                entry = self._special_entry(child)
+            else:
+                node = self.ns.inodes.get(child)
                 if node is None:
                     continue
-                attr = self._attr(node)
-            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
-                return
-
-    async def releasedir(self, fh):
-        self._dirs.pop(fh, None)
+                entry = self._entry(node)
+            yield DirEntry(name, entry, i + 1)
 
     # --- files -------------------------------------------------------------------
 
@@ -165,39 +174,59 @@ class IncfsOperations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    async def open(self, inode, flags, ctx):
+    def open(self, ino: int, flags: int, ctx: Context) -> Opened:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise FuseError(errno.EROFS)
         fh = self._new_fh()
-        if inode >= SPECIAL_BASE:
-            self._handles[fh] = (self._special_content(inode), ctx.pid)
-            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
-        node = self._node(inode)
+        if ino >= SPECIAL_BASE:
+            self._files[fh] = (self._special_content(ino), ctx.pid)
+            return Opened(fh, OpenFlag.DIRECT_IO)
+        node = self._node(ino)
         if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        self._handles[fh] = (node, ctx.pid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            raise FuseError(errno.EISDIR)
+        self._files[fh] = (node, ctx.pid)
+        if self.passthrough is not None:
+            backing = self.passthrough.open(node)
+            if backing is not None:
+                return Opened(fh, OpenFlag.PASSTHROUGH, backing)
+        return Opened(fh, OpenFlag.KEEP_CACHE)
 
-    async def read(self, fh, off, size):
-        handle = self._handles.get(fh)
+    async def read(self, ino: int, fh: int, offset: int, size: int, ctx: Context) -> bytes:
+        handle = self._files.get(fh)
         if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise FuseError(errno.EBADF)
         target, pid = handle
         if isinstance(target, bytes):
-            return target[off:off + size]
+            return target[offset:offset + size]
+        retry = (ino, offset) in self._spared
         try:
-            return await self.service.read(target, off, size, pid)
+            return await self.service.read(target, offset, size, pid or ctx.pid,
+                                           spare_tail=not retry)
+        except TailAbsent:
+            # An error on a page-cache read makes the kernel read just the
+            # page it needs (read_folio); a short answer instead would make
+            # it shrink the file (fuse_short_read). If the same offset comes
+            # back (a large folio), it is needed whole: then it waits.
+            self._remember_spared((ino, offset))
+            raise FuseError(errno.EIO) from None
         except ReadTimedOut:
-            raise pyfuse3.FUSEError(errno.ETIME) from None
+            raise FuseError(errno.ETIME) from None
         except ReaderGone:
-            raise pyfuse3.FUSEError(errno.EINTR) from None
+            raise FuseError(errno.EINTR) from None
         except IntegrityError as e:
             self.service.counters["read_errors"] += 1
             log.warning("refusing to serve: %s", e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise FuseError(errno.EIO) from None
 
-    async def release(self, fh):
-        self._handles.pop(fh, None)
+    def _remember_spared(self, key: tuple[int, int]) -> None:
+        self._spared[key] = None
+        if len(self._spared) > SPARED_LIMIT:
+            self._spared.popitem(last=False)
+
+    def release(self, ino: int, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None and self.passthrough is not None and not isinstance(handle[0], bytes):
+            self.passthrough.release(handle[0])
 
     def _special_content(self, ino: int) -> bytes:
         if ino == SPECIAL_FILES[b"status"]:
@@ -208,19 +237,19 @@ class IncfsOperations(pyfuse3.Operations):
             return ("".join(line + "\n" for line in lines)).encode()
         if ino == SPECIAL_FILES[b"control"]:
             return (self.control_path + "\n").encode()
-        raise pyfuse3.FUSEError(errno.EISDIR)
+        raise FuseError(errno.EISDIR)
 
     # --- extended attributes -------------------------------------------------------
 
-    async def listxattr(self, inode, ctx):
-        if inode >= SPECIAL_BASE:
+    def listxattr(self, ino: int, ctx: Context) -> list[bytes]:
+        if ino >= SPECIAL_BASE:
             return []
-        return list(XATTRS) if self._node(inode).is_reg else [XATTRS[0], XATTRS[1]]
+        return list(XATTRS) if self._node(ino).is_reg else [XATTRS[0], XATTRS[1]]
 
-    async def getxattr(self, inode, name, ctx):
-        if inode >= SPECIAL_BASE:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        node = self._node(inode)
+    def getxattr(self, ino: int, name: bytes, ctx: Context) -> bytes:
+        if ino >= SPECIAL_BASE:
+            raise FuseError(errno.ENODATA)
+        node = self._node(ino)
         values: dict[bytes, Callable[[], bytes]] = {
             XATTRS[0]: lambda: node.file_id.hex().encode(),
             XATTRS[1]: lambda: node.metadata,
@@ -230,40 +259,15 @@ class IncfsOperations(pyfuse3.Operations):
                 b"sha256:" + self.service.image.file_digest(node).hex().encode()
                 if node.has_tree else b"")
             values[XATTRS[3]] = lambda: f"{node.data.present}/{node.data.count}".encode()
+            values[IO_XATTR] = lambda: (self.passthrough.mode_of(node) if self.passthrough
+                                        else "daemon").encode()
         if name not in values:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(errno.ENODATA)
         return values[name]()
 
     # --- the file system ---------------------------------------------------------
 
-    async def statfs(self, ctx):
-        s = pyfuse3.StatvfsData()
+    def statfs(self, ino: int, ctx: Context) -> StatFs:
         totals = self.service.image.totals()
-        s.f_bsize = s.f_frsize = BLOCK_SIZE
-        s.f_blocks = totals["blocks_total"]
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = totals["inodes"]
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
-
-    # Read-only to programs: every change fails with EROFS.
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _erofs
-    create = write = setxattr = removexattr = fallocate = _erofs
-
-
-def invalidator(wait: bool = False) -> Callable[[int, bytes], None]:
-    """Tell the kernel a name changed (it may have cached it for an hour).
-
-    With `wait` the kernel has forgotten the name when this returns (it
-    blocks: call it from a worker thread, never the trio thread), so a
-    loader's unlink is visible to programs once it is acknowledged."""
-    def invalidate(parent: int, name: bytes) -> None:
-        try:
-            if wait:
-                pyfuse3.invalidate_entry(parent, name)
-            else:
-                pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        except Exception as e:  # the kernel may not know the entry: fine
-            log.debug("invalidate %s/%r: %s", parent, name, e)
-    return invalidate
+        return StatFs(blocks=totals["blocks_total"], files=totals["inodes"],
+                      bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, namelen=255)

@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
-from .fusefs import IncfsOperations, invalidator
+from . import fuse, passthrough
+from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
 from .service import Service
@@ -52,6 +52,7 @@ class MountConfig:
     max_inflight: int = 8  # source requests in flight at once
     bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
     base_cache: str | None = None  # an older image whose identical blocks are reused
+    passthrough: bool = True  # complete files served by the kernel (root, kernel 6.9+)
 
 
 def is_remote(source: str) -> bool:
@@ -116,33 +117,44 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()
     ops = IncfsOperations(service, str(control.path))
-    options = set(pyfuse3.default_options) | {"fsname=incfs", "subtype=incfs", "ro"}
-    if os.geteuid() == 0:
-        options.add("allow_other")
-    pyfuse3.init(ops, config.mountpoint, options)
-    service.invalidate = invalidator()
-    service.invalidate_now = invalidator(wait=True)
+    options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0)
+    fd = fuse.mount(config.mountpoint, options)
+    session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible())
+    service.fuse = session
     (rundir / "pid").write_text(f"{os.getpid()}\n")
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, listener)
             loader = _start_loader(config, service, nursery)
             nursery.start_soon(_unmount_on_signal, config.mountpoint)
-            # stat() of the mount point is served by this very loop: never
-            # call it on the trio thread
-            readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
-            nursery.start_soon(trio.to_thread.run_sync, _tune_readahead, config.mountpoint,
-                               readahead)
-            if ready:
-                ready()
-            await pyfuse3.main(max_tasks=config.max_tasks)
+            nursery.start_soon(_when_connected, session, ops, service, config, ready, nursery)
+            await session.run()
             if loader is not None:
                 await loader.aclose()
             nursery.cancel_scope.cancel()
     finally:
-        pyfuse3.close(unmount=False)
+        os.close(fd)
         for leftover in (rundir / "pid", control.path):
             leftover.unlink(missing_ok=True)
+
+
+async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: Service,
+                          config: MountConfig, ready, nursery: trio.Nursery) -> None:
+    """After INIT (the kernel sends it at once): set up passthrough, tune
+    readahead, then report ready. stat() of the mount point is served by this
+    very loop, so it runs in a worker thread."""
+    await session.connected.wait()
+    if session.conn.passthrough:
+        ops.passthrough = await nursery.start(passthrough.Passthrough.run, session, service)
+    readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
+    await trio.to_thread.run_sync(_tune_readahead, config.mountpoint, readahead)
+    if ready:
+        ready()
+
+
+def _fsname(config: MountConfig) -> str:
+    """What findmnt and /proc/mounts show as the source."""
+    return config.source if config.source != "empty" else f"incfs:{config.cache or 'empty'}"
 
 
 def _start_loader(config: MountConfig, service: Service, nursery):
@@ -155,8 +167,10 @@ def _start_loader(config: MountConfig, service: Service, nursery):
 async def _unmount_on_signal(mountpoint: str) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await trio.to_thread.run_sync(fuse.unmount, mountpoint, True)
+            except OSError as e:
+                log.warning("unmount on signal: %s", e)
             return
 
 

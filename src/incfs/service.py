@@ -22,9 +22,12 @@ from .image import FillBlock, FillResult, Image, MissingBlock
 from .namespace import Inode
 from .waits import ReaderGone, ReadTimedOut, Waits
 
-Invalidator = Callable[[int, bytes], None]  # (parent inode, name)
 THREAD_READ_MIN = 32 * 1024
 READ_THREADS = 4
+
+
+class TailAbsent(Exception):
+    """The first block of a read is here, later ones are not (see Service.read)."""
 
 
 class Service:
@@ -39,9 +42,8 @@ class Service:
         # need no lock (see BlockMap.set for why).
         self.image_lock = threading.Lock()
         self.read_threads = trio.CapacityLimiter(READ_THREADS)
-        self.invalidate: Invalidator = lambda parent, name: None
-        # blocking: run in a worker thread; done before an unlink is answered
-        self.invalidate_now: Invalidator = lambda parent, name: None
+        self.fuse = None  # the FUSE session (incfs.fuse.Session) once mounted
+        self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
                          "bytes_reused": 0, "reads": 0, "read_errors": 0,
@@ -51,10 +53,17 @@ class Service:
 
     # --- reads (FUSE) ---------------------------------------------------------
 
-    async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0) -> bytes:
+    async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
+                   spare_tail: bool = False) -> bytes:
         """Bytes of a file, waiting for absent blocks. Raises ReadTimedOut,
         ReaderGone or IntegrityError; never returns short or zero-filled data
-        for a block that is not here."""
+        for a block that is not here.
+
+        `spare_tail`: the range may be the kernel's readahead window, most of
+        which no program asked for yet. When its first block is here but
+        later ones are not, raise TailAbsent instead of waiting for them (the
+        FUSE layer answers so that the kernel asks again for just the page
+        it needs)."""
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
@@ -62,6 +71,9 @@ class Service:
         repaired: set[tuple[int, int, int]] = set()
         while True:
             missing = self.image.missing_for_read(node, offset, size)
+            if missing and spare_tail and size > BLOCK_SIZE and \
+                    not self.image.missing_for_read(node, offset, BLOCK_SIZE):
+                raise TailAbsent()
             if missing:
                 keys = [(node.ino, int(tree), index) for tree, index in missing]
                 self.on_missing()
@@ -150,16 +162,29 @@ class Service:
     async def unlink(self, parent: int, name: bytes) -> None:
         await self.change(self.image.unlink, parent, name)
         # the kernel may hold the name for an hour: forget it before answering
-        await trio.to_thread.run_sync(self.invalidate_now, parent, name)
+        await self._names_changed(parent, name)
 
     async def link(self, child: int, parent: int, name: bytes) -> None:
         await self.change(self.image.link, child, parent, name)
-        self.invalidate(parent, name)
+        await self._names_changed(parent, name)
 
     async def create(self, parent: int, name: bytes, mode: int, **kw) -> int:
         ino = await self.change(self.image.create_node, parent, name, mode, **kw)
-        self.invalidate(parent, name)
+        await self._names_changed(parent, name)
         return ino
+
+    async def _names_changed(self, parent: int, name: bytes) -> None:
+        """The kernel caches names (an hour) and listings (FOPEN_CACHE_DIR):
+        make it forget both before the change is acknowledged. Notifications
+        can block on the directory's lock, so a worker thread sends them."""
+        if self.fuse is None:
+            return
+        self.fuse.ops.names_changed(parent)
+
+        def forget() -> None:
+            self.fuse.invalidate_entry_now(parent, name)
+            self.fuse.invalidate_inode_now(parent, 0, 0)
+        await trio.to_thread.run_sync(forget)
 
     # --- status ----------------------------------------------------------------
 
@@ -190,7 +215,24 @@ class Service:
             "read_timeout": self.waits.read_timeout,
             "uptime_s": round(time.time() - self.started, 3),
             "pid": os.getpid(),
+            "fuse": self._fuse_status(),
+        }
+
+    def _fuse_status(self) -> dict:
+        """Which kernel paths this mount uses, and requests by opcode (so a
+        second pass can be shown to reach the daemon almost never)."""
+        session = self.fuse
+        if session is None or session.conn is None:
+            return {}
+        conn = session.conn
+        return {
+            "protocol": f"7.{conn.minor}",
+            "io_mode": "passthrough" if self.passthrough is not None else "daemon",
+            "notes": list(conn.notes),
+            "requests": dict(session.counts),
+            "errors": dict(session.errors),
+            **({"passthrough": self.passthrough.status()} if self.passthrough else {}),
         }
 
 
-__all__ = ["Service", "ReadTimedOut", "ReaderGone", "IntegrityError"]
+__all__ = ["Service", "ReadTimedOut", "ReaderGone", "IntegrityError", "TailAbsent"]

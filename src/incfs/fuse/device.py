@@ -1,0 +1,164 @@
+"""Getting a /dev/fuse connection mounted, and letting it go.
+
+Two ways in, as libfuse has them, but without libfuse's gap (3.14 gives up
+when /dev/fuse is not world-writable instead of falling back):
+
+* root (CAP_SYS_ADMIN): open /dev/fuse and call mount(2) with `fd=N`;
+* anyone else: run `fusermount3` (setuid root) with `_FUSE_COMMFD` naming one
+  end of a socket pair; it opens /dev/fuse, mounts, and sends the fd back
+  with SCM_RIGHTS.
+
+Unmounting is umount2(2) as root and `fusermount3 -u` otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+
+from . import abi
+
+DEVICE = "/dev/fuse"
+FUSERMOUNT = "fusermount3"
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What the kernel is told at mount time (not negotiated later)."""
+    fsname: str = "incfs"
+    subtype: str = "incfs"
+    allow_other: bool = False
+    default_permissions: bool = True
+    max_read: int = 0  # 0: no limit beyond max_pages
+
+    def kernel_data(self, fd: int, rootmode: int) -> str:
+        parts = [f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
+                 f"group_id={os.getgid()}"]
+        if self.allow_other:
+            parts.append("allow_other")
+        if self.default_permissions:
+            parts.append("default_permissions")
+        if self.max_read:
+            parts.append(f"max_read={self.max_read}")
+        return ",".join(parts)
+
+    def fusermount_options(self) -> str:
+        parts = ["ro", "nosuid", "nodev", f"fsname={_escape(self.fsname)}",
+                 f"subtype={self.subtype}"]
+        if self.allow_other:
+            parts.append("allow_other")
+        if self.default_permissions:
+            parts.append("default_permissions")
+        if self.max_read:
+            parts.append(f"max_read={self.max_read}")
+        return ",".join(parts)
+
+
+def _escape(value: str) -> str:
+    """fsname goes into a comma-separated option list: commas and backslashes
+    are escaped the way fusermount3 and mount(8) read them."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+def mount(mountpoint: str, options: MountOptions) -> int:
+    """Mount a new FUSE connection on `mountpoint`; returns its /dev/fuse fd
+    (close-on-exec, non-blocking)."""
+    if os.geteuid() == 0:
+        fd = _mount_direct(mountpoint, options)
+    else:
+        fd = _mount_fusermount(mountpoint, options)
+    os.set_blocking(fd, False)
+    os.set_inheritable(fd, False)
+    return fd
+
+
+def _mount_direct(mountpoint: str, options: MountOptions) -> int:
+    fd = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        rootmode = stat.S_IFMT(os.stat(mountpoint).st_mode)
+        data = options.kernel_data(fd, rootmode)
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV
+        fstype = f"fuse.{options.subtype}" if options.subtype else "fuse"
+        if _libc.mount(options.fsname.encode(), mountpoint.encode(), fstype.encode(),
+                       flags, data.encode()) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount(2) of FUSE failed: {os.strerror(err)}", mountpoint)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _mount_fusermount(mountpoint: str, options: MountOptions) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        proc = subprocess.Popen(
+            [FUSERMOUNT, "-o", options.fusermount_options(), "--", mountpoint],
+            env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        theirs.close()
+        fd = _receive_fd(ours)
+        _, err = proc.communicate()
+    if fd is None:
+        message = err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        raise OSError(errno.EPERM, f"fusermount3 could not mount: {message}", mountpoint)
+    return fd
+
+
+def _receive_fd(sock: socket.socket) -> int | None:
+    try:
+        _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    except OSError:
+        return None
+    return fds[0] if fds else None
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Detach the mount (the daemon sees the connection end once the last
+    user of the mount is gone)."""
+    if os.geteuid() == 0:
+        if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), mountpoint)
+        return
+    cmd = [FUSERMOUNT, "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(errno.EBUSY, done.stderr.strip() or "fusermount3 -u failed", mountpoint)
+
+
+# --- passthrough backing files (FUSE 7.40, CONFIG_FUSE_PASSTHROUGH) ----------------
+
+def backing_open(dev_fd: int, file_fd: int) -> int:
+    """Register an open file as a passthrough backing file; returns its
+    backing id for fuse_open_out. Needs CAP_SYS_ADMIN in the initial user
+    namespace (the kernel's rule: a backing file gives the daemon's access)."""
+    return _ioctl_int(dev_fd, abi.DEV_IOC_BACKING_OPEN, abi.BACKING_MAP.pack(file_fd, 0, 0))
+
+
+def backing_close(dev_fd: int, backing_id: int) -> None:
+    _ioctl_int(dev_fd, abi.DEV_IOC_BACKING_CLOSE, backing_id.to_bytes(4, "little"))
+
+
+def _ioctl_int(fd: int, request: int, arg: bytes) -> int:
+    """ioctl whose result is the return value (fcntl.ioctl with a bytes
+    argument returns the buffer, not the value): go through libc."""
+    buf = ctypes.create_string_buffer(arg, len(arg))
+    result = _libc.ioctl(fd, ctypes.c_ulong(request), buf)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result

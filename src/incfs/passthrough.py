@@ -1,0 +1,267 @@
+"""Passthrough for complete files: the kernel reads them like any local file.
+
+FUSE passthrough (kernel 6.9+, protocol 7.40) has no offset mapping: the
+backing file must hold exactly the file's bytes. So once every block of a
+file is present, a worker thread *expands* it: reads it through
+`Image.read_range` (every block checked against the signed Merkle tree on
+the way), writes it to a plain file in a private directory beside the image
+(root-owned, 0400, in a 0700 directory; created under a temporary name,
+fsynced, then renamed, so a crash never leaves a short file under the real
+name), and where the kernel has fs-verity, enables it and checks that the
+kernel's measurement is the signed digest. Plain files left from an earlier
+mount are re-hashed against the Merkle root before first use: nothing that
+has not been checked this session is ever handed to the kernel.
+
+A file is expanded when it is opened complete (not at mount: a complete
+local image would otherwise be copied whole, wanted or not); that open and
+any still running are cached-mode, later ones passthrough.
+
+Opens then get FOPEN_PASSTHROUGH with a backing id, registered on the first
+such open. The kernel refuses passthrough for an inode that still has
+cached-mode opens (and the reverse), so an inode switches at the first open
+after its last cached open is released; files still loading stay on the
+daemon path. Needs CAP_SYS_ADMIN (the kernel's rule for backing files).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from . import BLOCK_SIZE
+from .errors import IncfsError
+from .integrity import merkle
+from .namespace import Inode
+
+log = logging.getLogger("incfs.passthrough")
+
+CAP_SYS_ADMIN = 21
+COPY_CHUNK = 1 << 20
+EXPAND_QUEUE = 1 << 20  # inode numbers waiting to be expanded (never blocks fills)
+FS_IOC_ENABLE_VERITY = 0x40806685
+FS_IOC_MEASURE_VERITY = 0xC0046686
+
+
+def possible() -> bool:
+    """Whether this process may register backing files (CAP_SYS_ADMIN)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return False
+
+
+@dataclass
+class _FileState:
+    cached_opens: int = 0       # opens answered in cached (daemon) mode, not yet released
+    passthrough_opens: int = 0
+    plain_ready: bool = False   # expanded or re-verified this session
+    backing_id: int | None = None
+
+
+class Passthrough:
+    """Which files are served by the kernel, and the worker that expands them."""
+
+    def __init__(self, session, service, directory: Path):
+        self.session = session
+        self.service = service
+        self.image = service.image
+        self.directory = directory
+        self.files: dict[int, _FileState] = {}
+        self.counters = {"files_expanded": 0, "files_reverified": 0, "bytes_expanded": 0,
+                         "expand_errors": 0, "passthrough_opens": 0, "verity": 0}
+        self.verity = True  # until the file system says it has none
+        self._send, self._receive = trio.open_memory_channel(EXPAND_QUEUE)
+        self._queued: set[int] = set()
+
+    @classmethod
+    async def run(cls, session, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self = cls(session, service, plain_directory(service.image.path))
+        await trio.to_thread.run_sync(self._prepare_directory)
+        service.passthrough = self
+        task_status.started(self)
+        async for ino in self._receive:
+            node = self.image.ns.inodes.get(ino)
+            if node is not None:
+                await self._expand_one(node)
+
+    # --- opens (the FUSE thread) ------------------------------------------------
+
+    def open(self, node: Inode) -> int | None:
+        """The backing id to open `node` in passthrough, or None: cached mode."""
+        state = self.files.setdefault(node.ino, _FileState())
+        if state.plain_ready and state.cached_opens == 0:
+            if state.backing_id is None:
+                state.backing_id = self._register(node)
+            if state.backing_id is not None:
+                state.passthrough_opens += 1
+                self.counters["passthrough_opens"] += 1
+                return state.backing_id
+        state.cached_opens += 1
+        if not state.plain_ready and node.complete:
+            self.file_completed(node)  # expanded now; a later open goes passthrough
+        return None
+
+    def release(self, node: Inode) -> None:
+        state = self.files.get(node.ino)
+        if state is None:
+            return
+        if state.passthrough_opens and state.backing_id is not None and state.cached_opens == 0:
+            state.passthrough_opens -= 1
+        elif state.cached_opens:
+            state.cached_opens -= 1
+        elif state.passthrough_opens:
+            state.passthrough_opens -= 1
+
+    def mode_of(self, node: Inode) -> str:
+        state = self.files.get(node.ino)
+        return "passthrough" if state is not None and state.plain_ready else "daemon"
+
+    def _register(self, node: Inode) -> int | None:
+        try:
+            fd = os.open(self._plain(node), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("plain file of inode %d: %s", node.ino, e)
+            self.files[node.ino].plain_ready = False
+            return None
+        try:
+            return self.session.backing_open(fd)
+        except OSError as e:
+            log.warning("FUSE_DEV_IOC_BACKING_OPEN for inode %d: %s", node.ino, e)
+            return None
+        finally:
+            os.close(fd)
+
+    # --- expanding (a worker thread) ------------------------------------------------
+
+    def file_completed(self, node: Inode) -> None:
+        """Queue a complete file for expansion (on the trio thread)."""
+        if node.ino in self._queued or not node.is_reg:
+            return
+        self._queued.add(node.ino)
+        try:
+            self._send.send_nowait(node.ino)
+        except trio.WouldBlock:
+            self._queued.discard(node.ino)
+
+    async def _expand_one(self, node: Inode) -> None:
+        try:
+            ready = await trio.to_thread.run_sync(self._make_plain, node)
+        except (IncfsError, OSError) as e:
+            self.counters["expand_errors"] += 1
+            log.warning("cannot expand inode %d for passthrough: %s", node.ino, e)
+            return
+        self.files.setdefault(node.ino, _FileState()).plain_ready = ready
+
+    def _prepare_directory(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def _plain(self, node: Inode) -> Path:
+        return self.directory / f"{node.file_id.hex()}-{node.ino}"
+
+    def _make_plain(self, node: Inode) -> bool:
+        path = self._plain(node)
+        if path.exists() and self._plain_matches(node, path):
+            self.counters["files_reverified"] += 1
+            return True
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o400)
+        try:
+            for offset in range(0, node.size, COPY_CHUNK):
+                data = self.image.read_range(node, offset, COPY_CHUNK)  # verified
+                os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        _fsync_dir(self.directory)
+        self._enable_verity(node, path)
+        self.counters["files_expanded"] += 1
+        self.counters["bytes_expanded"] += node.size
+        return True
+
+    def _plain_matches(self, node: Inode, path: Path) -> bool:
+        """A plain file from an earlier mount: its size and Merkle root must
+        be the image's (files without a tree are expanded again)."""
+        st = path.stat()
+        if st.st_size != node.size or not node.has_tree or st.st_uid != os.geteuid():
+            return False
+        if self.verity and self._measure(path) == self.image.file_digest(node):
+            return True
+        hashes = []
+        with open(path, "rb") as f:
+            while block := f.read(BLOCK_SIZE):
+                hashes.append(merkle.hash_block(block))
+        root, _ = merkle.build_tree(hashes, node.size)
+        return root == node.root_hash
+
+    def _enable_verity(self, node: Inode, path: Path) -> None:
+        """fs-verity on the plain file, where the file system has it: then the
+        kernel itself checks every page against the signed root. Untested on
+        this machine (its kernel lacks CONFIG_FS_VERITY)."""
+        if not self.verity or not node.has_tree:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            arg = struct.pack("=IIIIQIIQ11Q", 1, 1, BLOCK_SIZE, 0, 0, 0, 0, 0, *([0] * 11))
+            fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg)
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                self.verity = False
+                log.info("no fs-verity on %s: plain files are checked by hashing", path.parent)
+                return
+            if e.errno != errno.EEXIST:
+                raise
+        finally:
+            os.close(fd)
+        if self._measure(path) != self.image.file_digest(node):
+            path.unlink(missing_ok=True)
+            raise IncfsError(f"fs-verity digest of {path.name} is not the signed one")
+        self.counters["verity"] += 1
+
+    @staticmethod
+    def _measure(path: Path) -> bytes | None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            buf = bytearray(struct.pack("=HH", 0, 64) + bytes(64))
+            fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        algorithm, size = struct.unpack_from("=HH", buf)
+        return bytes(buf[4:4 + size]) if algorithm == 1 else None
+
+    def status(self) -> dict:
+        ready = sum(1 for s in self.files.values() if s.plain_ready)
+        return {"files_passthrough": ready, "fs_verity": self.verity, **self.counters}
+
+
+def plain_directory(image_path: Path) -> Path:
+    """Beside the image when its directory is writable (a cache), else in the
+    user's cache directory, one per image file."""
+    image_path = Path(image_path).resolve()
+    if os.access(image_path.parent, os.W_OK):
+        return image_path.with_name(image_path.name + ".plain")
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs" / "plain"
+    return base / hashlib.sha256(str(image_path).encode()).hexdigest()[:20]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
