@@ -26,6 +26,7 @@ from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .fusefs import IncfsOperations, invalidator
 from .image import Image
 from .integrity import signing
+from .metrics_http import start_metrics
 from .service import Service
 from .waits import process_alive
 
@@ -52,6 +53,7 @@ class MountConfig:
     max_inflight: int = 8  # source requests in flight at once
     bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
     base_cache: str | None = None  # an older image whose identical blocks are reused
+    metrics_listen: str | None = None  # HOST:PORT of HTTP /metrics (None: off)
 
 
 def is_remote(source: str) -> bool:
@@ -126,6 +128,7 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, listener)
+            start_metrics(config, service, nursery)
             loader = _start_loader(config, service, nursery)
             nursery.start_soon(_unmount_on_signal, config.mountpoint)
             # stat() of the mount point is served by this very loop: never
