@@ -65,11 +65,13 @@ class MetricsServer:
             if self.connections >= MAX_CONNECTIONS:
                 with trio.move_on_after(DEADLINE):
                     await stream.send_all(_response(503, "too many connections\n"))
+                    await _linger(stream)
                 return
             self.connections += 1
             try:
                 with trio.move_on_after(DEADLINE):
                     await self._answer(stream)
+                    await _linger(stream)
             finally:
                 self.connections -= 1
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -94,6 +96,19 @@ class MetricsServer:
             self.scrapes += 1
             body = render(self.service.status())
             await stream.send_all(_response(200, body, CONTENT_TYPE, head_only=method == "HEAD"))
+
+
+async def _linger(stream: trio.SocketStream, limit: int = 1 << 16) -> None:
+    """Half-close, then drop what the client still sends (a little, briefly):
+    closing with unread bytes makes the kernel send a reset, and the client
+    would lose the answer (a 400 for a head that was too long)."""
+    await stream.send_eof()
+    with trio.move_on_after(1.0):
+        while limit > 0:
+            chunk = await stream.receive_some(min(limit, 65536))
+            if not chunk:
+                return
+            limit -= len(chunk)
 
 
 async def _read_head(stream: trio.SocketStream) -> tuple[str, str] | None:
