@@ -143,8 +143,16 @@ def register(main: click.Group) -> None:
     @click.argument("mountpoint", type=click.Path(file_okay=False))
     @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
     @click.option("--watch", is_flag=True, help="Show a live progress bar until complete.")
-    def status_cmd(mountpoint, as_json, watch):
+    @click.option("--map", "map_path", is_flag=False, flag_value="", default=None,
+                  metavar="[PATH]",
+                  help="Draw which data blocks of the image (or of file PATH) are present.")
+    @click.option("--png", "png", type=click.Path(dir_okay=False), default=None,
+                  help="Write the --map picture to FILE as PNG (the whole image without --map).")
+    def status_cmd(mountpoint, as_json, watch, map_path, png):
         """Show what a mount holds, has fetched and is waiting for."""
+        if map_path is not None or png:
+            show_map(mountpoint, map_path, png)
+            return
         if watch:
             watch_status(mountpoint)
             return
@@ -193,6 +201,20 @@ def register(main: click.Group) -> None:
 
         count = record(mountpoint, file)
         click.echo(f"incfs: recorded {count} blocks to {file}")
+
+
+def show_map(mountpoint: str, path: str | None, png: str | None) -> None:
+    """`incfs status --map/--png`: the presence picture (see incfs.presence)."""
+    from rich.console import Console
+
+    from . import presence
+
+    picture = presence.query(mountpoint, path)  # OSErrors say what is wrong in one line
+    if png:
+        presence.write_png(picture, png)
+        click.echo(f"incfs: wrote {png}")
+    if path is not None or not png:
+        Console(highlight=False).print(presence.terminal(picture))
 
 
 def watch_status(mountpoint: str, interval: float = 0.2) -> None:
