@@ -20,6 +20,7 @@ from mounting import fork_child, mounts, wait_child, wait_until  # noqa: F401 - 
 
 INCFS = [sys.executable, "-m", "incfs.cli"]
 BLOCKS = 16
+SCRAPES = 1000
 CONTENT = bytes(range(256)) * (BLOCKS * BLOCK_SIZE // 256)
 
 
@@ -179,6 +180,27 @@ def test_http_garbage_and_held_connections(mounts):
     code, _, text = scrape(port)
     assert code == 200
     check_metrics(text, m.status())
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_many_scrapes_leave_nothing_behind(mounts):
+    """Scrape after scrape: every connection is closed, no descriptor stays
+    open in the daemon, and the mount reads as before."""
+    port = _free_port()
+    m = mounts(metrics_listen=f"127.0.0.1:{port}")
+    with_a_miss(m)
+    assert scrape(port)[0] == 200
+    wait_until(lambda: _open_fds(m.pid) is not None, what="the daemon")
+    before = _open_fds(m.pid)
+    for _ in range(SCRAPES):
+        assert scrape(port)[0] == 200
+    # a connection's socket goes once the client has read its answer and closed
+    wait_until(lambda: _open_fds(m.pid) <= before, timeout=60, what="sockets to close")
+    _read_block(os.fspath(m / "f.bin"), 2)
+    assert samples(scrape(port)[2])["incfs_blocks_present", ()] == BLOCKS // 2 + 1
 
 
 def test_listen_address_checked_at_mount(tmp_path):
