@@ -231,3 +231,36 @@ def test_parse_listen(value, expected):
 def test_parse_listen_rejects(value):
     with pytest.raises(ValueError):
         parse_listen(value)
+
+
+def test_serve_metrics_standalone(tmp_path):
+    """serve_metrics on its own (outside a mount): it reports the port it
+    bound and answers from a real Service over a real image."""
+    import trio
+
+    from incfs.image import Image
+    from incfs.metrics_http import serve_metrics
+    from incfs.service import Service
+
+    image = Image.create(tmp_path / "x.img")
+
+    async def main() -> str:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve_metrics, Service(image, None), "127.0.0.1", 0)
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+            nursery.cancel_scope.cancel()
+        return answer.decode()
+
+    try:
+        answer = trio.run(main)
+    finally:
+        image.close()
+    head, body = answer.split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 200")
+    got = samples(body)
+    assert got["incfs_files", ()] == 0 and got["incfs_complete", ()] == 1
+    assert got["incfs_miss_latency_seconds_count", ()] == 0
