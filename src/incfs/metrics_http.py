@@ -54,7 +54,6 @@ class MetricsServer:
     def __init__(self, service):
         self.service = service
         self.connections = 0
-        self.scrapes = 0
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
         # serve_listeners rides out accept errors (EMFILE: it waits and retries)
@@ -93,7 +92,6 @@ class MetricsServer:
         elif path.split("?", 1)[0] != "/metrics":
             await stream.send_all(_response(404, "not found; try /metrics\n"))
         else:
-            self.scrapes += 1
             body = render(self.service.status())
             await stream.send_all(_response(200, body, CONTENT_TYPE, head_only=method == "HEAD"))
 

@@ -240,31 +240,40 @@ class ControlServer:
             nodes = [ns.get(_int(f["ino"]))]
             if nodes[0].data is None:
                 raise OSError(errno.EINVAL, "not a regular file")
+            later = False
         else:
             after = _int(f.get("after_ino", 0))
             limit = max(1, min(_int(f.get("limit", 1024)), MAX_PRESENCE_FILES))
             inos = heapq.nsmallest(limit + 1, (ino for ino, n in list(ns.inodes.items())
                                                if ino > after and n.data is not None))
             nodes = [ns.inodes[ino] for ino in inos[:limit]]
+            later = len(inos) > limit  # files beyond this page
+        # a big map takes a while to walk: not on the trio thread
         files = await trio.to_thread.run_sync(self._presence_of, nodes)
-        more = len(files) < len(nodes) or ("ino" not in f and len(inos) > limit)
-        return {"files": files, "more": more}
+        return {"files": files, "more": later or len(files) < len(nodes)}
 
     def _presence_of(self, nodes) -> list[dict]:
-        """In a worker thread (a big map takes a while), each map under the
-        image lock: a fill must not change a sparse map while it is walked."""
         out, ranges = [], 0
         for node in nodes:
-            with self.service.image_lock:
-                entry = {"ino": node.ino, "size": node.size, "blocks": node.data.count,
-                         "present": node.data.present, "data": node.data.ranges()}
-                if node.hashes is not None:
-                    entry.update(hash_blocks=node.hashes.count, hash=node.hashes.ranges())
+            entry = {"ino": node.ino, "size": node.size, "blocks": node.data.count,
+                     "present": node.data.present, "data": self._ranges(node.data)}
+            if node.hashes is not None:
+                entry.update(hash_blocks=node.hashes.count, hash=self._ranges(node.hashes))
             out.append(entry)
             ranges += len(entry["data"]) + len(entry.get("hash", ()))
             if ranges > MAX_PRESENCE_RANGES:
                 break  # the rest in the next page
         return out
+
+    def _ranges(self, blockmap) -> list[tuple[int, int]]:
+        """Walk without the image lock, so fills never wait for a long walk;
+        a sparse map that a fill changed under the walk (the dict changed
+        size) is walked again under the lock."""
+        try:
+            return blockmap.ranges()
+        except RuntimeError:
+            with self.service.image_lock:
+                return blockmap.ranges()
 
     async def _read_log(self, f, tail):
         after = _int(f.get("after_serial", 0))
