@@ -18,4 +18,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "before the download ended" in out
     assert "complete: True, fetched this time: 0 bytes" in out
     assert "works offline" in out
+    assert "data blocks present" in out  # the presence picture, early and complete
+    assert (tmp_path / ".demo" / "presence-complete.png").read_bytes()[:4] == b"\x89PNG"
     assert not os.path.ismount(tmp_path / ".demo" / "mnt")

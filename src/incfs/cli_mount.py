@@ -65,6 +65,19 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _metrics_listen_option(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .metrics_http import check_listen
+
+    try:
+        return check_listen(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    except OSError as e:
+        raise click.BadParameter(f"cannot listen on {value}: {e.strerror or e}") from None
+
+
 def register(main: click.Group) -> None:
     @main.command("mount")
     @click.argument("source")
@@ -90,10 +103,13 @@ def register(main: click.Group) -> None:
     @click.option("--base-cache", type=click.Path(dir_okay=False, exists=True),
                   help="An older image or cache whose identical blocks are copied, not fetched.")
     @click.option("--s3-endpoint", default=None, help="Custom S3 endpoint URL.")
+    @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
+                  callback=_metrics_listen_option,
+                  help="Serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1).")
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
                   mirrors, amplify, max_inflight, bandwidth, base_cache, s3_endpoint,
-                  foreground):
+                  metrics_listen, foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
@@ -108,6 +124,7 @@ def register(main: click.Group) -> None:
                              mirrors=list(mirrors) or None, amplify=amplify,
                              max_inflight=max_inflight, bandwidth=bandwidth,
                              base_cache=base_cache,
+                             metrics_listen=metrics_listen,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))
@@ -126,13 +143,29 @@ def register(main: click.Group) -> None:
     @click.argument("mountpoint", type=click.Path(file_okay=False))
     @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
     @click.option("--watch", is_flag=True, help="Show a live progress bar until complete.")
-    def status_cmd(mountpoint, as_json, watch):
+    @click.option("--map", "map_path", is_flag=False, flag_value="", default=None,
+                  metavar="[PATH]",
+                  help="Draw which data blocks of the image (or of file PATH) are present.")
+    @click.option("--png", "png", type=click.Path(dir_okay=False), default=None,
+                  help="Write the --map picture to FILE as PNG (the whole image without --map).")
+    def status_cmd(mountpoint, as_json, watch, map_path, png):
         """Show what a mount holds, has fetched and is waiting for."""
+        if map_path is not None or png:
+            show_map(mountpoint, map_path, png)
+            return
         if watch:
             watch_status(mountpoint)
             return
         s = read_status(mountpoint)
         click.echo(json.dumps(s, indent=2, sort_keys=True) if as_json else format_status(s))
+
+    @main.command("metrics")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    def metrics_cmd(mountpoint):
+        """Print MOUNTPOINT's counters as Prometheus text (format 0.0.4)."""
+        from .metrics import render
+
+        click.echo(render(read_status(mountpoint)), nl=False)
 
     @main.command("serve")
     @click.argument("image", type=click.Path(exists=True))
@@ -168,6 +201,20 @@ def register(main: click.Group) -> None:
 
         count = record(mountpoint, file)
         click.echo(f"incfs: recorded {count} blocks to {file}")
+
+
+def show_map(mountpoint: str, path: str | None, png: str | None) -> None:
+    """`incfs status --map/--png`: the presence picture (see incfs.presence)."""
+    from rich.console import Console
+
+    from . import presence
+
+    picture = presence.query(mountpoint, path)  # OSErrors say what is wrong in one line
+    if png:
+        presence.write_png(picture, png)
+        click.echo(f"incfs: wrote {png}")
+    if path is not None or not png:
+        Console(highlight=False).print(presence.terminal(picture))
 
 
 def watch_status(mountpoint: str, interval: float = 0.2) -> None:

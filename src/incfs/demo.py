@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from . import presence
 from .cli_mount import format_status, read_status, watch_status
 from .integrity.signing import ALGORITHM_NAMES, write_keypair
 from .mount import MountConfig, mount_background, umount
@@ -124,8 +125,10 @@ def _run_app_while_streaming(mnt: Path) -> int:
     app = subprocess.run([sys.executable, str(mnt / "run.py")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     console.print(app.stdout.rstrip() or app.stderr)
+    _show_presence(mnt, "which blocks are here so far (incfs status --map)", "early")
     step("the rest streams in the background (incfs status --watch)")
     watch_status(str(mnt))
+    _show_presence(mnt, "and now (incfs status --map --png)", "complete")
     step("final status (incfs status)")
     status = read_status(str(mnt))
     console.print(format_status(status))
@@ -133,6 +136,15 @@ def _run_app_while_streaming(mnt: Path) -> int:
     if not ok:
         console.print("\n[bold red]demo failed while streaming[/]")
     return 0 if ok else 1
+
+
+def _show_presence(mnt: Path, title: str, name: str) -> None:
+    step(title)
+    picture = presence.query(str(mnt))
+    console.print(presence.terminal(picture, rows=6))
+    png = WORK / f"presence-{name}.png"
+    presence.write_png(picture, png)
+    console.print(f"(also drawn in {png})")
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from . import fuse, passthrough
 from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
+from .metrics_http import start_metrics
 from .service import Service
 from .waits import process_alive
 
@@ -53,6 +54,7 @@ class MountConfig:
     bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
     base_cache: str | None = None  # an older image whose identical blocks are reused
     passthrough: bool = True  # complete files served by the kernel (root, kernel 6.9+)
+    metrics_listen: str | None = None  # HOST:PORT of HTTP /metrics (None: off)
 
 
 def is_remote(source: str) -> bool:
@@ -125,6 +127,7 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, listener)
+            start_metrics(config, service, nursery)
             loader = _start_loader(config, service, nursery)
             nursery.start_soon(_unmount_on_signal, config.mountpoint)
             nursery.start_soon(_when_connected, session, ops, service, config, ready, nursery)

@@ -8,6 +8,7 @@ this runs on the trio thread of the daemon, so no locks are needed.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import time
@@ -20,6 +21,11 @@ import trio
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
 READ_LOG_SIZE = 65536
 LATENCY_SAMPLES = 4096
+# Upper bounds (seconds) of the miss-latency histogram's buckets: fixed, so a
+# monitoring system can add histograms of several mounts and over time; from
+# a block filled locally (~1 ms) to a slow source (tens of seconds).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass(eq=False)
@@ -36,6 +42,36 @@ class PendingRead:
     def as_dict(self) -> dict:
         return {"serial": self.serial, "ino": self.ino, "tree": int(self.tree),
                 "block": self.index, "time_ns": self.time_ns}
+
+
+class Histogram:
+    """Counts of observations per fixed bucket, plus their sum: what a
+    Prometheus histogram exports. Unlike `Waits.latencies` (the last 4096,
+    for percentiles) it covers the whole life of the mount in constant space."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= it) per bucket, +Inf last."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts):
+            running += n
+            out.append((bound, running))
+        return out
+
+    def as_dict(self) -> dict:
+        # JSON has no infinity: "+Inf" as Prometheus writes it
+        buckets = [["+Inf" if math.isinf(b) else b, n] for b, n in self.cumulative()]
+        return {"buckets": buckets, "sum": round(self.sum, 6), "count": self.count}
 
 
 class ReadTimedOut(Exception):
@@ -55,6 +91,7 @@ class Waits:
         self.read_log: deque[tuple[int, int, int, int]] = deque(maxlen=READ_LOG_SIZE)
         self.log_serial = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.latency_histogram = Histogram()
         self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
 
     # --- readers ---------------------------------------------------------------
@@ -86,7 +123,9 @@ class Waits:
             for pr in waits:
                 pr.waiters -= 1
                 self._drop_if_abandoned(pr)
-        self.latencies.append(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        self.latencies.append(elapsed)
+        self.latency_histogram.observe(elapsed)
 
     async def _wait_one(self, pr: PendingRead, deadline: float, opener_pid: int) -> None:
         while not pr.done.is_set():
@@ -152,12 +191,17 @@ class Waits:
         found.sort(key=lambda pr: pr.serial)
         return found[:limit]
 
-    def latency_percentiles(self) -> dict[str, float]:
+    def latency_percentiles(self) -> dict:
+        """p50/p99 of the recent misses and the histogram of all of them
+        (status' `miss_latency`: the histogram rides along so that status,
+        its JSON file and the metrics exporter all see it)."""
+        histogram = self.latency_histogram.as_dict()
         if not self.latencies:
-            return {"p50_ms": 0.0, "p99_ms": 0.0}
+            return {"p50_ms": 0.0, "p99_ms": 0.0, "histogram": histogram}
         ordered = sorted(self.latencies)
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
-        return {"p50_ms": round(pick(0.50), 3), "p99_ms": round(pick(0.99), 3)}
+        return {"p50_ms": round(pick(0.50), 3), "p99_ms": round(pick(0.99), 3),
+                "histogram": histogram}
 
 
 def process_alive(pid: int) -> bool:

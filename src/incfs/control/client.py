@@ -177,6 +177,26 @@ class Client:
         """Present data blocks of a file as [start, end) block ranges."""
         return [tuple(r) for r in self._call(Op.FILLED_RANGES, {"ino": ino})["data"]]
 
+    def presence(self, ino: int | None = None, after_ino: int = 0,
+                 limit: int = 1024) -> tuple[list[dict], bool]:
+        """Present blocks of one file (`ino`), or of a page of regular files
+        with inode numbers above `after_ino`: (files, more). Each file is a
+        dict: ino, size, blocks, present, data ([start, end) pairs) and, with
+        a hash tree, hash_blocks and hash."""
+        fields = {"ino": ino} if ino is not None else {"after_ino": after_ino, "limit": limit}
+        answer = self._call(Op.PRESENCE, fields)
+        return answer["files"], answer["more"]
+
+    def presence_all(self) -> list[dict]:
+        """`presence` of every regular file, in inode order (all pages)."""
+        files: list[dict] = []
+        more = True
+        while more:
+            page, more = self.presence(after_ino=files[-1]["ino"] if files else 0)
+            files += page
+            more = more and bool(page)
+        return files
+
     def read_log(self, after_serial: int = 0) -> list[tuple[int, int, int, int]]:
         """Recent block reads: (serial, ino, block, time_ns), oldest first."""
         return [tuple(e) for e in self._call(Op.READ_LOG, {"after_serial": after_serial})["entries"]]

@@ -5,6 +5,7 @@ error answer and closes only that connection, never the mount."""
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import socket
@@ -31,6 +32,10 @@ MAX_CONNECTIONS = 256
 SMALL_FRAME = 1 << 20
 MAX_BUFFERED = 128 << 20
 MAX_PENDING_WAIT = 3600.0
+# PRESENCE pages: at most this many files, and stop adding files after this
+# many ranges, so an answer stays far below MAX_FRAME
+MAX_PRESENCE_FILES = 65536
+MAX_PRESENCE_RANGES = 1 << 20
 
 
 class ControlServer:
@@ -47,6 +52,7 @@ class ControlServer:
             Op.FILL_BLOCKS: self._fill, Op.PENDING_READS: self._pending,
             Op.FILLED_RANGES: self._filled_ranges, Op.READ_LOG: self._read_log,
             Op.STATUS: self._status, Op.LOOKUP: self._lookup,
+            Op.PRESENCE: self._presence,
         }
 
     def listen(self) -> trio.SocketListener:
@@ -225,6 +231,49 @@ class ControlServer:
             out["hash"] = node.hashes.ranges()
             out["hash_blocks"] = node.hashes.count
         return out
+
+    async def _presence(self, f, tail):
+        """Present blocks of one file (`ino`) or a page of every regular file
+        in inode order (`after_ino`, `limit`): the presence picture's source."""
+        ns = self.service.image.ns
+        if "ino" in f:
+            nodes = [ns.get(_int(f["ino"]))]
+            if nodes[0].data is None:
+                raise OSError(errno.EINVAL, "not a regular file")
+            later = False
+        else:
+            after = _int(f.get("after_ino", 0))
+            limit = max(1, min(_int(f.get("limit", 1024)), MAX_PRESENCE_FILES))
+            inos = heapq.nsmallest(limit + 1, (ino for ino, n in list(ns.inodes.items())
+                                               if ino > after and n.data is not None))
+            nodes = [ns.inodes[ino] for ino in inos[:limit]]
+            later = len(inos) > limit  # files beyond this page
+        # a big map takes a while to walk: not on the trio thread
+        files = await trio.to_thread.run_sync(self._presence_of, nodes)
+        return {"files": files, "more": later or len(files) < len(nodes)}
+
+    def _presence_of(self, nodes) -> list[dict]:
+        out, ranges = [], 0
+        for node in nodes:
+            entry = {"ino": node.ino, "size": node.size, "blocks": node.data.count,
+                     "present": node.data.present, "data": self._ranges(node.data)}
+            if node.hashes is not None:
+                entry.update(hash_blocks=node.hashes.count, hash=self._ranges(node.hashes))
+            out.append(entry)
+            ranges += len(entry["data"]) + len(entry.get("hash", ()))
+            if ranges > MAX_PRESENCE_RANGES:
+                break  # the rest in the next page
+        return out
+
+    def _ranges(self, blockmap) -> list[tuple[int, int]]:
+        """Walk without the image lock, so fills never wait for a long walk;
+        a sparse map that a fill changed under the walk (the dict changed
+        size) is walked again under the lock."""
+        try:
+            return blockmap.ranges()
+        except RuntimeError:
+            with self.service.image_lock:
+                return blockmap.ranges()
 
     async def _read_log(self, f, tail):
         after = _int(f.get("after_serial", 0))

@@ -33,6 +33,7 @@ class Op(enum.IntEnum):
     STATUS = 10
     LOOKUP = 11
     SYMLINK = 12
+    PRESENCE = 13
     RESPONSE = 0x8000
 
 
