@@ -106,10 +106,12 @@ def register(main: click.Group) -> None:
     @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
                   callback=_metrics_listen_option,
                   help="Serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1).")
+    @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
+                  help="Let the kernel read complete files directly (root, FUSE passthrough).")
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
                   mirrors, amplify, max_inflight, bandwidth, base_cache, s3_endpoint,
-                  metrics_listen, foreground):
+                  metrics_listen, passthrough, foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
@@ -124,7 +126,7 @@ def register(main: click.Group) -> None:
                              mirrors=list(mirrors) or None, amplify=amplify,
                              max_inflight=max_inflight, bandwidth=bandwidth,
                              base_cache=base_cache,
-                             metrics_listen=metrics_listen,
+                             metrics_listen=metrics_listen, passthrough=passthrough,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))
