@@ -53,6 +53,15 @@ def mount(source: str, target: str, fstype: str, flags: int = 0,
            f"mount -t {fstype} {source} {target}")
 
 
+MNT_FORCE = 1
+MNT_DETACH = 2
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    """umount2(2) without mount(8) (no umount.<type> helper runs)."""
+    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
+
+
 def open_tree_clone(path: str) -> int:
     """A file descriptor holding a detached copy of the mount at `path` (the
     same superblock: for FUSE, the same connection), to attach again later

@@ -14,7 +14,6 @@ planned next step; see docs/performance.md.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import subprocess
@@ -85,9 +84,7 @@ def swap_in_erofs(mountpoint: str, image: str | os.PathLike) -> None:
         raise OSError(e.errno, f"cannot keep a copy of {mountpoint} to roll back to "
                                f"({e.strerror}); nothing was changed") from None
     try:
-        detach = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
-        if detach.returncode != 0:
-            raise OSError(errno.EBUSY, detach.stderr.strip() or "umount -l failed")
+        kmount.umount2(mountpoint, kmount.MNT_DETACH)
         try:
             mount_erofs_file(image, mountpoint)
         except OSError as e:
