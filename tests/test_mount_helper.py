@@ -5,6 +5,7 @@ mount.incfs and umount.fuse.incfs helpers installed in /usr/sbin."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,18 @@ def test_helper_scripts_run_the_given_python():
     text = helper_script("mount", "/opt/incfs venv/bin/python")
     assert text.startswith("#!/bin/sh\n")
     assert "exec '/opt/incfs venv/bin/python' -m incfs.mount_helper mount \"$@\"" in text
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is missing")
+def test_systemd_units_verify(tmp_path):
+    """The unit template (as `make install-systemd` fills it in) and the
+    example .mount unit pass systemd-analyze verify."""
+    repo = Path(__file__).resolve().parent.parent / "systemd"
+    text = (repo / "incfs@.service").read_text().replace("@INCFS@", sys.executable)
+    assert "KillMode=process" in text and "SendSIGKILL=no" in text
+    (tmp_path / "incfs@srv-app.service").write_text(text)
+    (tmp_path / "srv-app.mount").write_text((repo / "srv-app.mount.example").read_text())
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                           tmp_path / "incfs@srv-app.service", tmp_path / "srv-app.mount"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
