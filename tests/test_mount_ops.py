@@ -114,11 +114,16 @@ def test_umount_fails_loudly_when_the_daemon_does_not_exit(image_mount):
 def test_mount_and_umount_leave_no_runtime_directory(image, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for _ in range(2):
-        mount_background(MountConfig(source=str(image), mountpoint=str(mnt), allow_unsigned=True))
-        assert (runtime_dir(str(mnt)) / "control.sock").exists()
-        umount(str(mnt))
-        assert not runtime_dir(str(mnt)).exists()
+    try:
+        for _ in range(2):
+            mount_background(MountConfig(source=str(image), mountpoint=str(mnt),
+                                         allow_unsigned=True))
+            assert (runtime_dir(str(mnt)) / "control.sock").exists()
+            umount(str(mnt))
+            assert not runtime_dir(str(mnt)).exists()
+    finally:
+        if kmount.mount_at(mnt) is not None:
+            force_unmount(mnt, grace=2.0)
     with pytest.raises(IncfsError):  # a failed mount leaves nothing either
         mount_background(MountConfig(source=str(image), mountpoint=str(mnt)))
     assert not runtime_dir(str(mnt)).exists()

@@ -343,9 +343,17 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
         pid = None
     # after a hand-off the mount is a kernel EROFS one: plain umount
     command = ["fusermount3", "-u", mountpoint] if entry.is_fuse else ["umount", mountpoint]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(errno.EBUSY, done.stderr.strip() or f"{command[0]} -u failed")
+    # a reference held only for an instant (a stat() in flight, such as the
+    # daemon's own readahead tuning right after READY) makes the unmount fail
+    # with EBUSY: try again for a moment before calling the mount busy
+    busy_until = time.monotonic() + 1.0
+    while True:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        if "busy" not in done.stderr.lower() or time.monotonic() > busy_until:
+            raise OSError(errno.EBUSY, done.stderr.strip() or f"{command[0]} -u failed")
+        time.sleep(0.1)
     if not pid:
         return
     started = time.monotonic()
