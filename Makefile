@@ -12,9 +12,14 @@ APT_PKGS  := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
 # peers only the benchmarks compare against
 BENCH_APT := squashfs-tools rclone httpfs2
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test bench bench-quick clean install-helpers uninstall-helpers \
+        install-systemd uninstall-systemd
 
-setup: $(STAMPS)/venv
+# where mount(8) looks for mount.incfs (/sbin is /usr/sbin on Debian 12)
+SBINDIR   ?= /usr/sbin
+SYSTEMDDIR ?= /etc/systemd/system
+
+setup: $(STAMPS)/venv $(STAMPS)/helpers
 
 $(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
@@ -31,6 +36,35 @@ $(STAMPS)/venv: $(STAMPS)/apt pyproject.toml
 	@$(BIN)/pip install -q --upgrade pip
 	@$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
+
+# mount.incfs and umount.fuse.incfs: `mount -t incfs`, fstab lines, umount
+# (root only; a normal user gets a note and `incfs mount` still works)
+$(STAMPS)/helpers: $(STAMPS)/venv src/incfs/mount_helper.py
+	@if [ "$$(id -u)" = 0 ]; then \
+	    $(BIN)/python -m incfs.mount_helper install --sbin $(SBINDIR) --python $(abspath $(BIN))/python; \
+	else \
+	    echo "note: not root, so mount.incfs is not installed in $(SBINDIR) (see docs/operations.md)"; \
+	fi
+	@touch $@
+
+install-helpers:
+	@rm -f $(STAMPS)/helpers
+	@$(MAKE) --no-print-directory $(STAMPS)/helpers
+
+uninstall-helpers:
+	rm -f $(SBINDIR)/mount.incfs $(SBINDIR)/umount.fuse.incfs $(STAMPS)/helpers
+
+# incfs@.service (one mount per instance, configured in /etc/incfs/<name>.conf)
+install-systemd: setup
+	@sed 's|@INCFS@|$(abspath $(BIN))/incfs|g' systemd/incfs@.service > $(SYSTEMDDIR)/incfs@.service
+	@mkdir -p /etc/incfs
+	@test -e /etc/incfs/example.conf || cp systemd/example.conf /etc/incfs/example.conf
+	@systemctl daemon-reload 2>/dev/null || echo "note: systemd is not running here; unit installed anyway"
+	@echo "installed $(SYSTEMDDIR)/incfs@.service (see docs/operations.md)"
+
+uninstall-systemd:
+	rm -f $(SYSTEMDDIR)/incfs@.service
+	-systemctl daemon-reload 2>/dev/null
 
 demo: setup
 	@$(BIN)/python -m incfs.demo

@@ -7,11 +7,13 @@ returns once the child reports that the mount is ready (or why it is not).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import trio
 
+from . import kmount
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from . import fuse, passthrough
 from .fusefs import IncfsOperations
@@ -192,6 +195,13 @@ def _tune_readahead(mountpoint: str, kb: int) -> None:
 
 # --- running in the foreground or as a background child ----------------------
 
+def exit_code(e: BaseException) -> int:
+    """The `incfs` exit code of a failed mount, the same in the foreground and
+    in the background: 1 for an integrity failure (bad signature, damaged
+    image), 2 for everything else (usage, I/O)."""
+    return 1 if isinstance(e, (IntegrityError, CorruptImage)) else 2
+
+
 def run_foreground(config: MountConfig, ready_fd: int | None = None) -> int:
     def ready() -> None:
         if ready_fd is not None:
@@ -203,15 +213,30 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None) -> int:
         image = open_backing(config)
     except (IncfsError, OSError) as e:
         _report_failure(ready_fd, e)
-        return 2 if isinstance(e, UsageError) else 1
+        return exit_code(e)
     try:
         trio.run(serve, config, image, ready)
     except (IncfsError, OSError, RuntimeError) as e:
         _report_failure(ready_fd, e)
-        return 1
+        return exit_code(e)
     finally:
         image.close()
+        remove_runtime_dir(config.mountpoint)
     return 0
+
+
+def remove_runtime_dir(mountpoint: str, *, leftovers: bool = False) -> None:
+    """Remove the mount's runtime directory once its daemon is done with it.
+    Only an empty one is removed (a new daemon for the same mount point may
+    already be using it), unless `leftovers`: the daemon was killed and could
+    not remove its pid file and socket itself."""
+    rundir = runtime_dir(mountpoint)
+    if leftovers:
+        for name in ("pid", "control.sock"):
+            with contextlib.suppress(OSError):
+                (rundir / name).unlink()
+    with contextlib.suppress(OSError):
+        rundir.rmdir()
 
 
 def _report_failure(ready_fd: int | None, e: BaseException) -> None:
@@ -219,13 +244,14 @@ def _report_failure(ready_fd: int | None, e: BaseException) -> None:
     if ready_fd is not None:
         # the kind travels with the message so the parent exits as the
         # child would have (1 for integrity, 2 for usage)
-        kind = "integrity" if isinstance(e, (IntegrityError, CorruptImage)) else "usage"
+        kind = "integrity" if exit_code(e) == 1 else "usage"
         try:
             os.write(ready_fd, f"ERROR {kind} {message}\n".encode())
         except OSError:
             pass
     else:
-        print(f"incfs: {message}", file=sys.stderr)
+        # the same line the `incfs` command prints for a background mount
+        print(f"incfs: error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def _describe(e: BaseException) -> str:
@@ -242,26 +268,76 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise UsageError(f"{mountpoint} is already a mount point")
 
 
-def mount_background(config: MountConfig) -> None:
-    """Start the daemon and return once the mount is ready."""
+def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT) -> None:
+    """Start the daemon and return once the mount is ready.
+
+    A daemon that has not said READY (or why not) within `ready_timeout`
+    seconds is killed, its half-made mount (if any) detached, and the mount
+    fails with an error naming the log."""
     _check_mountpoint(config.mountpoint)
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "incfs.mount", json.dumps(asdict(config)), str(write_end)]
     log_path = runtime_dir(config.mountpoint).parent / "daemon.log"
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=log_file, start_new_session=True)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+    try:
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                    stdout=log_file, stderr=log_file, start_new_session=True)
+    finally:
+        os.close(write_end)
+    deadline = time.monotonic() + ready_timeout
+    try:
+        line = _read_line(read_end, deadline)
+    finally:
+        os.close(read_end)
     if line == "READY":
         return
-    proc.wait(timeout=READY_TIMEOUT)
+    if line is None:
+        _kill_daemon(proc, config.mountpoint)
+        raise IncfsError(f"the mount daemon (pid {proc.pid}) did not get ready within "
+                         f"{ready_timeout:g} s; "
+                         f"it was killed (log: {log_path})")
+    try:  # it said why it failed (or closed the pipe): it is on its way out
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        _kill_daemon(proc, config.mountpoint)
+    remove_runtime_dir(config.mountpoint)
     if line.startswith("ERROR "):
         kind, _, message = line[6:].partition(" ")
         raise (IntegrityError if kind == "integrity" else IncfsError)(message)
     raise IncfsError(f"mount daemon exited with status {proc.returncode} (log: {log_path})")
+
+
+def _read_line(fd: int, deadline: float) -> str | None:
+    """One line from the ready pipe: "" at end of file, None at the deadline."""
+    data = b""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if not poller.poll(min(left, 1.0) * 1000):
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
+def _kill_daemon(proc: subprocess.Popen, mountpoint: str) -> None:
+    """SIGKILL a daemon that never got ready (its whole process group: it runs
+    in its own session), reap it, and detach a mount it may have made."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    entry = kmount.mount_at(mountpoint)
+    if entry is not None and entry.is_fuse:
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    remove_runtime_dir(mountpoint, leftovers=True)
 
 
 def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
@@ -269,34 +345,72 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
 
     If the kernel keeps the FUSE connection open after the unmount (a copy of
     the mount lives on in another mount namespace), the daemon would never
-    hear about it; after `grace` seconds the connection is aborted, which
-    ends the daemon cleanly (every acknowledged fill is already on disk)."""
-    pid_file = runtime_dir(mountpoint) / "pid"
-    pid = int(pid_file.read_text()) if pid_file.exists() else None
-    if not os.path.ismount(mountpoint):
+    hear about it; after `grace` seconds the connection is aborted through
+    fusectl (mounted at /sys/fs/fuse/connections first if it is missing),
+    which ends the daemon cleanly (every acknowledged fill is already on
+    disk). A daemon still alive after `timeout` seconds is killed and the
+    unmount fails with an error that says so."""
+    entry = kmount.mount_at(mountpoint)
+    if entry is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    connection = os.minor(os.stat(mountpoint).st_dev) if pid else None
+    pid_file = runtime_dir(mountpoint) / "pid"
+    try:
+        pid = int(pid_file.read_text()) if entry.is_fuse else None
+    except (OSError, ValueError):
+        pid = None
     # after a hand-off the mount is a kernel EROFS one: plain umount
-    command = ["fusermount3", "-u", mountpoint] if pid else ["umount", mountpoint]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(errno.EBUSY, done.stderr.strip() or "fusermount3 -u failed")
+    command = ["fusermount3", "-u", mountpoint] if entry.is_fuse else ["umount", mountpoint]
+    # a reference held only for an instant (a stat() in flight, such as the
+    # daemon's own readahead tuning right after READY) makes the unmount fail
+    # with EBUSY: try again for a moment before calling the mount busy
+    busy_until = time.monotonic() + 1.0
+    while True:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        if "busy" not in done.stderr.lower() or time.monotonic() > busy_until:
+            raise OSError(errno.EBUSY, done.stderr.strip() or f"{command[0]} -u failed")
+        time.sleep(0.1)
     if not pid:
         return
     started = time.monotonic()
     aborted = False
     while time.monotonic() - started < timeout and process_alive(pid):
         if not aborted and time.monotonic() - started > grace:
-            aborted = _abort_connection(connection)
+            aborted = _abort_connection(entry.minor)
         time.sleep(0.05)
+    if not process_alive(pid):
+        return
+    killed = _kill_stuck_daemon(pid)
+    if killed:
+        remove_runtime_dir(mountpoint, leftovers=True)
+    raise IncfsError(
+        f"{mountpoint} was unmounted, but its daemon (pid {pid}) had not exited "
+        f"{timeout:g} s later" + ("" if aborted else " (its FUSE connection could not be aborted)")
+        + ("; it was killed (every acknowledged block was already on disk)" if killed
+           else "; it could not be killed"))
+
+
+def _kill_stuck_daemon(pid: int, wait: float = 10.0) -> bool:
+    """SIGKILL an incfs daemon (never a process that merely reuses its pid);
+    True once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"incfs" not in f.read():
+                return False
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        return not process_alive(pid)
+    deadline = time.monotonic() + wait
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not process_alive(pid)
 
 
 def _abort_connection(connection: int | None) -> bool:
-    try:
-        Path(f"/sys/fs/fuse/connections/{connection}/abort").write_text("1")
-        return True
-    except OSError:
+    if connection is None:
         return False
+    return kmount.abort_fuse_connection(connection)
 
 
 def main(argv: list[str]) -> int:

@@ -14,20 +14,13 @@ planned next step; see docs/performance.md.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from . import kmount
 from .errors import IncfsError, UsageError
-
-MS_RDONLY = 1
-MS_NODEV = 4
-MS_NOSUID = 2
-
 
 def kernel_has_erofs() -> bool:
     try:
@@ -57,12 +50,8 @@ def mount_erofs_file(image: str | os.PathLike, mountpoint: str | os.PathLike) ->
     """mount(2) an EROFS image file directly (file-backed, no loop device)."""
     if not kernel_has_erofs():
         raise UsageError("this kernel has no EROFS (CONFIG_EROFS_FS)")
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    rc = libc.mount(os.fsencode(os.path.abspath(image)), os.fsencode(os.path.abspath(mountpoint)),
-                    b"erofs", MS_RDONLY | MS_NODEV | MS_NOSUID, None)
-    if rc != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"mount -t erofs {image} failed: {os.strerror(code)}")
+    kmount.mount(os.path.abspath(image), os.path.abspath(mountpoint), "erofs",
+                 kmount.MS_RDONLY | kmount.MS_NODEV | kmount.MS_NOSUID)
 
 
 def handoff(mountpoint: str, erofs_image: str | os.PathLike | None = None) -> Path:
@@ -75,8 +64,35 @@ def handoff(mountpoint: str, erofs_image: str | os.PathLike | None = None) -> Pa
                          f"({status['blocks_present']}/{status['blocks_total']} blocks)")
     image = Path(erofs_image) if erofs_image else Path(status["image"]).with_suffix(".erofs")
     build_erofs(mountpoint, image)
-    detach = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
-    if detach.returncode != 0:
-        raise OSError(errno.EBUSY, detach.stderr.strip() or "umount -l failed")
-    mount_erofs_file(image, mountpoint)
+    swap_in_erofs(mountpoint, image)
     return image
+
+
+def swap_in_erofs(mountpoint: str, image: str | os.PathLike) -> None:
+    """Detach the FUSE mount at `mountpoint` lazily (programs holding files
+    open keep being served by the daemon until they close them) and mount the
+    EROFS `image` there.
+
+    If mount(2) fails, the FUSE mount is put back where it was, served by the
+    same daemon: a detached copy of it (open_tree(2), same connection) is
+    taken before the lazy unmount and attached again with move_mount(2)."""
+    if not kernel_has_erofs():
+        raise UsageError("this kernel has no EROFS (CONFIG_EROFS_FS)")
+    try:
+        spare = kmount.open_tree_clone(mountpoint)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot keep a copy of {mountpoint} to roll back to "
+                               f"({e.strerror}); nothing was changed") from None
+    try:
+        kmount.umount2(mountpoint, kmount.MNT_DETACH)
+        try:
+            mount_erofs_file(image, mountpoint)
+        except OSError as e:
+            try:
+                kmount.move_mount_to(spare, mountpoint)
+            except OSError as back:
+                raise OSError(e.errno, f"{e.strerror}; putting the FUSE mount back failed "
+                                       f"too ({back.strerror}): {mountpoint} is empty") from None
+            raise OSError(e.errno, f"{e.strerror}; {mountpoint} is still the FUSE mount") from None
+    finally:
+        os.close(spare)

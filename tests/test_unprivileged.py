@@ -1,0 +1,130 @@
+"""A normal user (issue 12, item 3): a real account made with useradd, a venv
+it can run (tests/unprivileged.py says why the project's own venv is out of
+its reach), and real mounts through fusermount3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from incfs import kmount
+from mounting import force_unmount
+from unprivileged import dev_fuse_mode, normal_user  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def workdir(normal_user):
+    path = Path(tempfile.mkdtemp(prefix="incfs-user-", dir=normal_user.home))
+    os.chown(path, normal_user.uid, normal_user.gid)
+    try:
+        yield path
+    finally:
+        for mnt in path.glob("mnt*"):
+            if kmount.mount_at(mnt) is not None:
+                force_unmount(mnt, grace=2.0)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _tree(user, root: Path) -> Path:
+    user.run("mkdir", "-p", root / "sub")
+    user.run("sh", "-c", f"echo 'hello from a normal user' > {root}/sub/hello.txt")
+    user.run("dd", "if=/dev/urandom", f"of={root}/data.bin", "bs=64k", "count=20")
+    return root
+
+
+def test_normal_user_runs_help_and_pack(normal_user, workdir):
+    help_text = normal_user.run("incfs", "--help").stdout
+    assert "pack" in help_text and "mount" in help_text
+    assert normal_user.run("id", "-u").stdout.strip() == str(normal_user.uid) != "0"
+    src = _tree(normal_user, workdir / "src")
+    normal_user.run("incfs", "keygen", workdir / "k")
+    packed = normal_user.run("incfs", "pack", src, workdir / "a.img", "--sign-key", workdir / "k")
+    assert "Packed 2 files" in packed.stdout, packed.stdout
+    assert os.stat(workdir / "a.img").st_uid == normal_user.uid
+    normal_user.run("incfs", "verify", workdir / "a.img", "--key", workdir / "k.pub")
+
+
+@pytest.mark.parametrize("mode", [
+    pytest.param(0o600, id="dev-fuse-0600", marks=pytest.mark.xfail(strict=True, reason=(
+        "/dev/fuse at 0600: libfuse 3.14 (pyfuse3) fails with 'fuse: failed to open "
+        "/dev/fuse: Permission denied' and does not fall back to fusermount3; fusermount3 "
+        "3.14 opens /dev/fuse with the user's fsuid too, so calling it directly fails the "
+        "same way"))),
+    pytest.param(0o666, id="dev-fuse-0666"),
+])
+def test_normal_user_mounts_reads_status_umounts(normal_user, workdir, mode):
+    src = _tree(normal_user, workdir / "src")
+    normal_user.run("incfs", "pack", src, workdir / "a.img")
+    mnt = workdir / "mnt"
+    normal_user.run("mkdir", mnt)
+    with dev_fuse_mode(mode):
+        mounted = normal_user.run("incfs", "mount", workdir / "a.img", mnt, "--allow-unsigned",
+                                  check=False)
+        assert mounted.returncode == 0, mounted.stderr
+        assert normal_user.run("cat", mnt / "sub" / "hello.txt").stdout == \
+            "hello from a normal user\n"
+        assert normal_user.run("cmp", mnt / "data.bin", src / "data.bin").returncode == 0
+        status = json.loads(normal_user.run("incfs", "status", mnt, "--json").stdout)
+        assert status["files"] == 2 and status["complete"]
+        assert int(status["pid"]) > 0
+        assert os.stat(f"/proc/{status['pid']}").st_uid == normal_user.uid
+        normal_user.run("incfs", "umount", mnt)
+        assert kmount.mount_at(mnt) is None
+        # the runtime directory (under /tmp without XDG_RUNTIME_DIR) is gone too
+        key = hashlib.sha256(os.path.realpath(mnt).encode()).hexdigest()[:16]
+        assert not (Path(f"/tmp/incfs-{normal_user.uid}") / key).exists()
+
+
+def test_normal_user_cache_defaults_to_xdg_cache(normal_user, workdir):
+    """An empty mount without --cache keeps its backing image under
+    ~/.cache/incfs of the user (with /dev/fuse at 0666, the only mode a
+    normal user can mount with here)."""
+    mnt = workdir / "mnt"
+    normal_user.run("mkdir", mnt)
+    cache_dir = normal_user.home / ".cache" / "incfs"
+    before = set(cache_dir.glob("*.img")) if cache_dir.exists() else set()
+    with dev_fuse_mode(0o666):
+        normal_user.run("incfs", "mount", "empty", mnt)
+        try:
+            made = set(cache_dir.glob("*.img")) - before
+            assert len(made) == 1 and next(iter(made)).stat().st_uid == normal_user.uid
+        finally:
+            normal_user.run("incfs", "umount", mnt)
+    for path in made:
+        path.unlink()
+
+
+FUSERMOUNT_PROBE = """
+import os, socket, subprocess, sys
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+done = subprocess.run(["fusermount3", "-o", "ro,fsname=probe", "--", sys.argv[1]],
+                      env={"_FUSE_COMMFD": str(theirs.fileno()), "PATH": "/usr/bin:/bin"},
+                      pass_fds=[theirs.fileno()], capture_output=True, text=True)
+print(done.returncode, done.stderr.strip())
+"""
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o666], ids=["dev-fuse-0600", "dev-fuse-0666"])
+def test_fusermount3_opens_dev_fuse_as_the_user(normal_user, workdir, mode):
+    """The fact a FUSE layer for normal users has to live with: fusermount3
+    (setuid root, 3.14) opens /dev/fuse with the calling user's fsuid, so at
+    0600 it fails however it is called (the _FUSE_COMMFD protocol here)."""
+    mnt = workdir / "mnt-probe"
+    normal_user.run("mkdir", mnt)
+    with dev_fuse_mode(mode):
+        out = normal_user.run("python", "-c", FUSERMOUNT_PROBE, mnt).stdout.strip()
+        try:
+            if mode == 0o600:
+                assert out == "1 fusermount3: failed to open /dev/fuse: Permission denied"
+            else:
+                assert out.startswith("0"), out
+                assert kmount.mount_at(mnt).source == "probe"
+        finally:
+            if kmount.mount_at(mnt) is not None:
+                normal_user.run("fusermount3", "-u", mnt)
