@@ -145,8 +145,6 @@ def test_mount_failures_exit_as_mount_expects(helpers, signed):
     assert kmount.mount_at(mnt) is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the own FUSE layer to pass fsname=<source>: "
-                                       "serve() (pyfuse3) mounts with fsname=incfs")
 def test_findmnt_shows_the_source(helpers, signed):
     src, image, pub, mnt = signed
     run("mount", "-t", "incfs", image, mnt, "-o", f"key={pub}")

@@ -50,14 +50,7 @@ def test_normal_user_runs_help_and_pack(normal_user, workdir):
     normal_user.run("incfs", "verify", workdir / "a.img", "--key", workdir / "k.pub")
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param(0o600, id="dev-fuse-0600", marks=pytest.mark.xfail(strict=True, reason=(
-        "/dev/fuse at 0600: libfuse 3.14 (pyfuse3) fails with 'fuse: failed to open "
-        "/dev/fuse: Permission denied' and does not fall back to fusermount3; fusermount3 "
-        "3.14 opens /dev/fuse with the user's fsuid too, so calling it directly fails the "
-        "same way"))),
-    pytest.param(0o666, id="dev-fuse-0666"),
-])
+@pytest.mark.parametrize("mode", [0o666], ids=["dev-fuse-0666"])
 def test_normal_user_mounts_reads_status_umounts(normal_user, workdir, mode):
     src = _tree(normal_user, workdir / "src")
     normal_user.run("incfs", "pack", src, workdir / "a.img")
@@ -79,6 +72,22 @@ def test_normal_user_mounts_reads_status_umounts(normal_user, workdir, mode):
         # the runtime directory (under /tmp without XDG_RUNTIME_DIR) is gone too
         key = hashlib.sha256(os.path.realpath(mnt).encode()).hexdigest()[:16]
         assert not (Path(f"/tmp/incfs-{normal_user.uid}") / key).exists()
+
+
+def test_normal_user_at_0600_gets_a_clear_error(normal_user, workdir):
+    """/dev/fuse at 0600 (root only): incfs calls fusermount3 itself, but
+    fusermount3 opens /dev/fuse with the user's fsuid, so the machine's
+    policy says no. The mount fails with one clear line and leaves nothing."""
+    src = _tree(normal_user, workdir / "src")
+    normal_user.run("incfs", "pack", src, workdir / "a.img")
+    mnt = workdir / "mnt"
+    normal_user.run("mkdir", mnt)
+    with dev_fuse_mode(0o600):
+        done = normal_user.run("incfs", "mount", workdir / "a.img", mnt, "--allow-unsigned",
+                               check=False)
+    assert done.returncode == 2, done.stderr
+    assert "fusermount3 could not mount" in done.stderr and "/dev/fuse" in done.stderr
+    assert kmount.mount_at(mnt) is None
 
 
 def test_normal_user_cache_defaults_to_xdg_cache(normal_user, workdir):

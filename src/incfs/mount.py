@@ -132,9 +132,11 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
             await nursery.start(control.serve, listener)
             start_metrics(config, service, nursery)
             loader = _start_loader(config, service, nursery)
-            nursery.start_soon(_unmount_on_signal, config.mountpoint)
+            serving = trio.CancelScope()
+            nursery.start_soon(_unmount_on_signal, config.mountpoint, serving)
             nursery.start_soon(_when_connected, session, ops, service, config, ready, nursery)
-            await session.run()
+            with serving:
+                await session.run()
             if loader is not None:
                 await loader.aclose()
             nursery.cancel_scope.cancel()
@@ -159,8 +161,13 @@ async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: 
 
 
 def _fsname(config: MountConfig) -> str:
-    """What findmnt and /proc/mounts show as the source."""
-    return config.source if config.source != "empty" else f"incfs:{config.cache or 'empty'}"
+    """What findmnt and /proc/mounts show as the source: the URL, or the
+    image's absolute path (an empty mount: its backing image)."""
+    if is_remote(config.source):
+        return config.source
+    if config.source == "empty":
+        return f"empty:{os.path.abspath(config.cache)}" if config.cache else "empty"
+    return os.path.abspath(config.source)
 
 
 def _start_loader(config: MountConfig, service: Service, nursery):
@@ -170,13 +177,19 @@ def _start_loader(config: MountConfig, service: Service, nursery):
     return start_loader(config, service, nursery)
 
 
-async def _unmount_on_signal(mountpoint: str) -> None:
+async def _unmount_on_signal(mountpoint: str, serving: trio.CancelScope) -> None:
+    """SIGTERM/SIGINT: detach the mount lazily (open files keep working; the
+    daemon ends when the kernel says the last user is gone). If it is not
+    mounted here any more, a copy in another mount namespace is keeping the
+    connection alive: close it (the kernel aborts a connection whose last
+    /dev/fuse fd is closed), which ends this daemon cleanly."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             try:
                 await trio.to_thread.run_sync(fuse.unmount, mountpoint, True)
             except OSError as e:
-                log.warning("unmount on signal: %s", e)
+                log.info("not mounted here (%s): closing the FUSE connection", e.strerror)
+                serving.cancel()
             return
 
 
@@ -345,11 +358,13 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
 
     If the kernel keeps the FUSE connection open after the unmount (a copy of
     the mount lives on in another mount namespace), the daemon would never
-    hear about it; after `grace` seconds the connection is aborted through
-    fusectl (mounted at /sys/fs/fuse/connections first if it is missing),
-    which ends the daemon cleanly (every acknowledged fill is already on
-    disk). A daemon still alive after `timeout` seconds is killed and the
-    unmount fails with an error that says so."""
+    hear about it; after `grace` seconds it gets SIGTERM, and finding itself
+    unmounted it closes its /dev/fuse fd, which aborts exactly its own
+    connection (every acknowledged fill is already on disk). (Aborting
+    through fusectl by connection number instead races: the number is freed
+    with the superblock and may already name a newer mount.) A daemon still
+    alive after `timeout` seconds is killed and the unmount fails with an
+    error that says so."""
     entry = kmount.mount_at(mountpoint)
     if entry is None:
         raise UsageError(f"{mountpoint} is not mounted")
@@ -377,7 +392,7 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
     aborted = False
     while time.monotonic() - started < timeout and process_alive(pid):
         if not aborted and time.monotonic() - started > grace:
-            aborted = _abort_connection(entry.minor)
+            aborted = _signal_daemon(pid, signal.SIGTERM)
         time.sleep(0.05)
     if not process_alive(pid):
         return
@@ -386,31 +401,31 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
         remove_runtime_dir(mountpoint, leftovers=True)
     raise IncfsError(
         f"{mountpoint} was unmounted, but its daemon (pid {pid}) had not exited "
-        f"{timeout:g} s later" + ("" if aborted else " (its FUSE connection could not be aborted)")
+        f"{timeout:g} s later" + ("" if aborted else " (it could not be signalled)")
         + ("; it was killed (every acknowledged block was already on disk)" if killed
            else "; it could not be killed"))
 
 
-def _kill_stuck_daemon(pid: int, wait: float = 10.0) -> bool:
-    """SIGKILL an incfs daemon (never a process that merely reuses its pid);
-    True once it is gone."""
+def _signal_daemon(pid: int, sig: int) -> bool:
+    """Signal an incfs daemon, never a process that merely reuses its pid."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"incfs" not in f.read():
                 return False
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
+        return True
     except (OSError, ProcessLookupError):
+        return False
+
+
+def _kill_stuck_daemon(pid: int, wait: float = 10.0) -> bool:
+    """SIGKILL an incfs daemon; True once it is gone."""
+    if not _signal_daemon(pid, signal.SIGKILL):
         return not process_alive(pid)
     deadline = time.monotonic() + wait
     while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     return not process_alive(pid)
-
-
-def _abort_connection(connection: int | None) -> bool:
-    if connection is None:
-        return False
-    return kmount.abort_fuse_connection(connection)
 
 
 def main(argv: list[str]) -> int:

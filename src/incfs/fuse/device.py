@@ -13,25 +13,19 @@ Unmounting is umount2(2) as root and `fusermount3 -u` otherwise.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
+import fcntl
 import os
 import socket
 import stat
 import subprocess
 from dataclasses import dataclass
 
+from .. import kmount
 from . import abi
 
 DEVICE = "/dev/fuse"
 FUSERMOUNT = "fusermount3"
-MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -88,13 +82,10 @@ def _mount_direct(mountpoint: str, options: MountOptions) -> int:
     fd = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC)
     try:
         rootmode = stat.S_IFMT(os.stat(mountpoint).st_mode)
-        data = options.kernel_data(fd, rootmode)
-        flags = MS_RDONLY | MS_NOSUID | MS_NODEV
         fstype = f"fuse.{options.subtype}" if options.subtype else "fuse"
-        if _libc.mount(options.fsname.encode(), mountpoint.encode(), fstype.encode(),
-                       flags, data.encode()) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount(2) of FUSE failed: {os.strerror(err)}", mountpoint)
+        kmount.mount(options.fsname, mountpoint, fstype,
+                     kmount.MS_RDONLY | kmount.MS_NOSUID | kmount.MS_NODEV,
+                     options.kernel_data(fd, rootmode))
     except BaseException:
         os.close(fd)
         raise
@@ -130,9 +121,7 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     """Detach the mount (the daemon sees the connection end once the last
     user of the mount is gone)."""
     if os.geteuid() == 0:
-        if _libc.umount2(mountpoint.encode(), MNT_DETACH if lazy else 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), mountpoint)
+        kmount.umount2(mountpoint, kmount.MNT_DETACH if lazy else 0)
         return
     cmd = [FUSERMOUNT, "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -154,11 +143,6 @@ def backing_close(dev_fd: int, backing_id: int) -> None:
 
 
 def _ioctl_int(fd: int, request: int, arg: bytes) -> int:
-    """ioctl whose result is the return value (fcntl.ioctl with a bytes
-    argument returns the buffer, not the value): go through libc."""
-    buf = ctypes.create_string_buffer(arg, len(arg))
-    result = _libc.ioctl(fd, ctypes.c_ulong(request), buf)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
+    """ioctl whose result is its return value: with a mutable buffer,
+    fcntl.ioctl returns that value (with bytes it would return the buffer)."""
+    return fcntl.ioctl(fd, request, bytearray(arg), True)
