@@ -141,6 +141,21 @@ def register(main: click.Group) -> None:
 
         umount(mountpoint)
 
+    @main.command("restart")
+    @click.argument("mountpoint", type=click.Path(file_okay=False))
+    @click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+                  help="Seconds to wait for the new daemon to serve.")
+    def restart_cmd(mountpoint, timeout):
+        """Replace the daemon of MOUNTPOINT by a new one (an upgrade in place).
+
+        Programs using the mount see a pause, not an error: the FUSE connection
+        is kept by the mount's supervisor, and requests the old daemon had not
+        answered are sent again to the new one."""
+        from .supervisor import restart_daemon
+
+        old, new = restart_daemon(mountpoint, timeout)
+        click.echo(f"incfs: {mountpoint}: daemon {old} replaced by {new}")
+
     @main.command("status")
     @click.argument("mountpoint", type=click.Path(file_okay=False))
     @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")

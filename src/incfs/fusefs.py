@@ -54,7 +54,8 @@ class IncfsOperations(Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
         self._dirs: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()  # dir ino -> listing
-        self._next_fh = 1
+        # handles of successive daemons on one connection never collide
+        self._next_fh = (service.restarts << 40) + 1
         self._spared: OrderedDict[tuple[int, int], None] = OrderedDict()  # (ino, offset) answered TailAbsent
         self.conn: Connection | None = None
         self.passthrough = None  # a passthrough.Passthrough once INIT allows it
@@ -193,8 +194,8 @@ class IncfsOperations(Operations):
 
     async def read(self, ino: int, fh: int, offset: int, size: int, ctx: Context) -> bytes:
         handle = self._files.get(fh)
-        if handle is None:
-            raise FuseError(errno.EBADF)
+        if handle is None or (isinstance(handle[0], Inode) and handle[0].ino != ino):
+            handle = self._adopt(ino, fh)
         target, pid = handle
         if isinstance(target, bytes):
             return target[offset:offset + size]
@@ -217,6 +218,18 @@ class IncfsOperations(Operations):
             self.service.counters["read_errors"] += 1
             log.warning("refusing to serve: %s", e)
             raise FuseError(errno.EIO) from None
+
+    def _adopt(self, ino: int, fh: int) -> tuple[Inode | bytes, int]:
+        """A handle this daemon did not open: an earlier daemon on the same
+        connection did (see supervisor.py). The node id says what it is."""
+        if ino >= SPECIAL_BASE:
+            target: Inode | bytes = self._special_content(ino)
+        else:
+            target = self._node(ino)
+            if not target.is_reg:
+                raise FuseError(errno.EBADF)
+        self._files[fh] = (target, 0)
+        return target, 0
 
     def _remember_spared(self, key: tuple[int, int]) -> None:
         self._spared[key] = None

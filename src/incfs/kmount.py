@@ -99,11 +99,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mounts() -> list[MountEntry]:
-    """This process's mount table, in mount order (a later entry on the same
-    path is stacked on top of an earlier one)."""
+def mounts(pid: int | str = "self") -> list[MountEntry]:
+    """A process's mount table (this one's by default), in mount order (a
+    later entry on the same path is stacked on top of an earlier one)."""
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open(f"/proc/{pid}/mountinfo") as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
 from .metrics_http import start_metrics
+from .rundir import runtime_dir
 from .service import Service
+from .supervisor import HANDOVER_EXIT, hand_over
 from .waits import process_alive
 
 log = logging.getLogger("incfs.mount")
@@ -58,17 +61,11 @@ class MountConfig:
     base_cache: str | None = None  # an older image whose identical blocks are reused
     passthrough: bool = True  # complete files served by the kernel (root, kernel 6.9+)
     metrics_listen: str | None = None  # HOST:PORT of HTTP /metrics (None: off)
+    supervise: bool = True  # a supervisor restarts a daemon that dies (background mounts)
 
 
 def is_remote(source: str) -> bool:
     return source.startswith(("http://", "https://", "s3://"))
-
-
-def runtime_dir(mountpoint: str) -> Path:
-    """Per-mount directory (0700) for the control socket and the pid file."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else "/tmp")
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return Path(base) / f"incfs-{os.geteuid()}" / key
 
 
 def default_cache(config: MountConfig) -> Path:
@@ -113,28 +110,62 @@ def check_trust(image: Image, config: MountConfig) -> None:
                              "to mount it without checking who made it")
 
 
-async def serve(config: MountConfig, image: Image, ready=None) -> None:
-    """Run the mount until it is unmounted (or SIGTERM/SIGINT)."""
+@dataclass
+class _Ending:
+    """Why the session's scope was cancelled."""
+    handing_over: bool = False  # SIGUSR2: a supervisor starts a new daemon
+
+
+@dataclass
+class Succession:
+    """How a daemon stands to the supervisor (supervisor.py), if it has one.
+    The first daemon mounts and hands the connection up through
+    `handover_fd`; a later one takes it over from `resume_fd`, with what the
+    first one's INIT settled."""
+    handover_fd: int | None = None
+    resume_fd: int | None = None
+    connection: dict | None = None
+    restarts: int = 0
+
+    @property
+    def supervised(self) -> bool:
+        return self.handover_fd is not None or self.resume_fd is not None
+
+
+async def serve(config: MountConfig, image: Image, ready=None,
+                succession: Succession | None = None) -> bool:
+    """Run the mount until it is unmounted (or SIGTERM/SIGINT). Returns True
+    when it ended to make way for a new daemon (SIGUSR2 under a supervisor)."""
     from .control.server import ControlServer
 
-    rundir = runtime_dir(config.mountpoint)
+    succession = succession or Succession()
+    rundir = runtime_dir(config.mountpoint)  # before mounting: it looks at the mount point
     service = Service(image, config.read_timeout)
+    service.restarts = succession.restarts
+    service.supervised = succession.supervised
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()
     ops = IncfsOperations(service, str(control.path))
-    options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0)
-    fd = fuse.mount(config.mountpoint, options)
+    if succession.resume_fd is not None:
+        fd = succession.resume_fd
+    else:
+        options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0)
+        fd = fuse.mount(config.mountpoint, options)
     session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible())
     service.fuse = session
+    if succession.resume_fd is not None:
+        session.resume(fuse.Connection.from_dict(succession.connection))
     (rundir / "pid").write_text(f"{os.getpid()}\n")
+    serving, ending = trio.CancelScope(), _Ending()
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve, listener)
             start_metrics(config, service, nursery)
             loader = _start_loader(config, service, nursery)
-            serving = trio.CancelScope()
-            nursery.start_soon(_unmount_on_signal, config.mountpoint, serving)
-            nursery.start_soon(_when_connected, session, ops, service, config, ready, nursery)
+            nursery.start_soon(_on_signals, config.mountpoint, serving, ending,
+                               succession.supervised)
+            nursery.start_soon(_when_connected, session, ops, service, config, ready, nursery,
+                               succession, rundir)
             with serving:
                 await session.run()
             if loader is not None:
@@ -144,16 +175,24 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
         os.close(fd)
         for leftover in (rundir / "pid", control.path):
             leftover.unlink(missing_ok=True)
+    return ending.handing_over
 
 
 async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: Service,
-                          config: MountConfig, ready, nursery: trio.Nursery) -> None:
-    """After INIT (the kernel sends it at once): set up passthrough, tune
+                          config: MountConfig, ready, nursery: trio.Nursery,
+                          succession: Succession, rundir: Path) -> None:
+    """After INIT (the kernel sends it at once; a resumed daemon has it
+    already): hand the connection to the supervisor, set up passthrough, tune
     readahead, then report ready. stat() of the mount point is served by this
     very loop, so it runs in a worker thread."""
     await session.connected.wait()
+    if succession.handover_fd is not None:
+        hand_over(succession.handover_fd, session.fd, session.conn.as_dict())
     if session.conn.passthrough:
-        ops.passthrough = await nursery.start(passthrough.Passthrough.run, session, service)
+        ops.passthrough = await nursery.start(
+            passthrough.Passthrough.run, session, service,
+            rundir / "passthrough", succession.resume_fd is not None,
+            config.mountpoint)
     readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
     await trio.to_thread.run_sync(_tune_readahead, config.mountpoint, readahead)
     if ready:
@@ -177,14 +216,24 @@ def _start_loader(config: MountConfig, service: Service, nursery):
     return start_loader(config, service, nursery)
 
 
-async def _unmount_on_signal(mountpoint: str, serving: trio.CancelScope) -> None:
+async def _on_signals(mountpoint: str, serving: trio.CancelScope, ending: _Ending,
+                      supervised: bool) -> None:
     """SIGTERM/SIGINT: detach the mount lazily (open files keep working; the
     daemon ends when the kernel says the last user is gone). If it is not
     mounted here any more, a copy in another mount namespace is keeping the
     connection alive: close it (the kernel aborts a connection whose last
-    /dev/fuse fd is closed), which ends this daemon cleanly."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
+    /dev/fuse fd is closed), which ends this daemon cleanly.
+
+    SIGUSR2, under a supervisor: stop serving and exit (after the loader's
+    final sync) so that a new daemon takes the connection over."""
+    wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR2] if supervised else [])
+    with trio.open_signal_receiver(*wanted) as signals:
+        async for signum in signals:
+            if signum == signal.SIGUSR2:
+                log.info("making way for a new daemon")
+                ending.handing_over = True
+                serving.cancel()
+                return
             try:
                 await trio.to_thread.run_sync(fuse.unmount, mountpoint, True)
             except OSError as e:
@@ -215,26 +264,31 @@ def exit_code(e: BaseException) -> int:
     return 1 if isinstance(e, (IntegrityError, CorruptImage)) else 2
 
 
-def run_foreground(config: MountConfig, ready_fd: int | None = None) -> int:
+def run_foreground(config: MountConfig, ready_fd: int | None = None,
+                   succession: Succession | None = None) -> int:
     def ready() -> None:
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
 
+    resuming = succession is not None and succession.resume_fd is not None
     try:
-        _check_mountpoint(config.mountpoint)
+        if not resuming:  # a resumed daemon's mount point is mounted: by itself
+            _check_mountpoint(config.mountpoint)
         image = open_backing(config)
     except (IncfsError, OSError) as e:
         _report_failure(ready_fd, e)
         return exit_code(e)
     try:
-        trio.run(serve, config, image, ready)
+        handed_over = trio.run(serve, config, image, ready, succession)
     except (IncfsError, OSError, RuntimeError) as e:
         _report_failure(ready_fd, e)
         return exit_code(e)
     finally:
         image.close()
-        remove_runtime_dir(config.mountpoint)
+    if handed_over:
+        return HANDOVER_EXIT  # the runtime files are the next daemon's
+    remove_runtime_dir(config.mountpoint)
     return 0
 
 
@@ -245,9 +299,10 @@ def remove_runtime_dir(mountpoint: str, *, leftovers: bool = False) -> None:
     not remove its pid file and socket itself."""
     rundir = runtime_dir(mountpoint)
     if leftovers:
-        for name in ("pid", "control.sock"):
+        for name in ("pid", "control.sock", "supervisor.pid"):
             with contextlib.suppress(OSError):
                 (rundir / name).unlink()
+    shutil.rmtree(rundir / "passthrough", ignore_errors=True)  # markers: this connection's
     with contextlib.suppress(OSError):
         rundir.rmdir()
 
@@ -289,7 +344,8 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT) 
     fails with an error naming the log."""
     _check_mountpoint(config.mountpoint)
     read_end, write_end = os.pipe()
-    cmd = [sys.executable, "-m", "incfs.mount", json.dumps(asdict(config)), str(write_end)]
+    module = "incfs.supervisor" if config.supervise else "incfs.mount"
+    cmd = [sys.executable, "-m", module, json.dumps(asdict(config)), str(write_end)]
     log_path = runtime_dir(config.mountpoint).parent / "daemon.log"
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
@@ -429,10 +485,18 @@ def _kill_stuck_daemon(pid: int, wait: float = 10.0) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    """python -m incfs.mount CONFIG [READY_FD|-] [--handover FD | --resume FD STATE]"""
     config = MountConfig(**json.loads(argv[0]))
-    ready_fd = int(argv[1]) if len(argv) > 1 else None
+    ready_fd = int(argv[1]) if len(argv) > 1 and argv[1] != "-" else None
+    succession = None
+    if len(argv) > 3 and argv[2] == "--handover":
+        succession = Succession(handover_fd=int(argv[3]))
+    elif len(argv) > 4 and argv[2] == "--resume":
+        state = json.loads(argv[4])
+        succession = Succession(resume_fd=int(argv[3]), connection=state["connection"],
+                                restarts=int(state["restarts"]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return run_foreground(config, ready_fd)
+    return run_foreground(config, ready_fd, succession)
 
 
 if __name__ == "__main__":

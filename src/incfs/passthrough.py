@@ -36,7 +36,7 @@ from pathlib import Path
 
 import trio
 
-from . import BLOCK_SIZE
+from . import BLOCK_SIZE, kmount, openfiles
 from .errors import IncfsError
 from .integrity import merkle
 from .namespace import Inode
@@ -68,6 +68,10 @@ class _FileState:
     passthrough_opens: int = 0
     plain_ready: bool = False   # expanded or re-verified this session
     backing_id: int | None = None
+    # After a takeover the open counts are unknown: an inode some process
+    # has open stays in the mode it was in ("cached" or "passthrough") for
+    # the rest of this daemon's life.
+    pinned: str | None = None
 
 
 class Passthrough:
@@ -84,11 +88,16 @@ class Passthrough:
         self.verity = True  # until the file system says it has none
         self._send, self._receive = trio.open_memory_channel(EXPAND_QUEUE)
         self._queued: set[int] = set()
+        self.markers: Path = directory  # set by run(): the runtime dir's passthrough/
 
     @classmethod
-    async def run(cls, session, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(cls, session, service, markers: Path, resumed: bool, mountpoint: str, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
         self = cls(session, service, plain_directory(service.image.path))
-        await trio.to_thread.run_sync(self._prepare_directory)
+        self.markers = markers
+        await trio.to_thread.run_sync(self._prepare_directory, resumed)
+        if resumed:
+            await trio.to_thread.run_sync(self._take_over, mountpoint)
         service.passthrough = self
         task_status.started(self)
         async for ino in self._receive:
@@ -101,7 +110,10 @@ class Passthrough:
     def open(self, node: Inode) -> int | None:
         """The backing id to open `node` in passthrough, or None: cached mode."""
         state = self.files.setdefault(node.ino, _FileState())
-        if state.plain_ready and state.cached_opens == 0:
+        if state.pinned == "passthrough":
+            state.passthrough_opens += 1
+            return state.backing_id
+        if state.pinned is None and state.plain_ready and state.cached_opens == 0:
             if state.backing_id is None:
                 state.backing_id = self._register(node)
             if state.backing_id is not None:
@@ -136,12 +148,34 @@ class Passthrough:
             self.files[node.ino].plain_ready = False
             return None
         try:
-            return self.session.backing_open(fd)
+            backing_id = self.session.backing_open(fd)
         except OSError as e:
             log.warning("FUSE_DEV_IOC_BACKING_OPEN for inode %d: %s", node.ino, e)
             return None
         finally:
             os.close(fd)
+        # before the kernel hears of it: a daemon taking over must know that
+        # this inode's opens are passthrough ones, and with which backing id
+        (self.markers / str(node.ino)).write_text(f"{backing_id}\n")
+        return backing_id
+
+    def _take_over(self, mountpoint: str) -> None:
+        """Learn what the daemon before us did: its markers name the inodes it
+        opened in passthrough mode (their backing ids are still registered:
+        they belong to the connection, not to a process); any other inode a
+        process has open was opened in cached mode."""
+        for marker in self.markers.iterdir():
+            try:
+                ino, backing_id = int(marker.name), int(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            self.files[ino] = _FileState(plain_ready=True, backing_id=backing_id,
+                                         pinned="passthrough")
+        entry = kmount.mount_at(mountpoint)
+        if entry is None:
+            return
+        for ino in openfiles.open_inodes(entry.major, entry.minor):
+            self.files.setdefault(ino, _FileState(pinned="cached"))
 
     # --- expanding (a worker thread) ------------------------------------------------
 
@@ -164,9 +198,13 @@ class Passthrough:
             return
         self.files.setdefault(node.ino, _FileState()).plain_ready = ready
 
-    def _prepare_directory(self) -> None:
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+    def _prepare_directory(self, resumed: bool) -> None:
+        for directory in (self.directory, self.markers):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        if not resumed:  # markers of an earlier connection mean nothing to this one
+            for marker in self.markers.iterdir():
+                marker.unlink(missing_ok=True)
 
     def _plain(self, node: Inode) -> Path:
         return self.directory / f"{node.file_id.hex()}-{node.ino}"

@@ -15,7 +15,7 @@ from typing import Callable
 
 import trio
 
-from . import BLOCK_SIZE
+from . import BLOCK_SIZE, __version__
 from .errors import BadBlock, IntegrityError
 from .format.records import TreeKind
 from .image import FillBlock, FillResult, Image, MissingBlock
@@ -43,6 +43,8 @@ class Service:
         self.image_lock = threading.Lock()
         self.read_threads = trio.CapacityLimiter(READ_THREADS)
         self.fuse = None  # the FUSE session (incfs.fuse.Session) once mounted
+        self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
+        self.supervised = False
         self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
@@ -215,6 +217,9 @@ class Service:
             "read_timeout": self.waits.read_timeout,
             "uptime_s": round(time.time() - self.started, 3),
             "pid": os.getpid(),
+            "restarts": self.restarts,
+            "supervisor_pid": os.getppid() if self.supervised else None,
+            "version": __version__,
             "fuse": self._fuse_status(),
         }
 

@@ -64,7 +64,11 @@ class Client:
     def connect(cls, mountpoint: str | os.PathLike, timeout: float | None = None) -> "Client":
         """Connect to the mount at `mountpoint` (its socket path is published
         in `.incfs/control` inside the mount)."""
-        path = socket_path_of(mountpoint)
+        return cls.connect_socket(socket_path_of(mountpoint), timeout)
+
+    @classmethod
+    def connect_socket(cls, path: str, timeout: float | None = None) -> "Client":
+        """Connect to a control socket by its path."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

@@ -129,13 +129,26 @@ class DirEntry:
 
 @dataclass
 class Connection:
-    """What INIT settled, told to the file system before any other request."""
+    """What INIT settled, told to the file system before any other request.
+    It outlives a daemon: a new one resuming the connection gets it from the
+    one before (`as_dict`/`from_dict`), since the kernel sends INIT once."""
     minor: int
     flags: abi.InitFlag
     max_readahead: int
     max_pages: int
     passthrough: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"minor": self.minor, "flags": int(self.flags),
+                "max_readahead": self.max_readahead, "max_pages": self.max_pages,
+                "passthrough": self.passthrough, "notes": list(self.notes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Connection":
+        return cls(minor=int(d["minor"]), flags=abi.InitFlag(int(d["flags"])),
+                   max_readahead=int(d["max_readahead"]), max_pages=int(d["max_pages"]),
+                   passthrough=bool(d["passthrough"]), notes=list(d.get("notes", [])))
 
 
 class Operations:

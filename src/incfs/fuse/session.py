@@ -205,6 +205,21 @@ class Session:
                           max_pages=max_pages, passthrough=bool(flags & InitFlag.PASSTHROUGH),
                           notes=notes)
 
+    def resume(self, conn: Connection) -> None:
+        """Take over a connection another process negotiated (the kernel sent
+        its INIT to that one), then ask the kernel to send again every
+        request that process had read but not answered (FUSE_NOTIFY_RESEND,
+        7.40): they come back with RESEND_BIT in `unique`, and replies echo
+        it. Call before `run`."""
+        self.conn = conn
+        self.ops.init(conn)
+        self.connected.set()
+        if conn.minor >= 40:
+            self._notify(abi.Notify.RESEND, b"")
+        else:
+            conn.notes.append(f"protocol 7.{conn.minor} cannot resend requests a dead daemon "
+                              "had read: their callers wait until the connection ends")
+
     def _destroy(self, nodeid: int, body: memoryview, ctx: Context) -> None:
         self.ops.destroy()
         self.reply(ctx.unique)
@@ -361,7 +376,7 @@ class Session:
     def _notify(self, code: abi.Notify, payload: bytes) -> None:
         header = abi.OUT_HEADER.pack(abi.OUT_HEADER.size + len(payload), int(code), 0)
         try:
-            os.writev(self.fd, [header, payload])
+            os.writev(self.fd, [header, payload] if payload else [header])
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV, errno.ENOTCONN):
                 raise

@@ -1,0 +1,267 @@
+"""The supervisor: keeps a mount's FUSE connection alive across daemon deaths
+and upgrades.
+
+The kernel ends a FUSE connection when the last file descriptor of
+/dev/fuse is closed. So the supervisor, a small process that does nothing
+else, holds one: the daemon (`python -m incfs.mount`) mounts, and once the
+kernel's INIT is answered it hands its /dev/fuse fd and what INIT settled up
+to the supervisor over an inherited socket pair (SCM_RIGHTS; no socket on
+disk, so nobody else can take the mount over). When the daemon dies (kill
+-9, an OOM kill, a crash) or is asked to make way (`incfs restart`), the
+supervisor starts a new one on the same fd. The new daemon skips INIT and
+asks the kernel to resend every request the dead one had read but not
+answered (FUSE_NOTIFY_RESEND), so programs see a pause, not an error.
+Inode numbers are the image's own, so the kernel's node ids stay valid.
+
+Restarts back off (0.1 s doubling to 5 s); a daemon that fails to start
+`MAX_FAILURES` times in a row gives up, and the connection is closed: its
+programs then get ENOTCONN (a clean error), and umount works as ever. The
+supervisor ends when the connection does (unmount or abort), or when the
+daemon ends cleanly after an unmount.
+
+Signals: SIGUSR1 = upgrade (the daemon gets SIGUSR2, exits after a clean
+close, and a new one starts at once); SIGTERM/SIGINT are passed to the
+daemon (a lazy unmount).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .rundir import runtime_dir
+
+log = logging.getLogger("incfs.supervisor")
+
+HANDOVER_EXIT = 75      # the daemon's exit code when it made way for a new one
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+MAX_FAILURES = 10       # daemons in a row that died before serving again
+SERVED_LONG_ENOUGH = 30.0  # a daemon that ran this long resets the failure count
+
+
+class Supervisor:
+    def __init__(self, config_json: str, ready_fd: int | None, rundir: Path):
+        self.config_json = config_json
+        self.ready_fd = ready_fd
+        self.rundir = rundir
+        self.fuse_fd: int | None = None
+        self.connection: dict | None = None
+        self.restarts = 0
+        self.daemon: subprocess.Popen | None = None
+        self.upgrade_requested = False
+
+    # --- the first daemon -------------------------------------------------------
+
+    def start_first(self) -> int | None:
+        """Run the first daemon; returns an exit code if it never handed
+        over (it failed, and said why on the ready pipe)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pass_fds = [theirs.fileno()] + ([self.ready_fd] if self.ready_fd is not None else [])
+        args = [self.config_json, str(self.ready_fd) if self.ready_fd is not None else "-",
+                "--handover", str(theirs.fileno())]
+        self.daemon = self._spawn(args, pass_fds)
+        theirs.close()
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+        handed = _receive_handover(ours)
+        ours.close()
+        if handed is None:
+            return self.daemon.wait()
+        self.fuse_fd, self.connection = handed
+        return None
+
+    # --- later daemons ----------------------------------------------------------------
+
+    def restart(self) -> None:
+        self.restarts += 1
+        state = json.dumps({"connection": self.connection, "restarts": self.restarts})
+        args = [self.config_json, "-", "--resume", str(self.fuse_fd), state]
+        self.daemon = self._spawn(args, [self.fuse_fd])
+
+    def _spawn(self, args: list[str], pass_fds: list[int]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "incfs.mount", *args],
+                                pass_fds=pass_fds, stdin=subprocess.DEVNULL)
+
+    # --- watching -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        failures, backoff = 0, BACKOFF_FIRST
+        while True:
+            started = time.monotonic()
+            code = self._wait_daemon()
+            if code == 0 or not self._connected():
+                return 0  # unmounted: the daemon (or the kernel) said so
+            if code == HANDOVER_EXIT or self.upgrade_requested:
+                self.upgrade_requested = False
+                failures, backoff = 0, BACKOFF_FIRST
+            else:
+                if time.monotonic() - started >= SERVED_LONG_ENOUGH:
+                    failures, backoff = 0, BACKOFF_FIRST
+                failures += 1
+                log.warning("daemon %d ended with %s; restart %d in %.1f s",
+                            self.daemon.pid, _describe_exit(code), self.restarts + 1, backoff)
+                if failures > MAX_FAILURES:
+                    log.error("%d daemons in a row failed: giving the connection up", failures)
+                    return 1
+                if self._sleep_unless_unmounted(backoff):
+                    return 0
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            self.restart()
+
+    def _wait_daemon(self) -> int:
+        while True:
+            try:
+                return self.daemon.wait()
+            except InterruptedError:
+                continue
+
+    def _connected(self) -> bool:
+        """False once the kernel has ended the connection (poll reports an
+        error on /dev/fuse)."""
+        poller = select.poll()
+        poller.register(self.fuse_fd, select.POLLIN)
+        for _, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                return False
+        return True
+
+    def _sleep_unless_unmounted(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not self._connected():
+                return True
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return False
+
+    # --- signals --------------------------------------------------------------------------
+
+    def on_upgrade(self, *_args) -> None:
+        self.upgrade_requested = True
+        self._signal_daemon(signal.SIGUSR2)
+
+    def on_terminate(self, signum, _frame) -> None:
+        self._signal_daemon(signum)
+
+    def _signal_daemon(self, signum: int) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signum)
+
+
+def _receive_handover(sock: socket.socket) -> tuple[int, dict] | None:
+    """The daemon's fd and INIT result, or None if it ended without them."""
+    try:
+        message, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    except OSError:
+        return None
+    if not fds:
+        return None
+    try:
+        return fds[0], json.loads(message.decode())
+    except ValueError:
+        os.close(fds[0])
+        return None
+
+
+def hand_over(sock_fd: int, fuse_fd: int, connection: dict) -> None:
+    """The daemon's side: give the supervisor the connection."""
+    with socket.socket(fileno=sock_fd) as sock:
+        socket.send_fds(sock, [json.dumps(connection).encode()], [fuse_fd])
+
+
+def restart_daemon(mountpoint: str, timeout: float) -> tuple[int, int]:
+    """`incfs restart`: ask the supervisor for a new daemon and wait until it
+    serves; returns (old pid, new pid). Only the mount's owner (or root) may
+    signal the supervisor: that is the check."""
+    from .errors import IncfsError, UsageError
+
+    rundir = runtime_dir(mountpoint)
+    try:
+        supervisor = int(supervisor_pid_file(rundir).read_text())
+        old = int((rundir / "pid").read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{mountpoint} has no supervised incfs daemon "
+                         "(mounted with --foreground, or not mounted)") from None
+    if not _is_incfs(supervisor, b"incfs.supervisor"):
+        raise UsageError(f"pid {supervisor} is not the supervisor of {mountpoint}")
+    os.kill(supervisor, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = _serving_pid(rundir)
+        if new is not None and new != old and _answers(rundir / "control.sock", new):
+            return old, new
+        time.sleep(0.05)
+    raise IncfsError(f"no new daemon serves {mountpoint} after {timeout:g} s "
+                     f"(supervisor {supervisor}; see its log)")
+
+
+def _is_incfs(pid: int, module: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return module in f.read()
+    except OSError:
+        return False
+
+
+def _serving_pid(rundir: Path) -> int | None:
+    try:
+        return int((rundir / "pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _answers(sock_path: Path, pid: int) -> bool:
+    """The control socket is up and served by daemon `pid`."""
+    from .control.client import Client
+
+    try:
+        with Client.connect_socket(str(sock_path), timeout=5) as client:
+            return int(client.status().get("pid", 0)) == pid
+    except OSError:
+        return False
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"status {code}"
+
+
+def supervisor_pid_file(rundir: Path) -> Path:
+    return rundir / "supervisor.pid"
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config_json = argv[0]
+    ready_fd = int(argv[1]) if len(argv) > 1 and argv[1] != "-" else None
+    rundir = runtime_dir(json.loads(config_json)["mountpoint"])
+    sup = Supervisor(config_json, ready_fd, rundir)
+    signal.signal(signal.SIGUSR1, sup.on_upgrade)
+    signal.signal(signal.SIGTERM, sup.on_terminate)
+    signal.signal(signal.SIGINT, sup.on_terminate)
+    code = sup.start_first()
+    if code is not None:
+        return code
+    pid_file = supervisor_pid_file(rundir)
+    pid_file.write_text(f"{os.getpid()}\n")
+    try:
+        return sup.run()
+    finally:
+        pid_file.unlink(missing_ok=True)
+        os.close(sup.fuse_fd)
+        try:
+            rundir.rmdir()  # only if the daemon left it empty
+        except OSError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
