@@ -26,7 +26,9 @@ from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .fusefs import IncfsOperations, invalidator
 from .image import Image
 from .integrity import signing
+from .loader import DEFAULTS, default_cache, open_cache, start_loader
 from .service import Service
+from .sources import is_remote as _remote_spec
 from .waits import process_alive
 
 log = logging.getLogger("incfs.mount")
@@ -43,19 +45,24 @@ class MountConfig:
     key: str | None = None
     allow_unsigned: bool = False
     read_timeout: float | None = None  # None: wait forever
-    prefetch: str = "sequential"
+    prefetch: str = DEFAULTS.prefetch
     max_tasks: int = 4096
     source_options: dict | None = None
-    # built-in loader (incfs.loader) for remote sources and caches
+    # built-in loader (incfs.loader) for remote sources and caches; defaults
+    # and their reasons: incfs.loader.config.LoaderConfig
     mirrors: list[str] | None = None  # more URLs of the same image, tried in order
-    amplify: int = 256 * 1024  # bytes: a miss fetches up to this much around it
-    max_inflight: int = 8  # source requests in flight at once
-    bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
+    amplify: int = DEFAULTS.amplify  # bytes: a miss fetches up to this much around it
+    max_inflight: int = DEFAULTS.max_inflight  # source requests in flight at once
+    bandwidth: float | None = DEFAULTS.bandwidth  # bytes/s cap for background prefetch
     base_cache: str | None = None  # an older image whose identical blocks are reused
+    inflight_budget: int = DEFAULTS.inflight_budget  # bytes in flight at most
+    readahead_max: int = DEFAULTS.readahead_max  # largest readahead window, bytes
 
 
 def is_remote(source: str) -> bool:
-    return source.startswith(("http://", "https://", "s3://"))
+    """Whether the source is read over the network (the sources registry
+    knows each backend's schemes)."""
+    return _remote_spec(source)
 
 
 def runtime_dir(mountpoint: str) -> Path:
@@ -65,21 +72,13 @@ def runtime_dir(mountpoint: str) -> Path:
     return Path(base) / f"incfs-{os.geteuid()}" / key
 
 
-def default_cache(config: MountConfig) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs"
-    base.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{config.source}\0{os.path.realpath(config.mountpoint)}".encode())
-    return base / f"{key.hexdigest()[:20]}.img"
-
-
 def open_backing(config: MountConfig) -> Image:
     """The backing image for a mount, checked against the key policy."""
     if config.source == "empty":
         path = Path(config.cache) if config.cache else default_cache(config)
         image = Image.open(path, writable=True) if path.exists() else Image.create(path)
     elif is_remote(config.source) or config.cache:
-        from .loader import open_cache  # the built-in loader owns caches of sources
-        image = open_cache(config)
+        image = open_cache(config)  # the built-in loader owns caches of sources
     else:
         path = Path(config.source)
         if not path.exists():
@@ -148,7 +147,6 @@ async def serve(config: MountConfig, image: Image, ready=None) -> None:
 def _start_loader(config: MountConfig, service: Service, nursery):
     if not (is_remote(config.source) or (config.cache and config.source != "empty")):
         return None
-    from .loader import start_loader
     return start_loader(config, service, nursery)
 
 

@@ -23,6 +23,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import IncfsError, UsageError
+from .statusfile import read_status
 
 MS_RDONLY = 1
 MS_NODEV = 4
@@ -67,8 +68,6 @@ def mount_erofs_file(image: str | os.PathLike, mountpoint: str | os.PathLike) ->
 
 def handoff(mountpoint: str, erofs_image: str | os.PathLike | None = None) -> Path:
     """Replace a complete incfs mount by a kernel EROFS mount of the same tree."""
-    from .cli_mount import read_status
-
     status = read_status(mountpoint)
     if not status["complete"]:
         raise UsageError(f"{mountpoint} is not complete yet "
