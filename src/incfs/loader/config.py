@@ -95,11 +95,12 @@ class LoaderConfig:
     def checked(self) -> "LoaderConfig":
         """This configuration with values raised to their working minimum."""
         amplify = max(4 * KiB, int(self.amplify))
+        budget = max(amplify, int(self.inflight_budget))
         return replace(self, amplify=amplify, max_inflight=max(1, int(self.max_inflight)),
-                       inflight_budget=max(amplify, int(self.inflight_budget)),
+                       inflight_budget=budget,
                        readahead_max=max(amplify, int(self.readahead_max)),
-                       request_max=max(amplify, int(self.request_max)),
-                       prefetch_chunk=max(amplify, int(self.prefetch_chunk)),
+                       request_max=min(budget, max(amplify, int(self.request_max))),
+                       prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
                        prefetch=(self.prefetch or "none").strip())
 
     @property

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import trio
 
+from .. import BLOCK_SIZE
 from ..errors import CorruptImage, IntegrityError
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
 from ..format.records import TreeKind
@@ -361,11 +362,16 @@ class Loader(PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
-        job = self._plan(ino, range(first, first + count), [], extend=0, prefetch=True)
-        if job is not None:
-            job.readahead = True
-            self.stats["readahead_jobs"] += 1
-            self._nursery.start_soon(self._run_job, job)
+        # one job per request: each is stored as soon as its bytes are in,
+        # and reserves only its own bytes of the budget
+        step = max(1, self.cfg.request_max // BLOCK_SIZE)
+        for start in range(first, first + count, step):
+            stop = min(first + count, start + step)
+            job = self._plan(ino, range(start, stop), [], extend=0, prefetch=True)
+            if job is not None:
+                job.readahead = True
+                self.stats["readahead_jobs"] += 1
+                self._nursery.start_soon(self._run_job, job)
 
     def _plan(self, ino: int, data_idx, hash_idx, *, extend: int, prefetch: bool) -> Job | None:
         """Claim what to fetch for blocks `data_idx`/`hash_idx` of a file
@@ -466,6 +472,10 @@ class Loader(PrefetchMixin, ReuseMixin):
             self.waits.fail(key, error)
 
     async def _attempt(self, job: Job) -> None:
+        """One try at a job, with its bytes reserved in the budget."""
+        nbytes = job.nbytes  # more than the budget: admitted alone
+        await self.slots.reserve(self._level(job), nbytes, urgent=lambda: self._wanted(job))
+        job.held = nbytes
         try:
             await self._attempt_once(job)
         finally:
@@ -546,9 +556,7 @@ class Loader(PrefetchMixin, ReuseMixin):
     async def _fetch(self, job: Job, ranges: list[Range], avoid: set[int] | None = None):
         """Read ranges in parallel (one request slot each). Returns ([(want,
         stored bytes, origin mirror)], {(tree, index): origin} of blocks whose
-        bytes fail their CRC). Raises the first SourceError. The ranges'
-        bytes stay held in the budget (job.held) until the caller stored
-        them."""
+        bytes fail their CRC). Raises the first SourceError."""
         got: list[tuple[Want, bytes, int | None]] = []
         bad: dict[tuple[int, int], int | None] = {}
         errors: list[BaseException] = []
@@ -570,9 +578,7 @@ class Loader(PrefetchMixin, ReuseMixin):
         return got, bad
 
     async def _fetch_range(self, job: Job, r: Range, avoid):
-        level = await self.slots.acquire(self._level(job), r.length,
-                                         urgent=lambda: self._wanted(job))
-        job.held += r.length
+        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job))
         try:
             data, origin = await self._read(r.offset, r.length, avoid)
         finally:
@@ -655,6 +661,10 @@ class Loader(PrefetchMixin, ReuseMixin):
                   and (node.ino, HASH, s) not in job.keys]
         if not events:
             return
+        # Give the reservation back while waiting: the job fetching those
+        # hash blocks may be waiting for budget this one holds.
+        self.slots.release_bytes(job.held)
+        job.held = 0
         with trio.move_on_after(self.cfg.dep_wait):
             for event in events:
                 await event.wait()

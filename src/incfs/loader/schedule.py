@@ -47,15 +47,18 @@ class Changed:
 class Slots:
     """Request slots and the in-flight byte budget.
 
-    A slot is held while a request is on the wire; its bytes are held until
-    the caller stored them (`release_bytes`), because fetched bytes stay in
-    memory until then. The budget admits one request even when it alone is
-    larger, so a big block can never deadlock."""
+    A job reserves the bytes it will fetch (`reserve`) before its first
+    request and keeps them until they are stored (`release_bytes`): fetched
+    bytes stay in memory until then. Reserving all at once, never piece by
+    piece, is what keeps jobs from deadlocking, each holding part of the
+    budget while waiting for more. A slot (`acquire`) is held only while a
+    request is on the wire. The budget admits one job even when it alone is
+    larger, so a big job can never wait forever."""
 
     def __init__(self, total: int, prefetch_max: int, budget: int):
         self.total, self.prefetch_max, self.budget = total, prefetch_max, budget
-        self.busy = [0, 0, 0]  # per class
-        self.waiting = [0, 0, 0]
+        self.busy = [0, 0, 0]  # slots in use, per class
+        self.waiting = [0, 0, 0]  # slot or budget waiters, per class
         self.bytes = 0
         self.peak_bytes = 0
         self.changed = Changed()
@@ -64,23 +67,29 @@ class Slots:
     def busy_total(self) -> int:
         return sum(self.busy)
 
-    def _free(self, level: int, nbytes: int) -> bool:
-        if self.busy_total >= self.total:
-            return False
-        if self.bytes and self.bytes + nbytes > self.budget:
-            return False
+    def _before(self, level: int) -> bool:
+        """Whether a higher class waits (then `level` must not go first)."""
         if level > READ and self.waiting[READ]:
-            return False
-        return level < PREFETCH or (not self.waiting[READAHEAD]
-                                    and self.busy[PREFETCH] < self.prefetch_max)
+            return True
+        return level == PREFETCH and self.waiting[READAHEAD] > 0
 
-    async def acquire(self, level: int, nbytes: int, urgent=None) -> int:
-        """Take a slot and `nbytes` of budget; returns the class it was taken
-        at: a request a read starts waiting for (`urgent()` true) is promoted
-        to READ. Whoever makes a request urgent calls `changed.notify()`."""
+    def _slot_free(self, level: int) -> bool:
+        if self.busy_total >= self.total or self._before(level):
+            return False
+        return level < PREFETCH or self.busy[PREFETCH] < self.prefetch_max
+
+    def _bytes_free(self, level: int, nbytes: int) -> bool:
+        if self._before(level):
+            return False
+        return not self.bytes or self.bytes + nbytes <= self.budget
+
+    async def _wait(self, level: int, free, urgent) -> int:
+        """Wait until `free(level)`; a request a read starts waiting for
+        (`urgent()` true) is promoted to READ. Whoever makes a request
+        urgent calls `changed.notify()`."""
         self.waiting[level] += 1
         try:
-            while not self._free(level, nbytes):
+            while not free(level):
                 if level > READ and urgent is not None and urgent():
                     self.waiting[level] -= 1
                     level = READ
@@ -89,9 +98,19 @@ class Slots:
                 await self.changed.wait()
         finally:
             self.waiting[level] -= 1
-        self.busy[level] += 1
+        return level
+
+    async def reserve(self, level: int, nbytes: int, urgent=None) -> int:
+        """Reserve `nbytes` of the budget; returns the class it was taken at."""
+        level = await self._wait(level, lambda lv: self._bytes_free(lv, nbytes), urgent)
         self.bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return level
+
+    async def acquire(self, level: int, urgent=None) -> int:
+        """Take a slot; returns the class it was taken at."""
+        level = await self._wait(level, self._slot_free, urgent)
+        self.busy[level] += 1
         return level
 
     def release_slot(self, level: int) -> None:
@@ -187,13 +206,15 @@ class Readahead:
             self._ahead(ino, s)
 
     def _ahead(self, ino: int, s: Stream) -> None:
-        blocks = max(1, s.window // BLOCK_SIZE)
         if s.frontier < s.next:
+            # first window, or the reader outran the last one: it wants more
+            if s.frontier:
+                s.window = min(self.maximum, s.window * 2)
             s.frontier = s.next
-        elif s.frontier - s.next > blocks // 2:
+        elif s.frontier - s.next > max(1, s.window // BLOCK_SIZE) // 2:
             return  # far enough ahead
         else:
             s.window = min(self.maximum, s.window * 2)  # the reader kept up
-            blocks = max(1, s.window // BLOCK_SIZE)
+        blocks = max(1, s.window // BLOCK_SIZE)
         first, s.frontier = s.frontier, s.frontier + blocks
         self.launch(ino, first, blocks)
