@@ -161,3 +161,37 @@ def test_a_sequential_reader_is_served_by_readahead_within_the_budget(tmp_path):
             assert loader["inflight_bytes_peak"] <= budget
             assert loader["inflight_bytes"] == 0
     assert_cache_clean(tmp_path / "cache.img")
+
+
+def _order(nfiles: int, blocks: int):
+    from incfs.loader.schedule import SourceOrder
+
+    base = 1 << 20
+    runs = [(base + k * blocks * BLOCK_SIZE, 10 + k, 0, 0, blocks) for k in range(nfiles)]
+    return SourceOrder(runs)
+
+
+def test_a_tree_walked_in_pack_order_is_read_ahead_across_files():
+    launched = []
+    ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB)
+    ra.order = _order(nfiles=40, blocks=8)  # 32 KiB files, one after another
+    for ino in range(10, 30):
+        for first in range(0, 8, 4):
+            ra.note_read(ino, first, first + 3)
+    fetched = {ino for ino, _first, _count in launched}
+    assert fetched and min(fetched) > 11 and max(fetched) <= 49
+    assert all(first == 0 and count <= 8 for _ino, first, count in launched)
+    assert ra.cross_window > 64 * 1024  # it grew while the walk went on
+
+
+def test_files_read_out_of_pack_order_get_no_cross_file_readahead():
+    launched = []
+    ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB)
+    ra.order = _order(nfiles=40, blocks=8)
+    for ino in range(10, 50, 10):  # every tenth file, whole
+        ra.note_read(ino, 0, 7)
+    for ino in (31, 32):  # the first file only partly read: no walk either
+        ra.note_read(ino, 0, 3)
+    assert launched == []

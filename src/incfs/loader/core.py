@@ -49,10 +49,11 @@ from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
 from .cache import image_complete
 from .config import LoaderConfig
 from .plan import DATA, HASH, Job, Key, Planner, Range, Want, parents_needed, plan_ranges
-from .prefetch import PrefetchMixin
+from .prefetch import PrefetchMixin, source_runs
 from .remote import open_loader_source
 from .reuse import ReuseMixin
-from .schedule import PREFETCH, READ, READAHEAD, Readahead, Slots, TokenBucket
+from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
+                       TokenBucket)
 
 log = logging.getLogger("incfs.loader")
 
@@ -137,6 +138,7 @@ class Loader(PrefetchMixin, ReuseMixin):
                     nursery.start_soon(self._flusher)
                     nursery.start_soon(self._status_loop)
                     nursery.start_soon(self._warm_up)
+                    nursery.start_soon(self._learn_order)
         except Exception:
             log.exception("loader stopped")
             self.state = "failed"
@@ -175,6 +177,11 @@ class Loader(PrefetchMixin, ReuseMixin):
             self._source_changed(str(group.exceptions[0]))
         except* (SourceError, CorruptImage) as group:
             self._note_error(group.exceptions[0])
+
+    async def _learn_order(self) -> None:
+        """Index the source order of files for readahead across files."""
+        runs = await trio.to_thread.run_sync(source_runs, self.image.source_maps)
+        self.readahead.order = await trio.to_thread.run_sync(SourceOrder, runs)
 
     async def _check_source(self) -> None:
         """Raise ObjectChangedError when the source's superblock is that of

@@ -15,6 +15,7 @@ sets: nothing polls.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 
@@ -186,11 +187,18 @@ class Readahead:
         self.after_blocks = after // BLOCK_SIZE
         self.launch = launch  # launch(ino, first_block, count)
         self.streams: dict[int, Stream] = {}
+        self.order: SourceOrder | None = None  # set once known: readahead across files
+        self.last_ino: int | None = None
+        self.cross_window = start
+        self.cross_front: int | None = None  # source offset no cross-file readahead covered
 
     def note_read(self, ino: int, first: int, last: int) -> None:
         """A program read blocks [first, last] of `ino` (called on the trio
         thread for every read: keep it cheap)."""
         s = self.streams.get(ino)
+        if first == 0 and self.order is not None and ino != self.last_ino:
+            self._across(ino)
+        self.last_ino = ino
         if s is None:
             if len(self.streams) > 4096:
                 self.streams.clear()  # forget idle readers, do not grow forever
@@ -218,3 +226,76 @@ class Readahead:
         blocks = max(1, s.window // BLOCK_SIZE)
         first, s.frontier = s.frontier, s.frontier + blocks
         self.launch(ino, first, blocks)
+
+    def _across(self, ino: int) -> None:
+        """A file's first block is read right after the whole file before it
+        in the source was: a program walking the tree in pack order (cp -r,
+        tar, loading every file of a model). Fetch the files that follow in
+        the source, with a window grown like a file's."""
+        order, prev = self.order, self.last_ino
+        done = prev is not None and prev in self.streams and \
+            self.streams[prev].next >= order.blocks.get(prev, 1 << 62)
+        if not done or not order.follows(prev, ino):
+            self.cross_window, self.cross_front = self.start, None
+            return
+        here = order.end_offset(ino)
+        if self.cross_front is None or self.cross_front < here:
+            if self.cross_front is not None:
+                self.cross_window = min(self.maximum, self.cross_window * 2)  # outran
+            self.cross_front = here
+        elif self.cross_front - here > self.cross_window // 2:
+            return  # far enough ahead
+        else:
+            self.cross_window = min(self.maximum, self.cross_window * 2)  # kept up
+        for run_ino, first, count in order.runs_from(self.cross_front, self.cross_window):
+            self.launch(run_ino, first, count)
+        self.cross_front += self.cross_window
+
+
+class SourceOrder:
+    """Where files' data lie in the source, in source order: which file
+    follows which, and the runs of blocks of a stretch of the source."""
+
+    def __init__(self, runs) -> None:
+        """`runs`: (offset, ino, tree, first, count) from prefetch.source_runs."""
+        data = [(off, ino, first, count) for off, ino, tree, first, count in runs
+                if tree == 0 and count]
+        self.runs = data
+        self.offsets = [r[0] for r in data]
+        self.first_run: dict[int, int] = {}
+        self.last_run: dict[int, int] = {}
+        self.blocks: dict[int, int] = {}
+        for k, (_off, ino, first, count) in enumerate(data):
+            if first == 0:
+                self.first_run[ino] = k
+            if first + count > self.blocks.get(ino, 0):
+                self.blocks[ino] = first + count
+                self.last_run[ino] = k
+
+    def follows(self, prev: int, ino: int) -> bool:
+        """Whether file `ino` starts where file `prev` ends in the source."""
+        a, b = self.last_run.get(prev), self.first_run.get(ino)
+        return a is not None and b == a + 1
+
+    def end_offset(self, ino: int) -> int:
+        """Source offset just past the file's last run (approximately: runs
+        are counted in whole blocks)."""
+        k = self.last_run.get(ino)
+        if k is None:
+            return 0
+        off, _ino, _first, count = self.runs[k]
+        return off + count * BLOCK_SIZE
+
+    def runs_from(self, offset: int, nbytes: int):
+        """(ino, first, count) of the blocks in [offset, offset + nbytes) of
+        the source (a run that begins before `offset` is entered midway)."""
+        k = max(0, bisect.bisect_right(self.offsets, offset) - 1)
+        end = offset + nbytes
+        while k < len(self.runs) and self.runs[k][0] < end:
+            off, ino, first, count = self.runs[k]
+            k += 1
+            skip = max(0, (offset - off) // BLOCK_SIZE)
+            if skip >= count:
+                continue
+            take = min(count - skip, max(1, -(-(end - max(off, offset)) // BLOCK_SIZE)))
+            yield ino, first + skip, take
