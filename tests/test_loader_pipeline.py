@@ -77,6 +77,39 @@ def test_the_budget_holds_and_admits_one_big_job():
     trio.run(main)
 
 
+def test_a_read_waiting_for_budget_lets_its_holders_finish():
+    """Jobs holding the budget wait only for slots; a read waiting for
+    budget must not keep them from slots, or nothing would ever move."""
+    done = []
+
+    async def main():
+        slots = Slots(total=1, prefetch_max=1, budget=100)
+        await slots.reserve(READAHEAD, 100)  # a readahead job holds it all
+        other = await slots.acquire(READ)  # ... and the one slot is busy
+
+        async def read_job() -> None:
+            await slots.reserve(READ, 10)
+            done.append("read")
+
+        async def readahead_job() -> None:
+            level = await slots.acquire(READAHEAD)
+            slots.release_slot(level)
+            slots.release_bytes(100)
+            done.append("readahead")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_job)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(readahead_job)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == []
+            slots.release_slot(other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == ["readahead", "read"]
+
+    trio.run(main)
+
+
 def test_prefetch_waiting_is_promoted_when_a_read_wants_it():
     async def main():
         slots = Slots(total=1, prefetch_max=1, budget=1 << 20)

@@ -53,13 +53,18 @@ class Slots:
     bytes stay in memory until then. Reserving all at once, never piece by
     piece, is what keeps jobs from deadlocking, each holding part of the
     budget while waiting for more. A slot (`acquire`) is held only while a
-    request is on the wire. The budget admits one job even when it alone is
+    request is on the wire, and jobs holding budget wait only for slots, so
+    the budget always comes back. The budget admits one job even when it alone is
     larger, so a big job can never wait forever."""
 
     def __init__(self, total: int, prefetch_max: int, budget: int):
         self.total, self.prefetch_max, self.budget = total, prefetch_max, budget
         self.busy = [0, 0, 0]  # slots in use, per class
-        self.waiting = [0, 0, 0]  # slot or budget waiters, per class
+        # waiters per class, for slots and for budget apart: a read waiting
+        # for budget must not keep the jobs that hold it from their slots
+        # (they could never finish and give it back)
+        self.waiting_slot = [0, 0, 0]
+        self.waiting_bytes = [0, 0, 0]
         self.bytes = 0
         self.peak_bytes = 0
         self.changed = Changed()
@@ -68,49 +73,56 @@ class Slots:
     def busy_total(self) -> int:
         return sum(self.busy)
 
-    def _before(self, level: int) -> bool:
+    @property
+    def waiting(self) -> list[int]:
+        """Waiters per class, for either resource."""
+        return [a + b for a, b in zip(self.waiting_slot, self.waiting_bytes)]
+
+    @staticmethod
+    def _before(waiting: list[int], level: int) -> bool:
         """Whether a higher class waits (then `level` must not go first)."""
-        if level > READ and self.waiting[READ]:
+        if level > READ and waiting[READ]:
             return True
-        return level == PREFETCH and self.waiting[READAHEAD] > 0
+        return level == PREFETCH and waiting[READAHEAD] > 0
 
     def _slot_free(self, level: int) -> bool:
-        if self.busy_total >= self.total or self._before(level):
+        if self.busy_total >= self.total or self._before(self.waiting_slot, level):
             return False
         return level < PREFETCH or self.busy[PREFETCH] < self.prefetch_max
 
     def _bytes_free(self, level: int, nbytes: int) -> bool:
-        if self._before(level):
+        if self._before(self.waiting_bytes, level):
             return False
         return not self.bytes or self.bytes + nbytes <= self.budget
 
-    async def _wait(self, level: int, free, urgent) -> int:
+    async def _wait(self, waiting: list[int], level: int, free, urgent) -> int:
         """Wait until `free(level)`; a request a read starts waiting for
         (`urgent()` true) is promoted to READ. Whoever makes a request
         urgent calls `changed.notify()`."""
-        self.waiting[level] += 1
+        waiting[level] += 1
         try:
             while not free(level):
                 if level > READ and urgent is not None and urgent():
-                    self.waiting[level] -= 1
+                    waiting[level] -= 1
                     level = READ
-                    self.waiting[level] += 1
+                    waiting[level] += 1
                     continue
                 await self.changed.wait()
         finally:
-            self.waiting[level] -= 1
+            waiting[level] -= 1
         return level
 
     async def reserve(self, level: int, nbytes: int, urgent=None) -> int:
         """Reserve `nbytes` of the budget; returns the class it was taken at."""
-        level = await self._wait(level, lambda lv: self._bytes_free(lv, nbytes), urgent)
+        level = await self._wait(self.waiting_bytes, level,
+                                 lambda lv: self._bytes_free(lv, nbytes), urgent)
         self.bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         return level
 
     async def acquire(self, level: int, urgent=None) -> int:
         """Take a slot; returns the class it was taken at."""
-        level = await self._wait(level, self._slot_free, urgent)
+        level = await self._wait(self.waiting_slot, level, self._slot_free, urgent)
         self.busy[level] += 1
         return level
 
