@@ -200,8 +200,10 @@ def _order(nfiles: int, blocks: int):
     from incfs.loader.schedule import SourceOrder
 
     base = 1 << 20
-    runs = [(base + k * blocks * BLOCK_SIZE, 10 + k, 0, 0, blocks) for k in range(nfiles)]
-    return SourceOrder(runs)
+    start = {10 + k: base + k * blocks * BLOCK_SIZE for k in range(nfiles)}
+    runs = [(start[ino], ino, 0, 0, blocks) for ino in start]
+    return SourceOrder(runs, lambda ino, i: start[ino] + i * BLOCK_SIZE if ino in start
+                       and 0 <= i < blocks else None, lambda ino: blocks if ino in start else 0)
 
 
 def test_a_tree_walked_in_pack_order_is_read_ahead_across_files():

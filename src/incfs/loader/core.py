@@ -42,7 +42,7 @@ import trio
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage, IntegrityError
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
-from ..format.records import TreeKind
+from ..format.records import BlockKind, TreeKind, info_kind
 from ..image import FillBlock, Image
 from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
                        TransientSourceError)
@@ -181,7 +181,17 @@ class Loader(PrefetchMixin, ReuseMixin):
     async def _learn_order(self) -> None:
         """Index the source order of files for readahead across files."""
         runs = await trio.to_thread.run_sync(source_runs, self.image.source_maps)
-        self.readahead.order = await trio.to_thread.run_sync(SourceOrder, runs)
+        self.readahead.order = await trio.to_thread.run_sync(
+            SourceOrder, runs, self._data_offset, self._data_blocks)
+
+    def _data_offset(self, ino: int, index: int) -> int | None:
+        maps = self.image.source_maps.get(ino)
+        loc = maps[0].get(index) if maps is not None and maps[0] is not None else None
+        return None if loc is None or info_kind(loc[1]) is BlockKind.ZERO else loc[0]
+
+    def _data_blocks(self, ino: int) -> int:
+        node = self.image.ns.inodes.get(ino)
+        return node.data.count if node is not None and node.data is not None else 0
 
     async def _check_source(self) -> None:
         """Raise ObjectChangedError when the source's superblock is that of

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from array import array
 from dataclasses import dataclass
 
 import trio
@@ -246,7 +247,7 @@ class Readahead:
         the source, with a window grown like a file's."""
         order, prev = self.order, self.last_ino
         done = prev is not None and prev in self.streams and \
-            self.streams[prev].next >= order.blocks.get(prev, 1 << 62)
+            self.streams[prev].next >= order.blocks_of(prev)
         if not done or not order.follows(prev, ino):
             self.cross_window, self.cross_front = self.start, None
             return
@@ -266,45 +267,58 @@ class Readahead:
 
 class SourceOrder:
     """Where files' data lie in the source, in source order: which file
-    follows which, and the runs of blocks of a stretch of the source."""
+    follows which, and the blocks of a stretch of the source.
 
-    def __init__(self, runs) -> None:
+    Kept in four flat arrays (32 bytes per run of blocks: a million files
+    cost 32 MiB, not the ~200 of tuples and dicts); per-file facts come from
+    the image's source maps through `offset_of(ino, index)` (None when the
+    block has no bytes in the source) and `blocks_of(ino)`."""
+
+    def __init__(self, runs, offset_of, blocks_of) -> None:
         """`runs`: (offset, ino, tree, first, count) from prefetch.source_runs."""
-        data = [(off, ino, first, count) for off, ino, tree, first, count in runs
-                if tree == 0 and count]
-        self.runs = data
-        self.offsets = [r[0] for r in data]
-        self.first_run: dict[int, int] = {}
-        self.last_run: dict[int, int] = {}
-        self.blocks: dict[int, int] = {}
-        for k, (_off, ino, first, count) in enumerate(data):
-            if first == 0:
-                self.first_run[ino] = k
-            if first + count > self.blocks.get(ino, 0):
-                self.blocks[ino] = first + count
-                self.last_run[ino] = k
+        self.offsets, self.inos = array("q"), array("q")
+        self.firsts, self.counts = array("q"), array("q")
+        for off, ino, tree, first, count in runs:
+            if tree == 0 and count:
+                self.offsets.append(off)
+                self.inos.append(ino)
+                self.firsts.append(first)
+                self.counts.append(count)
+        self.offset_of, self.blocks_of = offset_of, blocks_of
+
+    def _run_at(self, ino: int, index: int) -> int | None:
+        """Index of the run holding block `index` of `ino`."""
+        offset = self.offset_of(ino, index)
+        if offset is None:
+            return None
+        k = bisect.bisect_right(self.offsets, offset) - 1
+        while k >= 0 and self.offsets[k] == offset and self.inos[k] != ino:
+            k -= 1  # runs of other files at the same offset (shared blocks)
+        if k < 0 or self.inos[k] != ino:
+            return None
+        return k
 
     def follows(self, prev: int, ino: int) -> bool:
         """Whether file `ino` starts where file `prev` ends in the source."""
-        a, b = self.last_run.get(prev), self.first_run.get(ino)
+        last = self.blocks_of(prev) - 1
+        a = self._run_at(prev, last) if last >= 0 else None
+        b = self._run_at(ino, 0)
         return a is not None and b == a + 1
 
     def end_offset(self, ino: int) -> int:
-        """Source offset just past the file's last run (approximately: runs
-        are counted in whole blocks)."""
-        k = self.last_run.get(ino)
-        if k is None:
-            return 0
-        off, _ino, _first, count = self.runs[k]
-        return off + count * BLOCK_SIZE
+        """Source offset just past the file's last block (about: blocks are
+        counted whole)."""
+        offset = self.offset_of(ino, self.blocks_of(ino) - 1)
+        return 0 if offset is None else offset + BLOCK_SIZE
 
     def runs_from(self, offset: int, nbytes: int):
         """(ino, first, count) of the blocks in [offset, offset + nbytes) of
         the source (a run that begins before `offset` is entered midway)."""
         k = max(0, bisect.bisect_right(self.offsets, offset) - 1)
         end = offset + nbytes
-        while k < len(self.runs) and self.runs[k][0] < end:
-            off, ino, first, count = self.runs[k]
+        while k < len(self.offsets) and self.offsets[k] < end:
+            off, ino, first, count = (self.offsets[k], self.inos[k], self.firsts[k],
+                                      self.counts[k])
             k += 1
             skip = max(0, (offset - off) // BLOCK_SIZE)
             if skip >= count:
