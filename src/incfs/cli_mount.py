@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import click
 
-from .errors import UsageError
+from .loader.config import DEFAULTS
+from .statusfile import read_status
+
+__all__ = ["format_status", "parse_timeout", "read_status", "register", "watch_status"]
 
 
 def parse_timeout(value: str) -> float | None:
@@ -24,14 +26,6 @@ def parse_timeout(value: str) -> float | None:
     if not seconds > 0 or math.isinf(seconds):
         raise click.BadParameter("must be a positive number of seconds or 'forever'")
     return seconds
-
-
-def read_status(mountpoint: str) -> dict:
-    path = Path(mountpoint) / ".incfs" / "status"
-    try:
-        return json.loads(path.read_text())
-    except OSError:
-        raise UsageError(f"{mountpoint} is not an incfs mount") from None
 
 
 def _human(n: float) -> str:
@@ -90,15 +84,21 @@ def register(main: click.Group) -> None:
                   help="Mount an image without checking its signature.")
     @click.option("--read-timeout", default="forever", show_default=True,
                   help="Seconds a read waits for an absent block before ETIME, or 'forever'.")
-    @click.option("--prefetch", default="sequential", show_default=True,
+    @click.option("--prefetch", default=DEFAULTS.prefetch, show_default=True,
                   help="Background fetching: none, sequential or profile:FILE.")
     @click.option("--mirror", "mirrors", multiple=True,
                   help="Another URL of the same image, tried in order after SOURCE (repeatable).")
-    @click.option("--amplify", type=click.IntRange(min=4096), default=256 * 1024,
+    @click.option("--amplify", type=click.IntRange(min=4096), default=DEFAULTS.amplify,
                   show_default=True, help="Bytes a miss fetches around the block it needs.")
-    @click.option("--max-inflight", type=click.IntRange(min=1), default=8, show_default=True,
-                  help="Source requests in flight at once.")
-    @click.option("--bandwidth", type=click.FloatRange(min=1), default=None,
+    @click.option("--max-inflight", type=click.IntRange(min=1), default=DEFAULTS.max_inflight,
+                  show_default=True, help="Source requests in flight at once.")
+    @click.option("--inflight-budget", type=click.IntRange(min=4096),
+                  default=DEFAULTS.inflight_budget, show_default=True,
+                  help="Bytes of source requests in flight at most (bounds the daemon's memory).")
+    @click.option("--readahead-max", type=click.IntRange(min=4096),
+                  default=DEFAULTS.readahead_max, show_default=True,
+                  help="Largest readahead window of a sequential reader, in bytes.")
+    @click.option("--bandwidth", type=click.FloatRange(min=1), default=DEFAULTS.bandwidth,
                   help="Cap background prefetch to this many bytes/s (reads are never capped).")
     @click.option("--base-cache", type=click.Path(dir_okay=False, exists=True),
                   help="An older image or cache whose identical blocks are copied, not fetched.")
@@ -110,21 +110,22 @@ def register(main: click.Group) -> None:
                   help="Let the kernel read complete files directly (root, FUSE passthrough).")
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
-                  mirrors, amplify, max_inflight, bandwidth, base_cache, s3_endpoint,
-                  metrics_listen, passthrough, foreground):
+                  mirrors, amplify, max_inflight, inflight_budget, readahead_max, bandwidth,
+                  base_cache, s3_endpoint, metrics_listen, passthrough, foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
         if key and allow_unsigned:
             raise click.UsageError("--key and --allow-unsigned exclude each other")
-        from .loader import check_prefetch
+        from .loader.prefetch import check_prefetch  # loads pack: only for mount
 
         check_prefetch(prefetch)
         config = MountConfig(source=source, mountpoint=mountpoint, cache=cache, key=key,
                              allow_unsigned=allow_unsigned,
                              read_timeout=parse_timeout(read_timeout), prefetch=prefetch,
                              mirrors=list(mirrors) or None, amplify=amplify,
-                             max_inflight=max_inflight, bandwidth=bandwidth,
+                             max_inflight=max_inflight, inflight_budget=inflight_budget,
+                             readahead_max=readahead_max, bandwidth=bandwidth,
                              base_cache=base_cache,
                              metrics_listen=metrics_listen, passthrough=passthrough,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,9 +29,11 @@ from . import fuse, passthrough
 from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
+from .loader import DEFAULTS, default_cache, open_cache, start_loader
 from .metrics_http import start_metrics
 from .rundir import runtime_dir
 from .service import Service
+from .sources import is_remote as _remote_spec
 from .supervisor import HANDOVER_EXIT, hand_over
 from .waits import process_alive
 
@@ -50,29 +51,29 @@ class MountConfig:
     key: str | None = None
     allow_unsigned: bool = False
     read_timeout: float | None = None  # None: wait forever
-    prefetch: str = "sequential"
+    prefetch: str = DEFAULTS.prefetch
     max_tasks: int = 4096
     source_options: dict | None = None
-    # built-in loader (incfs.loader) for remote sources and caches
+    # built-in loader (incfs.loader) for remote sources and caches; defaults
+    # and their reasons: incfs.loader.config.LoaderConfig
     mirrors: list[str] | None = None  # more URLs of the same image, tried in order
-    amplify: int = 256 * 1024  # bytes: a miss fetches up to this much around it
-    max_inflight: int = 8  # source requests in flight at once
-    bandwidth: float | None = None  # bytes/s cap for background prefetch (None: no cap)
+    amplify: int = DEFAULTS.amplify  # bytes: a miss fetches up to this much around it
+    max_inflight: int = DEFAULTS.max_inflight  # source requests in flight at once
+    bandwidth: float | None = DEFAULTS.bandwidth  # bytes/s cap for background prefetch
     base_cache: str | None = None  # an older image whose identical blocks are reused
+    inflight_budget: int = DEFAULTS.inflight_budget  # bytes in flight at most
+    readahead_max: int = DEFAULTS.readahead_max  # largest readahead window, bytes
     passthrough: bool = True  # complete files served by the kernel (root, kernel 6.9+)
     metrics_listen: str | None = None  # HOST:PORT of HTTP /metrics (None: off)
     supervise: bool = True  # a supervisor restarts a daemon that dies (background mounts)
 
 
 def is_remote(source: str) -> bool:
-    return source.startswith(("http://", "https://", "s3://"))
+    """Whether the source is read over the network (the sources registry
+    knows each backend's schemes)."""
+    return _remote_spec(source)
 
 
-def default_cache(config: MountConfig) -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs"
-    base.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{config.source}\0{os.path.realpath(config.mountpoint)}".encode())
-    return base / f"{key.hexdigest()[:20]}.img"
 
 
 def open_backing(config: MountConfig) -> Image:
@@ -81,8 +82,7 @@ def open_backing(config: MountConfig) -> Image:
         path = Path(config.cache) if config.cache else default_cache(config)
         image = Image.open(path, writable=True) if path.exists() else Image.create(path)
     elif is_remote(config.source) or config.cache:
-        from .loader import open_cache  # the built-in loader owns caches of sources
-        image = open_cache(config)
+        image = open_cache(config)  # the built-in loader owns caches of sources
     else:
         path = Path(config.source)
         if not path.exists():
@@ -212,7 +212,6 @@ def _fsname(config: MountConfig) -> str:
 def _start_loader(config: MountConfig, service: Service, nursery):
     if not (is_remote(config.source) or (config.cache and config.source != "empty")):
         return None
-    from .loader import start_loader
     return start_loader(config, service, nursery)
 
 

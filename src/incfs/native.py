@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import kmount
 from .errors import IncfsError, UsageError
+from .statusfile import read_status
 
 def kernel_has_erofs() -> bool:
     try:
@@ -56,8 +57,6 @@ def mount_erofs_file(image: str | os.PathLike, mountpoint: str | os.PathLike) ->
 
 def handoff(mountpoint: str, erofs_image: str | os.PathLike | None = None) -> Path:
     """Replace a complete incfs mount by a kernel EROFS mount of the same tree."""
-    from .cli_mount import read_status
-
     status = read_status(mountpoint)
     if not status["complete"]:
         raise UsageError(f"{mountpoint} is not complete yet "

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -90,6 +91,9 @@ class Waits:
         self._new_pending = trio.Event()
         self.read_log: deque[tuple[int, int, int, int]] = deque(maxlen=READ_LOG_SIZE)
         self.log_serial = 0
+        # called with (ino, first block, last block) for every read, on the
+        # trio thread: lets a loader see readers that do not miss (readahead)
+        self.read_hooks: list[Callable[[int, int, int], None]] = []
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.latency_histogram = Histogram()
         self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
@@ -149,6 +153,8 @@ class Waits:
             del self.pending[key]
 
     def log_read(self, ino: int, first: int, last: int) -> None:
+        for hook in self.read_hooks:  # e.g. the loader's readahead
+            hook(ino, first, last)
         now = time.time_ns()
         for index in range(first, last + 1):
             self.log_serial += 1

@@ -1,6 +1,7 @@
 """Where image bytes come from: "read these byte ranges of one object".
 
-`open_source(spec)` picks the backend from the spec:
+`open_source(spec)` picks the backend from the spec (through the registry,
+`incfs.sources.registry`, where each backend declares its schemes):
 
 * a local path or `file://` URL -> LocalSource
 * `http://` / `https://` URL    -> HttpSource
@@ -15,8 +16,6 @@ spec knows is an error, so typos do not pass silently.
 from __future__ import annotations
 
 import os
-import re
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,46 +35,19 @@ from incfs.sources.http import HttpSource
 from incfs.sources.local import LocalSource
 from incfs.sources.mirrors import Mirror, MirroredSource
 from incfs.sources.retry import RetryPolicy, call_with_retry
+from incfs.sources.registry import backend_for, is_remote, open_one, options_for
 from incfs.sources.s3 import S3Source, parse_s3_url
 
 __all__ = [
     "AccessDeniedError", "HttpSource", "LocalSource", "Mirror", "MirroredSource",
     "NotFoundError", "ObjectChangedError", "PermanentSourceError",
     "RangeNotSatisfiableError", "RetryPolicy", "S3Source", "Source", "SourceError",
-    "SourceStats", "TransientSourceError", "call_with_retry", "open_source",
+    "SourceStats", "TransientSourceError", "backend_for", "call_with_retry", "is_remote",
+    "open_source", "options_for", "parse_s3_url",
 ]
 
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 #: Options consumed by MirroredSource itself when the spec is a list.
-MIRROR_OPTIONS = frozenset({"cooldown", "retry", "expected_size", "mirror_retry"})
-
-
-def _backend_for(spec: str) -> tuple[type[Source], dict[str, Any]]:
-    """The backend class for one spec and its positional constructor args."""
-    match = _SCHEME.match(spec)
-    scheme = match[1].lower() if match else ""
-    if scheme in ("http", "https"):
-        return HttpSource, {"url": spec}
-    if scheme == "s3":
-        bucket, key = parse_s3_url(spec)
-        return S3Source, {"bucket": bucket, "key": key}
-    if scheme == "file":
-        parts = urllib.parse.urlsplit(spec)
-        if parts.netloc not in ("", "localhost"):
-            raise UsageError(f"file:// URL with a remote host: {spec!r}")
-        return LocalSource, {"path": urllib.parse.unquote(parts.path)}
-    if scheme:
-        raise UsageError(f"unsupported source scheme {scheme!r} in {spec!r}")
-    if not spec:
-        raise UsageError("empty source spec")
-    return LocalSource, {"path": spec}
-
-
-def _open_one(spec: str, options: dict[str, Any]) -> Source:
-    cls, args = _backend_for(spec)
-    accepted: frozenset[str] = getattr(cls, "OPTIONS")
-    chosen = {k: v for k, v in options.items() if k in accepted}
-    return cls(**args, **chosen)
+MIRROR_OPTIONS = MirroredSource.OPTIONS
 
 
 def open_source(spec: str | os.PathLike[str] | Sequence[str], **options: Any) -> Source:
@@ -98,21 +70,18 @@ def open_source(spec: str | os.PathLike[str] | Sequence[str], **options: Any) ->
         single = len(specs) == 1
         if not specs:
             raise UsageError("empty list of mirrors")
-    backends = [_backend_for(s)[0] for s in specs]
-    known = set().union(*(getattr(b, "OPTIONS") for b in backends))
-    if not single:
-        known |= MIRROR_OPTIONS
+    known = options_for(specs[:1] if single else specs)
     unknown = set(options) - known
     if unknown:
         raise UsageError(f"unknown source option(s): {', '.join(sorted(unknown))}")
     if single:
-        return _open_one(specs[0], options)
+        return open_one(specs[0], options)
 
     per_mirror = {k: v for k, v in options.items() if k not in MIRROR_OPTIONS and k != "name"}
     per_mirror["retry"] = options.get("mirror_retry") or RetryPolicy.failover()
     sources: list[Source] = []
     for s in specs:
-        sources.append(_open_one(s, per_mirror))
+        sources.append(open_one(s, per_mirror))
     return MirroredSource(
         sources,
         cooldown=options.get("cooldown", 30.0),

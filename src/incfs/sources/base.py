@@ -20,7 +20,7 @@ import abc
 import errno
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Self
+from typing import Any, ClassVar, Self
 
 import trio
 
@@ -113,9 +113,23 @@ class Source(abc.ABC):
     open hundreds of connections or threads.
     """
 
+    #: URL schemes this backend serves ("" stands for a bare local path);
+    #: the registry (incfs.sources.registry) picks a backend by these.
+    SCHEMES: ClassVar[tuple[str, ...]] = ()
+    #: Keyword options the constructor accepts (unknown ones are an error).
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
+    #: Whether reading needs the network (a mount from it needs a cache).
+    REMOTE: ClassVar[bool] = True
+
     name: str
     stats: SourceStats
     max_concurrency: int
+
+    @classmethod
+    def spec_args(cls, spec: str) -> dict[str, Any]:
+        """Constructor arguments named by a spec of one of `SCHEMES`
+        (raise UsageError when the spec is malformed)."""
+        raise UsageError(f"{cls.__name__} cannot be opened from a spec")
 
     def __init__(self, name: str, *, max_concurrency: int = DEFAULT_CONCURRENCY) -> None:
         if max_concurrency < 1:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-import httpx
 import trio
 
 from incfs.errors import UsageError
@@ -40,6 +39,9 @@ from incfs.sources.base import (
     check_within,
 )
 from incfs.sources.retry import RetryPolicy, call_with_retry
+
+if TYPE_CHECKING:  # httpx costs ~60 ms to import: only mounts of URLs pay for it
+    import httpx
 
 T = TypeVar("T")
 
@@ -95,6 +97,8 @@ def transport_error(name: str, exc: httpx.HTTPError) -> SourceError:
     """Classify an httpx exception: our own mistakes and redirect loops are
     permanent; everything on the wire (timeouts, resets, refused connections,
     truncated bodies) is transient."""
+    import httpx
+
     detail = f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError,
                         httpx.TooManyRedirects)):
@@ -118,8 +122,13 @@ class HttpSource(Source):
     connection pool.
     """
 
+    SCHEMES: ClassVar[tuple[str, ...]] = ("http", "https")
     OPTIONS = frozenset({"headers", "timeout", "connect_timeout", "max_connections",
                          "http2", "verify", "retry", "check_validators", "name"})
+
+    @classmethod
+    def spec_args(cls, spec: str) -> dict[str, Any]:
+        return {"url": spec}
 
     def __init__(
         self,
@@ -135,6 +144,8 @@ class HttpSource(Source):
         check_validators: bool = True,
         name: str | None = None,
     ) -> None:
+        import httpx  # here, not at module level: see the TYPE_CHECKING import
+
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError) as exc:
@@ -209,6 +220,8 @@ class HttpSource(Source):
     ) -> T:
         """Send one request and pass the streaming response to `handle`,
         translating httpx errors. Bounded by the connection limiter."""
+        import httpx  # already loaded by __init__: a dict lookup
+
         async with self._limiter:
             self.stats.requests += 1
             try:

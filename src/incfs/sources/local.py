@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import errno
 import os
+import urllib.parse
+from typing import Any
 
 import trio
 
+from incfs.errors import UsageError
 from incfs.sources.base import (
     NotFoundError,
     ObjectChangedError,
@@ -51,7 +54,20 @@ class LocalSource(Source):
     would otherwise be served half old, half new.
     """
 
+    SCHEMES = ("", "file")
     OPTIONS = frozenset({"retry", "max_concurrency", "name"})
+    REMOTE = False
+
+    @classmethod
+    def spec_args(cls, spec: str) -> dict[str, Any]:
+        if not spec.lower().startswith("file://"):
+            if not spec:
+                raise UsageError("empty source spec")
+            return {"path": spec}
+        parts = urllib.parse.urlsplit(spec)
+        if parts.netloc not in ("", "localhost"):
+            raise UsageError(f"file:// URL with a remote host: {spec!r}")
+        return {"path": urllib.parse.unquote(parts.path)}
 
     def __init__(
         self,

@@ -85,6 +85,9 @@ class MirroredSource(Source):
         and later mirrors must agree before they are used.
     """
 
+    #: Options of the mirror set itself (the rest go to each mirror).
+    OPTIONS = frozenset({"cooldown", "retry", "expected_size", "mirror_retry"})
+
     def __init__(
         self,
         sources: Sequence[Source],

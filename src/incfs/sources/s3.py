@@ -98,9 +98,15 @@ class _Answer:
 class S3Source(Source):
     """Byte ranges of `s3://bucket/key` via GetObject with a Range header."""
 
+    SCHEMES = ("s3",)
     OPTIONS = frozenset({"endpoint_url", "region", "profile", "version_id", "retry",
                          "max_connections", "connect_timeout", "timeout", "client_kwargs",
                          "name"})
+
+    @classmethod
+    def spec_args(cls, spec: str) -> dict[str, Any]:
+        bucket, key = parse_s3_url(spec)
+        return {"bucket": bucket, "key": key}
 
     def __init__(
         self,

@@ -1,0 +1,246 @@
+"""The cache image of a mount from a source: created from the source's
+metadata, resumed, or kept as the base of an update (R8, R9).
+
+`open_cache(config) -> Image` runs before the mount: it fetches the
+superblock and the metadata region `[0, meta_end)` of the source (one ranged
+request for most images) and writes the cache image: the same superblock
+with the CACHE flag, the metadata records at the same offsets (so their back
+links stay valid) with BLOCKS records re-typed as SOURCE_BLOCKS ("where this
+block is in the source"). The whole tree is visible as soon as the mount is
+up. An existing cache of the same image resumes; one of another image (an
+update) is kept beside the new cache as `CACHE.old` and its blocks are
+reused; if the source cannot be reached the mount is served from the cache
+alone ("offline" in status).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from ..errors import CorruptImage, UsageError
+from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader,
+                             RecordType, Superblock, SuperFlags)
+from ..format.log import scan_log
+from ..image import Image
+from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
+                       TransientSourceError)
+from .config import DEFAULTS, LoaderConfig
+from .prefetch import check_prefetch
+from .remote import open_loader_source
+
+log = logging.getLogger("incfs.loader")
+
+
+def default_cache(config) -> Path:
+    """Where the cache of a mount lives when no --cache is given: one file
+    per (source, mount point) under $XDG_CACHE_HOME/incfs."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs"
+    base.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{config.source}\0{os.path.realpath(config.mountpoint)}".encode())
+    return base / f"{key.hexdigest()[:20]}.img"
+
+
+def cache_path(config) -> Path:
+    return Path(config.cache) if config.cache else default_cache(config)
+
+
+def old_path(path: Path) -> Path:
+    """Where an older version's cache waits while a new version loads."""
+    return path.with_name(path.name + ".old")
+
+
+def open_cache(config) -> Image:
+    """The cache image for a mount of `config.source` (see the module doc).
+    Raises SourceError when there is no cache and the source cannot be read,
+    UsageError when the source is not a packed image, the cache file is not
+    an incfs cache or an option is wrong."""
+    check_prefetch(config.prefetch)
+    settings = LoaderConfig.from_mount(config)
+    path = cache_path(config)
+    return trio.run(_open_cache, config, settings, path)
+
+
+async def _open_cache(config, settings: LoaderConfig, path: Path) -> Image:
+    info = {"cache": str(path), "state": "created", "offline": None, "metadata_bytes": 0,
+            "base": config.base_cache, "base_is_old": False}
+    old = old_path(path)
+    if path.exists():
+        image = _open_existing(path)
+        try:
+            sb = await _probe(config, settings.probe_timeout)
+        except (SourceError, CorruptImage) as e:
+            info["state"] = "offline"
+            info["offline"] = (f"source unreachable ({e}); serving from the cache"
+                               if not image_complete(image) else
+                               f"source unreachable ({e}); the cache is complete")
+            log.warning("%s: %s", config.source, info["offline"])
+            _attach(image, info, old)
+            return image
+        if sb.uuid == image.superblock.uuid:
+            info["state"] = "resumed"
+            _attach(image, info, old)
+            return image
+        # An update: the source holds another image. Fetch its metadata
+        # before touching the old cache, so a failure leaves it as it was.
+        image.close()
+        sb, meta = await _fetch_metadata(config, settings)
+        os.replace(path, old)
+        info["state"] = "updated"
+    else:
+        sb, meta = await _fetch_metadata(config, settings)
+    image = write_cache(path, sb, meta)
+    info["metadata_bytes"] = len(meta)
+    _attach(image, info, old)
+    return image
+
+
+def _attach(image: Image, info: dict, old: Path) -> None:
+    """Cache images are not synced per fill (the loader syncs them); remember
+    what open_cache found for the loader's status."""
+    image.durable = False
+    if not info["base"] and old.exists():
+        info["base"] = str(old)
+        info["base_is_old"] = True
+    image.cache_info = info
+
+
+def _open_existing(path: Path) -> Image:
+    image = Image.open(path, writable=True)
+    if not image.superblock.flags & SuperFlags.CACHE:
+        image.close()
+        raise UsageError(f"{path} exists and is not an incfs cache image")
+    return image
+
+
+def image_complete(image: Image) -> bool:
+    totals = image.totals()
+    return totals["blocks_present"] == totals["blocks_total"]
+
+
+def write_cache(path: Path, sb: Superblock, meta: bytes) -> Image:
+    """Create the cache image at `path` from a source's superblock and its
+    metadata bytes `[0, meta_end)`; returns it opened for writing."""
+    records = cache_metadata(meta, sb)
+    flags = SuperFlags((int(sb.flags) & ~int(SuperFlags.PACKED)) | int(SuperFlags.CACHE))
+    cache_sb = Superblock(uuid=sb.uuid, flags=flags, meta_end=sb.meta_end,
+                          data_start=sb.data_start, data_end=sb.data_end,
+                          packed_size=sb.packed_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            blob = cache_sb.encode() + records[SUPERBLOCK_SIZE:]
+            if os.pwrite(fd, blob, 0) != len(blob):
+                raise OSError(errno.EIO, f"short write to {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    image = Image.open(path, writable=True)
+    image.durable = False
+    return image
+
+
+def cache_metadata(meta: bytes, sb: Superblock) -> bytes:
+    """The metadata region with every BLOCKS record re-typed SOURCE_BLOCKS.
+    Every record must be whole and intact up to exactly `meta_end`: a cache
+    never starts from damaged metadata."""
+    if len(meta) < sb.meta_end:
+        raise CorruptImage("metadata region is cut short")
+    found: list[tuple[int, int]] = []
+
+    def sink(offset: int, header: RecordHeader, body: bytes) -> None:
+        if header.type == RecordType.BLOCKS:
+            found.append((offset, header.length))
+
+    result = scan_log(io.BytesIO(meta), sb.meta_end, sink)
+    if result.end != sb.meta_end or result.dropped_reason:
+        raise CorruptImage(f"source metadata is damaged ({result.dropped_reason or 'ends early'})")
+    out = bytearray(meta[:sb.meta_end])
+    for offset, length in found:
+        out[offset:offset + length] = retype_record(out[offset:offset + length],
+                                                    RecordType.SOURCE_BLOCKS)
+    return bytes(out)
+
+
+def retype_record(raw: bytes | bytearray, new_type: int) -> bytes:
+    """The same record (header + body + payload/padding) with another type
+    code: length, flags and the back link kept, the CRC recomputed."""
+    header = RecordHeader.decode(bytes(raw[:RECORD_HEADER_SIZE]))
+    if header is None:
+        raise CorruptImage("not a record header")
+    body = bytes(raw[RECORD_HEADER_SIZE:RECORD_HEADER_SIZE + header.body_len])
+    if not RecordHeader.check(bytes(raw[:RECORD_HEADER_SIZE]), body):
+        raise CorruptImage("record checksum mismatch")
+    new = RecordHeader(int(new_type), header.flags, header.length, header.prev, header.body_len)
+    return new.encode(body) + bytes(raw[RECORD_HEADER_SIZE:])
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+async def _probe(config, timeout: float) -> Superblock:
+    """The source's superblock, asked with short timeouts and few retries."""
+    policy = RetryPolicy(max_attempts=2, base_delay=0.1, max_delay=0.5, deadline=timeout)
+    source = open_loader_source(config, retry=policy, mirror_retry=policy,
+                                connect_timeout=min(3.0, timeout), timeout=timeout)
+    try:
+        with trio.move_on_after(timeout + 1) as scope:
+            head = await source.read(0, SUPERBLOCK_SIZE)
+        if scope.cancelled_caught:
+            raise TransientSourceError(f"{source.name}: no answer within {timeout:g}s")
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+    return Superblock.decode(head)
+
+
+async def _fetch_metadata(config, settings: LoaderConfig) -> tuple[Superblock, bytes]:
+    source = open_loader_source(config)
+    try:
+        return await fetch_metadata(source, settings.first_read, settings.meta_chunk)
+    finally:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+
+
+async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
+                         meta_chunk: int = DEFAULTS.meta_chunk) -> tuple[Superblock, bytes]:
+    """(superblock, bytes [0, meta_end)) of a packed image: one request when
+    the metadata fits in `first_read` bytes, else parallel ones for the rest."""
+    try:
+        head = await source.read(0, first_read)
+    except RangeNotSatisfiableError:
+        size = await source.size()  # a small image: learnt from the refusal
+        head = await source.read(0, min(size, first_read))
+    sb = Superblock.decode(head[:SUPERBLOCK_SIZE])
+    if not sb.flags & SuperFlags.PACKED or sb.meta_end <= LOG_START:
+        raise UsageError(f"{source.name} is not a packed incfs image (made by `incfs pack`); "
+                         "only packed images can be mounted from a source")
+    if sb.meta_end > len(head):
+        ranges = [(o, min(meta_chunk, sb.meta_end - o))
+                  for o in range(len(head), sb.meta_end, meta_chunk)]
+        head += b"".join(await source.read_many(ranges))
+    return sb, head[:sb.meta_end]

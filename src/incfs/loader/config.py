@@ -1,0 +1,113 @@
+"""Every default of the built-in loader, in one place, each with its reason.
+
+`MountConfig` (mount.py) and the `incfs mount` options (cli_mount.py) take
+their defaults from `DEFAULTS`; the loader reads its tunables from a
+`LoaderConfig` built from the mount's configuration (`from_mount`), so a
+value is written down exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderConfig:
+    """Tunables of the built-in loader (bytes, seconds, counts)."""
+
+    # Background fetching of what nobody read yet: sequential fills the whole
+    # image in source order, so it works offline once done (R8).
+    prefetch: str = "sequential"
+    # A miss fetches up to this many bytes of source range around the block it
+    # needs: one round trip brings the neighbours a reader wants next, while a
+    # random 4 KiB reader pays for at most 64 blocks (bounded amplification).
+    amplify: int = 256 * KiB
+    # Source requests in flight at once: enough to fill a 100 Mbit/s x 100 ms
+    # link with 256 KiB..1 MiB ranges, few enough for a small HTTP server.
+    max_inflight: int = 16
+    # Cap on background prefetch in bytes/s (None: no cap); reads never are.
+    bandwidth: float | None = None
+    # Bytes of requests in flight at once (reads, readahead and prefetch):
+    # every range in flight is buffered whole, so this bounds the daemon's
+    # memory however fast the reader or wide the window (mountpoint-s3's users
+    # complained of a prefetcher that is not bounded).
+    inflight_budget: int = 64 * MiB
+    # Sequential readers: the readahead window starts at `amplify`, doubles
+    # each time the reader reaches it, and stops growing here: past a few
+    # bandwidth-delay products (100 Mbit/s x 100 ms = 1.25 MB) more window
+    # only costs memory and wasted bytes when the reader stops.
+    readahead_max: int = 16 * MiB
+    # Bytes a reader must read in sequence before readahead starts: programs
+    # that read small clusters at random places (most of them; the "touch
+    # 10%" case) are served by misses and must not pay for a window they never
+    # read (bytes fetched <= 1.2x bytes read is a target).
+    readahead_after: int = 1 * MiB
+    # Longest single range request of readahead and prefetch: long enough
+    # that per-request overhead is small, short enough to be split over
+    # several connections and to lose little when a connection resets.
+    request_max: int = 1 * MiB
+    # Background prefetch jobs gather this much source range each.
+    prefetch_chunk: int = 1 * MiB
+    # Absent bytes worth fetching to join two ranges into one request (a
+    # round trip costs more than 32 KiB at the links we aim at).
+    max_gap: int = 32 * KiB
+    # The first metadata request: holds the whole metadata of most images,
+    # so the tree is visible after one round trip.
+    first_read: int = 256 * KiB
+    # Further metadata is fetched in parallel chunks of this size.
+    meta_chunk: int = 4 * MiB
+    # Seconds to ask an existing cache's source whether it still holds the
+    # same image before mounting from the cache alone ("offline").
+    probe_timeout: float = 5.0
+    # Seconds between syncs of the cache (fills are not synced one by one: a
+    # block lost in a crash is fetched again).
+    flush_interval: float = 3.0
+    # Seconds between status updates the mount shows in .incfs/status.
+    status_interval: float = 0.5
+    # Seconds between sweeps for waiting reads that no request covers.
+    sweep_interval: float = 1.0
+    # Longest pause between loader-level retries of a block a read waits for.
+    retry_cap: float = 5.0
+    # Longest wait for a hash block another request is fetching.
+    dep_wait: float = 60.0
+    # Blocks looked up per batch when copying blocks from an older image.
+    reuse_batch: int = 1024
+    # Connections opened at start (each reads the superblock) so first misses
+    # do not pay for handshakes.
+    warm_connections: int = 4
+
+    @classmethod
+    def from_mount(cls, config: Any) -> "LoaderConfig":
+        """The loader's tunables from a mount configuration (any object with
+        attributes of these names; absent or None ones keep the default,
+        except `bandwidth`, whose None means "no cap")."""
+        values = {}
+        for f in fields(cls):
+            value = getattr(config, f.name, None)
+            if value is not None:
+                values[f.name] = value
+        return replace(DEFAULTS, **values).checked()
+
+    def checked(self) -> "LoaderConfig":
+        """This configuration with values raised to their working minimum."""
+        amplify = max(4 * KiB, int(self.amplify))
+        budget = max(amplify, int(self.inflight_budget))
+        return replace(self, amplify=amplify, max_inflight=max(1, int(self.max_inflight)),
+                       inflight_budget=budget,
+                       readahead_max=max(amplify, int(self.readahead_max)),
+                       request_max=min(budget, max(amplify, int(self.request_max))),
+                       prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
+                       prefetch=(self.prefetch or "none").strip())
+
+    @property
+    def prefetch_slots(self) -> int:
+        """Requests background prefetch may hold at once: a quarter, so
+        readahead and misses always find free connections."""
+        return max(1, self.max_inflight // 4)
+
+
+DEFAULTS = LoaderConfig()

@@ -1,0 +1,238 @@
+"""Background prefetch: what nobody read yet, at the lowest priority.
+
+"none", "sequential" (the data region in source order: hash trees first,
+then profiled blocks, then the rest, as `pack` lays them out) or
+"profile:FILE" (those blocks first, then sequential), with an optional
+bandwidth cap. Prefetch never starts a request while a read's or a
+readahead's request waits for a slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from .. import BLOCK_SIZE
+from ..errors import IncfsError, UsageError
+from ..format.records import BlockKind, info_kind, info_size
+from ..pack import load_profile
+from ..profile import resolve
+from .plan import DATA, HASH, Job
+from .schedule import READ, READAHEAD
+
+log = logging.getLogger("incfs.loader")
+
+
+def check_prefetch(mode: str | None) -> None:
+    """Raise UsageError unless `mode` is none, sequential or profile:FILE
+    (with a readable FILE)."""
+    mode = (mode or "none").strip()
+    if mode in ("none", "sequential"):
+        return
+    if mode.startswith("profile:") and mode != "profile:":
+        load_profile(mode[len("profile:"):])  # raises UsageError when unusable
+        return
+    raise UsageError(f"--prefetch must be none, sequential or profile:FILE, not {mode!r}")
+
+
+def source_runs(source_maps) -> list[tuple[int, int, int, int, int]]:
+    """(source offset, ino, tree, first index, count) of runs of blocks that
+    lie one after another in the source, sorted by offset."""
+    runs = []
+    for ino, maps in source_maps.items():
+        for tree, smap in ((DATA, maps[0]), (HASH, maps[1])):
+            if smap is not None:
+                runs.extend(_runs_of(ino, tree, smap))
+    runs.sort()
+    return runs
+
+
+def _runs_of(ino: int, tree: int, smap) -> list[tuple[int, int, int, int, int]]:
+    runs = []
+    start = first = prev = None
+    end = 0
+    for i, offset, info, _crc in smap.entries():
+        size = 0 if info_kind(info) is BlockKind.ZERO else info_size(info)
+        continuing = prev is not None and i == prev + 1 and (
+            not size or start is None or end <= offset <= end + BLOCK_SIZE)
+        if not continuing:
+            if first is not None:
+                runs.append((start or 0, ino, tree, first, prev - first + 1))
+            first, start = i, (offset if size else None)
+            end = offset + size if size else 0
+        elif size:
+            if start is None:
+                start = offset
+            end = offset + size
+        prev = i
+    if first is not None:
+        runs.append((start or 0, ino, tree, first, prev - first + 1))
+    return runs
+
+
+class PrefetchBatch:
+    """Blocks of one file (and tree) gathered for one prefetch job."""
+
+    def __init__(self, max_bytes: int, max_blocks: int = 4096):
+        self.max_bytes, self.max_blocks = max_bytes, max_blocks
+        self.key: tuple[int, int] | None = None
+        self.indexes: list[int] = []
+        self.nbytes = 0
+
+    def full_or_other(self, ino: int, tree: int) -> bool:
+        if not self.indexes:
+            self.key = (ino, tree)
+            return False
+        return (self.key != (ino, tree) or self.nbytes >= self.max_bytes
+                or len(self.indexes) >= self.max_blocks)
+
+    def add(self, ino: int, tree: int, index: int, nbytes: int) -> None:
+        self.key = (ino, tree)
+        self.indexes.append(index)
+        self.nbytes += nbytes
+
+    def take(self) -> tuple[int, int, list[int]]:
+        ino, tree = self.key or (0, 0)
+        indexes, self.indexes, self.nbytes = self.indexes, [], 0
+        return ino, tree, indexes
+
+
+class PrefetchMixin:
+    """The Loader's background part. Relies on the Loader's image, cfg,
+    slots, bucket, inflight, stopped, `_plan`, `_run_job` and the reuse
+    mixin's `_open_base`/`_reuse_pass`."""
+
+    async def _background(self) -> None:
+        self.prefetch_pause_until = 0.0
+        await self._open_base()
+        mode = self.cfg.prefetch
+        if self.base is not None and mode != "none":
+            await self._reuse_pass()
+        if mode == "none":
+            self.prefetch_state = "off"
+            return
+        if mode.startswith("profile:"):
+            self.prefetch_state = "profile"
+            await self._prefetch_profile(mode[len("profile:"):])
+        await self._prefetch_all()
+
+    async def _prefetch_all(self) -> None:
+        """Sequential passes until every block is here (a pass leaves what
+        failed or what reads were fetching; later passes pick it up)."""
+        pause = 1.0
+        while not self._complete_now():
+            if self.stopped:
+                self.prefetch_state = "stopped"
+                return
+            self.prefetch_state = "sequential"
+            before = self.image.totals()["blocks_present"]
+            await self._prefetch_runs()
+            await self._prefetch_idle()
+            if self._complete_now():
+                break
+            self.prefetch_state = "retrying"
+            progressed = self.image.totals()["blocks_present"] > before
+            await trio.sleep(0.2 if progressed else pause)  # a backoff, not a capacity wait
+            pause = 1.0 if progressed else min(pause * 2, 30.0)
+        await self._on_complete()
+
+    async def _prefetch_profile(self, path: str) -> None:
+        try:
+            entries = await trio.to_thread.run_sync(resolve, self.image, path)
+        except (IncfsError, OSError) as e:
+            log.warning("profile %s not used: %s", path, e)
+            self.last_error = f"profile {path}: {e}"
+            return
+        per_job = max(1, self.cfg.prefetch_chunk // BLOCK_SIZE)
+        for start in range(0, len(entries), per_job):
+            by_ino: dict[int, list[int]] = {}
+            for ino, index in entries[start:start + per_job]:
+                by_ino.setdefault(ino, []).append(index)
+            for ino, indexes in by_ino.items():
+                await self._prefetch_gate()
+                job = self._plan(ino, indexes, [], extend=0, prefetch=True)
+                if job is not None:
+                    self._launch_prefetch(job)
+
+    async def _prefetch_runs(self, tree_filter: int | None = None) -> None:
+        """Fetch absent blocks in source order.
+
+        Jobs gather blocks across consecutive runs of the same file: packing
+        deduplicates identical blocks, so a file's map can break into many
+        one-block runs whose bytes lie elsewhere; `plan_ranges` then joins
+        them by offset instead of sending one request per block."""
+        runs = await trio.to_thread.run_sync(source_runs, self.image.source_maps)
+        batch = PrefetchBatch(self.cfg.prefetch_chunk)
+        for _offset, ino, tree, first, count in runs:
+            if self.stopped:
+                return
+            if tree_filter is not None and tree != tree_filter:
+                continue
+            node = self.image.ns.inodes.get(ino)
+            if node is None or node.data is None:
+                continue
+            target = node.data if tree == DATA else node.hashes
+            smap = self.image.source_maps[ino][0 if tree == DATA else 1]
+            if target is None or smap is None:
+                continue
+            for i in range(first, first + count):
+                if batch.full_or_other(ino, tree):
+                    await self._launch_batch(batch)
+                if not target.is_present(i) and (ino, tree, i) not in self.inflight:
+                    loc = smap.get(i)
+                    batch.add(ino, tree, i, info_size(loc[1]) if loc else 0)
+        await self._launch_batch(batch)
+
+    async def _launch_batch(self, batch: PrefetchBatch) -> None:
+        ino, tree, indexes = batch.take()
+        if not indexes:
+            return
+        await self._prefetch_gate()
+        if tree == DATA:
+            job = self._plan(ino, indexes, [], extend=0, prefetch=True)
+        else:
+            job = self._plan(ino, [], indexes, extend=0, prefetch=True)
+        if job is not None:
+            self._launch_prefetch(job)
+
+    def _prefetch_may_start(self) -> bool:
+        s = self.slots
+        return (self.prefetch_running < self.cfg.prefetch_slots and not s.waiting[READ]
+                and not s.busy[READ] and not s.waiting[READAHEAD])
+
+    async def _prefetch_gate(self) -> None:
+        """Wait until prefetch may start a job: fewer than `prefetch_slots`
+        prefetch jobs running, no read's request running or waiting for a
+        slot, no readahead waiting, no pause after errors, and the bandwidth
+        cap's debt repaid. Blocks are claimed only after this, so a read
+        never waits behind a prefetch job that has not started. Returns at
+        once when fetching stopped (the callers then launch nothing)."""
+        await trio.lowlevel.checkpoint()
+        while not self.stopped:
+            pause = self.prefetch_pause_until - time.monotonic()
+            if pause > 0:
+                await trio.sleep(pause)
+            elif self.bucket is not None and self.bucket.in_debt:
+                await self.bucket.wait()
+            elif self._prefetch_may_start():
+                return
+            else:
+                await self.slots.changed.wait()  # every change of the above notifies
+
+    def _launch_prefetch(self, job: Job) -> None:
+        if self.stopped:
+            self._release(job, list(job.keys))
+            return
+        job.background = True
+        if self.bucket is not None:
+            # charged now, not when its requests go out: the gate must see
+            # the debt before it lets the next job start
+            self.bucket.charge(job.nbytes)
+        self.prefetch_running += 1
+        self._nursery.start_soon(self._run_job, job)
+
+    async def _prefetch_idle(self) -> None:
+        while self.prefetch_running:
+            await self.slots.changed.wait()

@@ -1,0 +1,327 @@
+"""Who may send a request when: priorities, the in-flight byte budget, the
+bandwidth cap of prefetch, and readahead windows of sequential readers.
+
+Three classes of requests share the source's connections:
+
+* READ: a program waits for the block. Always first: it takes any free
+  slot, and while one waits, nothing of lower class starts.
+* READAHEAD: ahead of a sequential reader (see `Readahead`); before
+  prefetch, because a reader is known to want it soon.
+* PREFETCH: background filling; at most `prefetch_max` requests at once.
+
+Every wait here is on an event that the state change which could end it
+sets: nothing polls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from array import array
+from dataclasses import dataclass
+
+import trio
+
+from .. import BLOCK_SIZE
+
+READ, READAHEAD, PREFETCH = 0, 1, 2
+# Blocks a read may start before where the previous one ended without
+# breaking a sequential stream: the kernel sends readahead requests of 128 KiB
+# (32 blocks) concurrently, so they can arrive slightly out of order.
+SLACK = 64
+
+
+class Changed:
+    """A broadcast "something changed": `wait()` returns at the next
+    `notify()` (an event replaced at each notification)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class Slots:
+    """Request slots and the in-flight byte budget.
+
+    A job reserves the bytes it will fetch (`reserve`) before its first
+    request and keeps them until they are stored (`release_bytes`): fetched
+    bytes stay in memory until then. Reserving all at once, never piece by
+    piece, is what keeps jobs from deadlocking, each holding part of the
+    budget while waiting for more. A slot (`acquire`) is held only while a
+    request is on the wire, and jobs holding budget wait only for slots, so
+    the budget always comes back. The budget admits one job even when it alone is
+    larger, so a big job can never wait forever."""
+
+    def __init__(self, total: int, prefetch_max: int, budget: int):
+        self.total, self.prefetch_max, self.budget = total, prefetch_max, budget
+        self.busy = [0, 0, 0]  # slots in use, per class
+        # waiters per class, for slots and for budget apart: a read waiting
+        # for budget must not keep the jobs that hold it from their slots
+        # (they could never finish and give it back)
+        self.waiting_slot = [0, 0, 0]
+        self.waiting_bytes = [0, 0, 0]
+        self.bytes = 0
+        self.peak_bytes = 0
+        self.changed = Changed()
+
+    @property
+    def busy_total(self) -> int:
+        return sum(self.busy)
+
+    @property
+    def waiting(self) -> list[int]:
+        """Waiters per class, for either resource."""
+        return [a + b for a, b in zip(self.waiting_slot, self.waiting_bytes)]
+
+    @staticmethod
+    def _before(waiting: list[int], level: int) -> bool:
+        """Whether a higher class waits (then `level` must not go first)."""
+        if level > READ and waiting[READ]:
+            return True
+        return level == PREFETCH and waiting[READAHEAD] > 0
+
+    def _slot_free(self, level: int) -> bool:
+        if self.busy_total >= self.total or self._before(self.waiting_slot, level):
+            return False
+        return level < PREFETCH or self.busy[PREFETCH] < self.prefetch_max
+
+    def _bytes_free(self, level: int, nbytes: int) -> bool:
+        if self._before(self.waiting_bytes, level):
+            return False
+        return not self.bytes or self.bytes + nbytes <= self.budget
+
+    async def _wait(self, waiting: list[int], level: int, free, urgent) -> int:
+        """Wait until `free(level)`; a request a read starts waiting for
+        (`urgent()` true) is promoted to READ. Whoever makes a request
+        urgent calls `changed.notify()`."""
+        waiting[level] += 1
+        try:
+            while not free(level):
+                if level > READ and urgent is not None and urgent():
+                    waiting[level] -= 1
+                    level = READ
+                    waiting[level] += 1
+                    continue
+                await self.changed.wait()
+        finally:
+            waiting[level] -= 1
+        return level
+
+    async def reserve(self, level: int, nbytes: int, urgent=None) -> int:
+        """Reserve `nbytes` of the budget; returns the class it was taken at."""
+        level = await self._wait(self.waiting_bytes, level,
+                                 lambda lv: self._bytes_free(lv, nbytes), urgent)
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return level
+
+    async def acquire(self, level: int, urgent=None) -> int:
+        """Take a slot; returns the class it was taken at."""
+        level = await self._wait(self.waiting_slot, level, self._slot_free, urgent)
+        self.busy[level] += 1
+        return level
+
+    def release_slot(self, level: int) -> None:
+        self.busy[level] -= 1
+        self.changed.notify()
+
+    def release_bytes(self, nbytes: int) -> None:
+        if nbytes:
+            self.bytes -= nbytes
+            self.changed.notify()
+
+
+class TokenBucket:
+    """Debt-style bucket: `charge(n)` counts bytes moved, `wait()` returns
+    once the debt is repaid at `rate` B/s."""
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+        self.burst = max(256 * 1024, self.rate * 0.25)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def charge(self, nbytes: int) -> None:
+        """Count bytes moved (may run into debt)."""
+        self._refill()
+        self.tokens -= nbytes
+
+    @property
+    def in_debt(self) -> bool:
+        self._refill()
+        return self.tokens < 0
+
+    async def wait(self) -> None:
+        """Return once the debt is repaid."""
+        self._refill()
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
+
+
+@dataclass
+class Stream:
+    """What is known of one file's reader."""
+
+    next: int  # block after the last one read
+    window: int  # readahead bytes
+    start: int  # first block of the current sequential run
+    frontier: int = 0  # first block no readahead covered yet
+    sequential: bool = False
+
+
+class Readahead:
+    """Per-file sequential detection (fed by every read of the mount).
+
+    A read that starts exactly where the previous one of the file ended makes
+    the file's stream sequential (one that starts a little before it is a
+    late or repeated read and changes nothing); then, whenever the reader comes within half a
+    window of the readahead frontier, the next window is asked for and the
+    window doubles (the reader kept up with the last one), up to `maximum`.
+    Readahead starts only once the run is `after` bytes long: a program
+    reading small clusters here and there is served by misses (each brings
+    `amplify` bytes) and pays for no window it never reads. A read elsewhere
+    resets the window to `start`. Like mountpoint-s3's
+    prefetcher, but the window is bounded twice: by `maximum` and, with every
+    other request, by the loader's in-flight byte budget."""
+
+    def __init__(self, start: int, maximum: int, launch, after: int = 0):
+        self.start, self.maximum = start, maximum
+        self.after_blocks = after // BLOCK_SIZE
+        self.launch = launch  # launch(ino, first_block, count)
+        self.streams: dict[int, Stream] = {}
+        self.order: SourceOrder | None = None  # set once known: readahead across files
+        self.last_ino: int | None = None
+        self.cross_window = start
+        self.cross_front: int | None = None  # source offset no cross-file readahead covered
+
+    def note_read(self, ino: int, first: int, last: int) -> None:
+        """A program read blocks [first, last] of `ino` (called on the trio
+        thread for every read: keep it cheap)."""
+        s = self.streams.get(ino)
+        if first == 0 and self.order is not None and ino != self.last_ino:
+            self._across(ino)
+        self.last_ino = ino
+        if s is None:
+            if len(self.streams) > 4096:
+                self.streams.clear()  # forget idle readers, do not grow forever
+            self.streams[ino] = Stream(next=last + 1, window=self.start, start=first)
+            return
+        if first == s.next:
+            s.sequential = True
+        elif not s.next - SLACK <= first < s.next:  # not a late or repeated read
+            s.sequential, s.window, s.frontier = False, self.start, 0
+            s.next, s.start = last + 1, first
+        s.next = max(s.next, last + 1)
+        if s.sequential and s.next - s.start >= self.after_blocks:
+            self._ahead(ino, s)
+
+    def _ahead(self, ino: int, s: Stream) -> None:
+        if s.frontier < s.next:
+            # first window, or the reader outran the last one: it wants more
+            if s.frontier:
+                s.window = min(self.maximum, s.window * 2)
+            s.frontier = s.next
+        elif s.frontier - s.next > max(1, s.window // BLOCK_SIZE) // 2:
+            return  # far enough ahead
+        else:
+            s.window = min(self.maximum, s.window * 2)  # the reader kept up
+        blocks = max(1, s.window // BLOCK_SIZE)
+        first, s.frontier = s.frontier, s.frontier + blocks
+        self.launch(ino, first, blocks)
+
+    def _across(self, ino: int) -> None:
+        """A file's first block is read right after the whole file before it
+        in the source was: a program walking the tree in pack order (cp -r,
+        tar, loading every file of a model). Fetch the files that follow in
+        the source, with a window grown like a file's."""
+        order, prev = self.order, self.last_ino
+        done = prev is not None and prev in self.streams and \
+            self.streams[prev].next >= order.blocks_of(prev)
+        if not done or not order.follows(prev, ino):
+            self.cross_window, self.cross_front = self.start, None
+            return
+        here = order.end_offset(ino)
+        if self.cross_front is None or self.cross_front < here:
+            if self.cross_front is not None:
+                self.cross_window = min(self.maximum, self.cross_window * 2)  # outran
+            self.cross_front = here
+        elif self.cross_front - here > self.cross_window // 2:
+            return  # far enough ahead
+        else:
+            self.cross_window = min(self.maximum, self.cross_window * 2)  # kept up
+        for run_ino, first, count in order.runs_from(self.cross_front, self.cross_window):
+            self.launch(run_ino, first, count)
+        self.cross_front += self.cross_window
+
+
+class SourceOrder:
+    """Where files' data lie in the source, in source order: which file
+    follows which, and the blocks of a stretch of the source.
+
+    Kept in four flat arrays (32 bytes per run of blocks: a million files
+    cost 32 MiB, not the ~200 of tuples and dicts); per-file facts come from
+    the image's source maps through `offset_of(ino, index)` (None when the
+    block has no bytes in the source) and `blocks_of(ino)`."""
+
+    def __init__(self, runs, offset_of, blocks_of) -> None:
+        """`runs`: (offset, ino, tree, first, count) from prefetch.source_runs."""
+        self.offsets, self.inos = array("q"), array("q")
+        self.firsts, self.counts = array("q"), array("q")
+        for off, ino, tree, first, count in runs:
+            if tree == 0 and count:
+                self.offsets.append(off)
+                self.inos.append(ino)
+                self.firsts.append(first)
+                self.counts.append(count)
+        self.offset_of, self.blocks_of = offset_of, blocks_of
+
+    def _run_at(self, ino: int, index: int) -> int | None:
+        """Index of the run holding block `index` of `ino`."""
+        offset = self.offset_of(ino, index)
+        if offset is None:
+            return None
+        k = bisect.bisect_right(self.offsets, offset) - 1
+        while k >= 0 and self.offsets[k] == offset and self.inos[k] != ino:
+            k -= 1  # runs of other files at the same offset (shared blocks)
+        if k < 0 or self.inos[k] != ino:
+            return None
+        return k
+
+    def follows(self, prev: int, ino: int) -> bool:
+        """Whether file `ino` starts where file `prev` ends in the source."""
+        last = self.blocks_of(prev) - 1
+        a = self._run_at(prev, last) if last >= 0 else None
+        b = self._run_at(ino, 0)
+        return a is not None and b == a + 1
+
+    def end_offset(self, ino: int) -> int:
+        """Source offset just past the file's last block (about: blocks are
+        counted whole)."""
+        offset = self.offset_of(ino, self.blocks_of(ino) - 1)
+        return 0 if offset is None else offset + BLOCK_SIZE
+
+    def runs_from(self, offset: int, nbytes: int):
+        """(ino, first, count) of the blocks in [offset, offset + nbytes) of
+        the source (a run that begins before `offset` is entered midway)."""
+        k = max(0, bisect.bisect_right(self.offsets, offset) - 1)
+        end = offset + nbytes
+        while k < len(self.offsets) and self.offsets[k] < end:
+            off, ino, first, count = (self.offsets[k], self.inos[k], self.firsts[k],
+                                      self.counts[k])
+            k += 1
+            skip = max(0, (offset - off) // BLOCK_SIZE)
+            if skip >= count:
+                continue
+            take = min(count - skip, max(1, -(-(end - max(off, offset)) // BLOCK_SIZE)))
+            yield ino, first + skip, take

@@ -1,0 +1,232 @@
+"""The fetch pipeline (issue 10, item 1): request classes and the byte
+budget (schedule.Slots), per-file sequential detection (schedule.Readahead),
+and a real mount whose sequential reader is served by readahead within the
+budget. Real trio objects and real mounts; no timings asserted."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+import trio.testing
+
+from incfs import BLOCK_SIZE
+from incfs.loader import DEFAULTS, LoaderConfig
+from incfs.loader.schedule import PREFETCH, READ, READAHEAD, Readahead, Slots
+from incfs.mount import MountConfig
+from incfs.pack import pack
+from incfs.testing.nginx import Nginx
+
+from test_loader_util import MiB, assert_cache_clean, make_tree, mounted, status
+
+
+def test_defaults_have_one_home():
+    """MountConfig and the CLI take the loader's defaults from LoaderConfig."""
+    config = MountConfig(source="x", mountpoint="/m")
+    for name in ("amplify", "max_inflight", "bandwidth", "prefetch", "inflight_budget",
+                 "readahead_max"):
+        assert getattr(config, name) == getattr(DEFAULTS, name), name
+    assert DEFAULTS.inflight_budget == 64 * MiB
+    settings = LoaderConfig.from_mount(MountConfig(source="x", mountpoint="/m", amplify=1))
+    assert settings.amplify == 4096  # raised to its working minimum
+
+
+def test_reads_jump_the_queue():
+    order: list[str] = []
+
+    async def main():
+        slots = Slots(total=1, prefetch_max=1, budget=100)
+        first = await slots.acquire(PREFETCH)
+
+        async def take(level: int, name: str) -> None:
+            got = await slots.acquire(level)
+            order.append(name)
+            slots.release_slot(got)
+
+        async with trio.open_nursery() as nursery:
+            for level, name in ((PREFETCH, "prefetch"), (READAHEAD, "readahead"), (READ, "read")):
+                nursery.start_soon(take, level, name)
+                await trio.testing.wait_all_tasks_blocked()
+            assert order == []  # the one slot is busy
+            slots.release_slot(first)
+
+    trio.run(main)
+    assert order == ["read", "readahead", "prefetch"]
+
+
+def test_the_budget_holds_and_admits_one_big_job():
+    async def main():
+        slots = Slots(total=8, prefetch_max=8, budget=100)
+        await slots.reserve(PREFETCH, 60)
+        admitted = []
+
+        async def reserve(nbytes: int) -> None:
+            await slots.reserve(READ, nbytes)
+            admitted.append(nbytes)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reserve, 50)
+            await trio.testing.wait_all_tasks_blocked()
+            assert admitted == [] and slots.bytes == 60  # 110 > 100: waits
+            slots.release_bytes(60)
+        assert admitted == [50]
+        slots.release_bytes(50)
+        await slots.reserve(READ, 500)  # alone, larger than the budget: runs
+        assert slots.peak_bytes == 500
+
+    trio.run(main)
+
+
+def test_a_read_waiting_for_budget_lets_its_holders_finish():
+    """Jobs holding the budget wait only for slots; a read waiting for
+    budget must not keep them from slots, or nothing would ever move."""
+    done = []
+
+    async def main():
+        slots = Slots(total=1, prefetch_max=1, budget=100)
+        await slots.reserve(READAHEAD, 100)  # a readahead job holds it all
+        other = await slots.acquire(READ)  # ... and the one slot is busy
+
+        async def read_job() -> None:
+            await slots.reserve(READ, 10)
+            done.append("read")
+
+        async def readahead_job() -> None:
+            level = await slots.acquire(READAHEAD)
+            slots.release_slot(level)
+            slots.release_bytes(100)
+            done.append("readahead")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_job)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(readahead_job)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == []
+            slots.release_slot(other)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == ["readahead", "read"]
+
+    trio.run(main)
+
+
+def test_prefetch_waiting_is_promoted_when_a_read_wants_it():
+    async def main():
+        slots = Slots(total=1, prefetch_max=1, budget=1 << 20)
+        held = await slots.acquire(READ)
+        wanted = False
+        result = []
+
+        async def prefetch() -> None:
+            result.append(await slots.acquire(PREFETCH, urgent=lambda: wanted))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prefetch)
+            await trio.testing.wait_all_tasks_blocked()
+            wanted = True
+            slots.changed.notify()  # what the loader does when a read waits
+            await trio.testing.wait_all_tasks_blocked()
+            assert slots.waiting[READ] == 1  # promoted, waiting as a read
+            slots.release_slot(held)
+        assert result == [READ]
+
+    trio.run(main)
+
+
+def test_readahead_window_doubles_for_a_sequential_reader_and_resets_on_a_jump():
+    launched: list[tuple[int, int, int]] = []
+    ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=512 * 1024)
+    step = 32  # 128 KiB reads
+    for first in range(0, 96, step):  # 384 KiB in sequence: not yet
+        ra.note_read(5, first, first + step - 1)
+    assert launched == []
+    for first in range(96, 4096, step):
+        ra.note_read(5, first, first + step - 1)
+    windows = [count for _, _, count in launched]
+    assert windows[0] == 16 and max(windows) == MiB // BLOCK_SIZE
+    assert windows == sorted(windows)  # only grows while the reader keeps up
+    covered = 0
+    for _ino, first, count in launched:  # forward, never overlapping
+        assert first >= covered
+        covered = first + count
+    assert covered > 4096  # ahead of the reader
+    launched.clear()
+    ra.note_read(5, 100_000, 100_031)  # a jump: random again, window reset
+    ra.note_read(5, 2000, 2031)  # a late read of the old stream changes nothing
+    assert launched == []
+    assert ra.streams[5].window == 64 * 1024
+
+
+def test_random_clusters_get_no_readahead():
+    launched = []
+    ra = Readahead(start=256 * 1024, maximum=16 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB)
+    rng = random.Random(1)
+    for _ in range(200):
+        start = rng.randrange(0, 1 << 20)
+        for first in range(start, start + 128, 32):  # 512 KiB clusters
+            ra.note_read(9, first, first + 31)
+    assert launched == []
+
+
+def test_a_sequential_reader_is_served_by_readahead_within_the_budget(tmp_path):
+    data = random.Random(4).randbytes(24 * MiB)
+    src = make_tree(tmp_path / "src", {"big.bin": data})
+    www = tmp_path / "www"
+    www.mkdir()
+    pack(src, www / "app.img", compress="none")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    budget = 2 * MiB
+    with Nginx(www) as nginx:
+        config = MountConfig(source=nginx.url("app.img"), mountpoint=str(mnt),
+                             cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                             prefetch="none", read_timeout=60, inflight_budget=budget,
+                             readahead_max=4 * MiB)
+        with mounted(config):
+            with open(mnt / "big.bin", "rb") as f:
+                got = b"".join(iter(lambda: f.read(128 * 1024), b""))
+            assert got == data
+            loader = status(mnt)["loader"]
+            assert loader["readahead_jobs"] > 0
+            assert loader["inflight_budget"] == budget
+            assert loader["inflight_bytes_peak"] <= budget
+            assert loader["inflight_bytes"] == 0
+    assert_cache_clean(tmp_path / "cache.img")
+
+
+def _order(nfiles: int, blocks: int):
+    from incfs.loader.schedule import SourceOrder
+
+    base = 1 << 20
+    start = {10 + k: base + k * blocks * BLOCK_SIZE for k in range(nfiles)}
+    runs = [(start[ino], ino, 0, 0, blocks) for ino in start]
+    return SourceOrder(runs, lambda ino, i: start[ino] + i * BLOCK_SIZE if ino in start
+                       and 0 <= i < blocks else None, lambda ino: blocks if ino in start else 0)
+
+
+def test_a_tree_walked_in_pack_order_is_read_ahead_across_files():
+    launched = []
+    ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB)
+    ra.order = _order(nfiles=40, blocks=8)  # 32 KiB files, one after another
+    for ino in range(10, 30):
+        for first in range(0, 8, 4):
+            ra.note_read(ino, first, first + 3)
+    fetched = {ino for ino, _first, _count in launched}
+    assert fetched and min(fetched) > 11 and max(fetched) <= 49
+    assert all(first == 0 and count <= 8 for _ino, first, count in launched)
+    assert ra.cross_window > 64 * 1024  # it grew while the walk went on
+
+
+def test_files_read_out_of_pack_order_get_no_cross_file_readahead():
+    launched = []
+    ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB)
+    ra.order = _order(nfiles=40, blocks=8)
+    for ino in range(10, 50, 10):  # every tenth file, whole
+        ra.note_read(ino, 0, 7)
+    for ino in (31, 32):  # the first file only partly read: no walk either
+        ra.note_read(ino, 0, 3)
+    assert launched == []
