@@ -210,6 +210,11 @@ class Image:
         if rtype in (RecordType.INODES, RecordType.INODES2):
             decode = records.decode_inodes if rtype == RecordType.INODES else records.decode_inodes2
             for e in decode(body):
+                if rtype == RecordType.INODES and stat.S_IFMT(e.mode) not in records.V1_TYPES:
+                    # 1.0 readers refuse other types here; so do we, or an
+                    # image could mean different things to the two
+                    raise CorruptImage(f"inode {e.ino}: an INODES record holds only "
+                                       "files, directories and symlinks")
                 self.ns.check_add_inode(e)
                 self.ns.add_inode(e)
         elif rtype == RecordType.DIRENTS:
