@@ -1,0 +1,208 @@
+"""A tar archive (plain, gzip, bzip2, xz or zstd; ustar, GNU and PAX) or a tar
+stream on stdin as pack input, read once, front to back, in tarfile's
+streaming mode: nothing is extracted and memory does not grow with the
+archive's data.
+
+What is kept: names (long GNU and PAX names too), the whole mode, numeric
+owner ids (user and group names are ignored, like `tar --numeric-owner`),
+mtime (PAX's to the nanosecond), symlink targets as given, hard links,
+character and block devices, fifos, and extended attributes from PAX
+`SCHILY.xattr.NAME` (GNU tar, star, bsdtar) and `LIBARCHIVE.xattr.NAME`
+(base64) records. Other entry types (GNU volume labels, ...) are skipped
+and listed in the pack summary.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import stat
+import tarfile
+import urllib.parse
+from typing import BinaryIO, Iterator
+
+import zstandard
+
+from ..errors import UsageError
+from .base import (DEFAULT_MAX_ENTRIES, READ_ERRORS, Entry, SafeReader, check_id, normalize,
+                   read_error, too_many)
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_TYPES = {tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK,
+          tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
+          tarfile.FIFOTYPE: stat.S_IFIFO}
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from a stream (to sniff its compression), then the rest."""
+
+    def __init__(self, head: bytes, rest: BinaryIO):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.head:
+            if n < 0:
+                out, self.head = self.head + self.rest.read(), b""
+                return out
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.rest.read(n)
+
+    def readinto(self, buf) -> int:
+        data = self.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+def open_stream(raw: BinaryIO) -> BinaryIO:
+    """`raw` with zstd undone (tarfile itself undoes gzip, bzip2 and xz)."""
+    head = raw.read(4)
+    stream: BinaryIO = _Prefixed(head, raw)
+    if head == ZSTD_MAGIC:
+        stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    return stream
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped: it ends quietly on a cut-off or garbled
+    header after the first, which would make a truncated archive look whole."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf.incfs_stop = e
+            raise
+
+
+def _check_end(name: str, tf: tarfile.TarFile) -> None:
+    stop = getattr(tf, "incfs_stop", None)
+    if isinstance(stop, tarfile.EOFHeaderError):
+        return  # the end-of-archive zero block
+    if isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        raise UsageError(f"{name}: truncated archive (it ends without the end-of-archive "
+                         "marker)")
+    raise UsageError(f"{name}: damaged archive ({stop or 'bad header'} at offset {tf.offset})")
+
+
+class TarInput:
+    def __init__(self, name: str, opener, max_entries: int = DEFAULT_MAX_ENTRIES):
+        self.name = name  # for messages: the archive's path or "stdin"
+        self.opener = opener  # returns the raw (maybe compressed) byte stream
+        self.max_entries = max_entries
+        self.notes: list[str] = []
+        self._raw: BinaryIO | None = None
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, **kw) -> "TarInput":
+        def opener() -> BinaryIO:
+            try:
+                return open(path, "rb")
+            except OSError as e:
+                raise UsageError(f"cannot open {path}: {e.strerror}") from None
+        return cls(str(path), opener, **kw)
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    def entries(self) -> Iterator[Entry]:
+        for _member, entry in self.members():
+            if entry is not None:
+                yield entry
+
+    def members(self) -> Iterator[tuple[tarfile.TarInfo, Entry | None]]:
+        """Every member with its entry (None for one that is skipped); the
+        entry's `data` is valid until the next member is taken."""
+        self._raw = self.opener()
+        try:
+            tf = tarfile.open(fileobj=open_stream(self._raw), mode="r|*", tarinfo=_TarInfo,
+                              encoding="utf-8", errors="surrogateescape")
+        except READ_ERRORS as e:
+            raise _not_tar(self.name, e) from None
+        count = 0
+        while True:
+            try:
+                member = tf.next()
+            except READ_ERRORS as e:
+                raise read_error(self.name, e) from None
+            if member is None:
+                _check_end(self.name, tf)
+                return
+            tf.members.clear()  # tarfile keeps every member otherwise
+            count += 1
+            if count > self.max_entries:
+                raise too_many(self.name, self.max_entries)
+            yield member, self._entry(tf, member)
+
+    def _entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> Entry | None:
+        origin = f"{self.name}: {m.name}"
+        path = normalize(m.name, origin)
+        e = Entry(path, 0, check_id(m.uid, origin), check_id(m.gid, origin),
+                  _mtime_ns(m), xattrs=pax_xattrs(m.pax_headers, origin) or None,
+                  origin=origin)
+        perm = m.mode & 0o7777
+        if m.islnk():
+            e.link = normalize(m.linkname, origin)
+        elif m.isreg():  # also contiguous files and GNU sparse files
+            e.mode, e.size = stat.S_IFREG | perm, m.size
+            e.data = lambda: SafeReader(tf.extractfile(m), origin)
+        elif m.type in _TYPES:
+            e.mode = _TYPES[m.type] | (0o777 if m.issym() else perm)
+            if m.issym():
+                e.target = m.linkname.encode("utf-8", "surrogateescape")
+                e.size = len(e.target)
+            elif m.ischr() or m.isblk():
+                e.rdev = os.makedev(m.devmajor, m.devminor)
+        else:
+            self.notes.append(f"{origin}: tar entry type {m.type!r} is not a file")
+            return None
+        return e
+
+
+def _not_tar(name: str, e: BaseException) -> UsageError:
+    return UsageError(f"{name} is not a tar archive (plain, gzip, bzip2, xz or zstd): {e}")
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    """PAX keeps the exact decimal string; a float would lose nanoseconds."""
+    text = m.pax_headers.get("mtime")
+    if text:
+        try:
+            return _decimal_ns(text)
+        except ValueError:
+            pass
+    return int(m.mtime) * 1_000_000_000
+
+
+def _decimal_ns(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("+-").partition(".")
+    if not whole.isdigit() or (frac and not frac.isdigit()):
+        raise ValueError(text)
+    return sign * (int(whole) * 1_000_000_000 + int((frac + "000000000")[:9]))
+
+
+def pax_xattrs(pax: dict[str, str], origin: str) -> dict[bytes, bytes]:
+    """Extended attributes from PAX records. tarfile hands values over as text
+    decoded with surrogateescape, so encoding them back gives the bytes."""
+    out = {}
+    for key, value in pax.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")
+            out[name] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr."):])
+            try:
+                out[name] = base64.b64decode(value.encode("ascii", "surrogateescape")
+                                             + b"===")
+            except (binascii.Error, ValueError):
+                raise UsageError(f"{origin}: bad LIBARCHIVE.xattr value for {name!r}") from None
+    return out
