@@ -32,7 +32,7 @@ def test_superblock_round_trip_and_offsets():
                     data_start=8192, data_end=20480, packed_size=20480)
     raw = sb.encode()
     assert len(raw) == BLOCK_SIZE and raw[:8] == b"INCFSIMG"
-    assert struct.unpack_from("<HHBBH", raw, 8) == (1, layout.VERSION_MINOR, 12, 1, 1)
+    assert struct.unpack_from("<HHBBH", raw, 8) == (1, 0, 12, 1, 1)
     assert raw[16:32] == bytes(range(16))
     assert struct.unpack_from("<QQQQ", raw, 32) == (5000, 8192, 20480, 20480)
     assert struct.unpack_from("<I", raw, 64)[0] == zlib.crc32(raw[:64])

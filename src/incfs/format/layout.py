@@ -27,7 +27,10 @@ SUPERBLOCK_SIZE = BLOCK_SIZE
 LOG_START = SUPERBLOCK_SIZE
 MAGIC = b"INCFSIMG"
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # 1.1 added INODES2 (owners, devices, xattrs)
+# 1.1 added INODES2 (owners, devices, xattrs). Writers put 1 in a superblock
+# only when the image holds such records, so other images still say 1.0.
+VERSION_MINOR = 1
+MINOR_BASE = 0
 
 RECORD_MAGIC = 0x43455249  # b"IREC" read as a little-endian u32
 RECORD_ALIGN = 8
@@ -84,7 +87,7 @@ class Superblock:
     data_end: int = 0
     packed_size: int = 0
     version_major: int = VERSION_MAJOR
-    version_minor: int = VERSION_MINOR
+    version_minor: int = MINOR_BASE
 
     def encode(self) -> bytes:
         body = _SUPER.pack(

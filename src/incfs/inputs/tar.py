@@ -168,7 +168,8 @@ class TarInput:
 
 
 def _not_tar(name: str, e: BaseException) -> UsageError:
-    return UsageError(f"{name} is not a tar archive (plain, gzip, bzip2, xz or zstd): {e}")
+    return UsageError(f"{name} is not a directory or a tar archive (plain, gzip, bzip2, xz "
+                      f"or zstd): {e}")
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
