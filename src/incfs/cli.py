@@ -264,9 +264,11 @@ def _print_description(info: dict) -> None:
     layout = (f"metadata {4096}..{sb['meta_end']}, data {sb['data_start']}..{sb['data_end']}, "
               f"packed size {sb['packed_size']}, " if "packed" in sb["flag_names"] else "")
     grid.add_row("Size", f"{layout}file {info['file_size']} bytes ({_human(info['file_size'])})")
+    special = "".join(f", {counts[k]} {k}" for k in ("devices", "fifos", "sockets") if counts[k])
+    xattrs = f", {counts['with_xattrs']} with extended attributes" if counts["with_xattrs"] else ""
     grid.add_row("Contents", f"{counts['files']} files, {counts['directories']} directories, "
-                             f"{counts['symlinks']} symlinks ({counts['inodes']} inodes, "
-                             f"{info['entries_total']} names); "
+                             f"{counts['symlinks']} symlinks{special} ({counts['inodes']} "
+                             f"inodes, {info['entries_total']} names{xattrs}); "
                              f"{_human(info['file_bytes'])} of file data")
     state = "complete" if info["complete"] else \
         f"incomplete ({info['complete_files']} of {counts['files']} files complete)"
@@ -301,13 +303,16 @@ def _print_description(info: dict) -> None:
     title = f"Tree ({info['entries_total']} entries" + \
         (f", first {shown} shown)" if info["tree_truncated"] else ")")
     table = Table(title=title, title_justify="left", box=None, show_edge=False)
-    for col, justify in (("type", "left"), ("mode", "left"), ("size", "right"),
-                         ("blocks", "right"), ("path", "left")):
+    for col, justify in (("type", "left"), ("mode", "left"), ("owner", "right"),
+                         ("size", "right"), ("blocks", "right"), ("path", "left")):
         table.add_column(col, justify=justify, overflow="fold")
     for e in info["tree"]:
         blocks_col = f"{e['blocks_present']}/{e['blocks_total']}" if "blocks_total" in e else ""
         path = e["path"] + (f" -> {e['target']}" if "target" in e else "")
-        table.add_row(e["type"], e["mode"], str(e["size"]), blocks_col, path)
+        if "xattrs" in e:
+            path += " [" + ", ".join(e["xattrs"]) + "]"
+        size = f"{e['rdev'][0]},{e['rdev'][1]}" if "rdev" in e else str(e["size"])
+        table.add_row(e["type"], e["mode"], f"{e['uid']}:{e['gid']}", size, blocks_col, path)
     # Render into a string and write it with click, so a closed stdout is
     # handled like every other command's output.
     with console.capture() as captured:
