@@ -431,6 +431,18 @@ def test_oci_layer_digest_mismatch_is_refused(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_oci_replaced_layer_is_refused(tmp_path):
+    """A well-formed layer that is not the one the manifest names."""
+    layout = OciLayout(tmp_path / "oci")
+    descs = layout.image(_layers())
+    blob = layout.root / "blobs" / "sha256" / descs[0]["digest"].split(":")[1]
+    other = tar_bytes([member("evil", data=b"x")], compress="gz")
+    blob.write_bytes(other.ljust(descs[0]["size"], b"\0")[:descs[0]["size"]])
+    with pytest.raises(UsageError, match="layer 0 .*does not match its digest"):
+        pack(f"oci:{layout.root}:latest", tmp_path / "x.img")
+    assert not (tmp_path / "x.img").exists()
+
+
 def test_oci_bad_layouts(tmp_path):
     with pytest.raises(UsageError, match="not an OCI image layout"):
         pack(f"oci:{tmp_path}", tmp_path / "x.img")
