@@ -390,3 +390,22 @@ def test_plain_tree_still_writes_a_1_0_log(small_tree, tmp_path):
     assert raw.of_type(RecordType.INODES) and not raw.of_type(RecordType.INODES2)
     with Image.open(image) as img:
         assert img.superblock.version_minor == 0 and not img.ns.posix
+
+
+def test_cache_built_by_the_loader_keeps_posix_metadata(posix_tree, tmp_path):
+    """The loader copies the metadata region record by record into a cache
+    (re-typing only BLOCKS): INODES2 records and the v2 root come along."""
+    from incfs.format.layout import Superblock
+    from incfs.loader import write_cache
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image)
+    raw = image.read_bytes()
+    sb = Superblock.decode(raw[:BLOCK_SIZE])
+    write_cache(tmp_path / "cache.img", sb, raw[:sb.meta_end]).close()
+    with Image.open(tmp_path / "cache.img") as cache, Image.open(image) as img:
+        assert cache.canonical_root() == img.canonical_root()
+        theirs = [(p, n.mode, n.uid, n.gid, n.rdev, dict(n.xattrs), n.nlink)
+                  for p, n in cache.ns.walk()]
+        ours = [(p, n.mode, n.uid, n.gid, n.rdev, dict(n.xattrs), n.nlink)
+                for p, n in img.ns.walk()]
+        assert theirs == ours
