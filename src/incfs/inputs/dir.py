@@ -30,7 +30,8 @@ class DirInput:
         """Depth first with names in byte order, which is also the order the
         image numbers inodes in, so data lands in inode order."""
         seen: dict[tuple[int, int], bytes] = {}
-        yield self._entry(b"", self.root, os.lstat(self.root), seen)
+        # SRC itself may be a symlink to the tree: its target is the root
+        yield self._entry(b"", self.root, os.stat(self.root), seen)
         stack = [(b"", self.root)]
         while stack:
             rel, directory = stack.pop()
