@@ -317,6 +317,41 @@ def test_zero_length_entry_bomb_is_bounded(tmp_path):
     assert stats.files == 20000
 
 
+def _raw_header(name: str, kind: bytes, data: bytes, size: int | None = None) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type = kind
+    ti.size = len(data) if size is None else size
+    return ti.tobuf(tarfile.GNU_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def test_extended_header_chain_is_bounded(tmp_path):
+    """tarfile follows consecutive PAX headers by recursion: thousands of
+    them must be one clear error, not a RecursionError."""
+    raw = b"".join(_raw_header("././@PaxHeader", tarfile.XHDTYPE, b"11 path=ab\n")
+                   for _ in range(5000))
+    raw += _raw_header("a", tarfile.REGTYPE, b"x") + bytes(1024)
+    with pytest.raises(UsageError, match="extended headers in a row"):
+        pack("-", tmp_path / "x.img", stdin=io.BytesIO(raw))
+    # the same after a first, ordinary member
+    with pytest.raises(UsageError, match="extended headers in a row"):
+        pack("-", tmp_path / "x.img", stdin=io.BytesIO(_raw_header("b", tarfile.REGTYPE, b"")
+                                                        + raw))
+
+
+def test_gigantic_long_name_is_refused_without_reading_it(tmp_path):
+    """A GNU long name claiming a gigabyte (a few kilobytes compressed) is
+    refused before tarfile buffers it."""
+    z = zstandard.ZstdCompressor().compressobj()
+    out = z.compress(_raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, b"", 1 << 30))
+    zeros = bytes(1 << 20)
+    for _ in range(1024):
+        out += z.compress(zeros)
+    out += z.flush()
+    assert len(out) < 100_000
+    with pytest.raises(UsageError, match="extended header of 1073741824 bytes"):
+        pack("-", tmp_path / "x.img", stdin=io.BytesIO(out))
+
+
 def test_unsupported_member_type_is_skipped_and_reported(tmp_path):
     archive = tmp_path / "v.tar"
     archive.write_bytes(tar_bytes([member("label", b"V"),

@@ -68,17 +68,48 @@ def open_stream(raw: BinaryIO) -> BinaryIO:
     return stream
 
 
+# tarfile reads a PAX or GNU long-name header's data whole and follows a
+# chain of them by recursion: bound both, or a few compressed bytes of
+# hostile archive cost gigabytes or a RecursionError.
+MAX_HEADER_DATA = 8 << 20  # room for 1 MiB of xattrs, PAX-encoded, and long names
+MAX_HEADER_CHAIN = 32
+
+
+class _Bound(tarfile.ReadError):
+    """A header over our bounds: the archive is hostile or broken, not "not a tar"."""
+
+
 class _TarInfo(tarfile.TarInfo):
-    """Records why tarfile stopped: it ends quietly on a cut-off or garbled
-    header after the first, which would make a truncated archive look whole."""
+    """Records why tarfile stopped (it ends quietly on a cut-off or garbled
+    header after the first, which would make a truncated archive look
+    whole), and bounds the headers it reads."""
 
     @classmethod
     def fromtarfile(cls, tf):
+        depth = getattr(tf, "incfs_depth", 0) + 1
+        if depth > MAX_HEADER_CHAIN:
+            raise _Bound(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
+        tf.incfs_depth = depth
         try:
             return super().fromtarfile(tf)
         except tarfile.HeaderError as e:
             tf.incfs_stop = e
             raise
+        finally:
+            tf.incfs_depth = depth - 1
+
+    def _proc_pax(self, tf):
+        self._bound()
+        return super()._proc_pax(tf)
+
+    def _proc_gnulong(self, tf):
+        self._bound()
+        return super()._proc_gnulong(tf)
+
+    def _bound(self) -> None:
+        if self.size > MAX_HEADER_DATA:
+            raise _Bound(f"an extended header of {self.size} bytes (the limit is "
+                         f"{MAX_HEADER_DATA})")
 
 
 def _check_end(name: str, tf: tarfile.TarFile) -> None:
@@ -125,12 +156,16 @@ class TarInput:
         try:
             tf = tarfile.open(fileobj=open_stream(self._raw), mode="r|*", tarinfo=_TarInfo,
                               encoding="utf-8", errors="surrogateescape")
+        except _Bound as e:
+            raise UsageError(f"{self.name}: refused: {e}") from None
         except READ_ERRORS as e:
             raise _not_tar(self.name, e) from None
         count = 0
         while True:
             try:
                 member = tf.next()
+            except _Bound as e:
+                raise UsageError(f"{self.name}: refused: {e}") from None
             except READ_ERRORS as e:
                 raise read_error(self.name, e) from None
             if member is None:
