@@ -243,6 +243,11 @@ BAD_TARS = {
                           "is not a directory"),
     "root is a file": ([member("./", data=b"f")], "root is not a directory"),
     "name too long": ([member("x" * 300, data=b"")], "bad name"),
+    "uid beyond 32 bits": ([member("a", data=b"", uid=1 << 40)], "owner id"),
+    "mtime out of range": ([member("a", data=b"", pax_headers={"mtime": "1" + "0" * 30})],
+                           "modification time"),
+    "symlink target too long": ([member("l", tarfile.SYMTYPE, linkname="t" * 5000)],
+                                "longer than 4095"),
     "reserved xattr": ([member("a", data=b"", pax_headers={"SCHILY.xattr.user.incfs.x": "1"})],
                        "reserved for incfs"),
 }
@@ -258,6 +263,14 @@ def test_bad_tar_is_refused(tmp_path, case):
     with pytest.raises(UsageError, match=message):
         pack(archive, out / "bad.img")
     assert list(out.iterdir()) == []
+
+
+def test_device_number_beyond_dev_t_is_refused(tmp_path):
+    archive = tmp_path / "dev.tar"  # GNU headers store big numbers in base 256
+    archive.write_bytes(tar_bytes([member("d", tarfile.CHRTYPE, devmajor=1 << 40, devminor=0)],
+                                  tarfile.GNU_FORMAT))
+    with pytest.raises(UsageError, match="device number"):
+        pack(archive, tmp_path / "dev.img")
 
 
 def test_bad_tar_from_the_cli_is_one_line(tmp_path):

@@ -181,7 +181,7 @@ class TarInput:
         origin = f"{self.name}: {m.name}"
         path = normalize(m.name, origin)
         e = Entry(path, 0, check_id(m.uid, origin), check_id(m.gid, origin),
-                  _mtime_ns(m), xattrs=pax_xattrs(m.pax_headers, origin) or None,
+                  _mtime_ns(m, origin), xattrs=pax_xattrs(m.pax_headers, origin) or None,
                   origin=origin)
         perm = m.mode & 0o7777
         if m.islnk():
@@ -195,7 +195,7 @@ class TarInput:
                 e.target = m.linkname.encode("utf-8", "surrogateescape")
                 e.size = len(e.target)
             elif m.ischr() or m.isblk():
-                e.rdev = os.makedev(m.devmajor, m.devminor)
+                e.rdev = _rdev(m, origin)
         else:
             self.notes.append(f"{origin}: tar entry type {m.type!r} is not a file")
             return None
@@ -207,15 +207,30 @@ def _not_tar(name: str, e: BaseException) -> UsageError:
                       f"or zstd): {e}")
 
 
-def _mtime_ns(m: tarfile.TarInfo) -> int:
+def _rdev(m: tarfile.TarInfo, origin: str) -> int:
+    # base-256 header fields can hold any number; dev_t cannot
+    if not (0 <= m.devmajor <= 0xFFFFFFFF and 0 <= m.devminor <= 0xFFFFFFFF):
+        raise UsageError(f"{origin}: device number {m.devmajor},{m.devminor} out of range")
+    return os.makedev(m.devmajor, m.devminor)
+
+
+def _mtime_ns(m: tarfile.TarInfo, origin: str) -> int:
     """PAX keeps the exact decimal string; a float would lose nanoseconds."""
     text = m.pax_headers.get("mtime")
+    ns = None
     if text:
         try:
-            return _decimal_ns(text)
+            ns = _decimal_ns(text)
         except ValueError:
             pass
-    return int(m.mtime) * 1_000_000_000
+    if ns is None:
+        try:
+            ns = int(m.mtime) * 1_000_000_000
+        except (ValueError, OverflowError, TypeError):
+            raise UsageError(f"{origin}: bad modification time {m.mtime!r}") from None
+    if not -(1 << 63) <= ns < (1 << 63):
+        raise UsageError(f"{origin}: modification time out of range")
+    return ns
 
 
 def _decimal_ns(text: str) -> int:
