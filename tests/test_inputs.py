@@ -517,3 +517,33 @@ def test_oci_from_the_cli(tmp_path):
 def test_open_input_names_what_it_accepts(tmp_path):
     with pytest.raises(UsageError, match="not a directory, a tar archive, '-' or oci:"):
         open_input(tmp_path / "missing")
+
+
+# --- any damage: UsageError or a good image, never anything else -------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SEED_TAR = tar_bytes(sample_members()[:12])
+_SEED_GZ = gzip.compress(_SEED_TAR)
+
+
+@settings(max_examples=int(os.environ.get("INCFS_TAR_FUZZ", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from([_SEED_TAR, _SEED_GZ]),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), max_size=8),
+       cut=st.none() | st.integers(0, 1 << 20))
+def test_damaged_tar_gives_usage_error_or_a_good_image(tmp_path_factory, seed, edits, cut):
+    data = bytearray(seed)
+    for pos, value in edits:
+        data[pos % len(data)] = value
+    if cut is not None:
+        del data[cut % len(data):]
+    out = tmp_path_factory.mktemp("fuzz")
+    try:
+        pack("-", out / "x.img", stdin=io.BytesIO(bytes(data)), max_entries=1000)
+    except UsageError as e:
+        assert "\n" not in str(e)
+        assert list(out.iterdir()) == []
+        return
+    assert verify_image(out / "x.img").exit_code == 0

@@ -9,7 +9,9 @@ next entry is taken, so pack reads it at once.
 
 from __future__ import annotations
 
+import lzma
 import stat
+import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -25,8 +27,11 @@ from ..namespace import check_name
 DEFAULT_MAX_ENTRIES = 4_000_000
 
 # What reading a damaged or truncated archive can raise besides OSError.
+# tarfile's own parsers let a few plain Python errors out on garbage (a cut
+# gzip header gives TypeError from ord()); they are caught only around the
+# calls that parse archive bytes.
 READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError, OSError,
-               ValueError)
+               ValueError, TypeError, IndexError, struct.error, lzma.LZMAError)
 
 
 @dataclass(slots=True)
