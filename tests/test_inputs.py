@@ -176,6 +176,44 @@ def test_gnu_tar_of_a_real_tree_matches_the_tree(posix_tree, tmp_path):
                 assert na.root_hash == nb.root_hash, path
 
 
+def test_gnu_tar_text_acls_become_the_kernels_values(tmp_path):
+    """`tar --acls` (without --xattrs) writes ACLs as text; they come back as
+    the binary system.posix_acl_* values the source file had."""
+    from conftest import ACL
+    src = tmp_path / "acl"
+    (src / "sub").mkdir(parents=True)
+    (src / "f").write_bytes(b"f")
+    try:
+        os.setxattr(src / "f", "system.posix_acl_access", ACL)
+        os.setxattr(src / "sub", "system.posix_acl_default", ACL)
+    except OSError:
+        pytest.skip("no ACLs on this file system")
+    archive = tmp_path / "acl.tar"
+    subprocess.run(["tar", "--acls", "--format=posix", "-C", str(src), "-cf", str(archive), "."],
+                   check=True)
+    image = tmp_path / "acl.img"
+    pack(archive, image)
+    with Image.open(image) as img:
+        nodes = _by_path(img)
+        assert dict(nodes[b"/f"].xattrs) == xattrs_of(src / "f")
+        assert dict(nodes[b"/sub"].xattrs) == xattrs_of(src / "sub")
+        assert nodes[b"/f"].xattrs[b"system.posix_acl_access"] == ACL
+
+
+def test_text_acl_with_a_name_only_is_noted_not_guessed(tmp_path):
+    archive = tmp_path / "named.tar"
+    archive.write_bytes(tar_bytes([member("f", data=b"", pax_headers={
+        "SCHILY.acl.access": "user::rw-\nuser:bob:r--\ngroup::r--\nmask::r--\nother::---\n"}),
+        member("g", data=b"", pax_headers={  # star's form carries the id
+            "SCHILY.acl.access": "user::rw-,user:bob:r--:1234,group::r--,mask::r--,other::---"})]))
+    stats = pack(archive, tmp_path / "n.img")
+    assert any("'bob' has no numeric id" in note for note in stats.skipped)
+    with Image.open(tmp_path / "n.img") as img:
+        assert not img.ns.lookup(1, b"f").xattrs
+        assert img.ns.lookup(1, b"g").xattrs[b"system.posix_acl_access"] == \
+            __import__("conftest").ACL
+
+
 def test_directory_xattrs_match_the_source(posix_tree, tmp_path):
     image = tmp_path / "x.img"
     pack(posix_tree, image)

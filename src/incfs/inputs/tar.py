@@ -8,7 +8,8 @@ owner ids (user and group names are ignored, like `tar --numeric-owner`),
 mtime (PAX's to the nanosecond), symlink targets as given, hard links,
 character and block devices, fifos, and extended attributes from PAX
 `SCHILY.xattr.NAME` (GNU tar, star, bsdtar) and `LIBARCHIVE.xattr.NAME`
-(base64) records. Other entry types (GNU volume labels, ...) are skipped
+(base64) records, and text ACLs (`SCHILY.acl.access`/`.default`, GNU tar
+`--acls`) turned into the `system.posix_acl_*` values the kernel keeps. Other entry types (GNU volume labels, ...) are skipped
 and listed in the pack summary.
 """
 
@@ -19,6 +20,7 @@ import binascii
 import io
 import os
 import stat
+import struct
 import tarfile
 import urllib.parse
 from typing import BinaryIO, Iterator
@@ -180,9 +182,10 @@ class TarInput:
     def _entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> Entry | None:
         origin = f"{self.name}: {m.name}"
         path = normalize(m.name, origin)
+        xattrs = pax_acls(m.pax_headers, origin, self.notes)
+        xattrs.update(pax_xattrs(m.pax_headers, origin))  # raw values win over text ACLs
         e = Entry(path, 0, check_id(m.uid, origin), check_id(m.gid, origin),
-                  _mtime_ns(m, origin), xattrs=pax_xattrs(m.pax_headers, origin) or None,
-                  origin=origin)
+                  _mtime_ns(m, origin), xattrs=xattrs or None, origin=origin)
         perm = m.mode & 0o7777
         if m.islnk():
             e.link = normalize(m.linkname, origin)
@@ -257,3 +260,73 @@ def pax_xattrs(pax: dict[str, str], origin: str) -> dict[bytes, bytes]:
             except (binascii.Error, ValueError):
                 raise UsageError(f"{origin}: bad LIBARCHIVE.xattr value for {name!r}") from None
     return out
+
+
+# POSIX ACLs in the kernel's xattr form (include/uapi/linux/posix_acl_xattr.h)
+ACL_VERSION = 2
+ACL_TAGS = {"user": (0x01, 0x02), "group": (0x04, 0x08), "mask": (0x10, 0x10),
+            "other": (0x20, 0x20)}  # (without qualifier, with qualifier)
+ACL_ABBREV = {"u": "user", "g": "group", "m": "mask", "o": "other"}
+ACL_NO_ID = 0xFFFFFFFF
+_ACL_RECORDS = {"SCHILY.acl.access": b"system.posix_acl_access",
+                "SCHILY.acl.default": b"system.posix_acl_default"}
+
+
+def pax_acls(pax: dict[str, str], origin: str, notes: list[str]) -> dict[bytes, bytes]:
+    """GNU tar `--acls` and star store ACLs as text (SCHILY.acl.access and
+    .default); turn them into the binary xattr values the kernel keeps, so
+    they match what a directory input reads. An entry that names a user or
+    group without a numeric id cannot be mapped here (the image's names are
+    not this machine's): that ACL is left out and noted."""
+    out = {}
+    for key, xattr in _ACL_RECORDS.items():
+        text = pax.get(key)
+        if not text:
+            continue
+        try:
+            entries = _parse_acl(text)
+        except ValueError as e:
+            notes.append(f"{origin}: {key} not kept ({e})")
+            continue
+        minimal = {tag for tag, _perm, _id in entries} <= {0x01, 0x04, 0x20}
+        if key.endswith("access") and minimal:
+            continue  # only the mode bits: the kernel keeps no xattr for it
+        out[xattr] = struct.pack("<I", ACL_VERSION) + b"".join(
+            struct.pack("<HHI", tag, perm, ident)
+            for tag, perm, ident in sorted(entries, key=lambda t: (t[0], t[2])))  # kernel order
+    return out
+
+
+def _parse_acl(text: str) -> list[tuple[int, int, int]]:
+    entries = []
+    for raw in text.replace(",", "\n").splitlines():
+        raw = raw.split("#", 1)[0].strip()
+        if not raw:
+            continue
+        fields = raw.split(":")
+        if len(fields) not in (3, 4):
+            raise ValueError(f"bad entry {raw[:40]!r}")
+        kind = ACL_ABBREV.get(fields[0], fields[0])
+        if kind not in ACL_TAGS:
+            raise ValueError(f"bad entry {raw[:40]!r}")
+        qualifier = fields[1]
+        if len(fields) == 4:  # star: user:name:perms:id
+            qualifier = fields[3]
+        if qualifier and not qualifier.isdigit():
+            raise ValueError(f"{kind} {qualifier[:40]!r} has no numeric id")
+        tag = ACL_TAGS[kind][1 if qualifier else 0]
+        ident = int(qualifier) if qualifier else ACL_NO_ID
+        if ident > ACL_NO_ID:
+            raise ValueError(f"id {ident} out of range")
+        entries.append((tag, _acl_perm(fields[2], raw), ident))
+    return entries
+
+
+def _acl_perm(text: str, raw: str) -> int:
+    perm = 0
+    for ch, bit in (("r", 4), ("w", 2), ("x", 1)):
+        if ch in text:
+            perm |= bit
+    if set(text) - set("rwx-"):
+        raise ValueError(f"bad permissions in {raw[:40]!r}")
+    return perm
