@@ -10,9 +10,9 @@ APT_PKGS  := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
              fsverity nginx-light erofs-utils sqlite3 fio squashfuse iproute2 kmod \
              curl tar util-linux
 # peers only the benchmarks compare against
-BENCH_APT := squashfs-tools rclone httpfs2
+BENCH_APT := squashfs-tools rclone httpfs2 debootstrap
 
-.PHONY: setup demo test bench bench-quick clean install-helpers uninstall-helpers \
+.PHONY: setup demo test bench bench-quick bench-debian clean install-helpers uninstall-helpers \
         install-systemd uninstall-systemd
 
 # where mount(8) looks for mount.incfs (/sbin is /usr/sbin on Debian 12)
@@ -87,6 +87,11 @@ bench: $(STAMPS)/bench
 
 bench-quick: $(STAMPS)/bench
 	@$(BIN)/python bench/run.py --quick
+
+# pack a debootstrapped Debian minbase (from the tree and from a tar of it)
+# and compare every entry; minutes, so not part of `make test`
+bench-debian: $(STAMPS)/bench
+	@$(BIN)/python bench/debian_rootfs.py
 
 clean:
 	rm -rf $(STAMPS) $(VENV) build src/*.egg-info

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import struct
 import stat
 import subprocess
 import sys
@@ -276,3 +278,81 @@ def raw_image():
 
 def crc32(data: bytes) -> int:
     return zlib.crc32(data)
+
+
+# --- a tree with the whole of POSIX metadata ---------------------------------------
+
+# vfs_cap_data revision 2: cap_net_bind_service (bit 10) permitted and effective
+CAPABILITY = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+# posix_acl_xattr: version 2, then (tag, perm, id) entries: user::rw- user:1234:r--
+# group::r-- mask::r-- other::---
+ACL = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, uid) for tag, perm, uid in (
+    (0x01, 6, 0xFFFFFFFF), (0x02, 4, 1234), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF),
+    (0x20, 0, 0xFFFFFFFF)))
+
+
+def xattrs_of(path: Path) -> dict[bytes, bytes]:
+    out = {}
+    for name in os.listxattr(path, follow_symlinks=False):
+        out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+    return out
+
+
+@pytest.fixture
+def posix_tree(tmp_path) -> Path:
+    """Owners, the whole mode, devices, a fifo, a socket, xattrs in every
+    namespace root may set, hard links of several types."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown, mknod, trusted.* xattrs)")
+    src = tmp_path / "posix"
+    src.mkdir()
+    (src / "bin").mkdir()
+    chage = src / "bin" / "chage"
+    chage.write_bytes(b"\x7fELF pretend\n" * 500)
+    os.chown(chage, 0, 42)  # root:shadow
+    os.chmod(chage, 0o2755)  # setgid
+    su = src / "bin" / "su"
+    su.write_bytes(b"su\n")
+    os.chmod(su, 0o4755)  # setuid
+    ping = src / "bin" / "ping"
+    ping.write_bytes(b"ping\n")
+    os.setxattr(ping, b"security.capability", CAPABILITY)
+    os.link(ping, src / "bin" / "ping-link")
+    tmp = src / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)  # sticky
+    os.chown(tmp, 1000, 1000)
+    dev = src / "dev"
+    dev.mkdir()
+    os.mknod(dev / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(dev / "sda", stat.S_IFBLK | 0o660, os.makedev(8, 0))
+    os.chown(dev / "sda", 0, 6)
+    os.mknod(dev / "big", stat.S_IFCHR | 0o600, os.makedev(4095, 1048575))  # wide numbers
+    os.link(dev / "null", dev / "null-link")  # a hard link to a device
+    os.mkfifo(dev / "initctl", 0o600)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.fsdecode(dev / "log"))
+    sock.close()
+    os.chmod(dev / "log", 0o666)
+    doc = src / "doc.txt"
+    doc.write_bytes(b"hello\n")
+    os.chown(doc, 70000, 4000000000)  # ids beyond 16 bits
+    os.setxattr(doc, b"user.mime_type", b"text/plain")
+    os.setxattr(doc, b"user.empty", b"")
+    os.setxattr(doc, b"user.binary", bytes(range(256)) * 4)  # ext4 keeps <= 4 KiB in all
+    os.setxattr(doc, b"trusted.overlay.opaque", b"y")
+    try:
+        os.setxattr(doc, b"system.posix_acl_access", ACL)
+    except OSError:
+        pass  # the file system has no ACLs; the rest still counts
+    os.symlink("doc.txt", src / "link")
+    os.lchown(src / "link", 5, 6)
+    os.setxattr(src / "link", b"trusted.symlink", b"on the link itself", follow_symlinks=False)
+    os.chown(src, 0, 0)
+    os.setxattr(src, b"user.root", b"root dir")
+    for p in [src, *src.rglob("*")]:
+        os.utime(p, ns=(1_700_000_000_123_456_789, 1_700_000_000_987_654_321),
+                 follow_symlinks=False)
+    return src
+
+

@@ -115,6 +115,68 @@ def test_inodes_round_trip(entries):
     assert records.decode_inodes(records.encode_inodes(entries)) == entries
 
 
+xattr_lists = st.dictionaries(st.binary(min_size=1, max_size=40).filter(
+    lambda n: b"\0" not in n and not n.startswith(b"user.incfs.")),
+    st.binary(max_size=300), max_size=4).map(lambda d: tuple(sorted(d.items())))
+inode2_entries = st.builds(
+    InodeEntry, ino=st.integers(1, 2**64 - 1), mode=st.integers(0, 2**32 - 1),
+    size=st.integers(0, 2**63 - 1), mtime_ns=st.integers(-2**63, 2**63 - 1),
+    file_id=st.binary(min_size=16, max_size=16), root_hash=st.binary(min_size=32, max_size=32),
+    flags=st.sampled_from([InodeFlags(0), InodeFlags.HAS_TREE]),
+    metadata=st.binary(max_size=512), target=st.binary(max_size=300),
+    uid=st.integers(0, 2**32 - 1), gid=st.integers(0, 2**32 - 1),
+    rdev=st.integers(0, 2**64 - 1), xattrs=xattr_lists)
+
+
+@given(st.lists(inode2_entries, max_size=6))
+def test_inodes2_round_trip(entries):
+    assert records.decode_inodes2(records.encode_inodes2(entries)) == entries
+
+
+@given(st.lists(inode2_entries, min_size=1, max_size=3), st.data())
+def test_truncated_inodes2_bodies_are_refused(entries, data):
+    body = records.encode_inodes2(entries)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    with pytest.raises(CorruptImage):
+        records.decode_inodes2(body[:cut])
+    with pytest.raises(CorruptImage, match="trailing"):
+        records.decode_inodes2(body + b"\0")
+
+
+def test_inodes2_layout_matches_the_document():
+    e = InodeEntry(7, 0o20644, 0, -5, bytes(range(16)), bytes(range(32)), InodeFlags(0),
+                   b"M", b"", 1000, 2000, 0x0000_0001_0000_0103,
+                   ((b"security.capability", b"\x01\x02"), (b"user.a", b"")))
+    body = records.encode_inodes2([e])
+    assert struct.unpack_from("<I", body)[0] == 1
+    fixed = body[4:4 + 102]
+    assert struct.unpack_from("<QIIQq", fixed) == (7, 0o20644, 0, 0, -5)
+    assert struct.unpack_from("<IIQ", fixed, 32) == (1000, 2000, 0x0000_0001_0000_0103)
+    assert fixed[48:64] == bytes(range(16)) and fixed[64:96] == bytes(range(32))
+    assert struct.unpack_from("<HHH", fixed, 96) == (1, 0, 2)
+    rest = body[4 + 102:]
+    assert rest[:1] == b"M"
+    assert rest[1:6] == struct.pack("<BI", 19, 2) and rest[6:25] == b"security.capability"
+    assert rest[25:27] == b"\x01\x02" and rest[27:32] == struct.pack("<BI", 6, 0)
+    assert rest[32:] == b"user.a"
+    assert RecordType.INODES2 & layout.CRITICAL_TYPE_BIT  # a 1.0 reader must refuse it
+    assert records.encode_inode_batch([e])[0] == RecordType.INODES2
+    plain = InodeEntry(8, 0o100644)
+    assert records.encode_inode_batch([plain]) == (RecordType.INODES,
+                                                   records.encode_inodes([plain]))
+
+
+def test_superblock_payload_must_end_inside_the_packed_file():
+    """Regression: `data_end <= max(packed_size, data_end)` could never fail."""
+    past = Superblock(uuid=bytes(16), flags=SuperFlags.PACKED, meta_end=5000,
+                      data_start=8192, data_end=20480, packed_size=16384).encode()
+    with pytest.raises(CorruptImage, match="out of order"):
+        Superblock.decode(past)
+    ok = Superblock(uuid=bytes(16), flags=SuperFlags.PACKED, meta_end=5000,
+                    data_start=8192, data_end=16384, packed_size=16384)
+    assert Superblock.decode(ok.encode()) == ok
+
+
 @given(st.lists(dirent_entries, max_size=8))
 def test_dirents_round_trip(entries):
     assert records.decode_dirents(records.encode_dirents(entries)) == entries
@@ -136,6 +198,7 @@ def test_signature_round_trip_and_layout():
 
 def test_entry_sizes_match_the_document():
     assert records._INODE.size == 84
+    assert records._INODE2.size == 102
     assert records._DIRENT.size == 18
     assert records._RUN.size == 28
     assert records._BLOCK.size == 6
@@ -144,7 +207,8 @@ def test_entry_sizes_match_the_document():
 
 @settings(max_examples=300)
 @given(st.sampled_from([records.decode_inodes, records.decode_dirents, records.decode_runs,
-                        records.decode_signature]), st.binary(max_size=400))
+                        records.decode_signature, records.decode_inodes2]),
+       st.binary(max_size=400))
 def test_garbage_bodies_raise_only_corrupt_image(decode, body):
     try:
         decode(body)

@@ -52,7 +52,8 @@ D = stat.S_IFDIR | 0o555
 
 # --- record decoders --------------------------------------------------------------------
 
-DECODERS = [R.decode_inodes, R.decode_dirents, R.decode_runs, R.decode_signature]
+DECODERS = [R.decode_inodes, R.decode_dirents, R.decode_runs, R.decode_signature,
+            R.decode_inodes2]
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -65,6 +66,14 @@ inode_entries = st.builds(
     file_id=st.binary(min_size=16, max_size=16), root_hash=st.binary(min_size=32, max_size=32),
     flags=st.sampled_from([R.InodeFlags(0), R.InodeFlags.HAS_TREE]),
     metadata=st.binary(max_size=R.MAX_METADATA), target=st.binary(max_size=64))
+posix_modes = st.sampled_from([stat.S_IFREG | 0o4755, stat.S_IFDIR | 0o1777, stat.S_IFLNK | 0o777,
+                               stat.S_IFCHR | 0o666, stat.S_IFBLK | 0o660, stat.S_IFIFO | 0o600,
+                               stat.S_IFSOCK | 0o777]) | u32
+inode2_entries = st.builds(
+    R.InodeEntry, ino=st.integers(1, 64), mode=posix_modes, size=st.integers(0, 1 << 20),
+    mtime_ns=i64, uid=u32, gid=u32, rdev=st.sampled_from([0, 259]) | u64,
+    xattrs=st.dictionaries(st.binary(min_size=1, max_size=20), st.binary(max_size=40),
+                           max_size=3).map(lambda d: tuple(sorted(d.items()))))
 dirent_entries = st.builds(R.DirentEntry, op=st.sampled_from(list(R.DirentOp)), parent=u64,
                            child=u64, name=st.binary(max_size=255))
 block_words = st.tuples(
@@ -77,6 +86,7 @@ signatures = st.builds(R.SignatureEntry, algorithm=u8, key_id=st.binary(min_size
 
 ENCODED = st.one_of(
     st.lists(inode_entries, max_size=5).map(R.encode_inodes),
+    st.lists(inode2_entries, max_size=5).map(R.encode_inodes2),
     st.lists(dirent_entries, max_size=5).map(R.encode_dirents),
     st.lists(block_runs, max_size=5).map(R.encode_runs),
     signatures.map(R.encode_signature),

@@ -56,6 +56,9 @@ class Craft:
     def inodes(self, *entries: R.InodeEntry) -> None:
         self.app.append(RecordType.INODES, R.encode_inodes(list(entries)))
 
+    def inodes2(self, *entries: R.InodeEntry) -> None:
+        self.app.append(RecordType.INODES2, R.encode_inodes2(list(entries)))
+
     def dirents(self, *links: tuple[int, int, int, bytes]) -> None:
         self.app.append(RecordType.DIRENTS, R.encode_dirents(
             [R.DirentEntry(R.DirentOp(op), parent, child, name) for op, parent, child, name in links]))
@@ -222,6 +225,53 @@ def h_regular_file_with_a_target(c):
 def h_directory_with_a_size(c): c.inodes(R.InodeEntry(2, D, 4096))
 @case("open")
 def h_device_node(c): c.inodes(R.InodeEntry(2, stat.S_IFCHR | 0o644, 0))
+
+
+# --- INODES2 (format 1.1): owners, devices, extended attributes ---------------------
+@case("open")
+def h_fifo_in_a_1_0_record(c): c.inodes(R.InodeEntry(2, stat.S_IFIFO | 0o644))
+@case("open")
+def h_rdev_on_a_file(c): c.inodes2(R.InodeEntry(2, F, 0, rdev=259))
+@case("open")
+def h_unknown_file_type(c): c.inodes2(R.InodeEntry(2, 0o170000 | 0o644))
+@case("open")
+def h_xattrs_unsorted(c):
+    c.inodes2(R.InodeEntry(2, F, xattrs=((b"user.b", b"1"), (b"user.a", b"2"))))
+@case("open")
+def h_xattrs_duplicate(c):
+    c.inodes2(R.InodeEntry(2, F, xattrs=((b"user.a", b"1"), (b"user.a", b"2"))))
+@case("open")
+def h_xattr_reserved_name(c): c.inodes2(R.InodeEntry(2, F, xattrs=((b"user.incfs.id", b"x"),)))
+@case("open")
+def h_xattr_empty_name(c): c.inodes2(R.InodeEntry(2, F, xattrs=((b"", b"x"),)))
+@case("open")
+def h_xattr_name_with_nul(c): c.inodes2(R.InodeEntry(2, F, xattrs=((b"user.a\0b", b"x"),)))
+@case("open")
+def h_xattr_value_over_64k(c):
+    c.inodes2(R.InodeEntry(2, F, xattrs=((b"user.big", b"v" * 65537),)))
+@case("open")
+def h_xattrs_over_a_megabyte(c):
+    c.inodes2(R.InodeEntry(2, F, xattrs=tuple((b"user.%02d" % i, b"v" * 65536)
+                                              for i in range(17))))
+@case("open")
+def h_xattr_count_lies(c):
+    body = bytearray(R.encode_inodes2([R.InodeEntry(2, F, xattrs=((b"user.a", b"1"),))]))
+    struct.pack_into("<H", body, 4 + 100, 5000)  # xattr_count
+    c.record(RecordType.INODES2, bytes(body))
+@case("open")
+def h_xattr_value_length_lies(c):
+    body = bytearray(R.encode_inodes2([R.InodeEntry(2, F, xattrs=((b"user.a", b"1"),))]))
+    struct.pack_into("<I", body, 4 + 102 + 1, 1 << 31)  # value_len
+    c.record(RecordType.INODES2, bytes(body))
+@case("ok")
+def h_inodes2_device_with_names(c):
+    c.inodes2(R.InodeEntry(2, stat.S_IFCHR | 0o666, rdev=os.makedev(1, 3), uid=5, gid=6,
+                           xattrs=((b"security.selinux", b"x"),)),
+              R.InodeEntry(3, stat.S_IFSOCK | 0o666), R.InodeEntry(4, stat.S_IFIFO | 0o600))
+    c.add(ROOT_INO, 2, b"null")
+    c.add(ROOT_INO, 2, b"null2")  # a hard link to a device
+    c.add(ROOT_INO, 3, b"sock")
+    c.add(ROOT_INO, 4, b"fifo")
 
 
 @case("open")
@@ -628,6 +678,8 @@ def _superblock_variants():
     yield "crc", bytes(raw[:20]) + bytes([raw[20] ^ 1]) + bytes(raw[21:])
     yield "block shift", _fix_sb_crc(bytearray(raw[:12]) + b"\x0d" + raw[13:])
     yield "regions out of order", _fix_sb_crc(_with_regions(raw, 10, 5, 20, 30))
+    # the payload ending past the file pack wrote (the check that could never fail)
+    yield "data past packed size", _fix_sb_crc(_with_regions(raw, 5000, 8192, 20480, 16384))
     yield "short", bytes(raw[:50])
     yield "empty", b""
     yield "superblock only", bytes(raw)

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MiB, assert_image_matches, build_sample_tree, source_entries
+from conftest import (CAPABILITY, MiB, assert_image_matches, build_sample_tree,
+                      source_entries, xattrs_of)
 from incfs import BLOCK_SIZE
-from incfs.errors import UsageError
+from incfs.errors import IntegrityError, UsageError
 from incfs.format.records import BlockKind, info_kind, info_size
 from incfs.image import Image
+from incfs.integrity import signing
 from incfs.pack import pack
 from incfs.verify import verify_image
 
@@ -260,3 +262,150 @@ def test_pack_into_its_own_source(tmp_path):
     assert stats.files == 1
     with Image.open(src / "self.img") as img:
         assert [p for p, _n in img.ns.walk()] == [b"", b"/a"]
+
+
+# --- POSIX fidelity (format 1.1) ---------------------------------------------------
+
+def _assert_posix_matches(img: Image, src: Path) -> None:
+    """Every field of every entry round-trips: type and whole mode, owners,
+    device numbers, mtime to the nanosecond, xattrs, hard links, data."""
+    entries = source_entries(src)
+    in_image = {p: n for p, n in img.ns.walk() if p}
+    assert set(in_image) == set(entries)
+    by_source_inode: dict[tuple[int, int], set[int]] = {}
+    for path, st in [(b"", os.lstat(src)), *entries.items()]:
+        node = img.ns.get(1) if not path else in_image[path]
+        full = os.fsencode(src) + path
+        if stat.S_ISLNK(st.st_mode):
+            assert node.mode == stat.S_IFLNK | 0o777, path
+            assert node.target == os.readlink(full)
+        else:
+            assert node.mode == st.st_mode, (path, oct(node.mode), oct(st.st_mode))
+        assert (node.uid, node.gid) == (st.st_uid, st.st_gid), path
+        assert node.mtime_ns == st.st_mtime_ns, path
+        want_rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
+        assert node.rdev == want_rdev, path
+        assert dict(node.xattrs) == xattrs_of(Path(os.fsdecode(full))), path
+        if not stat.S_ISDIR(st.st_mode):
+            by_source_inode.setdefault((st.st_dev, st.st_ino), set()).add(node.ino)
+            assert node.nlink == st.st_nlink, path
+        if stat.S_ISREG(st.st_mode):
+            assert img.read_range(node, 0, st.st_size + 1) == Path(os.fsdecode(full)).read_bytes()
+    groups = list(by_source_inode.values())
+    assert all(len(g) == 1 for g in groups)
+    assert len({next(iter(g)) for g in groups}) == len(groups)
+
+
+def test_posix_metadata_round_trips(posix_tree, tmp_path, keys):
+    priv, pub = keys("ed25519")
+    image = tmp_path / "posix.img"
+    stats = pack(posix_tree, image, sign_key=priv)
+    assert (stats.devices, stats.fifos, stats.sockets) == (3, 1, 1)
+    assert stats.hard_links == 2 and not stats.skipped
+    with Image.open(image) as img:
+        _assert_posix_matches(img, posix_tree)
+        assert img.superblock.version_minor == 1 and img.ns.posix
+        cap = img.ns.lookup(img.ns.lookup(1, b"bin").ino, b"ping")
+        assert cap.xattrs[b"security.capability"] == CAPABILITY
+        null = img.ns.lookup(img.ns.lookup(1, b"dev").ino, b"null")
+        assert (os.major(null.rdev), os.minor(null.rdev)) == (1, 3)
+        assert null.is_device and null.data is None and null.nlink == 2
+        img.verify_signature(signing.load_public(pub))
+    report = verify_image(image, pub)
+    assert report.exit_code == 0, [str(p) for p in report.problems]
+
+
+def test_posix_image_survives_reopen_writable_and_entry_copy(posix_tree, tmp_path):
+    """Inode.entry() (what loaders copy) keeps every field."""
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image)
+    with Image.open(image) as img:
+        for _p, node in img.ns.walk():
+            e = node.entry()
+            assert (e.uid, e.gid, e.rdev, dict(e.xattrs), e.mode) == (
+                node.uid, node.gid, node.rdev, dict(node.xattrs), node.mode)
+    with Image.open(image, writable=True) as img:
+        ino = img.create_node(1, b"added", stat.S_IFIFO | 0o640, uid=7, gid=8,
+                              xattrs={b"user.k": b"v"})
+    with Image.open(image) as img:
+        node = img.ns.get(ino)
+        assert (node.uid, node.gid, dict(node.xattrs)) == (7, 8, {b"user.k": b"v"})
+
+
+def test_signature_covers_owners_devices_and_xattrs(posix_tree, tmp_path, keys, raw_image):
+    """Change one uid, one device number or one xattr value (with a valid
+    CRC): only the signature can tell, and it does."""
+    from incfs.format import records as R
+    from incfs.format.layout import RecordType
+    priv, pub = keys("ed25519")
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image, sign_key=priv)
+    def flip_last(value: bytes) -> bytes:
+        return value[:-1] + bytes([value[-1] ^ 1])
+
+    edits = {  # what to change, in the first inode that has it (same record size)
+        "uid": (lambda e: e.uid, lambda e: setattr(e, "uid", e.uid ^ 1)),
+        "rdev": (lambda e: e.rdev, lambda e: setattr(e, "rdev", e.rdev ^ 1)),
+        "xattr": (lambda e: any(v for _n, v in e.xattrs),
+                  lambda e: setattr(e, "xattrs", tuple((n, flip_last(v) if v else v)
+                                                       for n, v in e.xattrs))),
+    }
+    for what, (has, edit) in edits.items():
+        raw = raw_image(image)
+        offset, _h = raw.of_type(RecordType.INODES2)[0]
+        entries = R.decode_inodes2(raw.body(offset))
+        edit(next(e for e in entries if has(e)))
+        raw.set_body(offset, R.encode_inodes2(entries))
+        tampered = raw.save(tmp_path / f"tampered-{what}.img")
+        with Image.open(tampered) as img:
+            with pytest.raises(IntegrityError, match="differ from what was signed"):
+                img.verify_signature(signing.load_public(pub))
+        assert verify_image(tampered, pub).exit_code == 1, what
+
+
+def test_posix_inspect_json(posix_tree, tmp_path):
+    from incfs.verify import describe_image
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image)
+    info = describe_image(image)
+    assert info["format_version"] == "1.1"
+    assert (info["counts"]["devices"], info["counts"]["fifos"],
+            info["counts"]["sockets"]) == (3, 1, 1)
+    by_path = {e["path"]: e for e in info["tree"]}
+    assert by_path["/dev/null"]["type"] == "chardev" and by_path["/dev/null"]["rdev"] == [1, 3]
+    assert by_path["/bin/su"]["mode"] == "4755" and by_path["/tmp"]["mode"] == "1777"
+    assert (by_path["/doc.txt"]["uid"], by_path["/doc.txt"]["gid"]) == (70000, 4000000000)
+    assert by_path["/doc.txt"]["xattrs"]["user.mime_type"] == "text/plain"
+    assert by_path["/bin/ping"]["xattrs"]["security.capability"].startswith("0x")
+
+
+def test_plain_tree_still_writes_a_1_0_log(small_tree, tmp_path):
+    """No owners, devices or xattrs: INODES records and the v1 root, so a
+    1.0 reader still opens the image."""
+    from incfs.format.layout import RecordType
+    from conftest import RawImage
+    image = tmp_path / "plain.img"
+    pack(small_tree, image)
+    raw = RawImage(image)
+    assert raw.of_type(RecordType.INODES) and not raw.of_type(RecordType.INODES2)
+    with Image.open(image) as img:
+        assert img.superblock.version_minor == 0 and not img.ns.posix
+
+
+def test_cache_built_by_the_loader_keeps_posix_metadata(posix_tree, tmp_path):
+    """The loader copies the metadata region record by record into a cache
+    (re-typing only BLOCKS): INODES2 records and the v2 root come along."""
+    from incfs.format.layout import Superblock
+    from incfs.loader import write_cache
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image)
+    raw = image.read_bytes()
+    sb = Superblock.decode(raw[:BLOCK_SIZE])
+    write_cache(tmp_path / "cache.img", sb, raw[:sb.meta_end]).close()
+    with Image.open(tmp_path / "cache.img") as cache, Image.open(image) as img:
+        assert cache.canonical_root() == img.canonical_root()
+        theirs = [(p, n.mode, n.uid, n.gid, n.rdev, dict(n.xattrs), n.nlink)
+                  for p, n in cache.ns.walk()]
+        ours = [(p, n.mode, n.uid, n.gid, n.rdev, dict(n.xattrs), n.nlink)
+                for p, n in img.ns.walk()]
+        assert theirs == ours

@@ -144,7 +144,7 @@ def _source_bytes(src: Path) -> int:
 
 
 @main.command("pack")
-@click.argument("src_dir", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--compress", type=click.Choice(["none", "lz4", "zstd"]), default="zstd",
               show_default=True, help="Per-block compression.")
@@ -154,26 +154,34 @@ def _source_bytes(src: Path) -> int:
               help="An older image whose identical blocks are reused as stored.")
 @click.option("--profile", type=click.Path(dir_okay=False, path_type=Path),
               help="A read profile: its blocks are placed first in the data.")
-def pack_cmd(src_dir: Path, image: Path, compress: str, sign_key: Path | None,
-         base: Path | None, profile: Path | None) -> None:
-    """Pack directory SRC_DIR into a new image IMAGE."""
+@click.option("--max-entries", type=click.IntRange(min=1), default=None,
+              help="Refuse archives with more entries than this (default 4,000,000).")
+def pack_cmd(src: str, image: Path, compress: str, sign_key: Path | None,
+             base: Path | None, profile: Path | None, max_entries: int | None) -> None:
+    """Pack SRC into a new image IMAGE.
+
+    SRC is a directory, a tar archive (plain, gzip, bzip2, xz or zstd), - for
+    a tar stream on stdin, or oci:DIR[:TAG] for an OCI image layout.
+    """
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn)
 
     from . import pack as packing
+    from .inputs import DEFAULT_MAX_ENTRIES
     from .verify import check_is_image
 
     if base is not None:
         check_is_image(base)  # a wrong --base is a usage error, not a damaged image
     console = _stderr_console()
     started = time.monotonic()
-    show_bar = console.is_terminal and src_dir.is_dir()
+    src_dir = Path(src)
+    show_bar = console.is_terminal and src != "-" and src_dir.is_dir()
     with Progress(TextColumn("packing"), BarColumn(), DownloadColumn(binary_units=True),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                   transient=True, disable=not show_bar) as bar:
         task = bar.add_task("pack", total=_source_bytes(src_dir) if show_bar else None)
-        stats = packing.pack(src_dir, image, compress=compress, sign_key=sign_key, base=base,
-                             profile=profile,
+        stats = packing.pack(src, image, compress=compress, sign_key=sign_key, base=base,
+                             profile=profile, max_entries=max_entries or DEFAULT_MAX_ENTRIES,
                              progress=(lambda n: bar.advance(task, n)) if show_bar else None)
     elapsed = time.monotonic() - started
     click.echo(_pack_summary(image, stats, compress, sign_key, elapsed))
@@ -185,9 +193,16 @@ def _n(count: int, singular: str, plural: str | None = None) -> str:
 
 def _pack_summary(image: Path, stats, compress: str, sign_key, elapsed: float) -> str:
     size = image.stat().st_size
-    parts = [f"Packed {_n(stats.files, 'file')}, {_n(stats.directories, 'directory', 'directories')}"
-             f" and {_n(stats.symlinks, 'symlink')} ({_human(stats.bytes_in)} of file data) "
-             f"into {image} ({_human(size)}) in {elapsed:.1f} s."]
+    kinds = [_n(stats.files, "file"), _n(stats.directories, "directory", "directories"),
+             _n(stats.symlinks, "symlink")]
+    for count, word in ((stats.devices, "device"), (stats.fifos, "fifo"),
+                        (stats.sockets, "socket"), (stats.hard_links, "extra hard link")):
+        if count:
+            kinds.append(_n(count, word))
+    parts = [f"Packed {', '.join(kinds[:-1])} and {kinds[-1]} ({_human(stats.bytes_in)} of "
+             f"file data) into {image} ({_human(size)}) in {elapsed:.1f} s."]
+    if stats.with_xattrs:
+        parts.append(f"{_n(stats.with_xattrs, 'entry', 'entries')} with extended attributes.")
     stored = _n(stats.blocks, "data block")
     details = []
     if stats.zero_blocks:
@@ -210,8 +225,8 @@ def _pack_summary(image: Path, stats, compress: str, sign_key, elapsed: float) -
     else:
         parts.append("Not signed.")
     if stats.skipped:
-        parts.append(f"Skipped {_n(len(stats.skipped), 'entry', 'entries')} that are not "
-                     f"files, directories or symlinks (first: {stats.skipped[0]}).")
+        parts.append(f"Skipped or ignored {_n(len(stats.skipped), 'entry', 'entries')} "
+                     f"(first: {stats.skipped[0]}).")
     return " ".join(parts)
 
 
@@ -249,9 +264,11 @@ def _print_description(info: dict) -> None:
     layout = (f"metadata {4096}..{sb['meta_end']}, data {sb['data_start']}..{sb['data_end']}, "
               f"packed size {sb['packed_size']}, " if "packed" in sb["flag_names"] else "")
     grid.add_row("Size", f"{layout}file {info['file_size']} bytes ({_human(info['file_size'])})")
+    special = "".join(f", {counts[k]} {k}" for k in ("devices", "fifos", "sockets") if counts[k])
+    xattrs = f", {counts['with_xattrs']} with extended attributes" if counts["with_xattrs"] else ""
     grid.add_row("Contents", f"{counts['files']} files, {counts['directories']} directories, "
-                             f"{counts['symlinks']} symlinks ({counts['inodes']} inodes, "
-                             f"{info['entries_total']} names); "
+                             f"{counts['symlinks']} symlinks{special} ({counts['inodes']} "
+                             f"inodes, {info['entries_total']} names{xattrs}); "
                              f"{_human(info['file_bytes'])} of file data")
     state = "complete" if info["complete"] else \
         f"incomplete ({info['complete_files']} of {counts['files']} files complete)"
@@ -286,13 +303,16 @@ def _print_description(info: dict) -> None:
     title = f"Tree ({info['entries_total']} entries" + \
         (f", first {shown} shown)" if info["tree_truncated"] else ")")
     table = Table(title=title, title_justify="left", box=None, show_edge=False)
-    for col, justify in (("type", "left"), ("mode", "left"), ("size", "right"),
-                         ("blocks", "right"), ("path", "left")):
+    for col, justify in (("type", "left"), ("mode", "left"), ("owner", "right"),
+                         ("size", "right"), ("blocks", "right"), ("path", "left")):
         table.add_column(col, justify=justify, overflow="fold")
     for e in info["tree"]:
         blocks_col = f"{e['blocks_present']}/{e['blocks_total']}" if "blocks_total" in e else ""
         path = e["path"] + (f" -> {e['target']}" if "target" in e else "")
-        table.add_row(e["type"], e["mode"], str(e["size"]), blocks_col, path)
+        if "xattrs" in e:
+            path += " [" + ", ".join(e["xattrs"]) + "]"
+        size = f"{e['rdev'][0]},{e['rdev'][1]}" if "rdev" in e else str(e["size"])
+        table.add_row(e["type"], e["mode"], f"{e['uid']}:{e['gid']}", size, blocks_col, path)
     # Render into a string and write it with click, so a closed stdout is
     # handled like every other command's output.
     with console.capture() as captured:

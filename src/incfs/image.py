@@ -207,8 +207,14 @@ class Image:
             raise CorruptImage(f"record at offset {offset}: {e}") from None
 
     def _apply(self, rtype: int, body: bytes, flags: int = 0) -> None:
-        if rtype == RecordType.INODES:
-            for e in records.decode_inodes(body):
+        if rtype in (RecordType.INODES, RecordType.INODES2):
+            decode = records.decode_inodes if rtype == RecordType.INODES else records.decode_inodes2
+            for e in decode(body):
+                if rtype == RecordType.INODES and stat.S_IFMT(e.mode) not in records.V1_TYPES:
+                    # 1.0 readers refuse other types here; so do we, or an
+                    # image could mean different things to the two
+                    raise CorruptImage(f"inode {e.ino}: an INODES record holds only "
+                                       "files, directories and symlinks")
                 self.ns.check_add_inode(e)
                 self.ns.add_inode(e)
         elif rtype == RecordType.DIRENTS:
@@ -292,7 +298,12 @@ class Image:
         """SHA-256 over the whole named tree: every path with its inode's
         identity, type, size, time, file id, fs-verity digest, metadata and
         symlink target, in path order. Signing this signs the namespace and,
-        through the digests, every byte of every file."""
+        through the digests, every byte of every file. Once any inode has
+        owners, a device number or attributes (format 1.1), the v2 root
+        covers those for every inode; images without them keep the v1 root,
+        so their signatures stay valid."""
+        if self.ns.posix:
+            return self._canonical_root_v2()
         h = hashlib.sha256(b"incfs canonical root v1\0" + self.superblock.uuid)
         for path, node in self.ns.walk():
             h.update(struct.pack("<I", len(path)) + path)
@@ -301,6 +312,21 @@ class Image:
             h.update(node.file_id + self.file_digest(node))
             h.update(struct.pack("<HH", len(node.metadata), len(node.target)))
             h.update(node.metadata + node.target)
+        return h.digest()
+
+    def _canonical_root_v2(self) -> bytes:
+        h = hashlib.sha256(b"incfs canonical root v2\0" + self.superblock.uuid)
+        for path, node in self.ns.walk():
+            h.update(struct.pack("<I", len(path)) + path)
+            h.update(struct.pack("<QIIQqIIQ", node.ino, node.mode, int(node.flags), node.size,
+                                 node.mtime_ns, node.uid, node.gid, node.rdev))
+            h.update(node.file_id + self.file_digest(node))
+            h.update(struct.pack("<HHH", len(node.metadata), len(node.target),
+                                 len(node.xattrs)))
+            h.update(node.metadata + node.target)
+            for name in sorted(node.xattrs):
+                value = node.xattrs[name]
+                h.update(struct.pack("<BI", len(name), len(value)) + name + value)
         return h.digest()
 
     def file_digest(self, node: Inode) -> bytes:
@@ -348,14 +374,15 @@ class Image:
     def _append_inodes(self, entries: list[InodeEntry]) -> None:
         for e in entries:
             self.ns.check_add_inode(e)
-        self._append(RecordType.INODES, records.encode_inodes(entries))
+        self._append(*records.encode_inode_batch(entries))
         for e in entries:
             self.ns.add_inode(e)
 
     def create_node(self, parent: int, name: bytes, mode: int, *, size: int = 0,
                     file_id: bytes | None = None, metadata: bytes = b"",
                     root_hash: bytes | None = None, target: bytes = b"",
-                    mtime_ns: int | None = None) -> int:
+                    mtime_ns: int | None = None, uid: int = 0, gid: int = 0,
+                    rdev: int = 0, xattrs: dict[bytes, bytes] | None = None) -> int:
         """Create an inode and give it its first name; returns its number."""
         if len(metadata) > records.MAX_METADATA:
             raise os_error(errno.E2BIG, "user metadata is limited to 512 bytes")
@@ -371,7 +398,8 @@ class Image:
         entry = InodeEntry(ino, mode, size, mtime_ns if mtime_ns is not None else time.time_ns(),
                            file_id or uuidlib.uuid4().bytes, root_hash or bytes(32),
                            InodeFlags.HAS_TREE if root_hash is not None else InodeFlags(0),
-                           metadata, target)
+                           metadata, target, uid, gid, rdev,
+                           tuple(sorted((xattrs or {}).items())))
         self.ns.check_add_inode(entry)
         self._check_new_name(parent, name)
         self._append_inodes([entry])

@@ -9,23 +9,39 @@ from __future__ import annotations
 
 import errno
 import stat
-from typing import Iterator
+from types import MappingProxyType
+from typing import Iterator, Mapping
 
 from . import ROOT_INO
 from .blockmap import BlockMap
 from .errors import os_error
-from .format.records import MAX_NAME, InodeEntry, InodeFlags
+from .format.records import MAX_NAME, InodeEntry, InodeFlags, needs_inodes2, xattr_problem
 from .integrity.merkle import TreeGeometry, block_count
 
 
+# One shared, read-only empty mapping: most inodes have no attributes, and a
+# dict each would cost 64 bytes per inode.
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+
+
 class Inode:
+    """One inode. `mode` is the whole st_mode (type, setuid/setgid/sticky and
+    permission bits); `uid`, `gid`, `rdev` are 0 and `xattrs` is empty for
+    images written before format 1.1. `xattrs` maps names to values (the
+    image's own attributes only, read-only) and there is one timestamp,
+    `mtime_ns` (pack stores no atime/ctime so images are reproducible)."""
+
     __slots__ = ("ino", "mode", "size", "mtime_ns", "file_id", "root_hash",
                  "flags", "metadata", "target", "nlink", "parent", "children",
-                 "data", "hashes", "geometry", "signed")
+                 "data", "hashes", "geometry", "signed", "uid", "gid", "rdev", "xattrs")
 
     def __init__(self, e: InodeEntry):
         self.ino = e.ino
         self.mode = e.mode
+        self.uid = e.uid
+        self.gid = e.gid
+        self.rdev = e.rdev
+        self.xattrs = MappingProxyType(dict(e.xattrs)) if e.xattrs else NO_XATTRS
         self.size = e.size
         self.mtime_ns = e.mtime_ns
         self.file_id = e.file_id
@@ -55,6 +71,14 @@ class Inode:
         return stat.S_ISREG(self.mode)
 
     @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def is_device(self) -> bool:
+        return stat.S_ISCHR(self.mode) or stat.S_ISBLK(self.mode)
+
+    @property
     def has_tree(self) -> bool:
         return bool(self.flags & InodeFlags.HAS_TREE)
 
@@ -66,7 +90,8 @@ class Inode:
 
     def entry(self) -> InodeEntry:
         return InodeEntry(self.ino, self.mode, self.size, self.mtime_ns, self.file_id,
-                          self.root_hash, self.flags, self.metadata, self.target)
+                          self.root_hash, self.flags, self.metadata, self.target,
+                          self.uid, self.gid, self.rdev, tuple(sorted(self.xattrs.items())))
 
 
 def check_name(name: bytes) -> None:
@@ -76,7 +101,10 @@ def check_name(name: bytes) -> None:
         raise os_error(errno.ENAMETOOLONG, "name longer than 255 bytes")
 
 
-ALLOWED_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
+ALLOWED_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                 stat.S_IFIFO, stat.S_IFSOCK)
+MAX_ID = 0xFFFFFFFF  # uid and gid are u32 on disk (and in the kernel)
+MAX_RDEV = (1 << 64) - 1
 # Inode numbers from 2^62 up are the mount's own (fusefs.SPECIAL_BASE: the
 # hidden .incfs files); an image's inode there would be served as one of them.
 INO_LIMIT = 1 << 62
@@ -86,6 +114,9 @@ class Namespace:
     def __init__(self) -> None:
         self.inodes: dict[int, Inode] = {}
         self.next_ino = ROOT_INO + 1
+        # Set once any inode needs format 1.1 (owners, devices, attributes):
+        # the canonical root then covers those fields for every inode.
+        self.posix = False
 
     def __len__(self) -> int:
         return len(self.inodes)
@@ -123,10 +154,25 @@ class Namespace:
             raise os_error(errno.EINVAL, "only files have a size")
         if e.ino == ROOT_INO and not stat.S_ISDIR(e.mode):
             raise os_error(errno.EINVAL, "the root must be a directory")
+        self._check_posix(e)
+
+    @staticmethod
+    def _check_posix(e: InodeEntry) -> None:
+        if not (0 <= e.uid <= MAX_ID and 0 <= e.gid <= MAX_ID):
+            raise os_error(errno.EINVAL, f"inode {e.ino}: owner out of range")
+        if e.rdev and not (stat.S_ISCHR(e.mode) or stat.S_ISBLK(e.mode)):
+            raise os_error(errno.EINVAL, "only devices have a device number")
+        if not 0 <= e.rdev <= MAX_RDEV:
+            raise os_error(errno.EINVAL, f"inode {e.ino}: device number out of range")
+        why = xattr_problem(e.xattrs)
+        if why:
+            raise os_error(errno.EINVAL, f"inode {e.ino}: {why}")
 
     def add_inode(self, e: InodeEntry) -> Inode:
         node = Inode(e)
         self.inodes[e.ino] = node
+        if not self.posix and needs_inodes2(e):
+            self.posix = True
         self.next_ino = max(self.next_ino, e.ino + 1)
         return node
 

@@ -1,4 +1,5 @@
-"""Host side: turn a directory tree into a complete, optionally signed image.
+"""Host side: turn a directory, a tar archive or an OCI image into a complete,
+optionally signed image (the inputs are in `incfs.inputs`).
 
 Layout of a packed image, chosen for lazy remote mounts:
 
@@ -25,19 +26,21 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import UsageError
-from .format.layout import RECORD_HEADER_SIZE, RecordType, Superblock, SuperFlags
-from .format.records import (BlockKind, BlockRun, InodeEntry, InodeFlags, TreeKind,
-                             block_info, encode_runs, place_block)
+from .format.layout import (MINOR_BASE, RECORD_HEADER_SIZE, VERSION_MINOR, RecordType,
+                            Superblock, SuperFlags)
+from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, InodeFlags,
+                             TreeKind, block_info, encode_runs, place_block, xattr_problem)
 from .image import Image
+from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, Node, Tree, open_input
 from .integrity import merkle, signing
-from .namespace import check_name
 
 Progress = Callable[[int], None]  # called with bytes of source consumed
 INODE_BATCH = 4096
+INODE_BATCH_BYTES = 8 << 20
 RUN_BATCH_BLOCKS = 128 * 1024
 
 
@@ -46,21 +49,18 @@ class PackStats:
     files: int = 0
     directories: int = 0
     symlinks: int = 0
+    devices: int = 0
+    fifos: int = 0
+    sockets: int = 0
+    hard_links: int = 0  # names beyond the first of an inode
+    with_xattrs: int = 0  # inodes that have extended attributes
     bytes_in: int = 0
     bytes_stored: int = 0
     blocks: int = 0
     zero_blocks: int = 0
     dedup_blocks: int = 0
     base_reused: int = 0
-    skipped: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Source:
-    """One source file with its inode number."""
-
-    path: Path
-    entry: InodeEntry
+    skipped: list[str] = field(default_factory=list)  # notes: entries skipped or ignored
 
 
 class _Spool:
@@ -84,128 +84,175 @@ class _Spool:
 
 
 class _Packer:
-    def __init__(self, src: Path, kind: BlockKind, progress: Progress | None,
-                 base: Image | None, tmpdir: Path):
-        self.src = src
+    """Reads entries as the input delivers them (a tar stream only once):
+    each file's blocks go to the spools at once, keyed by a file number;
+    inode numbers are given when the tree is complete (`layout`)."""
+
+    def __init__(self, kind: BlockKind, progress: Progress | None, base: Image | None,
+                 tmpdir: Path, profile: list[tuple[str, int]]):
         self.kind = kind
         self.progress = progress or (lambda n: None)
         self.stats = PackStats()
-        self.sources: list[_Source] = []
+        self.tree = Tree()
+        self.roots: list[bytes] = []  # file number -> Merkle root
         self.links: list[tuple[int, int, bytes]] = []
         self.inodes: list[InodeEntry] = []
         self.spools = {name: _Spool(tmpdir) for name in ("hash", "hot", "cold")}
-        # placed[(ino, tree, index)] = (spool, offset, info, crc)
+        # placed[(file, tree, index)] = (spool, offset, info, crc); after
+        # `layout`, keyed by inode number instead of file number
         self.placed: dict[tuple[int, int, int], tuple[str, int, int, int]] = {}
         self.by_hash: dict[bytes, tuple[str, int, int, int]] = {}
         self.base_blocks = _index_base(base) if base else {}
-        self.base = base
-        self.exclude: set[tuple[int, int]] = set()  # (dev, ino) never to pack
+        # Profiled ("hot") blocks are staged as they stream by and laid out
+        # in profile order at the end.
+        self.profile = profile
+        self.hot_wanted: dict[bytes, set[int]] = {}
+        for rel, index in profile:
+            self.hot_wanted.setdefault(os.fsencode(rel).strip(b"/"), set()).add(index)
+        self.hot_file: dict[bytes, int] = {}
+        self.staged: dict[tuple[int, int], tuple[BlockKind, int, int, int]] = {}
+        self.stage = tempfile.TemporaryFile(dir=tmpdir)
 
     # --- the tree ------------------------------------------------------------
 
-    def scan(self) -> None:
-        st = os.lstat(self.src)
-        root = InodeEntry(ROOT_INO, stat.S_IFDIR | (st.st_mode & 0o7777), mtime_ns=st.st_mtime_ns)
-        self.inodes.append(root)
-        seen: dict[tuple[int, int], int] = {}
-        self._scan_dir(self.src, ROOT_INO, seen)
+    def consume(self, source: Input) -> None:
+        for entry in source.entries():
+            node, new = self.tree.add(entry)
+            if new and entry.is_reg:
+                node.key = self._pack_file(entry)
+            entry.data = None  # the opener holds the source open; not needed again
+        self.stats.skipped.extend(source.notes)
 
-    def _scan_dir(self, directory: Path, parent: int, seen: dict) -> None:
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as e:
-            raise UsageError(f"cannot read directory {directory}: {e.strerror}") from None
-        for entry in entries:
-            name = os.fsencode(entry.name)
-            check_name(name)
-            st = entry.stat(follow_symlinks=False)
-            if (st.st_dev, st.st_ino) in self.exclude:
-                continue  # our own temporary image, when packing into the source
-            ino = self._add_entry(Path(entry.path), st, seen)
-            if ino is None:
-                continue
-            self.links.append((ino, parent, name))
-            if stat.S_ISDIR(st.st_mode):
-                self._scan_dir(Path(entry.path), ino, seen)
+    def layout(self) -> None:
+        """Number the inodes (root 1, then depth first with names sorted) and
+        key the block maps by inode number."""
+        ino_of_file: dict[int, int] = {}
+        for path, name, parent, node in self.tree.walk():
+            if not node.ino:
+                node.ino = len(self.inodes) + 1
+                self.inodes.append(self._inode(path, node))
+                if node.key is not None:
+                    ino_of_file[node.key] = node.ino
+            else:
+                self.stats.hard_links += 1
+            if parent is not None:
+                self.links.append((node.ino, parent.ino, name))
+        self._place_hot()
+        self.placed = {(ino_of_file[f], tree, i): where
+                       for (f, tree, i), where in self.placed.items() if f in ino_of_file}
 
-    def _add_entry(self, path: Path, st: os.stat_result, seen: dict) -> int | None:
-        key = (st.st_dev, st.st_ino)
-        if stat.S_ISREG(st.st_mode) and key in seen:
-            return seen[key]  # a hard link to a file already packed
-        ino = len(self.inodes) + 1
-        mode = st.st_mode & 0o7777
-        if stat.S_ISREG(st.st_mode):
-            entry = InodeEntry(ino, stat.S_IFREG | mode, st.st_size, st.st_mtime_ns,
-                               flags=InodeFlags.HAS_TREE)
-            self.sources.append(_Source(path, entry))
-            seen[key] = ino
+    def _inode(self, path: bytes, node: Node) -> InodeEntry:
+        e = node.entry
+        xattrs = tuple(sorted(e.xattrs.items())) if e.xattrs else ()
+        why = xattr_problem(xattrs)
+        if why:
+            raise UsageError(f"{e.origin}: {why}")
+        file_id = hashlib.sha256(b"incfs file id" + path).digest()[:16] if path else bytes(16)
+        out = InodeEntry(node.ino, e.mode, 0, e.mtime_ns, file_id, uid=e.uid, gid=e.gid,
+                         xattrs=xattrs)
+        self.stats.with_xattrs += bool(xattrs)
+        fmt = stat.S_IFMT(e.mode)
+        if fmt == stat.S_IFREG:
+            out.size, out.root_hash = e.size, self.roots[node.key]
+            out.flags = InodeFlags.HAS_TREE
             self.stats.files += 1
-        elif stat.S_ISDIR(st.st_mode):
-            entry = InodeEntry(ino, stat.S_IFDIR | mode, 0, st.st_mtime_ns)
-            self.stats.directories += 1
-        elif stat.S_ISLNK(st.st_mode):
-            target = os.fsencode(os.readlink(path))
-            entry = InodeEntry(ino, stat.S_IFLNK | 0o777, len(target), st.st_mtime_ns,
-                               target=target)
+        elif fmt == stat.S_IFDIR:
+            self.stats.directories += node.ino != ROOT_INO
+        elif fmt == stat.S_IFLNK:
+            if len(e.target) > MAX_SYMLINK:
+                raise UsageError(f"{e.origin}: symlink target longer than {MAX_SYMLINK} bytes")
+            out.mode, out.size, out.target = stat.S_IFLNK | 0o777, len(e.target), e.target
             self.stats.symlinks += 1
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            out.rdev = e.rdev
+            self.stats.devices += 1
+        elif fmt == stat.S_IFIFO:
+            self.stats.fifos += 1
+        elif fmt == stat.S_IFSOCK:
+            self.stats.sockets += 1
         else:
-            self.stats.skipped.append(f"{path}: not a file, directory or symlink")
-            return None
-        entry.file_id = hashlib.sha256(b"incfs file id" + os.fsencode(path.relative_to(self.src))).digest()[:16]
-        self.inodes.append(entry)
-        return ino
+            raise UsageError(f"{e.origin}: unknown file type {oct(e.mode)}")
+        return out
 
     # --- the data ------------------------------------------------------------
 
-    def pack_profile(self, profile: list[tuple[str, int]]) -> None:
-        """Store the blocks a profile names first, in its order."""
-        by_path = {str(s.path.relative_to(self.src)): s for s in self.sources}
-        for rel, index in profile:
-            source = by_path.get(rel.lstrip("/"))
-            if source is None or index * BLOCK_SIZE >= source.entry.size:
-                continue
-            if (source.entry.ino, TreeKind.DATA, index) in self.placed:
-                continue
-            with open(source.path, "rb") as f:
-                f.seek(index * BLOCK_SIZE)
-                self._put_data(source.entry.ino, index, f.read(BLOCK_SIZE), "hot")
+    def _pack_file(self, entry: Entry) -> int:
+        """Store a file's blocks and hash tree; returns its file number."""
+        number = len(self.roots)
+        hot = self.hot_wanted.get(entry.path)
+        if hot:
+            self.hot_file[entry.path] = number  # a later entry for the name wins
+        hashes = self._read_file(entry, number, hot)
+        root, tree = merkle.build_tree(hashes, entry.size)
+        self.roots.append(root)
+        for i, block in enumerate(tree):
+            offset = self.spools["hash"].put(BlockKind.RAW, block)
+            self.placed[(number, TreeKind.HASH, i)] = (
+                "hash", offset, block_info(BlockKind.RAW, len(block)), zlib.crc32(block))
+        return number
 
-    def pack_files(self) -> None:
-        for source in self.sources:
-            hashes = self._pack_file(source)
-            root, tree = merkle.build_tree(hashes, source.entry.size)
-            source.entry.root_hash = root
-            for i, block in enumerate(tree):
-                stored = block
-                offset = self.spools["hash"].put(BlockKind.RAW, stored)
-                self.placed[(source.entry.ino, TreeKind.HASH, i)] = (
-                    "hash", offset, block_info(BlockKind.RAW, len(stored)), zlib.crc32(stored))
-
-    def _pack_file(self, source: _Source) -> Iterator[bytes]:
-        ino, size = source.entry.ino, source.entry.size
-        hashes = []
+    def _read_file(self, entry: Entry, number: int, hot: set[int] | None) -> list[bytes]:
+        size, hashes = entry.size, []
         try:
-            with open(source.path, "rb") as f:
+            with entry.data() as f:
                 for index in range(merkle.block_count(size)):
-                    block = f.read(BLOCK_SIZE)
                     want = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
+                    block = _read_exact(f, want)
                     if len(block) != want:
-                        raise UsageError(f"{source.path} changed size while packing")
-                    hashes.append(self._put_data(ino, index, block, "cold"))
+                        raise UsageError(f"{entry.origin}: fewer bytes than its size ({size}); "
+                                         "it changed while packing or the archive is cut short")
+                    hashes.append(self._put_data(number, index, block, hot))
                     self.stats.bytes_in += len(block)
                     self.progress(len(block))
         except OSError as e:
-            raise UsageError(f"cannot read {source.path}: {e.strerror}") from None
+            raise UsageError(f"cannot read {entry.origin}: {e.strerror or e}") from None
         return hashes
 
-    def _put_data(self, ino: int, index: int, block: bytes, spool: str) -> bytes:
-        """Store one data block (unless already placed); returns its hash."""
+    def _place_hot(self) -> None:
+        """Lay the staged profile blocks out in profile order."""
+        for rel, index in self.profile:
+            number = self.hot_file.get(os.fsencode(rel).strip(b"/"))
+            staged = self.staged.pop((number, index), None)
+            if staged is None:
+                continue
+            kind, offset, length, crc = staged
+            self.stage.seek(offset)
+            stored = self.stage.read(length)
+            where = self.spools["hot"].put(kind, stored)
+            self.placed[(number, TreeKind.DATA, index)] = ("hot", where,
+                                                           block_info(kind, length), crc)
+        # Left over: blocks of an earlier file under a profiled name that a
+        # later entry replaced (it may live on under a hard link).
+        for (number, index), (kind, offset, length, crc) in sorted(self.staged.items()):
+            self.stage.seek(offset)
+            where = self.spools["hot"].put(kind, self.stage.read(length))
+            self.placed[(number, TreeKind.DATA, index)] = ("hot", where,
+                                                           block_info(kind, length), crc)
+        self.staged.clear()
+
+    def _stage(self, number: int, index: int, dedup_key: bytes, block: bytes) -> None:
+        if (number, index) in self.staged:
+            return
+        kind, stored = self._encode(dedup_key, block)
+        if kind is BlockKind.ZERO:
+            self.placed[(number, TreeKind.DATA, index)] = ("cold", 0, block_info(kind, 0), 0)
+            self.stats.zero_blocks += 1
+            return
+        offset = self.stage.seek(0, os.SEEK_END)
+        self.stage.write(stored)
+        self.staged[(number, index)] = (kind, offset, len(stored), zlib.crc32(stored))
+        self.stats.bytes_stored += len(stored)
+
+    def _put_data(self, number: int, index: int, block: bytes, hot: set[int] | None) -> bytes:
+        """Store one data block; returns its hash."""
         digest = merkle.hash_block(block)
-        key = (ino, TreeKind.DATA, index)
-        if key in self.placed:
-            return digest
+        key = (number, TreeKind.DATA, index)
         self.stats.blocks += 1
         dedup_key = digest + len(block).to_bytes(2, "little")
+        if hot and index in hot:
+            self._stage(number, index, dedup_key, block)
+            return digest
+        spool = "cold"
         if dedup_key in self.by_hash and not codec.is_zero(block):
             self.placed[key] = self.by_hash[dedup_key]
             self.stats.dedup_blocks += 1
@@ -258,11 +305,14 @@ class _Packer:
 def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "zstd",
          sign_key: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
          profile: str | os.PathLike | None = None, progress: Progress | None = None,
-         overwrite: bool = False) -> PackStats:
-    """Pack directory `src` into a new image at `target`."""
-    src, target = Path(src), Path(target)
-    if not src.is_dir():
-        raise UsageError(f"{src} is not a directory")
+         overwrite: bool = False, stdin: BinaryIO | None = None,
+         max_entries: int = DEFAULT_MAX_ENTRIES) -> PackStats:
+    """Pack `src` into a new image at `target`. `src` is a directory, a tar
+    archive (plain or compressed), "-" for a tar stream on `stdin` (default
+    sys.stdin), or "oci:DIR[:TAG]" (see `incfs.inputs`)."""
+    target = Path(target)
+    exclude: set[tuple[int, int]] = set()
+    source = open_input(src, stdin=stdin, exclude=exclude, max_entries=max_entries)
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists")
     if compress not in codec.COMPRESSIONS:
@@ -276,29 +326,58 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=tmpdir)
     os.close(fd)
     try:
-        packer = _Packer(src, codec.COMPRESSIONS[compress], progress, base_img, tmpdir)
+        packer = _Packer(codec.COMPRESSIONS[compress], progress, base_img, tmpdir,
+                         blocks_profile)
         tmp_st = os.stat(tmp_name)
-        packer.exclude.add((tmp_st.st_dev, tmp_st.st_ino))
-        packer.scan()
-        packer.pack_profile(blocks_profile)
-        packer.pack_files()
+        exclude.add((tmp_st.st_dev, tmp_st.st_ino))  # packing into the source tree
+        packer.consume(source)
+        packer.layout()
         _write_image(packer, Path(tmp_name), key)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     finally:
+        source.close()
         if base_img:
             base_img.close()
     return packer.stats
+
+
+def _inode_batches(inodes: list[InodeEntry]) -> Iterator[list[InodeEntry]]:
+    """At most INODE_BATCH inodes and about INODE_BATCH_BYTES per record
+    (extended attributes can make one inode a megabyte)."""
+    batch: list[InodeEntry] = []
+    size = 0
+    for e in inodes:
+        cost = 102 + len(e.metadata) + len(e.target) + sum(5 + len(n) + len(v)
+                                                           for n, v in e.xattrs)
+        if batch and (len(batch) >= INODE_BATCH or size + cost > INODE_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(e)
+        size += cost
+    if batch:
+        yield batch
+
+
+def _read_exact(f, n: int) -> bytes:
+    """`n` bytes, fewer only at the end (a tar member's read can be short)."""
+    data = f.read(n)
+    while len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _write_image(packer: _Packer, path: Path, key) -> None:
     img = Image.create(path, exist_ok=True, superblock=Superblock(uuid=os.urandom(16)))
     img.durable = False
     try:
-        for i in range(0, len(packer.inodes), INODE_BATCH):
-            img.add_inodes(packer.inodes[i:i + INODE_BATCH])
+        for batch in _inode_batches(packer.inodes):
+            img.add_inodes(batch)
         for i in range(0, len(packer.links), INODE_BATCH):
             img.add_links(packer.links[i:i + INODE_BATCH])
         if key is not None:
@@ -335,7 +414,8 @@ def _write_maps_and_data(img: Image, packer: _Packer, sizes: dict[str, int]) -> 
         _copy_spool(packer.spools[name], img.fd, spool_base[name])
     os.ftruncate(img.fd, app.end)
     sb = Superblock(uuid=img.superblock.uuid, flags=SuperFlags.PACKED, meta_end=meta_end,
-                    data_start=payload, data_end=payload + total, packed_size=app.end)
+                    data_start=payload, data_end=payload + total, packed_size=app.end,
+                    version_minor=VERSION_MINOR if img.ns.posix else MINOR_BASE)
     os.pwrite(img.fd, sb.encode(), 0)
 
 

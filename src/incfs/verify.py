@@ -547,20 +547,16 @@ def describe_image(path: str | os.PathLike, max_entries: int = 100) -> dict:
     `max_entries` entries of the tree (all of them for small images)."""
     with open_image(path) as img:
         sb, scan = img.superblock, img.scan
-        counts = {"files": 0, "directories": 0, "symlinks": 0, "inodes": len(img.ns),
-                  "unnamed": 0}
+        counts = {"files": 0, "directories": 0, "symlinks": 0, "devices": 0, "fifos": 0,
+                  "sockets": 0, "with_xattrs": 0, "inodes": len(img.ns), "unnamed": 0}
         blocks = {"data_total": 0, "data_present": 0, "hash_total": 0, "hash_present": 0}
         mix = {kind.name.lower(): {"blocks": 0, "stored_bytes": 0} for kind in BlockKind}
         file_bytes = 0
         complete_files = 0
         offsets: dict[int, int] = {}
         for node in img.ns.inodes.values():
-            if node.is_dir:
-                counts["directories"] += 1
-            elif node.is_reg:
-                counts["files"] += 1
-            else:
-                counts["symlinks"] += 1
+            counts[_COUNTED[_kind(node)]] += 1
+            counts["with_xattrs"] += bool(node.xattrs)
             if node.nlink == 0 and node.ino != ROOT_INO:
                 counts["unnamed"] += 1
             if node.data is None:
@@ -629,15 +625,26 @@ def describe_image(path: str | os.PathLike, max_entries: int = 100) -> dict:
         }
 
 
+_KINDS = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
+          stat.S_IFCHR: "chardev", stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo",
+          stat.S_IFSOCK: "socket"}
+_COUNTED = {"dir": "directories", "file": "files", "symlink": "symlinks", "chardev": "devices",
+            "blockdev": "devices", "fifo": "fifos", "socket": "sockets"}
+
+
+def _kind(node: Inode) -> str:
+    return _KINDS[stat.S_IFMT(node.mode)]
+
+
 def _describe_entry(path: bytes, node: Inode) -> dict:
-    if node.is_dir:
-        kind = "dir"
-    elif node.is_reg:
-        kind = "file"
-    else:
-        kind = "symlink"
-    out = {"path": display_path(path), "type": kind, "ino": node.ino,
-           "mode": f"{stat.S_IMODE(node.mode):04o}", "nlink": node.nlink, "size": node.size}
+    out = {"path": display_path(path), "type": _kind(node), "ino": node.ino,
+           "mode": f"{stat.S_IMODE(node.mode):04o}", "uid": node.uid, "gid": node.gid,
+           "nlink": node.nlink, "size": node.size}
+    if node.is_device:
+        out["rdev"] = [os.major(node.rdev), os.minor(node.rdev)]
+    if node.xattrs:
+        out["xattrs"] = {name.decode("utf-8", "backslashreplace"): _xattr_text(value)
+                         for name, value in sorted(node.xattrs.items())}
     if node.data is not None:
         present = node.data.present + (node.hashes.present if node.hashes else 0)
         total = node.data.count + (node.hashes.count if node.hashes else 0)
@@ -645,3 +652,12 @@ def _describe_entry(path: bytes, node: Inode) -> dict:
     if node.target:
         out["target"] = node.target.decode("utf-8", "backslashreplace")
     return out
+
+
+def _xattr_text(value: bytes) -> str:
+    """A value as `getfattr` shows it: text when it is printable, else hex."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + value.hex()
+    return text if text.isprintable() else "0x" + value.hex()

@@ -27,7 +27,10 @@ SUPERBLOCK_SIZE = BLOCK_SIZE
 LOG_START = SUPERBLOCK_SIZE
 MAGIC = b"INCFSIMG"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+# 1.1 added INODES2 (owners, devices, xattrs). Writers put 1 in a superblock
+# only when the image holds such records, so other images still say 1.0.
+VERSION_MINOR = 1
+MINOR_BASE = 0
 
 RECORD_MAGIC = 0x43455249  # b"IREC" read as a little-endian u32
 RECORD_ALIGN = 8
@@ -55,6 +58,10 @@ class RecordType(enum.IntEnum):
     DATA = 5
     SIGNATURE = 6
     PAD = 7  # filler so the next payload starts on a 4 KiB boundary
+    # Inodes with owners, device numbers and extended attributes (format 1.1).
+    # Critical: a 1.0 reader must refuse the image rather than serve it with
+    # inodes (and the names under them) missing.
+    INODES2 = 0x8008
 
 
 CRITICAL_TYPE_BIT = 0x8000
@@ -80,7 +87,7 @@ class Superblock:
     data_end: int = 0
     packed_size: int = 0
     version_major: int = VERSION_MAJOR
-    version_minor: int = VERSION_MINOR
+    version_minor: int = MINOR_BASE
 
     def encode(self) -> bytes:
         body = _SUPER.pack(
@@ -107,7 +114,9 @@ class Superblock:
             raise CorruptImage(f"unsupported format version {major}.{minor}")
         if shift != 12 or hash_alg != HASH_SHA256:
             raise CorruptImage("unsupported block size or hash algorithm")
-        if not (meta_end <= data_start <= data_end <= max(packed_size, data_end)):
+        # The payload must end inside the file pack wrote (all four are 0 in
+        # an image that was never packed).
+        if not (meta_end <= data_start <= data_end <= packed_size):
             raise CorruptImage("superblock regions out of order")
         return cls(uuid, SuperFlags(flags), meta_end, data_start, data_end,
                    packed_size, major, minor)

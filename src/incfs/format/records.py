@@ -8,16 +8,30 @@ parses them with one `struct` call per entry.
 from __future__ import annotations
 
 import enum
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import CorruptImage
+from .layout import RecordType
 
 MAX_NAME = 255
 MAX_METADATA = 512
 MAX_SYMLINK = 4095
 MAX_FILE_SIZE = (1 << 63) - 1
+MAX_XATTR_NAME = 255  # XATTR_NAME_MAX
+MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX
+MAX_XATTR_NAMES = 65536  # XATTR_LIST_MAX: listxattr(2) returns at most this
+MAX_XATTR_BYTES = 1 << 20  # names and values of one inode together
+MAX_XATTRS = 0xFFFF
+# incfs's own attributes, served by the mount: an image may not hold them.
+RESERVED_XATTR_PREFIX = b"user.incfs."
+# File types an INODES (1.0) record can describe; anything else, or owners,
+# devices and attributes, needs an INODES2 record.
+V1_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
+
+Xattrs = tuple[tuple[bytes, bytes], ...]  # (name, value) pairs in ascending name order
 
 
 class InodeFlags(enum.IntFlag):
@@ -47,6 +61,11 @@ class DirentOp(enum.IntEnum):
 
 # ino, mode, flags, size, mtime_ns, file_id, root_hash, meta_len, target_len
 _INODE = struct.Struct("<QIIQq16s32sHH")
+# ino, mode, flags, size, mtime_ns, uid, gid, rdev, file_id, root_hash,
+# meta_len, target_len, xattr_count
+_INODE2 = struct.Struct("<QIIQqIIQ16s32sHHH")
+# name_len, value_len
+_XATTR = struct.Struct("<BI")
 # op, name_len, parent, child
 _DIRENT = struct.Struct("<BBQQ")
 # ino, tree, reserved, first_index, count, base_offset
@@ -69,6 +88,39 @@ class InodeEntry:
     flags: InodeFlags = InodeFlags(0)
     metadata: bytes = b""
     target: bytes = b""  # symlink target; empty for files and directories
+    uid: int = 0
+    gid: int = 0
+    rdev: int = 0  # st_rdev of character and block devices
+    xattrs: Xattrs = ()
+
+
+def needs_inodes2(e: InodeEntry) -> bool:
+    """True when an INODES (1.0) record cannot hold this inode."""
+    return bool(e.uid or e.gid or e.rdev or e.xattrs) or stat.S_IFMT(e.mode) not in V1_TYPES
+
+
+def xattr_problem(xattrs: Xattrs) -> str:
+    """Why a set of extended attributes cannot be stored, or "" if it can.
+    Names are unique and sorted so an inode has exactly one encoding."""
+    names_total = values_total = 0
+    previous = None
+    if len(xattrs) > MAX_XATTRS:
+        return f"more than {MAX_XATTRS} extended attributes"
+    for name, value in xattrs:
+        if not name or len(name) > MAX_XATTR_NAME or b"\0" in name:
+            return f"bad extended attribute name {name[:40]!r}"
+        if name.startswith(RESERVED_XATTR_PREFIX):
+            return f"extended attribute {name[:40]!r} is reserved for incfs"
+        if len(value) > MAX_XATTR_VALUE:
+            return f"extended attribute {name[:40]!r} is over {MAX_XATTR_VALUE} bytes"
+        if previous is not None and name <= previous:
+            return "extended attributes are not sorted or not unique"
+        previous = name
+        names_total += len(name) + 1
+        values_total += len(value)
+    if names_total > MAX_XATTR_NAMES or names_total + values_total > MAX_XATTR_BYTES:
+        return "extended attributes too large"
+    return ""
 
 
 @dataclass(slots=True)
@@ -150,6 +202,29 @@ def encode_inodes(entries: list[InodeEntry]) -> bytes:
     return b"".join(parts)
 
 
+def encode_inodes2(entries: list[InodeEntry]) -> bytes:
+    parts = [_COUNT.pack(len(entries))]
+    for e in entries:
+        parts.append(_INODE2.pack(e.ino, e.mode, int(e.flags), e.size, e.mtime_ns,
+                                  e.uid, e.gid, e.rdev, e.file_id, e.root_hash,
+                                  len(e.metadata), len(e.target), len(e.xattrs)))
+        parts.append(e.metadata)
+        parts.append(e.target)
+        for name, value in e.xattrs:
+            parts.append(_XATTR.pack(len(name), len(value)))
+            parts.append(name)
+            parts.append(value)
+    return b"".join(parts)
+
+
+def encode_inode_batch(entries: list[InodeEntry]) -> tuple[int, bytes]:
+    """(record type, body) for a batch: INODES when every inode fits the 1.0
+    record, so images without the new metadata stay readable by 1.0 readers."""
+    if any(needs_inodes2(e) for e in entries):
+        return RecordType.INODES2, encode_inodes2(entries)
+    return RecordType.INODES, encode_inodes(entries)
+
+
 def encode_dirents(entries: list[DirentEntry]) -> bytes:
     parts = [_COUNT.pack(len(entries))]
     for e in entries:
@@ -216,6 +291,37 @@ def decode_inodes(body: bytes) -> list[InodeEntry]:
                               InodeFlags(flags & 1), meta, target))
     cur.done()
     return out
+
+
+def decode_inodes2(body: bytes) -> list[InodeEntry]:
+    cur = _Cursor(body, "inode")
+    out = []
+    for _ in range(cur.count(_INODE2.size)):
+        (ino, mode, flags, size, mtime, uid, gid, rdev, fid, root, mlen, tlen,
+         xcount) = cur.unpack(_INODE2)
+        if mlen > MAX_METADATA or tlen > MAX_SYMLINK or size > MAX_FILE_SIZE:
+            raise CorruptImage(f"inode {ino}: metadata, target or size out of range")
+        meta = bytes(cur.take(mlen))
+        target = bytes(cur.take(tlen))
+        xattrs = _decode_xattrs(cur, xcount)
+        why = xattr_problem(xattrs)
+        if why:
+            raise CorruptImage(f"inode {ino}: {why}")
+        out.append(InodeEntry(ino, mode, size, mtime, fid, root, InodeFlags(flags & 1),
+                              meta, target, uid, gid, rdev, xattrs))
+    cur.done()
+    return out
+
+
+def _decode_xattrs(cur: "_Cursor", count: int) -> Xattrs:
+    pairs = []
+    for _ in range(count):
+        nlen, vlen = cur.unpack(_XATTR)
+        if vlen > MAX_XATTR_VALUE:
+            raise CorruptImage("extended attribute value over 64 KiB")
+        name = bytes(cur.take(nlen))
+        pairs.append((name, bytes(cur.take(vlen))))
+    return tuple(pairs)
 
 
 def decode_dirents(body: bytes) -> list[DirentEntry]:
