@@ -15,6 +15,7 @@ import pytest
 
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.passthrough import plain_directory, possible
+from conftest import source_entries, xattrs_of
 from mounting import empty_mount, fork_child, mounted, mounts, wait_child, wait_until  # noqa: F401
 
 MiB = 1 << 20
@@ -252,3 +253,28 @@ def test_passthrough_off_serves_everything_from_the_daemon(tmp_path, image):
         assert requests(m)["READ"] > reads
         assert fuse_status(m)["io_mode"] == "daemon"
         assert not plain_directory(img).exists()
+
+
+def test_posix_metadata_is_served_as_stored(tmp_path, posix_tree, incfs):
+    """Owners, whole modes, devices, fifos, sockets, hard links and every
+    stored xattr, through the kernel (root's mount shows owners as stored)."""
+    img = tmp_path / "posix.img"
+    incfs("pack", str(posix_tree), str(img))
+    with mounted(tmp_path, str(img), allow_unsigned=True, devices=True) as m:
+        for path, st in source_entries(posix_tree).items():
+            got = os.lstat(m.path / os.fsdecode(path[1:]))
+            for field in ("st_mode", "st_uid", "st_gid", "st_nlink", "st_mtime_ns"):
+                assert getattr(got, field) == getattr(st, field), (path, field)
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                assert (os.major(got.st_rdev), os.minor(got.st_rdev)) == \
+                    (os.major(st.st_rdev), os.minor(st.st_rdev)), path
+            if stat.S_ISREG(st.st_mode):
+                assert got.st_size == st.st_size, path
+            full = m.path / os.fsdecode(path[1:])
+            assert xattrs_of(full) == xattrs_of(posix_tree / os.fsdecode(path[1:])), path
+        with open(m.path / "dev" / "null", "rb") as f:  # a device node of the image works
+            assert f.read() == b""
+    with mounted(tmp_path, str(img), allow_unsigned=True, owners="mine") as m:
+        assert os.lstat(m.path / "tmp").st_uid == os.getuid()
+        with pytest.raises(PermissionError):  # nodev by default
+            open(m.path / "dev" / "null", "rb")

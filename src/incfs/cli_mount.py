@@ -108,10 +108,19 @@ def register(main: click.Group) -> None:
                   help="Serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1).")
     @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
                   help="Let the kernel read complete files directly (root, FUSE passthrough).")
+    @click.option("--devices", is_flag=True,
+                  help="Let the image's device nodes work (root; default: nodev).")
+    @click.option("--setuid", is_flag=True,
+                  help="Honour setuid/setgid bits and file capabilities (root; default: nosuid).")
+    @click.option("--owners", type=click.Choice(["auto", "stored", "mine"]), default="auto",
+                  show_default=True,
+                  help="File owners as stored in the image, or all the mounting user's "
+                       "(auto: stored for root, mine otherwise).")
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
                   mirrors, amplify, max_inflight, inflight_budget, readahead_max, bandwidth,
-                  base_cache, s3_endpoint, metrics_listen, passthrough, foreground):
+                  base_cache, s3_endpoint, metrics_listen, passthrough, devices, setuid, owners,
+                  foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
@@ -128,6 +137,7 @@ def register(main: click.Group) -> None:
                              readahead_max=readahead_max, bandwidth=bandwidth,
                              base_cache=base_cache,
                              metrics_listen=metrics_listen, passthrough=passthrough,
+                             devices=devices, setuid=setuid, owners=owners,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))

@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Iterable
 
 from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
@@ -41,14 +41,18 @@ CONTROL_DIR = b".incfs"
 SPECIAL_DIR_INO = SPECIAL_BASE
 SPECIAL_FILES = {b"status": SPECIAL_BASE + 1, b"pending": SPECIAL_BASE + 2,
                  b"control": SPECIAL_BASE + 3}
-XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.verity_digest",
-          b"user.incfs.blocks")
-IO_XATTR = b"user.incfs.io"  # "passthrough" or "daemon": who serves this file's reads
+# incfs's own attributes, by name (never listed); .io says "passthrough" or
+# "daemon": who serves the file's reads
+INCFS_XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.verity_digest",
+                b"user.incfs.blocks", b"user.incfs.io")
 
 
 class IncfsOperations(Operations):
-    def __init__(self, service: Service, control_path: str):
+    def __init__(self, service: Service, control_path: str, stored_owners: bool | None = None):
         self.service = service
+        # owners as stored in the image (root's mounts), or every file the
+        # mounting user's (a normal user's mount: stored ids mean nothing there)
+        self.stored_owners = os.geteuid() == 0 if stored_owners is None else stored_owners
         self.ns = service.image.ns
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -77,8 +81,9 @@ class IncfsOperations(Operations):
         else:
             nlink = max(node.nlink, 1)
         size = len(node.target) if node.target else node.size
-        return Attr(ino=node.ino, mode=node.mode, size=size, nlink=nlink, uid=self.uid,
-                    gid=self.gid, blksize=BLOCK_SIZE, atime_ns=node.mtime_ns,
+        uid, gid = (node.uid, node.gid) if self.stored_owners else (self.uid, self.gid)
+        return Attr(ino=node.ino, mode=node.mode, size=size, nlink=nlink, uid=uid, gid=gid,
+                    rdev=node.rdev, blksize=BLOCK_SIZE, atime_ns=node.mtime_ns,
                     mtime_ns=node.mtime_ns, ctime_ns=node.mtime_ns)
 
     def _entry(self, node: Inode) -> Entry:
@@ -255,28 +260,40 @@ class IncfsOperations(Operations):
     # --- extended attributes -------------------------------------------------------
 
     def listxattr(self, ino: int, ctx: Context) -> list[bytes]:
+        """The image's own attributes only: incfs's user.incfs.* ones are
+        readable by name but not listed, so cp -a, rsync -X and tar --xattrs
+        copy just what the image holds."""
         if ino >= SPECIAL_BASE:
             return []
-        return list(XATTRS) if self._node(ino).is_reg else [XATTRS[0], XATTRS[1]]
+        return sorted(self._node(ino).xattrs)
 
     def getxattr(self, ino: int, name: bytes, ctx: Context) -> bytes:
         if ino >= SPECIAL_BASE:
             raise FuseError(errno.ENODATA)
         node = self._node(ino)
-        values: dict[bytes, Callable[[], bytes]] = {
-            XATTRS[0]: lambda: node.file_id.hex().encode(),
-            XATTRS[1]: lambda: node.metadata,
-        }
-        if node.is_reg:
-            values[XATTRS[2]] = lambda: (
-                b"sha256:" + self.service.image.file_digest(node).hex().encode()
-                if node.has_tree else b"")
-            values[XATTRS[3]] = lambda: f"{node.data.present}/{node.data.count}".encode()
-            values[IO_XATTR] = lambda: (self.passthrough.mode_of(node) if self.passthrough
-                                        else "daemon").encode()
-        if name not in values:
+        stored = node.xattrs.get(name)
+        if stored is not None:
+            return stored
+        own = self._incfs_xattr(node, name)
+        if own is None:
             raise FuseError(errno.ENODATA)
-        return values[name]()
+        return own
+
+    def _incfs_xattr(self, node: Inode, name: bytes) -> bytes | None:
+        if name == INCFS_XATTRS[0]:
+            return node.file_id.hex().encode()
+        if name == INCFS_XATTRS[1]:
+            return node.metadata
+        if not node.is_reg:
+            return None
+        if name == INCFS_XATTRS[2]:
+            return (b"sha256:" + self.service.image.file_digest(node).hex().encode()
+                    if node.has_tree else b"")
+        if name == INCFS_XATTRS[3]:
+            return f"{node.data.present}/{node.data.count}".encode()
+        if name == INCFS_XATTRS[4]:
+            return (self.passthrough.mode_of(node) if self.passthrough else "daemon").encode()
+        return None
 
     # --- the file system ---------------------------------------------------------
 

@@ -66,6 +66,9 @@ class MountConfig:
     passthrough: bool = True  # complete files served by the kernel (root, kernel 6.9+)
     metrics_listen: str | None = None  # HOST:PORT of HTTP /metrics (None: off)
     supervise: bool = True  # a supervisor restarts a daemon that dies (background mounts)
+    devices: bool = False  # device nodes usable (root; a trusted rootfs image): else nodev
+    setuid: bool = False  # setuid/setgid bits and file capabilities honoured: else nosuid
+    owners: str = "auto"  # "stored", "mine" (the mounting user's), auto: stored for root
 
 
 def is_remote(source: str) -> bool:
@@ -145,11 +148,13 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service.supervised = succession.supervised
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()
-    ops = IncfsOperations(service, str(control.path))
+    ops = IncfsOperations(service, str(control.path),
+                          stored_owners=None if config.owners == "auto" else config.owners == "stored")
     if succession.resume_fd is not None:
         fd = succession.resume_fd
     else:
-        options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0)
+        options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0,
+                                    devices=config.devices, setuid=config.setuid)
         fd = fuse.mount(config.mountpoint, options)
     session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible())
     service.fuse = session

@@ -36,6 +36,14 @@ class MountOptions:
     allow_other: bool = False
     default_permissions: bool = True
     max_read: int = 0  # 0: no limit beyond max_pages
+    # device nodes and setuid/setgid bits of the image take effect only when
+    # asked for (a root mount of a trusted image used as a root file system)
+    devices: bool = False
+    setuid: bool = False
+
+    def flags(self) -> int:
+        return (kmount.MS_RDONLY | (0 if self.setuid else kmount.MS_NOSUID)
+                | (0 if self.devices else kmount.MS_NODEV))
 
     def kernel_data(self, fd: int, rootmode: int) -> str:
         parts = [f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
@@ -49,6 +57,7 @@ class MountOptions:
         return ",".join(parts)
 
     def fusermount_options(self) -> str:
+        # fusermount3 adds nosuid and nodev for normal users whatever we say
         parts = ["ro", "nosuid", "nodev", f"fsname={_escape(self.fsname)}",
                  f"subtype={self.subtype}"]
         if self.allow_other:
@@ -83,8 +92,7 @@ def _mount_direct(mountpoint: str, options: MountOptions) -> int:
     try:
         rootmode = stat.S_IFMT(os.stat(mountpoint).st_mode)
         fstype = f"fuse.{options.subtype}" if options.subtype else "fuse"
-        kmount.mount(options.fsname, mountpoint, fstype,
-                     kmount.MS_RDONLY | kmount.MS_NOSUID | kmount.MS_NODEV,
+        kmount.mount(options.fsname, mountpoint, fstype, options.flags(),
                      options.kernel_data(fd, rootmode))
     except BaseException:
         os.close(fd)

@@ -39,14 +39,16 @@ YIELD_EVERY = 32                     # inline answers between checkpoints, so ot
 WANTED = (InitFlag.ASYNC_READ | InitFlag.PARALLEL_DIROPS | InitFlag.DO_READDIRPLUS
           | InitFlag.READDIRPLUS_AUTO | InitFlag.MAX_PAGES | InitFlag.CACHE_SYMLINKS
           | InitFlag.EXPLICIT_INVAL_DATA | InitFlag.ABORT_ERROR | InitFlag.INIT_EXT
-          | InitFlag.NO_EXPORT_SUPPORT)
+          | InitFlag.NO_EXPORT_SUPPORT | InitFlag.POSIX_ACL)
 """Why each: ASYNC_READ lets readahead run several requests at once;
 PARALLEL_DIROPS lets lookups and readdirs of one directory run together;
 READDIRPLUS (auto) fills the kernel's attribute cache while listing;
 MAX_PAGES gives 1 MiB reads; CACHE_SYMLINKS keeps link targets in the page
 cache; EXPLICIT_INVAL_DATA because content never changes (no AUTO_INVAL_DATA:
 the kernel must not drop cached pages when it sees an mtime);
-ABORT_ERROR tells an aborted connection from an unmount. PASSTHROUGH is
+ABORT_ERROR tells an aborted connection from an unmount; POSIX_ACL makes the
+kernel enforce the ACLs an image stores (system.posix_acl_* xattrs), as it
+does the mode bits (default_permissions). PASSTHROUGH is
 added by the caller that can use it."""
 
 
