@@ -116,7 +116,10 @@ class IncfsOperations(Operations):
             return self._entry(self._node(node.parent or ROOT_INO))
         child = node.children.get(name)
         if child is None:
-            raise FuseError(errno.ENOENT)
+            # a negative entry the kernel keeps (node id 0): PATH and import
+            # searches stat many names that are not there; a loader adding
+            # the name invalidates it like any other
+            return Entry(Attr(ino=0, mode=0), CACHE_TIMEOUT, 0.0)
         return self._entry(self.ns.inodes[child])
 
     def readlink(self, ino: int, ctx: Context) -> bytes:
@@ -191,11 +194,12 @@ class IncfsOperations(Operations):
         if node.is_dir:
             raise FuseError(errno.EISDIR)
         self._files[fh] = (node, ctx.pid)
+        # NOFLUSH: nothing is ever written, so close() need not wait for us
         if self.passthrough is not None:
             backing = self.passthrough.open(node)
             if backing is not None:
-                return Opened(fh, OpenFlag.PASSTHROUGH, backing)
-        return Opened(fh, OpenFlag.KEEP_CACHE)
+                return Opened(fh, OpenFlag.PASSTHROUGH | OpenFlag.NOFLUSH, backing)
+        return Opened(fh, OpenFlag.KEEP_CACHE | OpenFlag.NOFLUSH)
 
     async def read(self, ino: int, fh: int, offset: int, size: int, ctx: Context) -> bytes:
         handle = self._files.get(fh)

@@ -13,8 +13,10 @@ asks the kernel to resend every request the dead one had read but not
 answered (FUSE_NOTIFY_RESEND), so programs see a pause, not an error.
 Inode numbers are the image's own, so the kernel's node ids stay valid.
 
-Restarts back off (0.1 s doubling to 5 s); a daemon that fails to start
-`MAX_FAILURES` times in a row gives up, and the connection is closed: its
+A daemon that was serving is replaced at once; one that dies before it
+serves (it says READY on a pipe when it does) is retried with backoff
+(0.1 s doubling to 5 s), and after `MAX_FAILURES` such starts in a row the
+supervisor gives up and the connection is closed: its
 programs then get ENOTCONN (a clean error), and umount works as ever. The
 supervisor ends when the connection does (unmount or abort), or when the
 daemon ends cleanly after an unmount.
@@ -45,7 +47,6 @@ HANDOVER_EXIT = 75      # the daemon's exit code when it made way for a new one
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 MAX_FAILURES = 10       # daemons in a row that died before serving again
-SERVED_LONG_ENOUGH = 30.0  # a daemon that ran this long resets the failure count
 
 
 class Supervisor:
@@ -58,6 +59,7 @@ class Supervisor:
         self.restarts = 0
         self.daemon: subprocess.Popen | None = None
         self.upgrade_requested = False
+        self._ready_r: int | None = None  # the running daemon's ready pipe (None: first one)
 
     # --- the first daemon -------------------------------------------------------
 
@@ -85,8 +87,27 @@ class Supervisor:
     def restart(self) -> None:
         self.restarts += 1
         state = json.dumps({"connection": self.connection, "restarts": self.restarts})
-        args = [self.config_json, "-", "--resume", str(self.fuse_fd), state]
-        self.daemon = self._spawn(args, [self.fuse_fd])
+        ready_r, ready_w = os.pipe()  # the daemon says READY here once it serves
+        args = [self.config_json, str(ready_w), "--resume", str(self.fuse_fd), state]
+        try:
+            self.daemon = self._spawn(args, [self.fuse_fd, ready_w])
+        finally:
+            os.close(ready_w)
+        os.set_blocking(ready_r, False)
+        self._ready_r = ready_r
+
+    def _served(self) -> bool:
+        """Whether the daemon that just ended had got as far as serving (the
+        first one did: it handed the connection over)."""
+        fd, self._ready_r = self._ready_r, None
+        if fd is None:
+            return True
+        try:
+            return os.read(fd, 64).startswith(b"READY")
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _spawn(self, args: list[str], pass_fds: list[int]) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", "incfs.mount", *args],
@@ -95,18 +116,23 @@ class Supervisor:
     # --- watching -----------------------------------------------------------------------
 
     def run(self) -> int:
+        """Restart at once a daemon that had been serving (a kill, a crash, an
+        upgrade: programs are waiting); back off only for daemons that die
+        before they serve (a bad config, a missing image), and give up after
+        MAX_FAILURES of those in a row."""
         failures, backoff = 0, BACKOFF_FIRST
         while True:
-            started = time.monotonic()
             code = self._wait_daemon()
+            served = self._served()
             if code == 0 or not self._connected():
                 return 0  # unmounted: the daemon (or the kernel) said so
-            if code == HANDOVER_EXIT or self.upgrade_requested:
+            if code == HANDOVER_EXIT or self.upgrade_requested or served:
                 self.upgrade_requested = False
                 failures, backoff = 0, BACKOFF_FIRST
+                if code != HANDOVER_EXIT:
+                    log.warning("daemon %d ended with %s; restarting it",
+                                self.daemon.pid, _describe_exit(code))
             else:
-                if time.monotonic() - started >= SERVED_LONG_ENOUGH:
-                    failures, backoff = 0, BACKOFF_FIRST
                 failures += 1
                 log.warning("daemon %d ended with %s; restart %d in %.1f s",
                             self.daemon.pid, _describe_exit(code), self.restarts + 1, backoff)
