@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +163,12 @@ needs_passthrough = pytest.mark.skipif(
     not possible(), reason="FUSE passthrough needs CAP_SYS_ADMIN")
 
 
+def skip_without_passthrough(m) -> None:
+    status = fuse_status(m)
+    if status["io_mode"] != "passthrough":
+        pytest.skip(f"kernel without FUSE passthrough (CONFIG_FUSE_PASSTHROUGH): {status['notes']}")
+
+
 def wait_passthrough(m, count: int) -> None:
     wait_until(lambda: fuse_status(m).get("passthrough", {}).get(
         "files_passthrough", 0) >= count, timeout=60)
@@ -173,9 +178,7 @@ def wait_passthrough(m, count: int) -> None:
 def test_complete_files_go_passthrough_after_their_first_open(tmp_path, image):
     img, src, data = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
-        status = fuse_status(m)
-        if status["io_mode"] != "passthrough":
-            pytest.skip(f"kernel without FUSE passthrough: {status['notes']}")
+        skip_without_passthrough(m)
         path = m.path / "big.bin"
         assert path.read_bytes() == data  # cached mode; expansion starts
         wait_passthrough(m, 1)
@@ -198,8 +201,7 @@ def test_complete_files_go_passthrough_after_their_first_open(tmp_path, image):
 def test_an_inode_switches_only_after_its_cached_opens_close(tmp_path, image):
     img, src, data = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
-        if fuse_status(m)["io_mode"] != "passthrough":
-            pytest.skip("kernel without FUSE passthrough")
+        skip_without_passthrough(m)
         path = m.path / "big.bin"
         held = open(path, "rb")  # a cached-mode open, kept
         try:
@@ -211,7 +213,8 @@ def test_an_inode_switches_only_after_its_cached_opens_close(tmp_path, image):
             assert held.read() == data
         finally:
             held.close()
-        time.sleep(0.2)  # RELEASE is sent after close returns
+        # RELEASE reaches the daemon after close() returns
+        wait_until(lambda: fuse_status(m)["passthrough"]["cached_opens"] == 0, timeout=10)
         with open(path, "rb") as f:
             assert f.read() == data
         with open(path, "rb") as f:
@@ -223,8 +226,7 @@ def test_an_inode_switches_only_after_its_cached_opens_close(tmp_path, image):
 def test_a_remount_reverifies_plain_files_and_refuses_a_tampered_one(tmp_path, image):
     img, src, data = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
-        if fuse_status(m)["io_mode"] != "passthrough":
-            pytest.skip("kernel without FUSE passthrough")
+        skip_without_passthrough(m)
         (m.path / "big.bin").read_bytes()
         wait_passthrough(m, 1)
     plain = [p for p in plain_directory(img).iterdir() if p.stat().st_size == len(data)][0]

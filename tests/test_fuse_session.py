@@ -15,7 +15,6 @@ import socket
 import stat
 import struct
 
-import pytest
 import trio
 
 from incfs.fuse import Attr, Connection, DirEntry, Entry, FuseError, InitFlag, Opened

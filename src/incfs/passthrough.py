@@ -284,7 +284,9 @@ class Passthrough:
 
     def status(self) -> dict:
         ready = sum(1 for s in self.files.values() if s.plain_ready)
-        return {"files_passthrough": ready, "fs_verity": self.verity, **self.counters}
+        cached = sum(s.cached_opens for s in self.files.values())
+        return {"files_passthrough": ready, "cached_opens": cached, "fs_verity": self.verity,
+                **self.counters}
 
 
 def plain_directory(image_path: Path) -> Path:

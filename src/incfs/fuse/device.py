@@ -46,27 +46,19 @@ class MountOptions:
                 | (0 if self.devices else kmount.MS_NODEV))
 
     def kernel_data(self, fd: int, rootmode: int) -> str:
-        parts = [f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
-                 f"group_id={os.getgid()}"]
-        if self.allow_other:
-            parts.append("allow_other")
-        if self.default_permissions:
-            parts.append("default_permissions")
-        if self.max_read:
-            parts.append(f"max_read={self.max_read}")
-        return ",".join(parts)
+        """mount(2)'s data string."""
+        return ",".join([f"fd={fd}", f"rootmode={rootmode:o}", f"user_id={os.getuid()}",
+                         f"group_id={os.getgid()}", *self._shared()])
 
     def fusermount_options(self) -> str:
-        # fusermount3 adds nosuid and nodev for normal users whatever we say
-        parts = ["ro", "nosuid", "nodev", f"fsname={_escape(self.fsname)}",
-                 f"subtype={self.subtype}"]
-        if self.allow_other:
-            parts.append("allow_other")
-        if self.default_permissions:
-            parts.append("default_permissions")
-        if self.max_read:
-            parts.append(f"max_read={self.max_read}")
-        return ",".join(parts)
+        """fusermount3's -o (it adds nosuid and nodev for normal users anyway)."""
+        return ",".join(["ro", "nosuid", "nodev", f"fsname={_escape(self.fsname)}",
+                         f"subtype={self.subtype}", *self._shared()])
+
+    def _shared(self) -> list[str]:
+        return ((["allow_other"] if self.allow_other else [])
+                + (["default_permissions"] if self.default_permissions else [])
+                + ([f"max_read={self.max_read}"] if self.max_read else []))
 
 
 def _escape(value: str) -> str:
