@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -164,3 +165,35 @@ def test_restart_refuses_a_foreground_mount(tmp_path, image, incfs, one_line_err
     with mounted(tmp_path, str(img), allow_unsigned=True, supervise=False) as m:
         done = incfs("restart", str(m.path))
         one_line_error(done, 2, "no supervised incfs daemon")
+
+
+def test_a_supervisor_that_dies_leaves_the_daemon_serving(tmp_path, image, incfs):
+    img, expected = image
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+        daemon = daemon_pid(m)
+        os.kill(supervisor, signal.SIGKILL)
+        wait_until(lambda: not process_alive(supervisor), timeout=10)
+        for name, data in expected.items():
+            assert (m.path / name).read_bytes() == data
+        assert m.status()["pid"] == daemon
+    assert not process_alive(daemon)  # it still ends at the unmount
+
+
+def test_two_restarts_at_once(tmp_path, image):
+    img, expected = image
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        paths = [m.path / name for name in expected]
+        with Streamers(paths, {m.path / k: v for k, v in expected.items()}) as s:
+            wait_until(lambda: s.reads > 4, timeout=60)
+            old = daemon_pid(m)
+            procs = [subprocess.Popen([sys.executable, "-m", "incfs.cli", "restart",
+                                       str(m.path)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2)]
+            results = [p.communicate(timeout=120) for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], results
+            new = wait_new_daemon(m, old)
+            before = s.reads
+            wait_until(lambda: s.reads > before + 4, timeout=60)
+        assert s.errors == []
+        assert new != old

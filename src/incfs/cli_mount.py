@@ -165,7 +165,7 @@ def register(main: click.Group) -> None:
         from .supervisor import restart_daemon
 
         old, new = restart_daemon(mountpoint, timeout)
-        click.echo(f"incfs: {mountpoint}: daemon {old} replaced by {new}")
+        click.echo(f"incfs: {mountpoint}: daemon {old or '(starting)'} replaced by {new}")
 
     @main.command("status")
     @click.argument("mountpoint", type=click.Path(file_okay=False))

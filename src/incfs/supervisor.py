@@ -204,7 +204,7 @@ def hand_over(sock_fd: int, fuse_fd: int, connection: dict) -> None:
         socket.send_fds(sock, [json.dumps(connection).encode()], [fuse_fd])
 
 
-def restart_daemon(mountpoint: str, timeout: float) -> tuple[int, int]:
+def restart_daemon(mountpoint: str, timeout: float) -> tuple[int | None, int]:
     """`incfs restart`: ask the supervisor for a new daemon and wait until it
     serves; returns (old pid, new pid). Only the mount's owner (or root) may
     signal the supervisor: that is the check."""
@@ -213,10 +213,10 @@ def restart_daemon(mountpoint: str, timeout: float) -> tuple[int, int]:
     rundir = runtime_dir(mountpoint)
     try:
         supervisor = int(supervisor_pid_file(rundir).read_text())
-        old = int((rundir / "pid").read_text())
     except (OSError, ValueError):
         raise UsageError(f"{mountpoint} has no supervised incfs daemon "
                          "(mounted with --foreground, or not mounted)") from None
+    old = _serving_pid(rundir)  # None while another restart is under way
     if not _is_incfs(supervisor, b"incfs.supervisor"):
         raise UsageError(f"pid {supervisor} is not the supervisor of {mountpoint}")
     os.kill(supervisor, signal.SIGUSR1)
