@@ -280,3 +280,18 @@ def test_posix_metadata_is_served_as_stored(tmp_path, posix_tree, incfs):
         assert os.lstat(m.path / "tmp").st_uid == os.getuid()
         with pytest.raises(PermissionError):  # nodev by default
             open(m.path / "dev" / "null", "rb")
+
+
+@needs_passthrough
+def test_a_file_that_arrives_whole_is_expanded_before_its_next_open(empty_mount):
+    m = empty_mount
+    skip_without_passthrough(m)
+    data = os.urandom(8 * BLOCK_SIZE)
+    with m.client() as c:
+        ino = c.create_file(ROOT_INO, "arrived.bin", size=len(data))
+        c.fill_blocks(ino, [(i, data[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE]) for i in range(8)])
+    wait_passthrough(m, 1)  # no open needed
+    reads = requests(m).get("READ", 0)
+    assert (m.path / "arrived.bin").read_bytes() == data
+    assert requests(m).get("READ", 0) == reads
+    assert os.getxattr(m.path / "arrived.bin", "user.incfs.io") == b"passthrough"

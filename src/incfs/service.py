@@ -125,6 +125,11 @@ class Service:
         size = sum(len(b.data) for b in blocks)
         self.counters["bytes_reused" if reused else
                       "bytes_fetched" if fetched else "bytes_filled"] += size
+        node = self.image.ns.inodes.get(ino)
+        if self.passthrough is not None and node is not None and node.complete:
+            # the file just arrived whole: expand it now, so that its next
+            # open is the kernel's, not the daemon's (queued once per file)
+            self.passthrough.file_completed(node)
         return result
 
     def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
