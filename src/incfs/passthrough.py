@@ -12,9 +12,10 @@ kernel's measurement is the signed digest. Plain files left from an earlier
 mount are re-hashed against the Merkle root before first use: nothing that
 has not been checked this session is ever handed to the kernel.
 
-A file is expanded when it is opened complete (not at mount: a complete
-local image would otherwise be copied whole, wanted or not); that open and
-any still running are cached-mode, later ones passthrough.
+A file is expanded when the fill that completes it arrives, or when it is
+opened complete (not at mount: a complete local image would otherwise be
+copied whole, wanted or not); opens before that are cached-mode, later ones
+passthrough.
 
 Opens then get FOPEN_PASSTHROUGH with a backing id, registered on the first
 such open. The kernel refuses passthrough for an inode that still has
