@@ -186,8 +186,9 @@ def test_gnu_tar_text_acls_become_the_kernels_values(tmp_path):
     try:
         os.setxattr(src / "f", "system.posix_acl_access", ACL)
         os.setxattr(src / "sub", "system.posix_acl_default", ACL)
-    except OSError:
-        pytest.skip("no ACLs on this file system")
+    except OSError as e:
+        pytest.skip(f"kernel feature missing: POSIX ACLs on the file system under {tmp_path} "
+                    f"(CONFIG_EXT4_FS_POSIX_ACL or the fs's equivalent): {e.strerror}")
     archive = tmp_path / "acl.tar"
     subprocess.run(["tar", "--acls", "--format=posix", "-C", str(src), "-cf", str(archive), "."],
                    check=True)

@@ -121,20 +121,32 @@ def readable_by_others(path: str | os.PathLike) -> list[str]:
     return blocked
 
 
+@contextlib.contextmanager
+def searchable(dirs: list[str]):
+    """Let others pass through (o+x, search only: no listing, no reading)
+    directories on the way to the code under test, for as long as the
+    user's tests run; the modes are put back after."""
+    saved = {d: stat.S_IMODE(os.stat(d).st_mode) for d in dirs}
+    try:
+        for d, mode in saved.items():
+            os.chmod(d, mode | stat.S_IXOTH)
+        yield
+    finally:
+        for d, mode in saved.items():
+            os.chmod(d, mode)
+
+
 @pytest.fixture(scope="session")
 def normal_user() -> NormalUser:
-    if os.geteuid() != 0:
-        pytest.skip("making a user needs root")
-    if not Path(SYSTEM_PYTHON).exists():
-        pytest.skip(f"{SYSTEM_PYTHON} (Debian's python3) is missing")
+    assert os.geteuid() == 0, "the suite runs as root (make test): making a user needs it"
+    # Debian's python3 comes with the project's apt packages (python3-venv)
+    assert Path(SYSTEM_PYTHON).exists(), f"{SYSTEM_PYTHON} is missing: run `make setup`"
     blocked = readable_by_others(Path(incfs.__file__).parent) + \
         readable_by_others(project_site_packages())
-    if blocked:
-        pytest.skip(f"a normal user cannot reach the code: {', '.join(blocked)} are not "
-                    "searchable by others")
-    user = ensure_user()
-    venv = make_user_venv(user)
-    return NormalUser(user.pw_name, user.pw_uid, user.pw_gid, Path(user.pw_dir), venv)
+    with searchable(sorted(set(blocked))):
+        user = ensure_user()
+        venv = make_user_venv(user)
+        yield NormalUser(user.pw_name, user.pw_uid, user.pw_gid, Path(user.pw_dir), venv)
 
 
 @contextlib.contextmanager

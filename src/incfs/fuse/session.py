@@ -407,11 +407,12 @@ def _cstring(body: memoryview) -> bytes:
     return raw[:end]
 
 
+_OP_NAMES = {op.value: op.name for op in Op}
+
+
 def _op_name(opcode: int) -> str:
-    try:
-        return Op(opcode).name
-    except ValueError:
-        return f"OP_{opcode}"
+    """The opcode's name, for the counters (a dict look-up: every request pays it)."""
+    return _OP_NAMES.get(opcode) or f"OP_{opcode}"
 
 
 def _flag_names(flags: InitFlag) -> str:
