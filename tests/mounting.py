@@ -33,7 +33,7 @@ import zstandard
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.control import Client
 from incfs.mount import MountConfig, mount_background, runtime_dir, umount
-from incfs.waits import process_alive
+from incfs.waits import process_alive, runs_module
 
 try:  # numpy makes the 500 MiB file cheap to generate; the pure port is the reference
     import numpy as np
@@ -88,19 +88,10 @@ def force_unmount(mountpoint: str | os.PathLike, pid: int | None = None,
     if is_mounted(mountpoint):
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    if pid and not wait_gone(pid, grace) and _is_mount_daemon(pid):
+    if pid and not wait_gone(pid, grace) and runs_module(pid, b"incfs.mount"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10.0)
-
-
-def _is_mount_daemon(pid: int) -> bool:
-    """Never kill a process that merely reuses a stale pid."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"incfs.mount" in f.read()
-    except OSError:
-        return False
 
 
 class Mount:

@@ -35,7 +35,7 @@ from .rundir import runtime_dir
 from .service import Service
 from .sources import is_remote as _remote_spec
 from .supervisor import HANDOVER_EXIT, hand_over
-from .waits import process_alive
+from .waits import process_alive, runs_module
 
 log = logging.getLogger("incfs.mount")
 READY_TIMEOUT = 120.0
@@ -468,13 +468,12 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
 
 def _signal_daemon(pid: int, sig: int) -> bool:
     """Signal an incfs daemon, never a process that merely reuses its pid."""
+    if not runs_module(pid):
+        return False
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"incfs" not in f.read():
-                return False
         os.kill(pid, sig)
         return True
-    except (OSError, ProcessLookupError):
+    except OSError:
         return False
 
 

@@ -217,7 +217,9 @@ def restart_daemon(mountpoint: str, timeout: float) -> tuple[int | None, int]:
         raise UsageError(f"{mountpoint} has no supervised incfs daemon "
                          "(mounted with --foreground, or not mounted)") from None
     old = _serving_pid(rundir)  # None while another restart is under way
-    if not _is_incfs(supervisor, b"incfs.supervisor"):
+    from .waits import runs_module  # the command's side only: the supervisor stays small
+
+    if not runs_module(supervisor, b"incfs.supervisor"):
         raise UsageError(f"pid {supervisor} is not the supervisor of {mountpoint}")
     os.kill(supervisor, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
@@ -228,14 +230,6 @@ def restart_daemon(mountpoint: str, timeout: float) -> tuple[int | None, int]:
         time.sleep(0.05)
     raise IncfsError(f"no new daemon serves {mountpoint} after {timeout:g} s "
                      f"(supervisor {supervisor}; see its log)")
-
-
-def _is_incfs(pid: int, module: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return module in f.read()
-    except OSError:
-        return False
 
 
 def _serving_pid(rundir: Path) -> int | None:

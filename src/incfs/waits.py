@@ -210,6 +210,17 @@ class Waits:
                 "histogram": histogram}
 
 
+def runs_module(pid: int, module: bytes = b"incfs") -> bool:
+    """Whether process `pid` runs incfs (`module`, e.g. b"incfs.mount", in its
+    command line): pids are reused, and a stale pid file must never make us
+    signal somebody else's process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return module in f.read()
+    except OSError:
+        return False
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
