@@ -299,10 +299,11 @@ def test_record_that_does_not_link_back_is_dropped(small_tree, tmp_path, raw_ima
 
 # --- packed image layout -----------------------------------------------------------
 
-def test_packed_layout(small_tree, tmp_path, raw_image, keys):
+def test_packed_log_layout(small_tree, tmp_path, raw_image, keys):
+    """The 1.0/1.1 layout, still written on request (index=False)."""
     image = tmp_path / "img"
     priv, _pub = keys("ed25519")
-    pack(small_tree, image, compress="zstd", sign_key=priv)
+    pack(small_tree, image, compress="zstd", sign_key=priv, index=False)
     raw = raw_image(image)
     recs = raw.records()
     types = [RecordType(h.type) for _o, h in recs]

@@ -304,7 +304,7 @@ def test_posix_metadata_round_trips(posix_tree, tmp_path, keys):
     assert stats.hard_links == 2 and not stats.skipped
     with Image.open(image) as img:
         _assert_posix_matches(img, posix_tree)
-        assert img.superblock.version_minor == 1 and img.ns.posix
+        assert img.superblock.version_minor == 2 and img.ns.posix  # 1.2: indexed
         cap = img.ns.lookup(img.ns.lookup(1, b"bin").ino, b"ping")
         assert cap.xattrs[b"security.capability"] == CAPABILITY
         null = img.ns.lookup(img.ns.lookup(1, b"dev").ino, b"null")
@@ -339,7 +339,7 @@ def test_signature_covers_owners_devices_and_xattrs(posix_tree, tmp_path, keys, 
     from incfs.format.layout import RecordType
     priv, pub = keys("ed25519")
     image = tmp_path / "posix.img"
-    pack(posix_tree, image, sign_key=priv)
+    pack(posix_tree, image, sign_key=priv, index=False)  # edits INODES2 records
     def flip_last(value: bytes) -> bytes:
         return value[:-1] + bytes([value[-1] ^ 1])
 
@@ -368,7 +368,7 @@ def test_posix_inspect_json(posix_tree, tmp_path):
     image = tmp_path / "posix.img"
     pack(posix_tree, image)
     info = describe_image(image)
-    assert info["format_version"] == "1.1"
+    assert info["format_version"] == "1.2"
     assert (info["counts"]["devices"], info["counts"]["fifos"],
             info["counts"]["sockets"]) == (3, 1, 1)
     by_path = {e["path"]: e for e in info["tree"]}
@@ -380,12 +380,12 @@ def test_posix_inspect_json(posix_tree, tmp_path):
 
 
 def test_plain_tree_still_writes_a_1_0_log(small_tree, tmp_path):
-    """No owners, devices or xattrs: INODES records and the v1 root, so a
-    1.0 reader still opens the image."""
+    """The log layout (index=False), no owners, devices or xattrs: INODES
+    records and the v1 root, so a 1.0 reader still opens the image."""
     from incfs.format.layout import RecordType
     from conftest import RawImage
     image = tmp_path / "plain.img"
-    pack(small_tree, image)
+    pack(small_tree, image, index=False)
     raw = RawImage(image)
     assert raw.of_type(RecordType.INODES) and not raw.of_type(RecordType.INODES2)
     with Image.open(image) as img:

@@ -174,3 +174,13 @@ class BlockMap:
         for i, info in enumerate(self._infos):
             if info != ABSENT:
                 yield i, self._offsets[i], info, self._crcs[i]
+
+
+def loaded_map(count: int, offsets: array, infos: array, crcs: array) -> BlockMap:
+    """A dense map over columns read from an image index (ABSENT marks holes)."""
+    bm = BlockMap(count)
+    if count:
+        bm._offsets, bm._crcs = offsets, crcs
+        bm._infos = infos
+        bm.present = count - infos.count(ABSENT)
+    return bm

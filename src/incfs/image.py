@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import stat
 import struct
@@ -28,11 +29,14 @@ from . import BLOCK_SIZE, ROOT_INO, codec
 from .blockmap import BlockMap
 from .errors import CorruptImage, IntegrityError, UsageError, os_error
 from .format import layout, records
-from .format.layout import LOG_START, RecordFlags, RecordType, Superblock
+from .format.index import IndexHeader, IndexReader, check_crcs
+from .format.layout import (LOG_START, RECORD_ALIGN, RECORD_HEADER_SIZE, RecordFlags,
+                            RecordType, SuperFlags, Superblock)
 from .format.log import LogAppender, ScanResult, scan_log
 from .format.records import (BlockKind, BlockRun, DirentEntry, DirentOp,
                              InodeEntry, InodeFlags, SignatureEntry, TreeKind,
                              block_info, info_kind, info_size)
+from .index_ns import IndexNamespace, IndexSourceMaps
 from .integrity import merkle, signing
 from .namespace import Inode, Namespace, check_name
 from .verified_read import MissingBlock, VerifiedReads, plain_size
@@ -77,9 +81,12 @@ class Image(VerifiedReads):
         self.fd = fd
         self.superblock = superblock
         self.writable = writable
-        self.ns = Namespace()
+        self.ns: Namespace = Namespace()
         self.signature: SignatureState | None = None
         self.source_maps: dict[int, tuple[BlockMap, BlockMap | None]] = {}
+        self.index: IndexReader | None = None  # the INDEX record's regions, mapped
+        self._index_map: mmap.mmap | None = None
+        self._index_root: bytes | None = None
         self.scan: ScanResult | None = None
         self._block_limit: int | None = None  # blocks must end by here to count
         self.blocks_beyond_log = 0  # mapped blocks whose bytes are not in the good log
@@ -171,6 +178,7 @@ class Image(VerifiedReads):
             self.ns = Namespace()
             self.signature = None
             self.source_maps = {}
+            self._drop_index()
             self._block_limit = self.scan.end
             self._scan_records(size)
         if ROOT_INO not in self.ns.inodes:
@@ -193,6 +201,9 @@ class Image(VerifiedReads):
 
     def _apply_record(self, offset: int, header, body: bytes) -> None:
         try:
+            if header.type == RecordType.INDEX:
+                self._load_index(offset, header, body)
+                return
             self._apply(header.type, body, header.flags)
         except OSError as e:
             raise CorruptImage(f"record at offset {offset} is invalid: {e.strerror}") from None
@@ -225,8 +236,39 @@ class Image(VerifiedReads):
         elif rtype == RecordType.SIGNATURE:
             entry = records.decode_signature(body)
             self.signature = SignatureState(entry, self.canonical_root())
-            for node in self.ns.inodes.values():
-                node.signed = True
+            self.ns.mark_signed()
+
+    def _load_index(self, offset: int, header, body: bytes) -> None:
+        """Map the index and serve the namespace from it. It must be the
+        first record, so everything later in the log is an overlay."""
+        if len(self.ns) or self.index is not None:
+            raise CorruptImage("an index record must be the first record of the log")
+        head = IndexHeader.decode(body)
+        start = offset + _aligned(RECORD_HEADER_SIZE + header.body_len)
+        end = offset + header.length
+        head.check_layout(start, end)
+        self._index_map = mmap.mmap(self.fd, end, prot=mmap.PROT_READ)
+        check_crcs(head, self._index_map)
+        self.index = IndexReader(self._index_map, head)
+        cache = bool(self.superblock.flags & SuperFlags.CACHE)
+        data_end = self.superblock.data_end or self.scan_limit()
+        self.ns = IndexNamespace(self.index, local_maps=not cache, data_end=data_end,
+                                 limit=self.scan_limit)
+        if cache:
+            self.source_maps = IndexSourceMaps(self.ns)  # type: ignore[assignment]
+        elif self.writable:
+            # new blocks must never land where the index says blocks are
+            self._max_mapped_end = max(self._max_mapped_end, data_end)
+
+    def _drop_index(self) -> None:
+        self.index = None
+        self._index_root = None
+        if self._index_map is not None:
+            try:
+                self._index_map.close()
+            except BufferError:
+                pass  # a view of it is still alive: the mapping goes with it
+            self._index_map = None
 
     def _apply_dirent(self, d: DirentEntry) -> None:
         if d.op == DirentOp.ADD:
@@ -240,9 +282,12 @@ class Image(VerifiedReads):
         node = self.ns.inodes.get(ino)
         if node is None or node.data is None:
             raise CorruptImage(f"block map for inode {ino}, which is not a file")
+        self.ns.pin(node)  # its map changes: the index no longer describes it
         return node.data, node.hashes
 
     def _source_maps_of(self, ino: int) -> tuple[BlockMap, BlockMap | None]:
+        if isinstance(self.source_maps, IndexSourceMaps):
+            raise CorruptImage("an indexed cache holds its source maps in its index")
         if ino not in self.source_maps:
             data, hashes = self._maps_of(ino)
             self.source_maps[ino] = (BlockMap(data.count),
@@ -276,6 +321,7 @@ class Image(VerifiedReads):
         if self.fd >= 0:
             if self.writable and self.appender:
                 os.fsync(self.fd)
+            self._drop_index()
             os.close(self.fd)
             self.fd = -1
 
@@ -294,8 +340,15 @@ class Image(VerifiedReads):
         through the digests, every byte of every file. Once any inode has
         owners, a device number or attributes (format 1.1), the v2 root
         covers those for every inode; images without them keep the v1 root,
-        so their signatures stay valid."""
-        if self.ns.posix:
+        so their signatures stay valid.
+
+        An indexed image's root is the hash of its index (canonical: pack
+        writes one exact byte string for a tree), as long as no later record
+        changed inodes or names; after such a change it is the v2 walk, which
+        can never equal an index root."""
+        if isinstance(self.ns, IndexNamespace) and not self.ns.changed:
+            return self.index_root()
+        if self.ns.posix or isinstance(self.ns, IndexNamespace):
             return self._canonical_root_v2()
         h = hashlib.sha256(b"incfs canonical root v1\0" + self.superblock.uuid)
         for path, node in self.ns.walk():
@@ -322,6 +375,18 @@ class Image(VerifiedReads):
                 h.update(struct.pack("<BI", len(name), len(value)) + name + value)
         return h.digest()
 
+    def index_root(self) -> bytes:
+        """SHA-256 over the index header and every byte of its regions."""
+        if self._index_root is None:
+            head = self.index.header
+            h = hashlib.sha256(b"incfs index root v1\0" + self.superblock.uuid + head.encode())
+            first = head.regions["inodes"].offset
+            last = head.regions["heap"].end
+            for at in range(first, last, 1 << 24):
+                h.update(self._index_map[at:min(last, at + (1 << 24))])
+            self._index_root = h.digest()
+        return self._index_root
+
     def file_digest(self, node: Inode) -> bytes:
         if not node.has_tree:
             return bytes(32)
@@ -333,8 +398,7 @@ class Image(VerifiedReads):
         entry = SignatureEntry(int(alg), key_id, root, sig)
         self._append(RecordType.SIGNATURE, records.encode_signature(entry))
         self.signature = SignatureState(entry, root)
-        for node in self.ns.inodes.values():
-            node.signed = True
+        self.ns.mark_signed()
 
     def changed_since_signature(self) -> bool:
         """True when records after the signature added, removed or swapped
@@ -440,6 +504,7 @@ class Image(VerifiedReads):
         node = self.ns.get(ino)
         if node.data is None:
             raise os_error(errno.EINVAL, f"inode {ino} is not a regular file")
+        self.ns.pin(node)  # fills change its maps: keep this very object
         result = FillResult()
         accepted: list[tuple[FillBlock, bytes]] = []
         staged: dict[int, bytes] = {}
@@ -549,6 +614,7 @@ class Image(VerifiedReads):
                          else (node.hashes, source[1]))
         if target is None or where is None or where.get(index) is None:
             return False
+        self.ns.pin(node)
         if tree == TreeKind.HASH:
             with self._hash_lock:
                 self._hash_cache.pop((ino, index), None)
@@ -560,14 +626,11 @@ class Image(VerifiedReads):
     # --- summaries -------------------------------------------------------------
 
     def totals(self) -> dict[str, int]:
-        files = blocks_total = blocks_present = 0
-        for node in self.ns.inodes.values():
-            if node.data is not None:
-                files += 1
-                blocks_total += node.data.count + (node.hashes.count if node.hashes else 0)
-                blocks_present += node.data.present + (node.hashes.present if node.hashes else 0)
-        return {"files": files, "inodes": len(self.ns), "blocks_total": blocks_total,
-                "blocks_present": blocks_present}
+        return self.ns.totals()
+
+
+def _aligned(n: int) -> int:
+    return (n + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
 
 
 def _store_form(blk: FillBlock, plain: bytes) -> tuple[BlockKind, bytes]:

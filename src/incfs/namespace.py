@@ -33,7 +33,8 @@ class Inode:
 
     __slots__ = ("ino", "mode", "size", "mtime_ns", "file_id", "root_hash",
                  "flags", "metadata", "target", "nlink", "parent", "children",
-                 "data", "hashes", "geometry", "signed", "uid", "gid", "rdev", "xattrs")
+                 "data", "hashes", "geometry", "signed", "uid", "gid", "rdev", "xattrs",
+                 "__weakref__")  # an index-backed namespace keeps inodes in a weak cache
 
     def __init__(self, e: InodeEntry):
         self.ino = e.ino
@@ -146,6 +147,11 @@ class Namespace:
             raise os_error(errno.EEXIST, f"inode {e.ino} exists")
         if e.ino >= INO_LIMIT:
             raise os_error(errno.ENOSPC, f"inode number {e.ino} is out of range")
+        self.check_entry(e)
+
+    @classmethod
+    def check_entry(cls, e: InodeEntry) -> None:
+        """The rules for one inode on its own (type, size, target, owners)."""
         if e.target and not stat.S_ISLNK(e.mode):
             raise os_error(errno.EINVAL, "only symlinks have a target")
         if stat.S_IFMT(e.mode) not in ALLOWED_TYPES:
@@ -154,7 +160,7 @@ class Namespace:
             raise os_error(errno.EINVAL, "only files have a size")
         if e.ino == ROOT_INO and not stat.S_ISDIR(e.mode):
             raise os_error(errno.EINVAL, "the root must be a directory")
-        self._check_posix(e)
+        cls._check_posix(e)
 
     @staticmethod
     def _check_posix(e: InodeEntry) -> None:
@@ -220,6 +226,24 @@ class Namespace:
         if node.is_dir:
             node.parent = 0
             self.inodes[parent].nlink -= 1
+
+    def pin(self, node: Inode) -> None:
+        """Keep `node` as it is now (its maps or names are about to change);
+        every inode of this namespace is kept anyway."""
+
+    def mark_signed(self) -> None:
+        for node in self.inodes.values():
+            node.signed = True
+
+    def totals(self) -> dict[str, int]:
+        files = blocks_total = blocks_present = 0
+        for node in self.inodes.values():
+            if node.data is not None:
+                files += 1
+                blocks_total += node.data.count + (node.hashes.count if node.hashes else 0)
+                blocks_present += node.data.present + (node.hashes.present if node.hashes else 0)
+        return {"files": files, "inodes": len(self), "blocks_total": blocks_total,
+                "blocks_present": blocks_present}
 
     # --- walking -------------------------------------------------------------
 

@@ -30,13 +30,14 @@ from typing import BinaryIO, Callable, Iterator
 
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import UsageError
-from .format.layout import (MINOR_BASE, RECORD_HEADER_SIZE, VERSION_MINOR, RecordType,
-                            Superblock, SuperFlags)
+from .format.layout import (MINOR_BASE, MINOR_INDEX, MINOR_POSIX, RECORD_HEADER_SIZE,
+                            RecordType, Superblock, SuperFlags)
 from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, InodeFlags,
                              TreeKind, block_info, encode_runs, place_block, xattr_problem)
 from .image import Image
 from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, Node, Tree, open_input
 from .integrity import merkle, signing
+from .pack_index import write_index
 
 Progress = Callable[[int], None]  # called with bytes of source consumed
 INODE_BATCH = 4096
@@ -306,10 +307,12 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
          sign_key: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
          profile: str | os.PathLike | None = None, progress: Progress | None = None,
          overwrite: bool = False, stdin: BinaryIO | None = None,
-         max_entries: int = DEFAULT_MAX_ENTRIES) -> PackStats:
+         max_entries: int = DEFAULT_MAX_ENTRIES, index: bool = True) -> PackStats:
     """Pack `src` into a new image at `target`. `src` is a directory, a tar
     archive (plain or compressed), "-" for a tar stream on `stdin` (default
-    sys.stdin), or "oci:DIR[:TAG]" (see `incfs.inputs`)."""
+    sys.stdin), or "oci:DIR[:TAG]" (see `incfs.inputs`). The metadata is
+    an index (format 1.2) unless `index` is False (the 1.0/1.1 log records,
+    for tools and tests that want the older layout)."""
     target = Path(target)
     exclude: set[tuple[int, int]] = set()
     source = open_input(src, stdin=stdin, exclude=exclude, max_entries=max_entries)
@@ -332,7 +335,10 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
         exclude.add((tmp_st.st_dev, tmp_st.st_ino))  # packing into the source tree
         packer.consume(source)
         packer.layout()
-        _write_image(packer, Path(tmp_name), key)
+        if index:
+            _write_indexed_image(packer, Path(tmp_name), key, tmpdir)
+        else:
+            _write_image(packer, Path(tmp_name), key)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -391,6 +397,46 @@ def _write_image(packer: _Packer, path: Path, key) -> None:
         img.close()
 
 
+def _spool_layout(packer: _Packer) -> tuple[dict[str, int], int]:
+    """Each spool's place inside the payload, and the payload's size."""
+    sizes = {name: packer.spools[name].size for name in ("hash", "hot", "cold")}
+    rel = {"hash": 0, "hot": sizes["hash"], "cold": sizes["hash"] + sizes["hot"]}
+    return rel, sum(sizes.values())
+
+
+def _write_indexed_image(packer: _Packer, path: Path, key, tmpdir: Path) -> None:
+    """superblock | INDEX | SIGNATURE | PAD | DATA: the index holds every
+    inode, name and block map; the image is reopened to sign it, which also
+    reads back what was written."""
+    uuid = os.urandom(16)
+    rel, total = _spool_layout(packer)
+    img = Image.create(path, exist_ok=True, superblock=Superblock(uuid=uuid))
+    try:
+        plan = write_index(img.fd, img.appender, packer.inodes, packer.links, packer.placed,
+                           rel, tmpdir)
+    finally:
+        img.close()
+    img = Image.open(path, writable=True)
+    img.durable = False
+    try:
+        if key is not None:
+            img.sign(key)
+        app = img.appender
+        meta_end = app.end
+        app.pad_to(plan.payload - RECORD_HEADER_SIZE)
+        app.begin_data(total)
+        for name in ("hash", "hot", "cold"):
+            _copy_spool(packer.spools[name], img.fd, plan.payload + rel[name])
+        os.ftruncate(img.fd, app.end)
+        sb = Superblock(uuid=uuid, flags=SuperFlags.PACKED, meta_end=meta_end,
+                        data_start=plan.payload, data_end=plan.payload + total,
+                        packed_size=app.end, version_minor=MINOR_INDEX)
+        os.pwrite(img.fd, sb.encode(), 0)
+        os.fsync(img.fd)
+    finally:
+        img.close()
+
+
 def _write_maps_and_data(img: Image, packer: _Packer, sizes: dict[str, int]) -> None:
     # Dry run to learn how big the map records are: run boundaries do not
     # depend on the absolute base as long as it is 4 KiB-aligned.
@@ -415,7 +461,7 @@ def _write_maps_and_data(img: Image, packer: _Packer, sizes: dict[str, int]) -> 
     os.ftruncate(img.fd, app.end)
     sb = Superblock(uuid=img.superblock.uuid, flags=SuperFlags.PACKED, meta_end=meta_end,
                     data_start=payload, data_end=payload + total, packed_size=app.end,
-                    version_minor=VERSION_MINOR if img.ns.posix else MINOR_BASE)
+                    version_minor=MINOR_POSIX if img.ns.posix else MINOR_BASE)
     os.pwrite(img.fd, sb.encode(), 0)
 
 

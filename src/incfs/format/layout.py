@@ -29,8 +29,12 @@ MAGIC = b"INCFSIMG"
 VERSION_MAJOR = 1
 # 1.1 added INODES2 (owners, devices, xattrs). Writers put 1 in a superblock
 # only when the image holds such records, so other images still say 1.0.
-VERSION_MINOR = 1
+VERSION_MINOR = 2
+MINOR_POSIX = 1
 MINOR_BASE = 0
+# 1.2: the metadata is an INDEX record (pack writes it); later records are
+# layered over it. 1.0 and 1.1 images (log only) still open as before.
+MINOR_INDEX = 2
 
 RECORD_MAGIC = 0x43455249  # b"IREC" read as a little-endian u32
 RECORD_ALIGN = 8
@@ -62,6 +66,10 @@ class RecordType(enum.IntEnum):
     # Critical: a 1.0 reader must refuse the image rather than serve it with
     # inodes (and the names under them) missing.
     INODES2 = 0x8008
+    # The compact metadata index (format 1.2, format/index.py): its body is
+    # the index header, its payload the index regions. Critical: a reader
+    # that skipped it would see an empty image.
+    INDEX = 0x8009
 
 
 CRITICAL_TYPE_BIT = 0x8000
@@ -118,6 +126,10 @@ class Superblock:
         # an image that was never packed).
         if not (meta_end <= data_start <= data_end <= packed_size):
             raise CorruptImage("superblock regions out of order")
+        # A packed image (or a cache of one) has metadata after the
+        # superblock and a payload on a 4 KiB boundary.
+        if packed_size and (meta_end < LOG_START or data_start % BLOCK_SIZE):
+            raise CorruptImage("superblock regions out of place")
         return cls(uuid, SuperFlags(flags), meta_end, data_start, data_end,
                    packed_size, major, minor)
 

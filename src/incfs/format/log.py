@@ -129,6 +129,19 @@ class LogAppender:
         """Pad so the log ends at or beyond `offset`."""
         self.pad_to(_aligned(max(offset, self.end + RECORD_HEADER_SIZE)))
 
+    def begin_record(self, rtype: RecordType, body: bytes, payload_len: int) -> int:
+        """Append a record whose payload (`payload_len` bytes, not covered by
+        the record CRC: it carries its own) the caller has already written
+        right after the aligned body. Returns the payload offset."""
+        payload = _aligned(RECORD_HEADER_SIZE + len(body))
+        length = _aligned(payload + payload_len)
+        header = RecordHeader(int(rtype), 0, length, self.last_record, len(body))
+        offset = self.end
+        os.pwrite(self.fd, (header.encode(body) + body).ljust(payload, b"\0"), offset)
+        self.last_record = offset
+        self.end = offset + length
+        return offset + payload
+
     def begin_data(self, payload_len: int) -> int:
         """Write only the header of a DATA record of `payload_len` bytes and
         move the end past it; the caller writes the payload itself (for

@@ -1,0 +1,370 @@
+"""The compact metadata index (format 1.2): fixed-size inode records, sorted
+per-directory name blocks, per-file block maps and a heap, read on demand.
+
+An INDEX record (a critical type, so older readers refuse the image) carries
+a small header as its CRC-covered body; the four regions follow it as the
+record's payload. `docs/format.md` describes every byte; keep them in step.
+
+This module only encodes and decodes bytes: what the bytes mean to a live
+namespace (the overlay of later records, the caches) is `incfs.index_ns`.
+Every decode bounds-checks against the region it reads from, so a hostile
+index raises IndexDamage (an EIO OSError), never an IndexError or a read
+outside the index.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from ..errors import CorruptImage
+from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
+
+log = logging.getLogger("incfs.index")
+
+MAGIC = b"INCFSIDX"
+VERSION = 1
+INODE_SIZE = 128
+DIRENT_SIZE = 16
+ALIGN = 8
+# Feature bits. A reader refuses an index with an incompatible bit it does
+# not know (it could not read it right) and ignores unknown compatible ones.
+COMPAT_KNOWN = 0
+INCOMPAT_KNOWN = 0
+FLAG_POSIX = 1  # some inode has owners, a device number or attributes
+
+REGIONS = ("inodes", "names", "maps", "heap")
+# magic, version, inode_size, compat, incompat, inode_count, total_blocks,
+# files, flags, reserved
+_HEAD = struct.Struct("<8sHHIIQQQII")
+_REGION = struct.Struct("<QQII")  # offset (absolute), length, crc32, reserved
+HEADER_SIZE = _HEAD.size + len(REGIONS) * _REGION.size + 4
+# mode, flags, xattr_count, size, mtime_ns, uid, gid, nlink, meta_len,
+# reserved, parent, extent, count, hash_count, heap, heap_len, reserved,
+# file_id, root_hash
+_INODE = struct.Struct("<IHHQqIIIHHQQIIQII16s32s")
+assert _INODE.size == INODE_SIZE
+# name_off (from the block's start), name_len, reserved, child
+_DIRENT = struct.Struct("<IBxxxQ")
+assert _DIRENT.size == DIRENT_SIZE
+_XATTR = struct.Struct("<BI")
+
+
+class IndexDamage(OSError):
+    """An inconsistency found in the index while serving: the access that
+    met it fails with EIO (and a log line); the mount goes on."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.EIO, f"image index is damaged: {message}")
+
+
+def damage(message: str) -> IndexDamage:
+    log.warning("image index is damaged: %s", message)
+    return IndexDamage(message)
+
+
+@dataclass(frozen=True)
+class Region:
+    offset: int
+    length: int
+    crc: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class IndexHeader:
+    inode_count: int
+    total_blocks: int
+    files: int
+    flags: int
+    regions: dict[str, Region]
+    compat: int = 0
+    incompat: int = 0
+
+    def encode(self) -> bytes:
+        out = _HEAD.pack(MAGIC, VERSION, INODE_SIZE, self.compat, self.incompat,
+                         self.inode_count, self.total_blocks, self.files, self.flags, 0)
+        for name in REGIONS:
+            r = self.regions[name]
+            out += _REGION.pack(r.offset, r.length, r.crc, 0)
+        return out + struct.pack("<I", zlib.crc32(out))
+
+    @classmethod
+    def decode(cls, body: bytes) -> "IndexHeader":
+        if len(body) != HEADER_SIZE:
+            raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
+        (crc,) = struct.unpack_from("<I", body, HEADER_SIZE - 4)
+        if zlib.crc32(body[:-4]) != crc:
+            raise CorruptImage("index header checksum mismatch")
+        (magic, version, inode_size, compat, incompat, count, total, files, flags,
+         _) = _HEAD.unpack_from(body)
+        if magic != MAGIC or version != VERSION or inode_size != INODE_SIZE:
+            raise CorruptImage(f"unsupported index (version {version}, inode size {inode_size})")
+        unknown = incompat & ~INCOMPAT_KNOWN
+        if unknown:
+            raise CorruptImage(f"index needs features {unknown:#x} unknown to this version "
+                               "of incfs; upgrade incfs to read this image")
+        regions = {}
+        for i, name in enumerate(REGIONS):
+            off, length, rcrc, _ = _REGION.unpack_from(body, _HEAD.size + i * _REGION.size)
+            regions[name] = Region(off, length, rcrc)
+        return cls(count, total, files, flags, regions, compat, incompat)
+
+    def check_layout(self, start: int, end: int) -> None:
+        """The regions must lie in order inside [start, end), 8-aligned and
+        apart, and the inode table must hold exactly inode_count records."""
+        cursor = start
+        for name in REGIONS:
+            r = self.regions[name]
+            if r.offset < cursor or r.end > end or r.offset % ALIGN:
+                raise CorruptImage(f"index region {name} lies outside the index record "
+                                   "or overlaps another")
+            cursor = r.end
+        if self.regions["inodes"].length != self.inode_count * INODE_SIZE:
+            raise CorruptImage("index inode table does not match its inode count")
+        if self.inode_count < 1:
+            raise CorruptImage("index holds no root directory")
+
+
+def check_crcs(header: IndexHeader, view) -> None:
+    """Refuse the image when a region's bytes do not match their CRC."""
+    for name in REGIONS:
+        r = header.regions[name]
+        if zlib.crc32(view[r.offset:r.end]) != r.crc:
+            raise CorruptImage(f"index region {name} checksum mismatch")
+
+
+@dataclass(slots=True)
+class InodeRecord:
+    """An inode record decoded, with where its names, map or heap bytes are."""
+
+    entry: InodeEntry
+    nlink: int
+    parent: int
+    extent: int  # directories: names offset; files: map offset (region-relative)
+    count: int  # directories: names; files: data blocks
+    hash_count: int  # files: hash-tree blocks
+
+
+class IndexReader:
+    """Random access to an index held in `view` (an mmap of the image)."""
+
+    def __init__(self, view, header: IndexHeader):
+        self.view = view
+        self.header = header
+        self.count = header.inode_count
+        self.r = header.regions
+
+    # --- inodes ---------------------------------------------------------------
+
+    def inode(self, ino: int) -> InodeRecord:
+        if not 1 <= ino <= self.count:
+            raise damage(f"inode {ino} is out of range")
+        (mode, flags, xcount, size, mtime, uid, gid, nlink, meta_len, reserved, parent, extent,
+         count, hcount, heap, heap_len, reserved2, file_id,
+         root) = _INODE.unpack_from(self.view, self.r["inodes"].offset + (ino - 1) * INODE_SIZE)
+        if reserved or reserved2 or flags & ~int(InodeFlags.HAS_TREE):
+            raise damage(f"inode {ino} has reserved bits set")
+        meta, target, xattrs = self._heap(ino, heap, heap_len, meta_len, mode, count, xcount)
+        rdev = extent if _is_device(mode) else 0
+        entry = InodeEntry(ino, mode, size, mtime, file_id, root, InodeFlags(flags), meta,
+                           target, uid, gid, rdev, xattrs)
+        return InodeRecord(entry, nlink, parent, extent, count, hcount)
+
+    def parent_of(self, ino: int) -> int:
+        """Only the parent field (checking a directory's children needs no more)."""
+        return struct.unpack_from("<Q", self.view,
+                                  self.r["inodes"].offset + (ino - 1) * INODE_SIZE + 40)[0]
+
+    def mode_of(self, ino: int) -> int:
+        return struct.unpack_from("<I", self.view,
+                                  self.r["inodes"].offset + (ino - 1) * INODE_SIZE)[0]
+
+    def _heap(self, ino: int, off: int, length: int, meta_len: int, mode: int, count: int,
+              xcount: int) -> tuple[bytes, bytes, Xattrs]:
+        target_len = count if _is_symlink(mode) else 0
+        heap = self.r["heap"]
+        if off + length > heap.length or meta_len > MAX_METADATA or target_len > MAX_SYMLINK:
+            raise damage(f"inode {ino}: heap bytes out of range")
+        if not length:
+            if meta_len or target_len or xcount:
+                raise damage(f"inode {ino}: heap bytes out of range")
+            return b"", b"", ()
+        blob = bytes(self.view[heap.offset + off:heap.offset + off + length])
+        meta, target = blob[:meta_len], blob[meta_len:meta_len + target_len]
+        if meta_len + target_len > length:
+            raise damage(f"inode {ino}: heap bytes out of range")
+        xattrs = _decode_xattrs(ino, blob, meta_len + target_len, xcount)
+        return meta, target, xattrs
+
+    # --- directories ------------------------------------------------------------
+
+    def _dirent(self, base: int, i: int) -> tuple[int, int, int]:
+        return _DIRENT.unpack_from(self.view, base + i * DIRENT_SIZE)
+
+    def dir_base(self, ino: int, extent: int, count: int) -> int:
+        """Where a directory's block starts; its table must fit the region."""
+        names = self.r["names"]
+        if extent % ALIGN or extent + count * DIRENT_SIZE > names.length:
+            raise damage(f"directory {ino}: its names lie outside the index")
+        return names.offset + extent
+
+    def name_at(self, ino: int, base: int, i: int, count: int) -> tuple[bytes, int]:
+        off, length, child = self._dirent(base, i)
+        start = base + off
+        if off < count * DIRENT_SIZE or start + length > self.r["names"].end:
+            raise damage(f"directory {ino}: a name lies outside the index")
+        return bytes(self.view[start:start + length]), child
+
+    def find(self, ino: int, base: int, count: int, name: bytes) -> int | None:
+        """Binary search of a (checked, sorted) name block."""
+        lo, hi = 0, count
+        while lo < hi:
+            mid = (lo + hi) // 2
+            got, child = self.name_at(ino, base, mid, count)
+            if got == name:
+                return child
+            if got < name:
+                lo = mid + 1
+            else:
+                hi = mid
+        return None
+
+    def names(self, ino: int, base: int, count: int) -> Iterator[tuple[bytes, int]]:
+        for i in range(count):
+            yield self.name_at(ino, base, i, count)
+
+    # --- block maps ---------------------------------------------------------------
+
+    def map_columns(self, ino: int, extent: int, count: int,
+                    hash_count: int) -> tuple[tuple[array, array, array], ...]:
+        """(offsets, infos, crcs) for the data blocks, then for the hash blocks."""
+        maps = self.r["maps"]
+        size = map_size(count) + map_size(hash_count)
+        if extent % ALIGN or extent + size > maps.length:
+            raise damage(f"file {ino}: its block map lies outside the index")
+        at = maps.offset + extent
+        data = _columns(self.view, at, count)
+        hashes = _columns(self.view, at + map_size(count), hash_count)
+        return data, hashes
+
+
+def _columns(view, at: int, n: int) -> tuple[array, array, array]:
+    offsets = array("Q", view[at:at + 8 * n])
+    infos = array("H", view[at + 8 * n:at + 10 * n])
+    crcs = array("I", view[at + 10 * n:at + 14 * n])
+    return offsets, infos, crcs
+
+
+def map_size(blocks: int) -> int:
+    return _aligned(14 * blocks)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _is_device(mode: int) -> bool:
+    return (mode & 0o170000) in (0o020000, 0o060000)
+
+
+def _is_symlink(mode: int) -> bool:
+    return (mode & 0o170000) == 0o120000
+
+
+def _decode_xattrs(ino: int, blob: bytes, pos: int, count: int) -> Xattrs:
+    pairs = []
+    for _ in range(count):
+        if pos + _XATTR.size > len(blob):
+            raise damage(f"inode {ino}: extended attributes run past their heap bytes")
+        nlen, vlen = _XATTR.unpack_from(blob, pos)
+        pos += _XATTR.size
+        if pos + nlen + vlen > len(blob):
+            raise damage(f"inode {ino}: extended attributes run past their heap bytes")
+        pairs.append((blob[pos:pos + nlen], blob[pos + nlen:pos + nlen + vlen]))
+        pos += nlen + vlen
+    if pos != len(blob):
+        raise damage(f"inode {ino}: heap bytes left over after its attributes")
+    return tuple(pairs)
+
+
+# --- writing -----------------------------------------------------------------
+
+def heap_blob(e: InodeEntry) -> bytes:
+    parts = [e.metadata, e.target]
+    for name, value in e.xattrs:
+        parts.append(_XATTR.pack(len(name), len(value)) + name + value)
+    return b"".join(parts)
+
+
+def encode_inode(e: InodeEntry, nlink: int, parent: int, extent: int, count: int,
+                 hash_count: int, heap: int, heap_len: int) -> bytes:
+    if _is_device(e.mode):
+        extent = e.rdev
+    return _INODE.pack(e.mode, int(e.flags), len(e.xattrs), e.size, e.mtime_ns, e.uid, e.gid,
+                       nlink, len(e.metadata), 0, parent, extent, count, hash_count, heap,
+                       heap_len, 0, e.file_id, e.root_hash)
+
+
+def encode_names(children: list[tuple[bytes, int]]) -> bytes:
+    """A name block: the table of (offset, length, child), then the names;
+    `children` must be sorted by name."""
+    table, names = [], []
+    pos = len(children) * DIRENT_SIZE
+    for name, child in children:
+        if len(name) > MAX_NAME:
+            raise ValueError("name longer than 255 bytes")
+        table.append(_DIRENT.pack(pos, len(name), child))
+        names.append(name)
+        pos += len(name)
+    blob = b"".join(table) + b"".join(names)
+    return blob + bytes(_aligned(len(blob)) - len(blob))
+
+
+def encode_map(offsets: list[int], infos: list[int], crcs: list[int]) -> bytes:
+    blob = (array("Q", offsets).tobytes() + array("H", infos).tobytes()
+            + array("I", crcs).tobytes())
+    return blob + bytes(_aligned(len(blob)) - len(blob))
+
+
+class RegionWriter:
+    """Writes one region sequentially into a spool file (from offset 0),
+    keeping its length and CRC as it goes: the index is never whole in
+    memory, and it is copied into the image once its place is known."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.length, self.crc = f, 0, 0
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+
+    def write(self, blob: bytes) -> int:
+        """Append `blob`; returns its offset inside the region."""
+        at = self.length
+        self.buffer.append(blob)
+        self.buffered += len(blob)
+        self.length += len(blob)
+        if self.buffered >= 1 << 20:
+            self.flush()
+        return at
+
+    def flush(self) -> None:
+        if self.buffer:
+            blob = b"".join(self.buffer)
+            self.f.seek(self.length - len(blob))
+            self.f.write(blob)
+            self.crc = zlib.crc32(blob, self.crc)
+            self.buffer, self.buffered = [], 0
+
+    def region(self, offset: int) -> Region:
+        """The region as it will be once copied to `offset` in the image."""
+        self.flush()
+        self.f.flush()
+        return Region(offset, self.length, self.crc)

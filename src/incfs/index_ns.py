@@ -1,0 +1,354 @@
+"""A namespace served from an image's index, with the log's later records
+layered over it (the overlay).
+
+Inodes are built from their index records when first asked for and kept in a
+weak cache plus a short list of recent ones, so memory follows what is in use,
+not the number of files. An inode that changes (a name added under it, a block
+filled, a record from the log) is pinned: kept for good, because the index no
+longer describes it. The rules of `Namespace` (checks, links, walking) apply
+unchanged: this class only changes where the inodes come from.
+
+Checks happen on first access (a directory's names once, each inode's record
+every time it is built): an inconsistency raises IndexDamage, an EIO for the
+access that met it.
+"""
+
+from __future__ import annotations
+
+import stat
+import weakref
+from collections import OrderedDict
+from typing import Callable, Iterator
+
+from .blockmap import ABSENT, BlockMap, loaded_map
+from .format.index import FLAG_POSIX, IndexReader, InodeRecord, damage
+from .format.layout import LOG_START
+from .format.records import BlockKind
+from .integrity.merkle import TreeGeometry, block_count
+from .namespace import Inode, Namespace, check_name
+
+RECENT = 4096  # inodes kept strongly besides those in use and the pinned
+
+
+class IndexChildren:
+    """A directory's names: its sorted index block, with names added or
+    removed later on top. Behaves as the dict a log-built directory has."""
+
+    __slots__ = ("reader", "ino", "base", "count", "added", "removed")
+
+    def __init__(self, reader: IndexReader, ino: int, base: int, count: int):
+        self.reader, self.ino, self.base, self.count = reader, ino, base, count
+        self.added: dict[bytes, int] = {}
+        self.removed: set[bytes] = set()
+
+    def _base_get(self, name: bytes) -> int | None:
+        if name in self.removed:
+            return None
+        return self.reader.find(self.ino, self.base, self.count, name)
+
+    def get(self, name: bytes, default: int | None = None) -> int | None:
+        child = self.added.get(name)
+        if child is None:
+            child = self._base_get(name)
+        return default if child is None else child
+
+    def __contains__(self, name: bytes) -> bool:
+        return self.get(name) is not None
+
+    def __getitem__(self, name: bytes) -> int:
+        child = self.get(name)
+        if child is None:
+            raise KeyError(name)
+        return child
+
+    def __setitem__(self, name: bytes, child: int) -> None:
+        self.added[name] = child  # a removed index name stays in `removed`
+
+    def pop(self, name: bytes) -> int:
+        if name in self.added:
+            return self.added.pop(name)
+        child = self._base_get(name)
+        if child is None:
+            raise KeyError(name)
+        self.removed.add(name)
+        return child
+
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        for name, child in self.reader.names(self.ino, self.base, self.count):
+            if name not in self.removed:
+                yield name, child
+        yield from self.added.items()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (name for name, _ in self.items())
+
+    def keys(self) -> Iterator[bytes]:
+        return iter(self)
+
+    def values(self) -> Iterator[int]:
+        return (child for _, child in self.items())
+
+    def __len__(self) -> int:
+        return self.count - len(self.removed) + len(self.added)
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+
+class _Inodes:
+    """ino -> Inode, built on demand; the `inodes` of an IndexNamespace."""
+
+    def __init__(self, ns: "IndexNamespace"):
+        self.ns = ns
+        self.count = ns.reader.count
+        self.pinned: dict[int, Inode] = {}
+        self.live: weakref.WeakValueDictionary[int, Inode] = weakref.WeakValueDictionary()
+        self.recent: OrderedDict[int, Inode] = OrderedDict()
+
+    def get(self, ino: int, default: Inode | None = None) -> Inode | None:
+        node = self.pinned.get(ino) or self.live.get(ino)
+        if node is None:
+            if not 1 <= ino <= self.count:
+                return default
+            node = self.ns.build(ino)
+            self.live[ino] = node
+        self.recent[ino] = node
+        self.recent.move_to_end(ino)
+        if len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+        return node
+
+    def __getitem__(self, ino: int) -> Inode:
+        node = self.get(ino)
+        if node is None:
+            raise KeyError(ino)
+        return node
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self.pinned or 1 <= ino <= self.count
+
+    def __setitem__(self, ino: int, node: Inode) -> None:
+        self.pinned[ino] = node
+
+    def __len__(self) -> int:
+        return self.count + sum(1 for ino in self.pinned if ino > self.count)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(1, self.count + 1)
+        yield from sorted(ino for ino in self.pinned if ino > self.count)
+
+    def keys(self) -> Iterator[int]:
+        return iter(self)
+
+    def values(self) -> Iterator[Inode]:
+        return (self[ino] for ino in self)
+
+    def items(self) -> Iterator[tuple[int, Inode]]:
+        return ((ino, self[ino]) for ino in self)
+
+    def known(self) -> Iterator[Inode]:
+        """The inodes built so far (pinned or in use): no new ones built."""
+        seen = dict(self.live.items())
+        seen.update(self.pinned)
+        return iter(list(seen.values()))
+
+
+class IndexNamespace(Namespace):
+    """A Namespace whose inodes come from an index (see the module doc).
+    `local_maps`: the index's block maps describe this file's own blocks
+    (False for a cache, whose index maps say where blocks are in the source).
+    `limit()`: where the good log ends; blocks past it are absent."""
+
+    def __init__(self, reader: IndexReader, *, local_maps: bool, data_end: int,
+                 limit: Callable[[], int]):
+        super().__init__()
+        self.reader = reader
+        self.local_maps = local_maps
+        self.data_end = data_end
+        self.limit = limit
+        self.posix = bool(reader.header.flags & FLAG_POSIX)
+        self.next_ino = reader.count + 1
+        self.base_signed = False
+        self.changed = False  # inodes or names added or removed over the index
+        self._dirs_checked = bytearray((reader.count >> 3) + 1)
+        self.inodes = _Inodes(self)  # type: ignore[assignment]
+
+    # --- building inodes ------------------------------------------------------
+
+    def build(self, ino: int) -> Inode:
+        rec = self.reader.inode(ino)
+        try:
+            self.check_entry(rec.entry)
+        except OSError as e:
+            raise damage(f"inode {ino}: {e.strerror}") from None
+        node = Inode(rec.entry)
+        node.nlink = rec.nlink
+        node.signed = self.base_signed
+        if node.is_dir:
+            node.parent = rec.parent
+            node.children = self._children(ino, rec)
+        elif node.is_reg:
+            self._check_counts(node, rec)
+            if self.local_maps:
+                node.data, node.hashes = self._maps(node, rec, local=True)
+        elif rec.count and not node.is_symlink or rec.hash_count or rec.parent:
+            raise damage(f"inode {ino}: fields set that its type does not have")
+        return node
+
+    def _children(self, ino: int, rec: InodeRecord) -> IndexChildren:
+        base = self.reader.dir_base(ino, rec.extent, rec.count)
+        if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):
+            self._check_dir(ino, base, rec.count)
+            self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
+        return IndexChildren(self.reader, ino, base, rec.count)
+
+    def _check_dir(self, ino: int, base: int, count: int) -> None:
+        """Once per directory: names valid and strictly sorted (so the binary
+        search is right), children in range, and each child directory's
+        parent is this one (so no directory has two names and none is its
+        own ancestor)."""
+        previous = None
+        subdirs: set[int] = set()
+        for name, child in self.reader.names(ino, base, count):
+            try:
+                check_name(name)
+            except OSError:
+                raise damage(f"directory {ino} holds a bad name {name[:40]!r}") from None
+            if previous is not None and name <= previous:
+                raise damage(f"directory {ino}: names not sorted or not unique")
+            previous = name
+            if not 1 < child <= self.reader.count or child == ino:
+                raise damage(f"directory {ino}: {name[:40]!r} names inode {child}, "
+                             "out of range")
+            if stat.S_ISDIR(self.reader.mode_of(child)):
+                if self.reader.parent_of(child) != ino or child in subdirs:
+                    raise damage(f"directory {ino}: directory {child} has another parent")
+                subdirs.add(child)
+
+    @staticmethod
+    def _check_counts(node: Inode, rec: InodeRecord) -> None:
+        hashes = TreeGeometry(node.size).hash_blocks if node.has_tree else 0
+        if rec.count != block_count(node.size) or rec.hash_count != hashes:
+            raise damage(f"file {node.ino}: block map does not match its size")
+
+    def _maps(self, node: Inode, rec: InodeRecord,
+              local: bool) -> tuple[BlockMap, BlockMap | None]:
+        data, hashes = self.reader.map_columns(node.ino, rec.extent, rec.count,
+                                               rec.hash_count)
+        data_map = self._checked(node.ino, data, rec.count, local)
+        hash_map = self._checked(node.ino, hashes, rec.hash_count, local)
+        return data_map, hash_map if node.has_tree else None
+
+    def _checked(self, ino: int, columns, count: int, local: bool) -> BlockMap:
+        offsets, infos, crcs = columns
+        limit = self.limit() if local else 0
+        for i in range(count):
+            info = infos[i]
+            if info == ABSENT:
+                continue
+            if info & 0x2000 or info & 0x1FFF > 4096:
+                raise damage(f"file {ino}: block {i} has a stored size over 4096")
+            if not local or info >> 14 == BlockKind.ZERO:
+                continue
+            end = offsets[i] + (info & 0x1FFF)
+            if offsets[i] < LOG_START or end > self.data_end:
+                raise damage(f"file {ino}: block {i} points outside the image's data")
+            if end > limit:
+                infos[i] = ABSENT  # cut off (a torn image): the block is absent
+        return loaded_map(count, offsets, infos, crcs)
+
+    def source_maps(self, ino: int) -> tuple[BlockMap, BlockMap | None] | None:
+        """Where a cache's blocks are in its source (the index's maps)."""
+        if self.local_maps or not 1 <= ino <= self.reader.count:
+            return None
+        rec = self.reader.inode(ino)
+        node = self.get(ino)
+        if not node.is_reg:
+            return None
+        return self._maps(node, rec, local=False)
+
+    # --- live changes: pin what the index no longer describes ------------------
+
+    def pin(self, node: Inode) -> None:
+        self.inodes.pinned[node.ino] = node
+
+    def add_inode(self, e) -> Inode:
+        self.changed = True
+        return super().add_inode(e)
+
+    def link(self, child: int, parent: int, name: bytes) -> None:
+        self.pin(self.inodes[parent])
+        self.pin(self.inodes[child])
+        self.changed = True
+        super().link(child, parent, name)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self.pin(self.inodes[parent])
+        self.pin(self.lookup(parent, name))
+        self.changed = True
+        super().unlink(parent, name)
+
+    def mark_signed(self) -> None:
+        self.base_signed = True
+        for node in self.inodes.known():
+            node.signed = True
+
+    def totals(self) -> dict[str, int]:
+        """From the index header plus what changed: no inode is built for it.
+        A packed image has every block of its index present, a cache none."""
+        header = self.reader.header
+        files, total = header.files, header.total_blocks
+        present = total if self.local_maps else 0
+        for node in list(self.inodes.pinned.values()):
+            if node.data is None:
+                continue
+            count = node.data.count + (node.hashes.count if node.hashes else 0)
+            now = node.data.present + (node.hashes.present if node.hashes else 0)
+            if node.ino > self.reader.count:
+                files, total = files + 1, total + count
+                present += now
+            else:
+                present += now - (count if self.local_maps else 0)
+        return {"files": files, "inodes": len(self), "blocks_total": total,
+                "blocks_present": present}
+
+
+class IndexSourceMaps:
+    """`Image.source_maps` of an indexed cache: the source's block maps,
+    read from the index on demand (never changed, so never kept long)."""
+
+    def __init__(self, ns: IndexNamespace):
+        self.ns = ns
+        self.recent: OrderedDict[int, tuple[BlockMap, BlockMap | None]] = OrderedDict()
+
+    def get(self, ino: int, default=None):
+        maps = self.recent.get(ino)
+        if maps is None:
+            maps = self.ns.source_maps(ino)
+            if maps is None:
+                return default
+            self.recent[ino] = maps
+            if len(self.recent) > 256:
+                self.recent.popitem(last=False)
+        return maps
+
+    def __getitem__(self, ino: int):
+        maps = self.get(ino)
+        if maps is None:
+            raise KeyError(ino)
+        return maps
+
+    def __contains__(self, ino: int) -> bool:
+        return self.get(ino) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        reader = self.ns.reader
+        return (ino for ino in range(1, reader.count + 1)
+                if stat.S_ISREG(reader.mode_of(ino)))
+
+    def items(self):
+        return ((ino, self[ino]) for ino in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
