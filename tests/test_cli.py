@@ -99,7 +99,7 @@ def test_inspect_human(cli_image, keys):
     proc = run_incfs("inspect", image)
     assert proc.returncode == 0 and proc.stderr == ""
     out = proc.stdout
-    for needle in ("Format", "incfs 1.0", "packed", "UUID", "Contents", "20 files",
+    for needle in ("Format", "incfs 1.2", "packed", "UUID", "Contents", "20 files",
                    "Blocks", "complete", "Stored", "lz4", "zero", "Signature", "ed25519",
                    "Recovery", "clean", "Tree (", "/names/\\xff\\xfe-not-utf8",
                    "/links/sym-rel -> ../one", "with space [and] {brackets}"):
@@ -116,7 +116,7 @@ def test_inspect_json(cli_image, small_tree):
     entries = source_entries(small_tree)
     kinds = [stat.S_IFMT(s.st_mode) for s in entries.values()]
     regular = {(s.st_dev, s.st_ino) for s in entries.values() if stat.S_ISREG(s.st_mode)}
-    assert info["format_version"] == "1.0"
+    assert info["format_version"] == "1.2"
     assert info["superblock"]["flag_names"] == ["packed"]
     assert info["superblock"]["packed_size"] == info["file_size"] == image.stat().st_size
     assert info["counts"]["files"] == len(regular)

@@ -77,10 +77,13 @@ def _assert_same(mnt: Path, src: Path) -> None:
 
 # --- pure parts ---------------------------------------------------------------------------
 
-def test_cache_metadata_retypes_block_maps(tmp_path):
+@pytest.mark.parametrize("index", [True, False], ids=["index", "log"])
+def test_cache_metadata_retypes_block_maps(tmp_path, index):
+    """A log image's BLOCKS become SOURCE_BLOCKS; an indexed image's INDEX
+    travels as it is (its maps then say where blocks are in the source)."""
     src = _random_tree(tmp_path / "src", big=MiB)
     image = tmp_path / "img"
-    pack(src, image, compress="zstd")
+    pack(src, image, compress="zstd", index=index)
 
     async def fetch():
         async with open_source(str(image)) as source:
@@ -90,8 +93,11 @@ def test_cache_metadata_retypes_block_maps(tmp_path):
     cached = cache_metadata(meta, sb)
     types = []
     scan_log(io.BytesIO(cached), len(cached), lambda off, h, body: types.append(h.type))
-    assert RecordType.BLOCKS not in types and RecordType.SOURCE_BLOCKS in types
-    assert types.count(RecordType.SOURCE_BLOCKS) == _types(meta).count(RecordType.BLOCKS)
+    if index:
+        assert types == [RecordType.INDEX] == _types(meta)
+    else:
+        assert RecordType.BLOCKS not in types and RecordType.SOURCE_BLOCKS in types
+        assert types.count(RecordType.SOURCE_BLOCKS) == _types(meta).count(RecordType.BLOCKS)
 
     cache = write_cache(tmp_path / "cache.img", sb, meta)
     try:
@@ -119,7 +125,8 @@ def _types(meta: bytes) -> list[int]:
 
 
 def test_retype_record_keeps_links_and_fixes_crc(tmp_path):
-    pack(_random_tree(tmp_path / "src", big=64 * 1024), tmp_path / "img", compress="none")
+    pack(_random_tree(tmp_path / "src", big=64 * 1024), tmp_path / "img", compress="none",
+         index=False)  # BLOCKS records: the log layout
     raw = (tmp_path / "img").read_bytes()
     from incfs.format.layout import RECORD_HEADER_SIZE, RecordHeader, Superblock
     sb = Superblock.decode(raw)

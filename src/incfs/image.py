@@ -87,6 +87,7 @@ class Image(VerifiedReads):
         self.index: IndexReader | None = None  # the INDEX record's regions, mapped
         self._index_map: mmap.mmap | None = None
         self._index_root: bytes | None = None
+        self._index_body = b""
         self.scan: ScanResult | None = None
         self._block_limit: int | None = None  # blocks must end by here to count
         self.blocks_beyond_log = 0  # mapped blocks whose bytes are not in the good log
@@ -244,6 +245,7 @@ class Image(VerifiedReads):
         if len(self.ns) or self.index is not None:
             raise CorruptImage("an index record must be the first record of the log")
         head = IndexHeader.decode(body)
+        self._index_body = body  # hashed as stored into the index root
         start = offset + _aligned(RECORD_HEADER_SIZE + header.body_len)
         end = offset + header.length
         head.check_layout(start, end)
@@ -379,7 +381,8 @@ class Image(VerifiedReads):
         """SHA-256 over the index header and every byte of its regions."""
         if self._index_root is None:
             head = self.index.header
-            h = hashlib.sha256(b"incfs index root v1\0" + self.superblock.uuid + head.encode())
+            h = hashlib.sha256(b"incfs index root v1\0" + self.superblock.uuid
+                               + self._index_body)
             first = head.regions["inodes"].offset
             last = head.regions["heap"].end
             for at in range(first, last, 1 << 24):
