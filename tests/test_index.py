@@ -1,0 +1,200 @@
+"""The compact metadata index (format 1.2): what pack writes, what a reader
+serves from it, the log layered over it, signatures over it, and caches made
+from it. Hostile indexes are in test_hostile_images.py."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from incfs import ROOT_INO
+from incfs.errors import CorruptImage, IntegrityError
+from incfs.format.layout import RecordType
+from incfs.image import FillBlock, Image
+from incfs.index_ns import IndexNamespace
+from incfs.integrity import signing
+from incfs.pack import pack
+from incfs.testing.index_edit import fix_index, inode_at, regions
+from incfs.verify import verify_image
+
+from conftest import RawImage
+
+
+def _served(img: Image) -> list[tuple]:
+    """Everything a mount shows of the tree, file contents included."""
+    out = []
+    for path, n in img.ns.walk():
+        body = img.read_range(n, 0, n.size) if n.is_reg else b""
+        out.append((path, n.ino, n.mode, n.size, n.mtime_ns, n.uid, n.gid, n.rdev,
+                    n.nlink, n.parent, n.target, n.file_id, n.root_hash, n.metadata,
+                    dict(n.xattrs), body))
+    return out
+
+
+@pytest.mark.parametrize("tree", ["small_tree", "posix_tree"])
+def test_index_serves_what_the_log_serves(request, tree, tmp_path):
+    src = request.getfixturevalue(tree)
+    pack(src, tmp_path / "index.img")
+    pack(src, tmp_path / "log.img", index=False)
+    with Image.open(tmp_path / "index.img") as a, Image.open(tmp_path / "log.img") as b:
+        assert isinstance(a.ns, IndexNamespace) and not isinstance(b.ns, IndexNamespace)
+        served = _served(a)
+        ids = lambda rows: [r[:2] + r[2:11] + r[12:] for r in rows]  # noqa: E731  file ids aside
+        assert ids(served) == ids(_served(b))
+        assert a.ns.posix == b.ns.posix
+        assert a.totals() == b.totals()
+        assert len(a.ns) == len(b.ns) and a.ns.next_ino == b.ns.next_ino
+
+
+def test_layout_and_open_builds_no_inode(small_tree, tmp_path, keys):
+    image = tmp_path / "img"
+    pack(small_tree, image, sign_key=keys("ed25519")[0])
+    types = [RecordType(h.type) for _o, h in RawImage(image).records()]
+    assert types == [RecordType.INDEX, RecordType.SIGNATURE, RecordType.PAD, RecordType.DATA]
+    with Image.open(image) as img:
+        assert img.superblock.version_minor == 2
+        # the signature's root was checked against the index bytes: no inode built
+        assert not img.ns.inodes.pinned and not len(img.ns.inodes.live)
+        img.verify_signature(signing.load_public(keys("ed25519")[1]))
+        assert img.ns.lookup(ROOT_INO, b"text.txt").signed
+
+
+def test_index_bytes_are_canonical(small_tree, tmp_path):
+    pack(small_tree, tmp_path / "a.img")
+    pack(small_tree, tmp_path / "b.img")
+    a, b = (tmp_path / "a.img").read_bytes(), (tmp_path / "b.img").read_bytes()
+    ra, rb = regions(a), regions(b)
+    assert ra == rb
+    first, last = ra["inodes"][0], ra["heap"][0] + ra["heap"][1]
+    assert a[first:last] == b[first:last]
+
+
+def test_the_log_is_layered_over_the_index(small_tree, tmp_path, keys):
+    image = tmp_path / "img"
+    priv, pub = keys("ed25519")
+    pack(small_tree, image, sign_key=priv)
+    with Image.open(image, writable=True) as img:
+        before = img.canonical_root()
+        count = img.index.count
+        ino = img.create_node(ROOT_INO, b"new.txt", stat.S_IFREG | 0o444, size=5)
+        assert ino == count + 1
+        img.fill(ino, [FillBlock(0, b"fresh")])
+        hello = img.ns.lookup(ROOT_INO, b"text.txt").ino
+        links = img.ns.get(hello).nlink
+        img.link(hello, ROOT_INO, b"text-again.txt")
+        img.unlink(ROOT_INO, b"text.txt")
+        assert img.canonical_root() != before
+    with Image.open(image) as img:
+        ns = img.ns
+        assert isinstance(ns, IndexNamespace)
+        assert img.read_range(ns.lookup(ROOT_INO, b"new.txt"), 0, 5) == b"fresh"
+        assert ns.lookup(ROOT_INO, b"text-again.txt").ino == hello
+        assert b"text.txt" not in ns.get(ROOT_INO).children
+        names = [name for name, _ in ns.get(ROOT_INO).children.items()]
+        assert b"new.txt" in names and b"text.txt" not in names
+        assert len(ns) == count + 1 and ns.get(hello).nlink == links
+        assert img.totals()["files"] == img.index.header.files + 1
+        assert img.changed_since_signature()
+    assert verify_image(image, pub).exit_code == 1
+
+
+def test_fills_over_an_index_survive_reopening(tmp_path):
+    """A cache of an indexed image: the index says where blocks are in the
+    source; fills land in the cache's log and count as present."""
+    from incfs.loader import write_cache
+    from incfs.format.layout import Superblock
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(3 * 4096))
+    pack(src, tmp_path / "img", compress="none")
+    raw = (tmp_path / "img").read_bytes()
+    sb = Superblock.decode(raw[:4096])
+    cache = write_cache(tmp_path / "cache.img", sb, raw[:sb.meta_end])
+    try:
+        node = cache.ns.lookup(ROOT_INO, b"a.bin")
+        assert node.data.present == 0 and cache.source_maps[node.ino][0].present == 3
+        tree = [FillBlock(0, raw[o:o + 4096], tree=1)
+                for _i, o, _info, _c in cache.source_maps[node.ino][1].entries()]
+        offsets = [o for _i, o, _info, _c in cache.source_maps[node.ino][0].entries()]
+        result = cache.fill(node.ino, tree + [FillBlock(1, raw[offsets[1]:offsets[1] + 4096])])
+        assert result.stored == 2 and not result.errors
+        assert cache.totals()["blocks_present"] == 2
+    finally:
+        cache.close()
+    with Image.open(tmp_path / "cache.img") as again:
+        node = again.ns.lookup(ROOT_INO, b"a.bin")
+        assert node.data.present == 1 and again.totals()["blocks_present"] == 2
+        assert again.read_block(node, 1) == (src / "a.bin").read_bytes()[4096:8192]
+
+
+def test_a_damaged_index_is_refused_at_open(small_tree, tmp_path):
+    image = tmp_path / "img"
+    pack(small_tree, image)
+    data = bytearray(image.read_bytes())
+    data[inode_at(data, 2) + 16] ^= 1  # an mtime bit, CRC not fixed
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="index region inodes checksum mismatch"):
+        Image.open(image)
+
+
+def test_a_tampered_signed_index_fails_its_signature(small_tree, tmp_path, keys):
+    image = tmp_path / "img"
+    priv, pub = keys("ed25519")
+    pack(small_tree, image, sign_key=priv)
+    data = bytearray(image.read_bytes())
+    data[inode_at(data, 2) + 16] ^= 1  # an mtime bit, every CRC fixed
+    assert fix_index(data)
+    image.write_bytes(bytes(data))
+    with Image.open(image) as img:
+        with pytest.raises(IntegrityError, match="differ from what was signed"):
+            img.verify_signature(signing.load_public(pub))
+    assert verify_image(image, pub).exit_code == 1
+
+
+def test_an_index_after_other_records_is_refused(small_tree, tmp_path):
+    image = tmp_path / "img"
+    pack(small_tree, image)
+    with Image.open(image, writable=True) as img:
+        img.create_node(ROOT_INO, b"x", stat.S_IFREG | 0o444)
+        img._append(RecordType.INDEX, bytes(RawImage(image).body(4096)))
+    with pytest.raises(CorruptImage, match="must be the first record"):
+        Image.open(image)
+
+
+def test_old_log_images_still_open(small_tree, tmp_path):
+    pack(small_tree, tmp_path / "log.img", index=False)
+    with Image.open(tmp_path / "log.img") as img:
+        assert img.index is None and img.superblock.version_minor == 0
+        assert img.ns.lookup(ROOT_INO, b"text.txt").is_reg
+
+
+def test_many_inodes_in_little_memory(tmp_path):
+    """Building inodes on demand: walking 20,000 files keeps only the recent
+    ones (and those in use) in memory."""
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(1000):
+            (src / f"d{d}" / f"f{f}").write_bytes(b"x")
+    pack(src, tmp_path / "img")
+    with Image.open(tmp_path / "img") as img:
+        assert sum(1 for _ in img.ns.walk()) == 20021
+        assert len(img.ns.inodes.live) <= 4096 + 64
+        assert img.totals()["files"] == 20000
+
+
+def test_sizes_of_the_index(tmp_path):
+    """128 bytes per inode, 16 per name plus the name, 14 per block."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in range(10):
+        (src / f"f{f}").write_bytes(b"y" * 5000)
+    pack(src, tmp_path / "img")
+    found = regions((tmp_path / "img").read_bytes())
+    assert found["inodes"][1] == 11 * 128
+    assert found["names"][1] == 10 * 16 + 24  # 20 name bytes, 8-aligned
+    assert found["maps"][1] == 10 * (32 + 16)  # 2 data blocks, 1 hash block, 8-aligned
+    assert Path(tmp_path / "img").stat().st_size < 64 * 1024
