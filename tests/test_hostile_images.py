@@ -571,31 +571,38 @@ def exercise(path: Path) -> dict:
         out["dropped"] = img.scan.dropped_reason
         img.totals()
         img.canonical_root()
-        for _path, node in itertools.islice(img.ns.walk(), 5000):
-            if node.data is None:
-                continue
-            for bmap in (node.data, node.hashes):
-                for i, *_rest in itertools.islice(bmap.entries() if bmap else (), 256):
-                    try:
-                        if bmap is node.data:
-                            img.read_block(node, i)
-                        else:
-                            img.hash_block(node, i)
-                        out["reads"] += 1
-                    except MissingBlock:
-                        out["absent"] += 1
-                    except Exception as e:  # noqa: BLE001
-                        out["read_errors"].append(_clean(e))
-            for offset in (0, max(0, node.size - 5 * BLOCK_SIZE)):
+        try:
+            _read_all(img, out)
+        except OSError as e:  # an index is checked on access: that access fails
+            out["read_errors"].append(_clean(e))
+    return out
+
+
+def _read_all(img: Image, out: dict) -> None:
+    for _path, node in itertools.islice(img.ns.walk(), 5000):
+        if node.data is None:
+            continue
+        for bmap in (node.data, node.hashes):
+            for i, *_rest in itertools.islice(bmap.entries() if bmap else (), 256):
                 try:
-                    img.read_range(node, offset, 8 * BLOCK_SIZE)
+                    if bmap is node.data:
+                        img.read_block(node, i)
+                    else:
+                        img.hash_block(node, i)
+                    out["reads"] += 1
                 except MissingBlock:
-                    pass
+                    out["absent"] += 1
                 except Exception as e:  # noqa: BLE001
                     out["read_errors"].append(_clean(e))
-            img.missing_for_read(node, 0, 1 << 20)
-            node.data.ranges()
-    return out
+        for offset in (0, max(0, node.size - 5 * BLOCK_SIZE)):
+            try:
+                img.read_range(node, offset, 8 * BLOCK_SIZE)
+            except MissingBlock:
+                pass
+            except Exception as e:  # noqa: BLE001
+                out["read_errors"].append(_clean(e))
+        img.missing_for_read(node, 0, 1 << 20)
+        node.data.ranges()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -938,3 +945,262 @@ def test_verify_work_follows_blocks_stored_not_sizes_claimed(tmp_path, name):
     if name == "size_near_2_to_63":
         spans = sorted((p.first, p.last) for p in absent if p.tree == "data")
         assert spans == [(1, (1 << 32) - 2), (1 << 32, (1 << 51) - 1)]
+
+
+# --- hostile indexes (format 1.2) ---------------------------------------------------------------
+#
+# A real packed image, edited in its index with every CRC made right again
+# (incfs.testing.index_edit), so only the index's own checks can catch the
+# edit. "open": refused at open with a one-line CorruptImage; "access": the
+# image opens and the access that meets the damage fails with EIO
+# (IndexDamage) and a log line; "fine": harmless.
+#
+# The tree: 1 /, 2 /a, 3 /a/x, 4 /b, 5 /c (100 bytes), 6 /d (9000 bytes).
+
+INDEX_CASES: dict[str, tuple] = {}
+
+
+def index_case(stage: str, fixed: bool = True):
+    def register(fn):
+        INDEX_CASES[fn.__name__.removeprefix("x_")] = (fn, stage, fixed)
+        return fn
+    return register
+
+
+def _index_tree(root: Path) -> Path:
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x").write_bytes(b"0123456789")
+    (root / "b").mkdir()
+    (root / "c").write_bytes(bytes(range(100)))
+    (root / "d").write_bytes(os.urandom(9000))
+    return root
+
+
+def _rec(data: bytearray, ino: int) -> int:
+    from incfs.testing.index_edit import inode_at
+    return inode_at(data, ino)
+
+
+def _names(data: bytearray, ino: int) -> int:
+    """Where directory `ino`'s name block starts."""
+    from incfs.testing.index_edit import regions
+    extent = struct.unpack_from("<Q", data, _rec(data, ino) + 48)[0]
+    return regions(data)["names"][0] + extent
+
+
+def _maps(data: bytearray, ino: int) -> int:
+    from incfs.testing.index_edit import regions
+    extent = struct.unpack_from("<Q", data, _rec(data, ino) + 48)[0]
+    return regions(data)["maps"][0] + extent
+
+
+def _header(data: bytearray, offset: int, fmt: str, value: int) -> None:
+    struct.pack_into(fmt, data, LOG_START + RECORD_HEADER_SIZE + offset, value)
+
+
+@index_case("open")
+def x_unknown_incompatible_feature(d): _header(d, 16, "<I", 1 << 7)
+
+
+@index_case("fine")
+def x_unknown_compatible_feature(d): _header(d, 12, "<I", 1 << 3)
+
+
+@index_case("open", fixed=False)
+def x_region_crc_wrong(d): d[_names(d, 1)] ^= 1
+
+
+@index_case("open")
+def x_region_outside_the_record(d): _header(d, 52 + 2 * 24 + 8, "<Q", 1 << 40)
+
+
+@index_case("open")
+def x_regions_overlap(d): _header(d, 52 + 1 * 24, "<Q", LOG_START)
+
+
+@index_case("open")
+def x_inode_count_lies(d): _header(d, 20, "<Q", 7)
+
+
+@index_case("open")
+def x_inode_count_2_to_60(d): _header(d, 20, "<Q", 1 << 60)
+
+
+@index_case("open")
+def x_root_is_a_file(d): struct.pack_into("<I", d, _rec(d, 1), stat.S_IFREG | 0o644)
+
+
+@index_case("open")
+def x_header_version_unknown(d): _header(d, 8, "<H", 9)
+
+
+@index_case("access")
+def x_unsorted_names(d):
+    base = _names(d, 1)
+    first, second = bytes(d[base:base + 16]), bytes(d[base + 16:base + 32])
+    d[base:base + 16], d[base + 16:base + 32] = second, first
+
+
+@index_case("access")
+def x_duplicate_names(d):
+    base = _names(d, 1)
+    struct.pack_into("<I", d, base + 16, struct.unpack_from("<I", d, base)[0])
+
+
+@index_case("access")
+def x_empty_name(d): struct.pack_into("<B", d, _names(d, 1) + 4, 0)
+
+
+@index_case("access")
+def x_name_outside_the_index(d): struct.pack_into("<I", d, _names(d, 1), 0xFFFFFF00)
+
+
+@index_case("access")
+def x_name_inside_the_table(d): struct.pack_into("<I", d, _names(d, 1), 3)
+
+
+@index_case("access")
+def x_child_out_of_range(d): struct.pack_into("<Q", d, _names(d, 2) + 8, 10 ** 9)
+
+
+@index_case("access")
+def x_child_is_the_root(d): struct.pack_into("<Q", d, _names(d, 2) + 8, ROOT_INO)
+
+
+@index_case("access")
+def x_directory_into_itself(d): struct.pack_into("<Q", d, _names(d, 2) + 8, 2)
+
+
+@index_case("access")
+def x_directory_cycle(d):
+    # /a's parent says /b, and /b's name block names /a: a loop off the root
+    struct.pack_into("<Q", d, _rec(d, 2) + 40, 4)
+    struct.pack_into("<Q", d, _names(d, 1) + 8 + 16, 2)  # /b's entry now names /a
+
+
+@index_case("access")
+def x_directory_with_two_names(d):
+    struct.pack_into("<Q", d, _names(d, 1) + 8 + 16, 2)  # /b's name now names /a too
+
+
+@index_case("access")
+def x_gigantic_directory(d): struct.pack_into("<I", d, _rec(d, 1) + 56, 0xFFFFFFFF)
+
+
+@index_case("access")
+def x_gigantic_subdirectory(d): struct.pack_into("<I", d, _rec(d, 2) + 56, 0x0FFFFFFF)
+
+
+@index_case("access")
+def x_heap_out_of_range(d):
+    struct.pack_into("<QI", d, _rec(d, 5) + 64, 1 << 40, 5)
+
+
+@index_case("access")
+def x_metadata_longer_than_its_blob(d):
+    struct.pack_into("<H", d, _rec(d, 5) + 36, 400)
+
+
+@index_case("access")
+def x_block_count_lies(d): struct.pack_into("<I", d, _rec(d, 6) + 56, 1)
+
+
+@index_case("access")
+def x_block_map_outside_the_index(d): struct.pack_into("<Q", d, _rec(d, 6) + 48, 1 << 50)
+
+
+@index_case("access")
+def x_block_inside_the_superblock(d): struct.pack_into("<Q", d, _maps(d, 6), 8)
+
+
+@index_case("access")
+def x_block_past_the_payload(d): struct.pack_into("<Q", d, _maps(d, 6), 1 << 62)
+
+
+@index_case("access")
+def x_stored_size_over_4096(d):
+    struct.pack_into("<H", d, _maps(d, 6) + 3 * 8, 0x1FFF)
+
+
+@index_case("access")
+def x_reserved_inode_bits(d): struct.pack_into("<H", d, _rec(d, 5) + 38, 1)
+
+
+@index_case("access")
+def x_unknown_file_type(d): struct.pack_into("<I", d, _rec(d, 5), 0o170644)
+
+
+@index_case("access")
+def x_file_with_a_parent(d): struct.pack_into("<Q", d, _rec(d, 5) + 40, 1)
+
+
+@pytest.fixture(scope="module")
+def index_image(tmp_path_factory) -> bytes:
+    from incfs.pack import pack
+    base = tmp_path_factory.mktemp("hostile-index")
+    pack(_index_tree(base / "src"), base / "img", compress="none")
+    return (base / "img").read_bytes()
+
+
+def _index_build(tmp_path: Path, image: bytes, name: str) -> Path:
+    from incfs.testing.index_edit import fix_index
+    fn, _stage, fixed = INDEX_CASES[name]
+    data = bytearray(image)
+    fn(data)
+    if fixed:
+        assert fix_index(data)
+    path = tmp_path / f"{name}.img"
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(INDEX_CASES))
+def test_hostile_index_fails_cleanly(tmp_path, index_image, name, caplog):
+    path = _index_build(tmp_path, index_image, name)
+    stage = INDEX_CASES[name][1]
+    tracemalloc.start()
+    try:
+        out = exercise(path)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < MEMORY_BOUND, f"peak {peak / MiB:.1f} MiB"
+    if stage == "open":
+        assert out["open"] == "CorruptImage", out
+    elif stage == "access":
+        assert out["open"] is None, out
+        assert "IndexDamage" in out["read_errors"], out
+        assert "image index is damaged" in caplog.text
+    else:
+        assert out["open"] is None and not out["read_errors"], out
+
+
+def test_the_untouched_index_image_is_fine(tmp_path, index_image):
+    path = tmp_path / "fine.img"
+    path.write_bytes(index_image)
+    out = exercise(path)
+    assert out["open"] is None and not out["read_errors"] and out["reads"] >= 5, out
+
+
+@needs_fuse
+def test_mount_serves_a_damaged_index_as_eio_and_stays_up(tmp_path, index_image):
+    """A directory whose names fail their check: listing it is EIO, the rest
+    of the tree is served, and the daemon keeps answering."""
+    from incfs.control import Client
+    from incfs.mount import MountConfig, mount_background, umount
+    path = _index_build(tmp_path, index_image, "child_out_of_range")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_background(MountConfig(source=str(path), mountpoint=str(mnt), allow_unsigned=True))
+    try:
+        for _round in range(3):
+            with pytest.raises(OSError) as exc:
+                os.listdir(mnt / "a")
+            assert exc.value.errno == errno.EIO
+        assert sorted(os.listdir(mnt)) == [".incfs", "a", "b", "c", "d"] or \
+            sorted(os.listdir(mnt)) == ["a", "b", "c", "d"]
+        assert (mnt / "c").read_bytes() == bytes(range(100))
+        assert Client.connect(mnt).status()
+    finally:
+        umount(str(mnt))
+    assert not os.path.ismount(mnt)

@@ -252,6 +252,8 @@ class Image(VerifiedReads):
         self._index_map = mmap.mmap(self.fd, end, prot=mmap.PROT_READ)
         check_crcs(head, self._index_map)
         self.index = IndexReader(self._index_map, head)
+        if not stat.S_ISDIR(self.index.mode_of(ROOT_INO)):
+            raise CorruptImage("the index's root (inode 1) is not a directory")
         cache = bool(self.superblock.flags & SuperFlags.CACHE)
         data_end = self.superblock.data_end or self.scan_limit()
         self.ns = IndexNamespace(self.index, local_maps=not cache, data_end=data_end,

@@ -34,12 +34,22 @@ class IndexChildren:
     """A directory's names: its sorted index block, with names added or
     removed later on top. Behaves as the dict a log-built directory has."""
 
-    __slots__ = ("reader", "ino", "base", "count", "added", "removed")
+    __slots__ = ("ns", "reader", "ino", "extent", "count", "_base", "added", "removed")
 
-    def __init__(self, reader: IndexReader, ino: int, base: int, count: int):
-        self.reader, self.ino, self.base, self.count = reader, ino, base, count
+    def __init__(self, ns: "IndexNamespace", ino: int, extent: int, count: int):
+        self.ns, self.reader, self.ino = ns, ns.reader, ino
+        self.extent, self.count = extent, count
+        self._base = -1  # where the block starts, once it passed its check
         self.added: dict[bytes, int] = {}
         self.removed: set[bytes] = set()
+
+    @property
+    def base(self) -> int:
+        """The name block, checked on first use (not when the directory's
+        inode is built: a listing of its parent must not fail for it)."""
+        if self._base < 0:
+            self._base = self.ns.checked_dir(self.ino, self.extent, self.count)
+        return self._base
 
     def _base_get(self, name: bytes) -> int | None:
         if name in self.removed:
@@ -74,7 +84,8 @@ class IndexChildren:
         return child
 
     def items(self) -> Iterator[tuple[bytes, int]]:
-        for name, child in self.reader.names(self.ino, self.base, self.count):
+        base = self.base
+        for name, child in self.reader.names(self.ino, base, self.count):
             if name not in self.removed:
                 yield name, child
         yield from self.added.items()
@@ -89,6 +100,7 @@ class IndexChildren:
         return (child for _, child in self.items())
 
     def __len__(self) -> int:
+        self.base  # noqa: B018 - a count is only believed once its block passed
         return self.count - len(self.removed) + len(self.added)
 
     def __bool__(self) -> bool:
@@ -184,23 +196,26 @@ class IndexNamespace(Namespace):
         node = Inode(rec.entry)
         node.nlink = rec.nlink
         node.signed = self.base_signed
+        if not node.is_dir and rec.parent:
+            raise damage(f"inode {ino}: only directories have a parent")
         if node.is_dir:
             node.parent = rec.parent
-            node.children = self._children(ino, rec)
+            node.children = IndexChildren(self, ino, rec.extent, rec.count)
         elif node.is_reg:
             self._check_counts(node, rec)
             if self.local_maps:
                 node.data, node.hashes = self._maps(node, rec, local=True)
-        elif rec.count and not node.is_symlink or rec.hash_count or rec.parent:
+        elif rec.count and not node.is_symlink or rec.hash_count:
             raise damage(f"inode {ino}: fields set that its type does not have")
         return node
 
-    def _children(self, ino: int, rec: InodeRecord) -> IndexChildren:
-        base = self.reader.dir_base(ino, rec.extent, rec.count)
+    def checked_dir(self, ino: int, extent: int, count: int) -> int:
+        """Where directory `ino`'s name block starts, checked once."""
+        base = self.reader.dir_base(ino, extent, count)
         if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):
-            self._check_dir(ino, base, rec.count)
+            self._check_dir(ino, base, count)
             self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
-        return IndexChildren(self.reader, ino, base, rec.count)
+        return base
 
     def _check_dir(self, ino: int, base: int, count: int) -> None:
         """Once per directory: names valid and strictly sorted (so the binary
