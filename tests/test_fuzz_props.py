@@ -38,6 +38,7 @@ from incfs.format import records as R
 from incfs.format.layout import (LOG_START, RECORD_HEADER_SIZE, RecordHeader, RecordType,
                                  Superblock)
 from incfs.image import FillBlock, Image
+from incfs.testing.index_edit import fix_index, regions as index_regions
 from incfs.integrity import merkle, signing
 from incfs.pack import pack
 
@@ -222,8 +223,18 @@ def real_images(small_tree, keys, tmp_path_factory) -> dict[str, bytes]:
     base = tmp_path_factory.mktemp("fuzz-real")
     packed = base / "packed.img"
     pack(small_tree, packed, compress="zstd", sign_key=keys("ed25519")[0])
+    log = base / "log.img"
+    pack(small_tree, log, compress="zstd", sign_key=keys("ed25519")[0], index=False)
     live = _live_image(base / "live.img")
-    return _Images(packed=packed.read_bytes(), live=live.read_bytes())
+    grown = base / "grown.img"  # an index with a log layered over it
+    grown.write_bytes(packed.read_bytes())
+    with Image.open(grown, writable=True) as img:
+        ino = img.create_node(ROOT_INO, b"later", F, size=5)
+        img.fill(ino, [FillBlock(0, b"later")])
+        img.unlink(ROOT_INO, b"later")
+        img.link(ino, ROOT_INO, b"again")
+    return _Images(packed=packed.read_bytes(), log=log.read_bytes(), live=live.read_bytes(),
+                   grown=grown.read_bytes())
 
 
 def _records_of(data: bytes) -> list[tuple[int, RecordHeader]]:
@@ -241,8 +252,21 @@ def _records_of(data: bytes) -> list[tuple[int, RecordHeader]]:
 def mutated_images(draw, images: dict[str, bytes]) -> bytes:
     data = bytearray(images[draw(st.sampled_from(sorted(images)))])
     recs = [(o, h) for o, h in _records_of(bytes(data)) if h.body_len]
-    how = draw(st.sampled_from(["body", "body", "flip", "truncate", "append"]))
-    if how == "body" and recs:
+    how = draw(st.sampled_from(["body", "body", "flip", "truncate", "append", "index",
+                                "index"]))
+    found = index_regions(data)
+    if how == "index" and found:
+        # change bytes inside the index regions and fix every CRC: only the
+        # index's own checks stand between this and the namespace
+        start, end = found["inodes"][0], found["heap"][0] + found["heap"][1]
+        for pos, value in draw(st.lists(st.tuples(u32, u8), min_size=1, max_size=8)):
+            data[start + pos % (end - start)] = value
+        if draw(st.booleans()):  # and sometimes the header's fields
+            pos = draw(st.integers(LOG_START + RECORD_HEADER_SIZE + 8,
+                                   LOG_START + RECORD_HEADER_SIZE + 147))
+            data[pos] = draw(u8)
+        fix_index(data)
+    elif how == "body" and recs:
         # change a metadata record's body and fix its CRC: only the
         # semantic checks stand between this and the namespace
         offset, header = draw(st.sampled_from(recs))

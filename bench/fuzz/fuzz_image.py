@@ -16,6 +16,7 @@ import atheris
 
 from _common import SCRATCH, corpus_dir, exercise_image, live_image, run
 from incfs.format.layout import LOG_START, RECORD_HEADER_SIZE, RecordHeader, Superblock
+from incfs.testing.index_edit import fix_index
 
 COUNT = [0]
 
@@ -25,6 +26,7 @@ def fix_up(image: bytearray) -> None:
     size = struct.calcsize("<8sHHBBH16sQQQQI")
     if len(image) >= size and image[:8] == b"INCFSIMG":
         struct.pack_into("<I", image, size - 4, zlib.crc32(bytes(image[:size - 4])))
+    fix_index(image)  # an INDEX first record: its region and header CRCs too
     offset, prev = LOG_START, 0
     while offset + RECORD_HEADER_SIZE <= len(image):
         raw = bytes(image[offset:offset + RECORD_HEADER_SIZE])

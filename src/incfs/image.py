@@ -249,8 +249,8 @@ class Image(VerifiedReads):
         start = offset + _aligned(RECORD_HEADER_SIZE + header.body_len)
         end = offset + header.length
         head.check_layout(start, end)
+        check_crcs(head, self.fd)
         self._index_map = mmap.mmap(self.fd, end, prot=mmap.PROT_READ)
-        check_crcs(head, self._index_map)
         self.index = IndexReader(self._index_map, head)
         if not stat.S_ISDIR(self.index.mode_of(ROOT_INO)):
             raise CorruptImage("the index's root (inode 1) is not a directory")
@@ -387,8 +387,8 @@ class Image(VerifiedReads):
                                + self._index_body)
             first = head.regions["inodes"].offset
             last = head.regions["heap"].end
-            for at in range(first, last, 1 << 24):
-                h.update(self._index_map[at:min(last, at + (1 << 24))])
+            for at in range(first, last, 1 << 22):  # pread: see check_crcs
+                h.update(os.pread(self.fd, min(1 << 22, last - at), at))
             self._index_root = h.digest()
         return self._index_root
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def _link_counts(inodes: list[InodeEntry], links: list[tuple[int, int, bytes]]) 
 def _tree_counts(e: InodeEntry) -> tuple[int, int]:
     if not stat.S_ISREG(e.mode):
         return 0, 0
-    hashes = TreeGeometry(e.size).hash_blocks if e.flags & 1 else 0
+    if e.size <= 4096:  # one block or none: no hash blocks (the common case)
+        return (1 if e.size else 0), 0
+    hashes = TreeGeometry(e.size).hash_blocks if int(e.flags) & 1 else 0
     return block_count(e.size), hashes
 
 
@@ -138,6 +141,9 @@ def _write_maps(w: RegionWriter, inodes: list[InodeEntry], placed: dict,
         if not stat.S_ISREG(e.mode):
             continue
         for tree, n in enumerate(_tree_counts(e)):
+            if n == 1:  # most files: one block, 14 bytes (+2 of padding)
+                w.write(_one_block(placed.get((e.ino, tree, 0)), base))
+                continue
             offsets, infos, crcs = [], [], []
             for i in range(n):
                 where = placed.get((e.ino, tree, i))
@@ -150,6 +156,16 @@ def _write_maps(w: RegionWriter, inodes: list[InodeEntry], placed: dict,
                 infos.append(info)
                 crcs.append(crc)
             w.write(encode_map(offsets, infos, crcs))
+
+
+_ONE = struct.Struct("<QHIxx")
+
+
+def _one_block(where, base: dict[str, int]) -> bytes:
+    if where is None:
+        return _ONE.pack(0, ABSENT, 0)
+    spool, rel, info, crc = where
+    return _ONE.pack(0 if info >> 14 == BlockKind.ZERO else base[spool] + rel, info, crc)
 
 
 def _header(plan: IndexPlan, inodes: list[InodeEntry], spools: _Spools) -> IndexHeader:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
 import zlib
 from array import array
@@ -134,12 +135,21 @@ class IndexHeader:
             raise CorruptImage("index holds no root directory")
 
 
-def check_crcs(header: IndexHeader, view) -> None:
-    """Refuse the image when a region's bytes do not match their CRC."""
+def check_crcs(header: IndexHeader, fd: int) -> None:
+    """Refuse the image when a region's bytes do not match their CRC. Read
+    with pread, not through the mapping: the pages read stay out of the
+    daemon's resident set until a request needs them."""
     for name in REGIONS:
         r = header.regions[name]
-        if zlib.crc32(view[r.offset:r.end]) != r.crc:
+        if region_crc(fd, r.offset, r.length) != r.crc:
             raise CorruptImage(f"index region {name} checksum mismatch")
+
+
+def region_crc(fd: int, offset: int, length: int, chunk: int = 1 << 22) -> int:
+    crc = 0
+    for at in range(offset, offset + length, chunk):
+        crc = zlib.crc32(os.pread(fd, min(chunk, offset + length - at), at), crc)
+    return crc
 
 
 @dataclass(slots=True)

@@ -29,13 +29,18 @@ def exercise_image(path: Path, judge: Judge, *, public_key=None, files: int = 50
         img.canonical_root()
         if public_key is not None and img.signature is not None:
             _judged(judge, img.verify_signature, public_key)
-        for _path, node in itertools.islice(img.ns.walk(), files):
-            if node.data is not None:
-                _read_file(img, node, judge, blocks_per_file)
+        _judged(judge, _read_tree, img, judge, files, blocks_per_file)
     if verify:
         from incfs.verify import verify_image
         _judged(judge, verify_image, path)
     return "opened"
+
+
+def _read_tree(img: Image, judge: Judge, files: int, blocks_per_file: int) -> None:
+    """Walking can fail too: an index is checked as it is read."""
+    for _path, node in itertools.islice(img.ns.walk(), files):
+        if node.data is not None:
+            _read_file(img, node, judge, blocks_per_file)
 
 
 def _read_file(img: Image, node, judge: Judge, blocks_per_file: int) -> None:
