@@ -24,7 +24,7 @@ from .blockmap import ABSENT, BlockMap, loaded_map
 from .format.index import FLAG_POSIX, IndexReader, InodeRecord, damage
 from .format.layout import LOG_START
 from .format.records import BlockKind
-from .integrity.merkle import TreeGeometry, block_count
+from .integrity.merkle import block_count
 from .namespace import Inode, Namespace, check_name
 
 RECENT = 4096  # inodes kept strongly besides those in use and the pinned
@@ -193,7 +193,7 @@ class IndexNamespace(Namespace):
             self.check_entry(rec.entry)
         except OSError as e:
             raise damage(f"inode {ino}: {e.strerror}") from None
-        node = Inode(rec.entry)
+        node = Inode(rec.entry, maps=False)
         node.nlink = rec.nlink
         node.signed = self.base_signed
         if not node.is_dir and rec.parent:
@@ -205,6 +205,9 @@ class IndexNamespace(Namespace):
             self._check_counts(node, rec)
             if self.local_maps:
                 node.data, node.hashes = self._maps(node, rec, local=True)
+            else:  # a cache: its own blocks come from the log
+                node.data = BlockMap(rec.count)
+                node.hashes = BlockMap(rec.hash_count) if node.geometry is not None else None
         elif rec.count and not node.is_symlink or rec.hash_count:
             raise damage(f"inode {ino}: fields set that its type does not have")
         return node
@@ -242,7 +245,7 @@ class IndexNamespace(Namespace):
 
     @staticmethod
     def _check_counts(node: Inode, rec: InodeRecord) -> None:
-        hashes = TreeGeometry(node.size).hash_blocks if node.has_tree else 0
+        hashes = node.geometry.hash_blocks if node.geometry is not None else 0
         if rec.count != block_count(node.size) or rec.hash_count != hashes:
             raise damage(f"file {node.ino}: block map does not match its size")
 
@@ -251,10 +254,13 @@ class IndexNamespace(Namespace):
         data, hashes = self.reader.map_columns(node.ino, rec.extent, rec.count,
                                                rec.hash_count)
         data_map = self._checked(node.ino, data, rec.count, local)
-        hash_map = self._checked(node.ino, hashes, rec.hash_count, local)
-        return data_map, hash_map if node.has_tree else None
+        if node.geometry is None:
+            return data_map, None
+        return data_map, self._checked(node.ino, hashes, rec.hash_count, local)
 
     def _checked(self, ino: int, columns, count: int, local: bool) -> BlockMap:
+        if not count:
+            return BlockMap(0)
         offsets, infos, crcs = columns
         limit = self.limit() if local else 0
         for i in range(count):

@@ -22,6 +22,7 @@ from .integrity.merkle import TreeGeometry, block_count
 # One shared, read-only empty mapping: most inodes have no attributes, and a
 # dict each would cost 64 bytes per inode.
 NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+_HAS_TREE = int(InodeFlags.HAS_TREE)
 
 
 class Inode:
@@ -36,7 +37,8 @@ class Inode:
                  "data", "hashes", "geometry", "signed", "uid", "gid", "rdev", "xattrs",
                  "__weakref__")  # an index-backed namespace keeps inodes in a weak cache
 
-    def __init__(self, e: InodeEntry):
+    def __init__(self, e: InodeEntry, maps: bool = True):
+        """`maps`: give a file empty block maps (an index gives its own)."""
         self.ino = e.ino
         self.mode = e.mode
         self.uid = e.uid
@@ -53,15 +55,20 @@ class Inode:
         self.nlink = 0
         self.parent = 0  # directories only: their one parent (0 = unnamed)
         self.signed = False
-        self.children: dict[bytes, int] | None = {} if self.is_dir else None
+        self.children: dict[bytes, int] | None = None
         self.data: BlockMap | None = None
         self.hashes: BlockMap | None = None
         self.geometry: TreeGeometry | None = None
-        if self.is_reg:
-            self.data = BlockMap(block_count(self.size))
+        fmt = self.mode & 0o170000
+        if fmt == stat.S_IFDIR:
+            self.children = {}
+        elif fmt == stat.S_IFREG:
             if self.has_tree:
                 self.geometry = TreeGeometry(self.size)
-                self.hashes = BlockMap(self.geometry.hash_blocks)
+            if maps:
+                self.data = BlockMap(block_count(self.size))
+                if self.geometry is not None:
+                    self.hashes = BlockMap(self.geometry.hash_blocks)
 
     @property
     def is_dir(self) -> bool:
@@ -81,7 +88,7 @@ class Inode:
 
     @property
     def has_tree(self) -> bool:
-        return bool(self.flags & InodeFlags.HAS_TREE)
+        return bool(int(self.flags) & _HAS_TREE)  # int: no enum arithmetic
 
     @property
     def complete(self) -> bool:

@@ -56,6 +56,9 @@ assert _DIRENT.size == DIRENT_SIZE
 _XATTR = struct.Struct("<BI")
 
 
+_FLAGS = (InodeFlags(0), InodeFlags.HAS_TREE)  # made once: enum calls are slow
+
+
 class IndexDamage(OSError):
     """An inconsistency found in the index while serving: the access that
     met it fails with EIO (and a log line); the mount goes on."""
@@ -185,7 +188,7 @@ class IndexReader:
             raise damage(f"inode {ino} has reserved bits set")
         meta, target, xattrs = self._heap(ino, heap, heap_len, meta_len, mode, count, xcount)
         rdev = extent if _is_device(mode) else 0
-        entry = InodeEntry(ino, mode, size, mtime, file_id, root, InodeFlags(flags), meta,
+        entry = InodeEntry(ino, mode, size, mtime, file_id, root, _FLAGS[flags], meta,
                            target, uid, gid, rdev, xattrs)
         return InodeRecord(entry, nlink, parent, extent, count, hcount)
 
