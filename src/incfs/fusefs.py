@@ -75,6 +75,13 @@ class IncfsOperations(Operations):
             raise FuseError(errno.ENOENT)
         return node
 
+    def _stat(self, ino: int):
+        """The inode, or just what stat needs of it (no inode built)."""
+        node = self.ns.stat(ino)
+        if node is None:
+            raise FuseError(errno.ENOENT)
+        return node
+
     def _attr(self, node: Inode) -> Attr:
         if node.is_dir:
             nlink = node.nlink + (1 if node.parent else 2)
@@ -98,7 +105,7 @@ class IncfsOperations(Operations):
     def getattr(self, ino: int, ctx: Context) -> tuple[Attr, float]:
         if ino >= SPECIAL_BASE:
             return self._special_entry(ino).attr, 0.0
-        return self._attr(self._node(ino)), CACHE_TIMEOUT
+        return self._attr(self._stat(ino)), CACHE_TIMEOUT
 
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         if parent == ROOT_INO and name == CONTROL_DIR:
@@ -120,7 +127,7 @@ class IncfsOperations(Operations):
             # searches stat many names that are not there; a loader adding
             # the name invalidates it like any other
             return Entry(Attr(ino=0, mode=0), CACHE_TIMEOUT, 0.0)
-        return self._entry(self.ns.inodes[child])
+        return self._entry(self._stat(child))
 
     def readlink(self, ino: int, ctx: Context) -> bytes:
         node = self._node(ino)
@@ -170,7 +177,7 @@ class IncfsOperations(Operations):
             if child >= SPECIAL_BASE:
                 entry = self._special_entry(child)
             else:
-                node = self.ns.inodes.get(child)
+                node = self.ns.stat(child)
                 if node is None:
                     continue
                 entry = self._entry(node)

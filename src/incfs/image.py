@@ -251,6 +251,10 @@ class Image(VerifiedReads):
         head.check_layout(start, end)
         check_crcs(head, self.fd)
         self._index_map = mmap.mmap(self.fd, end, prot=mmap.PROT_READ)
+        # Start reading the index in the background: a walk of a cold index
+        # would otherwise wait on one page fault after another. The pages
+        # land in the page cache, not in our resident set.
+        self._index_map.madvise(mmap.MADV_WILLNEED)
         self.index = IndexReader(self._index_map, head)
         if not stat.S_ISDIR(self.index.mode_of(ROOT_INO)):
             raise CorruptImage("the index's root (inode 1) is not a directory")

@@ -165,6 +165,34 @@ class _Inodes:
         return iter(list(seen.values()))
 
 
+class IndexStat:
+    """The fields of an inode a stat answer uses, read straight from its
+    record (readdirplus of a big directory builds no inode). The full
+    record is checked when the inode itself is built (an open, a readlink)."""
+
+    __slots__ = ("ino", "mode", "size", "mtime_ns", "uid", "gid", "nlink", "parent", "rdev",
+                 "target")
+
+    def __init__(self, ino: int, fields: tuple):
+        (self.mode, self.size, self.mtime_ns, self.uid, self.gid, self.nlink, parent, extent,
+         count) = fields
+        self.ino, self.target = ino, b""
+        fmt = self.mode & 0o170000
+        self.parent = parent if fmt == stat.S_IFDIR else 0
+        self.rdev = extent if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        if fmt == stat.S_IFLNK:
+            self.size = count  # the target's length, which stat shows
+        elif fmt not in _TYPES:
+            raise damage(f"inode {ino}: unsupported file type {oct(self.mode)}")
+
+    @property
+    def is_dir(self) -> bool:
+        return self.mode & 0o170000 == stat.S_IFDIR
+
+
+_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+
+
 class IndexNamespace(Namespace):
     """A Namespace whose inodes come from an index (see the module doc).
     `local_maps`: the index's block maps describe this file's own blocks
@@ -184,6 +212,14 @@ class IndexNamespace(Namespace):
         self.changed = False  # inodes or names added or removed over the index
         self._dirs_checked = bytearray((reader.count >> 3) + 1)
         self.inodes = _Inodes(self)  # type: ignore[assignment]
+
+    def stat(self, ino: int):
+        node = self.inodes.pinned.get(ino) or self.inodes.live.get(ino)
+        if node is not None:
+            return node
+        if not 1 <= ino <= self.reader.count:
+            return None
+        return IndexStat(ino, self.reader.stat_fields(ino))
 
     # --- building inodes ------------------------------------------------------
 

@@ -135,6 +135,10 @@ class Namespace:
             raise os_error(errno.ENOENT, f"no inode {ino}")
         return node
 
+    def stat(self, ino: int) -> Inode | None:
+        """What a stat answer needs of `ino` (the inode itself here), or None."""
+        return self.inodes.get(ino)
+
     def directory(self, ino: int) -> Inode:
         node = self.get(ino)
         if not node.is_dir:
