@@ -138,6 +138,7 @@ class _Packer:
                 self.stats.hard_links += 1
             if parent is not None:
                 self.links.append((node.ino, parent.ino, name))
+        self.tree = Tree()  # the inodes and links hold it all now: let it go
         self._place_hot()
         self.placed = {(ino_of_file[f], tree, i): where
                        for (f, tree, i), where in self.placed.items() if f in ino_of_file}

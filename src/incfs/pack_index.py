@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from array import array
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,10 @@ def _dir_children(links: list[tuple[int, int, bytes]]) -> dict[int, list[tuple[b
     return children
 
 
-def _link_counts(inodes: list[InodeEntry], links: list[tuple[int, int, bytes]]) -> list[int]:
+def _link_counts(inodes: list[InodeEntry], links: list[tuple[int, int, bytes]]) -> array:
     """nlink as a log replay counts it: one per name, plus one per
     subdirectory for a directory (the mount adds the rest)."""
-    counts = [0] * (len(inodes) + 1)
+    counts = array("I", bytes(4 * (len(inodes) + 1)))
     for child, parent, _ in links:
         counts[child] += 1
         if stat.S_ISDIR(inodes[child - 1].mode):
@@ -104,25 +105,30 @@ def write_index(fd: int, app: LogAppender, inodes: list[InodeEntry],
 
 def _names_and_heap(spools: _Spools, inodes: list[InodeEntry],
                     links: list[tuple[int, int, bytes]]):
+    """Name blocks and heap blobs; returns per-inode (by ino - 1) arrays of
+    name-block offsets and counts, heap offsets and lengths (arrays: a
+    million inodes cost 8 bytes each, not a dict entry)."""
     children = _dir_children(links)
-    extents: dict[int, tuple[int, int]] = {}
-    heaps: dict[int, tuple[int, int]] = {}
-    for e in inodes:
+    n = len(inodes)
+    extents, counts = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
+    heaps, heap_lens = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
+    for i, e in enumerate(inodes):
         if stat.S_ISDIR(e.mode):
             names = children.pop(e.ino, [])
-            extents[e.ino] = (spools.w["names"].write(encode_names(names)), len(names))
-        blob = heap_blob(e)
-        if blob:
-            heaps[e.ino] = (spools.w["heap"].write(blob), len(blob))
-    return extents, heaps
+            extents[i] = spools.w["names"].write(encode_names(names))
+            counts[i] = len(names)
+        if e.metadata or e.target or e.xattrs:
+            blob = heap_blob(e)
+            heaps[i], heap_lens[i] = spools.w["heap"].write(blob), len(blob)
+    return (extents, counts), (heaps, heap_lens)
 
 
-def _map_extents(inodes: list[InodeEntry]) -> tuple[dict[int, int], int]:
-    extents, cursor = {}, 0
-    for e in inodes:
+def _map_extents(inodes: list[InodeEntry]) -> tuple[array, int]:
+    extents, cursor = array("Q", bytes(8 * len(inodes))), 0
+    for i, e in enumerate(inodes):
         if stat.S_ISREG(e.mode):
             data, hashes = _tree_counts(e)
-            extents[e.ino] = cursor
+            extents[i] = cursor
             cursor += map_size(data) + map_size(hashes)
     return extents, cursor
 
@@ -177,7 +183,9 @@ def _header(plan: IndexPlan, inodes: list[InodeEntry], spools: _Spools) -> Index
         at = regions[name].end
     files = total = 0
     posix = False
-    for e in inodes:
+    for i, e in enumerate(inodes):
+        if e.ino != i + 1:
+            raise ValueError("an index needs inodes numbered 1..N in order")
         data, hashes = _tree_counts(e)
         files += stat.S_ISREG(e.mode)
         total += data + hashes
@@ -192,19 +200,19 @@ def _emit(fd: int, app: LogAppender, plan: IndexPlan, header: IndexHeader,
     regions are copied in and the record header (with the final CRCs)
     written last."""
     nlinks = _link_counts(inodes, links)
-    parents = {child: parent for child, parent, _ in links
-               if stat.S_ISDIR(inodes[child - 1].mode)}
+    parents = array("Q", bytes(8 * (len(inodes) + 1)))
+    for child, parent, _ in links:
+        if stat.S_ISDIR(inodes[child - 1].mode):
+            parents[child] = parent  # a directory's one parent
     table = RegionWriter(_PositionalFile(fd, plan.start))
-    for e in inodes:
-        extent, count = extents.get(e.ino, (0, 0))
+    for i, e in enumerate(inodes):
+        extent, count, hashes = extents[0][i], extents[1][i], 0
         if stat.S_ISREG(e.mode):
-            extent, (count, hashes) = map_extents[e.ino], _tree_counts(e)
-        else:
-            hashes = 0
-            if stat.S_ISLNK(e.mode):
-                count = len(e.target)
-        heap, heap_len = heaps.get(e.ino, (0, 0))
-        parent = parents.get(e.ino, 0)  # a directory's one parent
+            extent, (count, hashes) = map_extents[i], _tree_counts(e)
+        elif stat.S_ISLNK(e.mode):
+            count = len(e.target)
+        heap, heap_len = heaps[0][i], heaps[1][i]
+        parent = parents[e.ino]
         table.write(encode_inode(e, nlinks[e.ino], parent, extent, count, hashes, heap,
                                  heap_len))
     regions = dict(header.regions, inodes=table.region(plan.start))
