@@ -198,3 +198,33 @@ def test_sizes_of_the_index(tmp_path):
     assert found["names"][1] == 10 * 16 + 24  # 20 name bytes, 8-aligned
     assert found["maps"][1] == 10 * (32 + 16)  # 2 data blocks, 1 hash block, 8-aligned
     assert Path(tmp_path / "img").stat().st_size < 64 * 1024
+
+
+def test_compaction_folds_the_log_into_a_fresh_index(small_tree, tmp_path, keys):
+    from incfs.compact import compact
+    image = tmp_path / "img"
+    pack(small_tree, image)
+    with Image.open(image, writable=True) as img:
+        ino = img.create_node(ROOT_INO, b"later.txt", stat.S_IFREG | 0o444, size=5,
+                              metadata=b"kept", xattrs={b"user.k": b"v"})
+        img.fill(ino, [FillBlock(0, b"later")])
+        img.unlink(ROOT_INO, b"text.txt")
+        # inode numbers change, and a file made without a tree gets one
+        before = [r[:1] + r[2:9] + r[10:12] + r[13:] for r in _served(img)]
+    priv, pub = keys("ed25519")
+    compact(image, sign_key=priv)
+    types = [RecordType(h.type) for _o, h in RawImage(image).records()]
+    assert types == [RecordType.INDEX, RecordType.SIGNATURE, RecordType.PAD, RecordType.DATA]
+    with Image.open(image) as img:
+        assert [r[:1] + r[2:9] + r[10:12] + r[13:] for r in _served(img)] == before
+        assert not img.changed_since_signature()
+    assert verify_image(image, pub).exit_code == 0
+
+
+def test_compaction_refuses_an_incomplete_image(tmp_path):
+    from incfs.compact import compact
+    from incfs.errors import UsageError
+    with Image.create(tmp_path / "img") as img:
+        img.create_node(ROOT_INO, b"f", stat.S_IFREG | 0o444, size=10)
+    with pytest.raises(UsageError, match="not complete"):
+        compact(tmp_path / "img")

@@ -149,9 +149,11 @@ class _Packer:
         why = xattr_problem(xattrs)
         if why:
             raise UsageError(f"{e.origin}: {why}")
-        file_id = hashlib.sha256(b"incfs file id" + path).digest()[:16] if path else bytes(16)
+        file_id = e.file_id
+        if file_id is None:
+            file_id = hashlib.sha256(b"incfs file id" + path).digest()[:16] if path else bytes(16)
         out = InodeEntry(node.ino, e.mode, 0, e.mtime_ns, file_id, uid=e.uid, gid=e.gid,
-                         xattrs=xattrs)
+                         xattrs=xattrs, metadata=e.metadata)
         self.stats.with_xattrs += bool(xattrs)
         fmt = stat.S_IFMT(e.mode)
         if fmt == stat.S_IFREG:
@@ -316,7 +318,9 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
     for tools and tests that want the older layout)."""
     target = Path(target)
     exclude: set[tuple[int, int]] = set()
-    source = open_input(src, stdin=stdin, exclude=exclude, max_entries=max_entries)
+    # an Input object itself (compaction hands in an image's tree)
+    source = src if hasattr(src, "entries") else open_input(src, stdin=stdin, exclude=exclude,
+                                                            max_entries=max_entries)
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists")
     if compress not in codec.COMPRESSIONS:

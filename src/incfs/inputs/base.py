@@ -48,6 +48,10 @@ class Entry:
     xattrs: dict[bytes, bytes] | None = None
     data: Callable[[], BinaryIO] | None = None  # regular files: opens the content
     origin: str = ""  # where it came from, for messages
+    # Kept from an image being compacted (other inputs leave them: pack then
+    # derives the file id from the path, and there is no user metadata).
+    metadata: bytes = b""
+    file_id: bytes | None = None
 
     @property
     def is_dir(self) -> bool:
