@@ -34,6 +34,11 @@ from .service import ReaderGone, ReadTimedOut, Service, TailAbsent
 log = logging.getLogger("incfs.fuse")
 
 LISTINGS_KEPT = 1024  # directory listings kept for readdir offsets (the kernel caches the rest)
+# ... and at most this many entries in them all: a walk of a million files in
+# 1000-entry directories must not keep a million names. An evicted listing is
+# made again in the same order (a directory's order only changes with its
+# names, and then `names_changed` drops it anyway).
+LISTING_ENTRIES_KEPT = 1 << 16
 SPARED_LIMIT = 4096  # remembered readahead windows answered early (per mount)
 CACHE_TIMEOUT = 3600.0  # names and attributes change only through a loader, which invalidates
 SPECIAL_BASE = 1 << 62
@@ -58,6 +63,7 @@ class IncfsOperations(Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
         self._dirs: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()  # dir ino -> listing
+        self._listed = 0  # entries in all of them
         # handles of successive daemons on one connection never collide
         self._next_fh = (service.restarts << 40) + 1
         self._spared: OrderedDict[tuple[int, int], None] = OrderedDict()  # (ino, offset) answered TailAbsent
@@ -161,14 +167,16 @@ class IncfsOperations(Operations):
                     raise FuseError(errno.ENOTDIR)
                 listing = list(node.children.items())
             self._dirs[ino] = listing
-            if len(self._dirs) > LISTINGS_KEPT:
-                self._dirs.popitem(last=False)
+            self._listed += len(listing)
+            while len(self._dirs) > 1 and (len(self._dirs) > LISTINGS_KEPT
+                                           or self._listed > LISTING_ENTRIES_KEPT):
+                self._listed -= len(self._dirs.popitem(last=False)[1])
         else:
             self._dirs.move_to_end(ino)
         return listing
 
     def names_changed(self, parent: int) -> None:
-        self._dirs.pop(parent, None)
+        self._listed -= len(self._dirs.pop(parent, ()))
 
     def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
         listing = self._listing(ino)
