@@ -132,6 +132,7 @@ class _Packer:
             if not node.ino:
                 node.ino = len(self.inodes) + 1
                 self.inodes.append(self._inode(path, node))
+                node.entry = None  # in the inode now; a walk needs only the names
                 if node.key is not None:
                     ino_of_file[node.key] = node.ino
             else:
