@@ -221,6 +221,18 @@ class IndexNamespace(Namespace):
             return None
         return IndexStat(ino, self.reader.stat_fields(ino))
 
+    def files_after(self, after: int, count: int) -> list[int]:
+        """Regular files in inode order from the records' modes alone."""
+        out, reader = [], self.reader
+        ino = max(after, 0) + 1
+        while ino <= reader.count and len(out) < count:
+            if stat.S_ISREG(reader.mode_of(ino)):
+                out.append(ino)
+            ino += 1
+        extra = sorted(i for i, n in self.inodes.pinned.items()
+                       if i > max(after, reader.count) and n.data is not None)
+        return (out + extra)[:count]
+
     # --- building inodes ------------------------------------------------------
 
     def build(self, ino: int) -> Inode:

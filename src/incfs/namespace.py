@@ -8,6 +8,7 @@ with two names, a cycle, a bad name.
 from __future__ import annotations
 
 import errno
+import heapq
 import stat
 from types import MappingProxyType
 from typing import Iterator, Mapping
@@ -237,6 +238,11 @@ class Namespace:
         if node.is_dir:
             node.parent = 0
             self.inodes[parent].nlink -= 1
+
+    def files_after(self, after: int, count: int) -> list[int]:
+        """The first `count` regular files with inode numbers above `after`."""
+        return heapq.nsmallest(count, (ino for ino, n in list(self.inodes.items())
+                                       if ino > after and n.data is not None))
 
     def pin(self, node: Inode) -> None:
         """Keep `node` as it is now (its maps or names are about to change);

@@ -5,7 +5,6 @@ error answer and closes only that connection, never the mount."""
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import os
 import socket
@@ -244,8 +243,7 @@ class ControlServer:
         else:
             after = _int(f.get("after_ino", 0))
             limit = max(1, min(_int(f.get("limit", 1024)), MAX_PRESENCE_FILES))
-            inos = heapq.nsmallest(limit + 1, (ino for ino, n in list(ns.inodes.items())
-                                               if ino > after and n.data is not None))
+            inos = ns.files_after(after, limit + 1)
             nodes = [ns.inodes[ino] for ino in inos[:limit]]
             later = len(inos) > limit  # files beyond this page
         # a big map takes a while to walk: not on the trio thread
