@@ -177,6 +177,15 @@ def test_superblock_payload_must_end_inside_the_packed_file():
     assert Superblock.decode(ok.encode()) == ok
 
 
+@pytest.mark.parametrize("meta_end, data_start", [(100, 8192), (5000, 8193)])
+def test_superblock_regions_must_be_in_place(meta_end, data_start):
+    """Metadata after the superblock, the payload on a 4 KiB boundary."""
+    bad = Superblock(uuid=bytes(16), flags=SuperFlags.PACKED, meta_end=meta_end,
+                     data_start=data_start, data_end=16384, packed_size=16384).encode()
+    with pytest.raises(CorruptImage, match="out of place"):
+        Superblock.decode(bad)
+
+
 @given(st.lists(dirent_entries, max_size=8))
 def test_dirents_round_trip(entries):
     assert records.decode_dirents(records.encode_dirents(entries)) == entries
