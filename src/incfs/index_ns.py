@@ -219,6 +219,7 @@ class IndexNamespace(Namespace):
             return node
         if not 1 <= ino <= self.reader.count:
             return None
+        self.reader.read_one()
         return IndexStat(ino, self.reader.stat_fields(ino))
 
     def files_after(self, after: int, count: int) -> list[int]:
@@ -236,6 +237,7 @@ class IndexNamespace(Namespace):
     # --- building inodes ------------------------------------------------------
 
     def build(self, ino: int) -> Inode:
+        self.reader.read_one()
         rec = self.reader.inode(ino)
         try:
             self.check_entry(rec.entry)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -31,6 +32,7 @@ log = logging.getLogger("incfs.index")
 MAGIC = b"INCFSIDX"
 VERSION = 1
 INODE_SIZE = 128
+TRIM_EVERY = 1 << 16  # inode reads between trims of the mapping
 DIRENT_SIZE = 16
 ALIGN = 8
 # Feature bits. A reader refuses an index with an incompatible bit it does
@@ -177,6 +179,18 @@ class IndexReader:
         self.header = header
         self.count = header.inode_count
         self.r = header.regions
+        self.reads = 0  # since the mapping was last trimmed
+
+    def read_one(self) -> None:
+        """Count a read; every TRIM_EVERY, drop the mapping's pages from our
+        resident set (they stay in the page cache: the next touch is a minor
+        fault), so a walk of a big index does not pin it all in the daemon."""
+        self.reads += 1
+        if self.reads >= TRIM_EVERY:
+            self.reads = 0
+            madvise = getattr(self.view, "madvise", None)
+            if madvise is not None:
+                madvise(mmap.MADV_DONTNEED)
 
     # --- inodes ---------------------------------------------------------------
 
