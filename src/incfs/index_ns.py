@@ -16,6 +16,7 @@ access that met it.
 from __future__ import annotations
 
 import stat
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Callable, Iterator
@@ -116,19 +117,23 @@ class _Inodes:
         self.pinned: dict[int, Inode] = {}
         self.live: weakref.WeakValueDictionary[int, Inode] = weakref.WeakValueDictionary()
         self.recent: OrderedDict[int, Inode] = OrderedDict()
+        # Reads run in several threads and fills in another: one inode must
+        # be one object (a fill into a twin would never reach its reader).
+        self.lock = threading.Lock()
 
     def get(self, ino: int, default: Inode | None = None) -> Inode | None:
-        node = self.pinned.get(ino) or self.live.get(ino)
-        if node is None:
-            if not 1 <= ino <= self.count:
-                return default
-            node = self.ns.build(ino)
-            self.live[ino] = node
-        self.recent[ino] = node
-        self.recent.move_to_end(ino)
-        if len(self.recent) > RECENT:
-            self.recent.popitem(last=False)
-        return node
+        with self.lock:
+            node = self.pinned.get(ino) or self.live.get(ino)
+            if node is None:
+                if not 1 <= ino <= self.count:
+                    return default
+                node = self.ns.build(ino)
+                self.live[ino] = node
+            self.recent[ino] = node
+            self.recent.move_to_end(ino)
+            if len(self.recent) > RECENT:
+                self.recent.popitem(last=False)
+            return node
 
     def __getitem__(self, ino: int) -> Inode:
         node = self.get(ino)
@@ -140,7 +145,8 @@ class _Inodes:
         return ino in self.pinned or 1 <= ino <= self.count
 
     def __setitem__(self, ino: int, node: Inode) -> None:
-        self.pinned[ino] = node
+        with self.lock:
+            self.pinned[ino] = node
 
     def __len__(self) -> int:
         return self.count + sum(1 for ino in self.pinned if ino > self.count)
@@ -341,7 +347,7 @@ class IndexNamespace(Namespace):
     # --- live changes: pin what the index no longer describes ------------------
 
     def pin(self, node: Inode) -> None:
-        self.inodes.pinned[node.ino] = node
+        self.inodes[node.ino] = node
 
     def add_inode(self, e) -> Inode:
         self.changed = True
@@ -391,16 +397,19 @@ class IndexSourceMaps:
     def __init__(self, ns: IndexNamespace):
         self.ns = ns
         self.recent: OrderedDict[int, tuple[BlockMap, BlockMap | None]] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, ino: int, default=None):
-        maps = self.recent.get(ino)
+        with self.lock:
+            maps = self.recent.get(ino)
         if maps is None:
             maps = self.ns.source_maps(ino)
             if maps is None:
                 return default
-            self.recent[ino] = maps
-            if len(self.recent) > 256:
-                self.recent.popitem(last=False)
+            with self.lock:
+                self.recent[ino] = maps
+                if len(self.recent) > 256:
+                    self.recent.popitem(last=False)
         return maps
 
     def __getitem__(self, ino: int):
