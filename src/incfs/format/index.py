@@ -32,7 +32,7 @@ log = logging.getLogger("incfs.index")
 MAGIC = b"INCFSIDX"
 VERSION = 1
 INODE_SIZE = 128
-TRIM_EVERY = 1 << 16  # inode reads between trims of the mapping
+TRIM_EVERY = 1 << 13  # inode reads between trims of the mapping (each can map 64 KiB)
 DIRENT_SIZE = 16
 ALIGN = 8
 # Feature bits. A reader refuses an index with an incompatible bit it does
