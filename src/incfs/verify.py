@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import CorruptImage, IntegrityError, UsageError
 from .format import layout
+from .format.index import IndexDamage
 from .format.layout import SuperFlags
 from .format.records import BlockKind, TreeKind, info_kind, info_size
 from .image import Image, MissingBlock
@@ -281,8 +282,11 @@ def verify_image(path: str | os.PathLike, public_key_path: str | os.PathLike | N
         return report
     with img:
         _check_log(img, report)
-        _check_signature(img, report, public_key, allow_unsigned)
-        _check_blocks(img, report, progress)
+        try:
+            _check_signature(img, report, public_key, allow_unsigned)
+            _check_blocks(img, report, progress)
+        except IndexDamage as e:  # an index is checked as it is read
+            report.add(Problem(INTEGRITY, str(e)))
     return report
 
 
