@@ -154,13 +154,14 @@ class _ErofsMount:
 
 def run(files: int, work: Path, tree_dir: Path | None) -> dict:
     result: dict = {"files": files, "dirs": max(1, files // 1000)}
-    tree = tree_dir or Path(tempfile.mkdtemp(prefix="incfs-meta-", dir="/dev/shm"))
-    shutil.rmtree(tree, ignore_errors=True)
+    if tree_dir is not None and tree_dir.exists():
+        raise Unavailable(f"{tree_dir} exists: give a new path (it is made and removed)")
+    tree = tree_dir or Path(tempfile.mkdtemp(prefix="incfs-meta-", dir="/dev/shm")) / "tree"
     result["create_seconds"] = make_tree(tree, files)
     try:
         result.update(build_all(tree, work))
     finally:
-        shutil.rmtree(tree, ignore_errors=True)
+        shutil.rmtree(tree if tree_dir else tree.parent, ignore_errors=True)
     mnt = work / "mnt"
     result["incfs"].update(walks(_IncfsMount(work / "incfs.img", mnt), mnt))
     ready = _IncfsMount(work / "incfs.img", mnt)
@@ -242,7 +243,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=None,
                     help="where the images go (a disk, not tmpfs: cold means from disk)")
     ap.add_argument("--tree", type=Path, default=None,
-                    help="where the tree is made (default: /dev/shm)")
+                    help="a new path where the tree is made and removed (default: under /dev/shm)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
     args = ap.parse_args()
     if os.geteuid() != 0:
