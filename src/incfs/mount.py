@@ -428,11 +428,11 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
     entry = kmount.mount_at(mountpoint)
     if entry is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    pid_file = runtime_dir(mountpoint) / "pid"
-    try:
-        pid = int(pid_file.read_text()) if entry.is_fuse else None
-    except (OSError, ValueError):
-        pid = None
+    rundir = runtime_dir(mountpoint)
+    pid = _read_pid(rundir / "pid") if entry.is_fuse else None
+    # the supervisor removes the runtime directory after its daemon is gone:
+    # umount returns once both have exited
+    supervisor = _read_pid(rundir / "supervisor.pid") if entry.is_fuse else None
     # after a hand-off the mount is a kernel EROFS one: plain umount
     command = ["fusermount3", "-u", mountpoint] if entry.is_fuse else ["umount", mountpoint]
     # a reference held only for an instant (a stat() in flight, such as the
@@ -455,6 +455,7 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
             aborted = _signal_daemon(pid, signal.SIGTERM)
         time.sleep(0.05)
     if not process_alive(pid):
+        _wait_exit(supervisor, started + timeout)
         return
     killed = _kill_stuck_daemon(pid)
     if killed:
@@ -464,6 +465,18 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
         f"{timeout:g} s later" + ("" if aborted else " (it could not be signalled)")
         + ("; it was killed (every acknowledged block was already on disk)" if killed
            else "; it could not be killed"))
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_exit(pid: int | None, deadline: float) -> None:
+    while pid and time.monotonic() < deadline and process_alive(pid) and runs_module(pid):
+        time.sleep(0.02)
 
 
 def _signal_daemon(pid: int, sig: int) -> bool:
