@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from functools import partial
 
 import trio
@@ -24,6 +25,10 @@ DEFAULT_HOST = "127.0.0.1"
 MAX_REQUEST = 8192  # bytes of request head; a GET from Prometheus is ~200
 DEADLINE = 5.0  # seconds to send the request and take the answer
 MAX_CONNECTIONS = 16
+# A status walks every inode (Image.totals) on the loop that serves FUSE: a
+# scrape within this many seconds of the last rendering gets the same text,
+# so a scrape storm costs the loop one status a second, not one per scrape
+RENDER_INTERVAL = 1.0
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -54,6 +59,14 @@ class MetricsServer:
     def __init__(self, service):
         self.service = service
         self.connections = 0
+        self._body = ""
+        self._rendered_at = -RENDER_INTERVAL
+
+    def body(self) -> str:
+        now = time.monotonic()
+        if now - self._rendered_at >= RENDER_INTERVAL:
+            self._body, self._rendered_at = render(self.service.status()), now
+        return self._body
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
         # serve_listeners rides out accept errors (EMFILE: it waits and retries)
@@ -92,7 +105,7 @@ class MetricsServer:
         elif path.split("?", 1)[0] != "/metrics":
             await stream.send_all(_response(404, "not found; try /metrics\n"))
         else:
-            body = render(self.service.status())
+            body = self.body()
             await stream.send_all(_response(200, body, CONTENT_TYPE, head_only=method == "HEAD"))
 
 
