@@ -68,6 +68,9 @@ class IncfsOperations(Operations):
         self.stored_owners = os.geteuid() == 0 if stored_owners is None else stored_owners
         self.ns = service.image.ns
         self.ids = FileIds(self.ns)
+        # whether the kernel has heard of .incfs/incomplete: until then no
+        # change there needs telling it (and no create pays a thread hop)
+        self._incomplete_known = False
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
@@ -108,6 +111,7 @@ class IncfsOperations(Operations):
             attr = Attr(ino=ino, mode=stat.S_IFLNK | 0o777, size=len(self._placeholder_target(ino)),
                         nlink=1, uid=self.uid, gid=self.gid)
         else:
+            self._incomplete_known |= ino == INCOMPLETE_DIR_INO
             is_dir = ino in SPECIAL_DIRS
             attr = Attr(ino=ino, mode=(stat.S_IFDIR | 0o555) if is_dir else (stat.S_IFREG | 0o444),
                         nlink=2 if is_dir else 1, uid=self.uid, gid=self.gid)
@@ -216,17 +220,19 @@ class IncfsOperations(Operations):
     def names_changed(self, parent: int) -> None:
         self._dirs.pop(parent, None)
 
-    def created(self, node: Inode) -> Callable[[], None]:
-        """A loader created `node`; returns what to tell the kernel (run it
-        in a worker thread: notifications may block)."""
+    def created(self, node: Inode) -> Callable[[], None] | None:
+        """A loader created `node`; returns what to tell the kernel, if
+        anything (run it in a worker thread: notifications may block)."""
         self.ids.add(node)
         if not node.is_reg or node.complete:
-            return _nothing
+            return None
         self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        if not self._incomplete_known:
+            return None
         session = self.service.fuse
         return lambda: session.invalidate_inode_now(INCOMPLETE_DIR_INO, 0, 0)
 
-    def file_completed(self, node: Inode) -> Callable[[], None]:
+    def file_completed(self, node: Inode) -> Callable[[], None] | None:
         """`node` just got its last block: its `.incfs/incomplete` entry goes.
         Returns the kernel's part (for a worker thread): FUSE_NOTIFY_DELETE
         drops the cached name and its placeholder inode, so a watcher of
@@ -234,6 +240,8 @@ class IncfsOperations(Operations):
         is invalidated with it. FUSE gives no IN_DELETE on the directory
         (the kernel sends that only for its own unlinks)."""
         self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        if not self._incomplete_known:
+            return None
         session = self.service.fuse
         name = node.file_id.hex().encode()
 
@@ -397,6 +405,3 @@ class IncfsOperations(Operations):
         return StatFs(blocks=totals["blocks_total"], files=totals["inodes"],
                       bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, namelen=255)
 
-
-def _nothing() -> None:
-    pass

@@ -145,8 +145,8 @@ class Service:
     async def _completed(self, node: Inode) -> None:
         """A file just got its last block: its `.incfs/incomplete` entry
         goes, and the kernel is told (see IncfsOperations.file_completed)."""
-        if self.fuse is not None:
-            forget = self.fuse.ops.file_completed(node)
+        forget = self.fuse.ops.file_completed(node) if self.fuse is not None else None
+        if forget is not None:
             await trio.to_thread.run_sync(forget)
 
     def note_read_error(self, node: Inode, block: int, code: int, why: str,
@@ -202,8 +202,9 @@ class Service:
     async def create(self, parent: int, name: bytes, mode: int, **kw) -> int:
         ino = await self.change(self.image.create_node, parent, name, mode, **kw)
         await self._names_changed(parent, name)
-        if self.fuse is not None:
-            await trio.to_thread.run_sync(self.fuse.ops.created(self.image.ns.inodes[ino]))
+        tell = self.fuse.ops.created(self.image.ns.inodes[ino]) if self.fuse is not None else None
+        if tell is not None:
+            await trio.to_thread.run_sync(tell)
         return ino
 
     async def _names_changed(self, parent: int, name: bytes) -> None:
