@@ -143,6 +143,7 @@ def run(args) -> dict:
                 (scraped if i % 2 else plain).append(rate)
                 scraper.on.clear()
             during_reads = scraper.count
+            after_reads = snapshot(pid)
             scraper.scrape_until(SCRAPES)
             after = snapshot(pid)
             scraper.scrape_until(SCRAPES + EXTRA)
@@ -165,7 +166,8 @@ def run(args) -> dict:
         "ratio": round(statistics.median(scraped) / statistics.median(plain), 3),
         "scrapes_during_reads": during_reads, "scrapes_total": scraper.count,
         "scrape_failures": scraper.failures,
-        "daemon_before_scrapes": before, f"daemon_after_{SCRAPES}": after,
+        "daemon_before_scrapes": before, "daemon_after_reads": after_reads,
+        f"daemon_after_{SCRAPES}": after,
         f"daemon_after_{SCRAPES + EXTRA}": after_extra,
         "bytes_fetched": status.get("bytes_fetched"), "blocks_written": status.get("blocks_written"),
     }
