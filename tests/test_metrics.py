@@ -20,7 +20,7 @@ from mounting import fork_child, mounts, wait_child, wait_until  # noqa: F401 - 
 
 INCFS = [sys.executable, "-m", "incfs.cli"]
 BLOCKS = 16
-SCRAPES = 1000
+SCRAPES = 300  # at the server's 100 connections a second (metrics_http.MAX_RATE)
 CONTENT = bytes(range(256)) * (BLOCKS * BLOCK_SIZE // 256)
 
 
