@@ -69,8 +69,10 @@ class IncfsOperations(Operations):
         self.ns = service.image.ns
         self.ids = FileIds(self.ns)
         # whether the kernel has heard of .incfs/incomplete: until then no
-        # change there needs telling it (and no create pays a thread hop)
-        self._incomplete_known = False
+        # change there needs telling it (and no create pays a thread hop).
+        # A daemon taking over a connection cannot know what an earlier one
+        # showed the kernel, so it assumes everything.
+        self._incomplete_known = service.restarts > 0
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
