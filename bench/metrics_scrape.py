@@ -5,16 +5,19 @@ neither the read's throughput (beyond noise) nor the daemon's memory.
 One image of FILES random files is served over loopback HTTP by
 `incfs serve` (its own process) and mounted lazily (built-in loader,
 prefetch none, --metrics-listen). Files are read whole, one after another,
-each for the first time (so every block is fetched): even-numbered files
-with nobody scraping, odd-numbered ones while a thread scrapes /metrics
-back to back. Interleaving the two puts the same drift (page cache,
-cache file growth) on both sides. When the reads are over and fewer than
-SCRAPES scrapes were made, scraping goes on alone up to SCRAPES, then
-EXTRA more: the daemon's RSS is sampled before the first scrape, after
-SCRAPES and after the EXTRA ones (a leak keeps growing; a warm-up does
-not), with its open descriptors.
+each for the first time (so every block is fetched): every
+(K+1)-th file with nobody scraping, the K others while a thread scrapes
+/metrics back to back (--with-per-without K, default 1: alternate).
+Interleaving puts the same drift (page cache, cache file growth, the
+machine's other load) on both sides; a permutation test says whether the
+difference of the medians is beyond noise. When the reads are over and
+fewer than SCRAPES scrapes were made, scraping goes on alone up to
+SCRAPES, then EXTRA more: the daemon's RSS is sampled before the first
+scrape, after the reads, after SCRAPES and after the EXTRA ones (a leak
+keeps growing; a warm-up does not), with its open descriptors.
 
-    sudo PYTHONPATH=src python bench/metrics_scrape.py [--files 12] [--size-mib 48] [--rate N]
+    sudo PYTHONPATH=src python bench/metrics_scrape.py [--files 12] [--size-mib 48]
+        [--with-per-without K] [--rate N]
 
 Prints a JSON summary (throughput ratio = with scrapes / without).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -51,7 +55,7 @@ def make_image(work: Path, files: int, size: int) -> Path:
     tree = work / "tree"
     tree.mkdir()
     for i in range(files):
-        with open(tree / f"f{i:02d}.bin", "wb") as f:
+        with open(tree / f"f{i:03d}.bin", "wb") as f:
             for _ in range(size // MiB):
                 f.write(os.urandom(MiB))
     image = work / "image.incfs"
@@ -97,6 +101,18 @@ class Scraper(threading.Thread):
             self.scrape_once()
 
 
+def p_value(plain: list[float], scraped: list[float], shuffles: int = 10_000) -> float:
+    """One-sided permutation test: how often a random split of all the
+    reads shows a median ratio as low as the one measured (small: the
+    scrapes slowed the reads; large: the difference is noise)."""
+    observed = statistics.median(scraped) / statistics.median(plain)
+    pool, n, rng, low = plain + scraped, len(plain), random.Random(13), 0
+    for _ in range(shuffles):
+        rng.shuffle(pool)
+        low += statistics.median(pool[n:]) / statistics.median(pool[:n]) <= observed
+    return low / shuffles
+
+
 def daemon_pid(mnt: Path) -> int:
     from incfs.mount import runtime_dir
     return int((runtime_dir(str(mnt)) / "pid").read_text())
@@ -135,12 +151,13 @@ def run(args) -> dict:
         try:
             pid = daemon_pid(mnt)
             plain, scraped = [], []
-            warm = timed_read(mnt / "f00.bin")  # warm-up: first fetches, thread pools
+            warm = timed_read(mnt / "f000.bin")  # warm-up: first fetches, thread pools
             before = snapshot(pid)
             for i in range(1, args.files):
-                (scraper.on.set if i % 2 else scraper.on.clear)()
-                rate = timed_read(mnt / f"f{i:02d}.bin")
-                (scraped if i % 2 else plain).append(rate)
+                with_scrapes = i % (args.with_per_without + 1) != 0
+                (scraper.on.set if with_scrapes else scraper.on.clear)()
+                rate = timed_read(mnt / f"f{i:03d}.bin")
+                (scraped if with_scrapes else plain).append(rate)
                 scraper.on.clear()
             during_reads = scraper.count
             after_reads = snapshot(pid)
@@ -164,6 +181,7 @@ def run(args) -> dict:
         "median_without": round(statistics.median(plain), 1),
         "median_with": round(statistics.median(scraped), 1),
         "ratio": round(statistics.median(scraped) / statistics.median(plain), 3),
+        "p_value": round(p_value(plain, scraped), 3),
         "scrapes_during_reads": during_reads, "scrapes_total": scraper.count,
         "scrape_failures": scraper.failures,
         "daemon_before_scrapes": before, "daemon_after_reads": after_reads,
@@ -177,6 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=12, help="files in the image (>= 3)")
     parser.add_argument("--size-mib", type=int, default=48, help="MiB per file")
+    parser.add_argument("--with-per-without", type=int, default=1,
+                        help="files read with scrapes for each one read without")
     parser.add_argument("--rate", type=float, default=None,
                         help="scrapes per second during the reads (default: back to back)")
     parser.add_argument("--work", default=None, help="directory for the image and cache")
