@@ -183,3 +183,17 @@ def test_blocks_written_counts_stored_blocks(mounts):
               for s in f.samples}
     assert values["incfs_blocks_written_total"] == 5
     assert json.loads((m / ".incfs" / "status").read_text())["blocks_written"] == 5
+
+
+def test_two_files_with_one_id_show_as_one(mounts):
+    m = mounts()
+    same = bytes(range(16))
+    with m.client() as c:
+        first = c.create_file(ROOT_INO, "first", size=10, file_id=same)
+        c.create_file(ROOT_INO, "second", size=10, file_id=same)
+        assert os.stat(m / ".incfs" / "index" / same.hex()).st_ino == first
+        assert os.listdir(m / ".incfs" / "incomplete") == [same.hex()]
+        c.fill_blocks(first, [(0, b"0123456789")])
+        # the one a lookup finds is complete: the id is not listed, though
+        # "second" is still loading (a loader should not reuse ids)
+        assert os.listdir(m / ".incfs" / "incomplete") == []

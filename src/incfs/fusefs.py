@@ -211,12 +211,13 @@ class IncfsOperations(Operations):
             return sorted(SPECIAL_NAMES.items())
         if ino == INDEX_DIR_INO:
             return []
-        listing, seen = [], set()
+        listing = []
         for child in sorted(self.ns.inodes):
             node = self.ns.inodes[child]
-            if node.is_reg and not node.complete and node.file_id not in seen:
-                seen.add(node.file_id)  # two files with one id: one name (FileIds picks the same)
-                listing.append((node.file_id.hex().encode(), PLACEHOLDER_BASE | child))
+            if node.is_reg and not node.complete:
+                name = node.file_id.hex().encode()
+                if self.ids.find(name) is node:  # two files with one id: the one a lookup finds
+                    listing.append((name, PLACEHOLDER_BASE | child))
         return listing
 
     def names_changed(self, parent: int) -> None:
