@@ -56,7 +56,28 @@ def format_status(s: dict) -> str:
     ]
     for name, count in sorted(s.get("source_errors", {}).items()):
         lines.append(f"source       {name}: {count} errors")
+    lines += _read_error_lines(s)
     return "\n".join(lines)
+
+
+def _read_error_lines(s: dict) -> list[str]:
+    """The last failed read and the per-uid read timeouts (when set)."""
+    out = []
+    e = s.get("last_read_error")
+    if e:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time_ns"] / 1e9))
+        out.append(f"last error   {e['error']} at {when}: inode {e['ino']} block {e['block']}"
+                   f" (uid {e['uid']}): {e['why']}")
+    timeouts = s.get("read_timeouts") or {}
+    if timeouts:
+        shown = ", ".join(f"uid {u}: {'forever' if t is None else f'{t:g} s'}"
+                          for u, t in timeouts.items())
+        out.append(f"timeouts     {shown} (others: {_bound(s.get('read_timeout'))})")
+    return out
+
+
+def _bound(seconds: float | None) -> str:
+    return "forever" if seconds is None else f"{seconds:g} s"
 
 
 def _metrics_listen_option(ctx, param, value: str | None) -> str | None:

@@ -32,6 +32,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("verify_failures", "verify_failures_total", "Blocks that failed integrity verification."),
     ("read_errors", "read_errors_total", "Reads answered with an I/O error."),
     ("blocks_repaired", "blocks_repaired_total", "Bad cached blocks dropped and fetched again."),
+    ("blocks_written", "blocks_written_total", "Blocks stored by fills (loaders, the built-in loader, reuse)."),
     ("restarts", "restarts_total", "Times the daemon was restarted under a live mount."),
 )
 

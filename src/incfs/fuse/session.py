@@ -384,6 +384,14 @@ class Session:
         payload = abi.NOTIFY_INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"
         self._notify(abi.Notify.INVAL_ENTRY, payload)
 
+    def delete_entry_now(self, parent: int, child: int, name: bytes) -> None:
+        """Tell the kernel a name is gone (FUSE_NOTIFY_DELETE): like
+        invalidate_entry_now, and the child inode is unlinked in the kernel
+        (its link count drops to 0), so inotify watchers of the child see
+        IN_DELETE_SELF. ENOENT (the kernel did not know the name) is fine."""
+        payload = abi.NOTIFY_DELETE.pack(parent, child, len(name), 0) + name + b"\0"
+        self._notify(abi.Notify.DELETE, payload)
+
     def invalidate_inode_now(self, ino: int, offset: int = 0, length: int = 0) -> None:
         """Drop cached attributes and, for offset >= 0, cached pages (length
         0: to the end)."""
