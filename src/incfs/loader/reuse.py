@@ -20,6 +20,7 @@ from ..errors import CorruptImage, IncfsError, IntegrityError
 from ..format.records import BlockKind, TreeKind, info_kind, info_size
 from ..image import FillBlock, Image, MissingBlock
 from ..integrity import merkle
+from ..space.plainfiles import is_plain
 from .plan import DATA, HASH, Job, Want, plan_ranges
 
 log = logging.getLogger("incfs.loader")
@@ -53,8 +54,8 @@ def index_blocks(image: Image) -> dict[int, int]:
         if node.data is None or not node.data.present:
             continue
         for i, offset, info, crc in node.data.entries():
-            if info_kind(info) is BlockKind.ZERO:
-                continue
+            if info_kind(info) is BlockKind.ZERO or is_plain(offset):
+                continue  # (a plain copy's blocks: only found through their file)
             digest = leaf_digest(image, node, i)
             if digest is None:
                 size = min(BLOCK_SIZE, node.size - i * BLOCK_SIZE)
