@@ -8,11 +8,9 @@ import os
 import random
 from pathlib import Path
 
-from incfs.format.layout import Superblock
-from incfs.format.records import TreeKind, info_kind, info_size
-from incfs.image import FillBlock, Image
-from incfs.loader import write_cache
+from incfs.image import Image
 from incfs.pack import pack
+from incfs.testing import caches
 
 MiB = 1 << 20
 
@@ -35,27 +33,8 @@ def contents(tmp: Path) -> dict[str, bytes]:
     return {str(p.relative_to(src)): p.read_bytes() for p in src.rglob("*") if p.is_file()}
 
 
-def filled_cache(image: Path, cache: Path, *, only: set[str] | None = None) -> Image:
-    """A cache of `image` with every block (of the named files) stored, as a
-    loader would store them (verified fills of the stored bytes)."""
-    raw = image.read_bytes()
-    sb = Superblock.decode(raw[:4096])
-    img = write_cache(cache, sb, raw[:sb.meta_end])
-    with Image.open(image) as src:
-        for path, node in src.ns.walk():
-            if node.data is None or (only is not None and path.decode().lstrip("/") not in only):
-                continue
-            blocks = []
-            for tree, bmap in ((TreeKind.HASH, node.hashes), (TreeKind.DATA, node.data)):
-                for i, offset, info, _crc in (bmap.entries() if bmap else ()):
-                    data = src.stored_bytes(node, offset, info_size(info)) if info_size(info) else \
-                        bytes(min(4096, node.size - i * 4096) if tree == TreeKind.DATA else 4096)
-                    kind = info_kind(info) if info_size(info) else info_kind(0)
-                    blocks.append(FillBlock(i, data, kind, tree))
-            result = img.fill(node.ino, blocks)
-            assert not result.errors, result.errors
-    os.fsync(img.fd)
-    return img
+def filled_cache(image: Path, cache: Path) -> Image:
+    return caches.filled_cache(image, cache)
 
 
 def node_of(img: Image, path: str):

@@ -8,15 +8,15 @@ from __future__ import annotations
 import pytest
 
 from incfs.errors import BadBlock, UsageError
-from incfs.format.records import TreeKind, info_kind, info_size
 from incfs.format.layout import RecordType
-from incfs.image import FillBlock, Image, MissingBlock
+from incfs.image import Image, MissingBlock
 from incfs.space import gc
 from incfs.space.cap import CHUNK, CacheCap, check, minimum
 from incfs.space.compact import compact
 from incfs.space.records import ReleasedRun, Where, decode_released, encode_released
 from incfs.space.release import evict, release_to_plain
 from incfs.space.sizes import parse_size
+from incfs.testing import caches
 
 from space_util import MiB, allocated, contents, filled_cache, node_of, packed, write_plain
 
@@ -128,10 +128,7 @@ def test_evicted_blocks_are_absent_after_reopen_and_refill(tmp_path):
 
 def _refill_from(image, cache, path: str) -> None:
     with Image.open(image) as src, Image.open(cache, writable=True) as dst:
-        s, d = node_of(src, path), node_of(dst, path)
-        blocks = [FillBlock(i, src.stored_bytes(s, o, info_size(info)), info_kind(info), TreeKind.DATA)
-                  for i, o, info, _c in s.data.entries() if not d.data.is_present(i)]
-        assert not dst.fill(d.ino, blocks).errors
+        caches.fill_from(src, dst, b"/" + path.encode())
 
 
 def test_cap_releases_least_recently_used_first(tmp_path):

@@ -41,6 +41,9 @@ def collect(image, *, unlinked: bool) -> GcResult:
     """Run gc on a writable image (the caller holds its writer lock).
     `unlinked`: also release the data of files without a name (offline)."""
     result = GcResult(allocated_before=holes.allocated(image.fd))
+    # Dead means dead by records on disk: a refill not yet synced must not
+    # make its predecessor's bytes punchable (a power cut could lose it).
+    image.appender.sync()
     if unlinked:
         release_unlinked(image, result)
     dead = dead_ranges(data_payloads(image.fd, image.appender.end), live_ranges(image))

@@ -11,11 +11,12 @@ Crash ordering (docs/reliability.md):
   punched. A crash before the record: the image still holds the blocks. A
   crash after it: the blocks are read from the plain copy (checked against
   the Merkle tree), and bytes left unpunched are dead space for gc.
-* evicted (`evict`, the cache cap): record, then punch, with no sync in
-  between. If the punch reaches the disk and the record does not, the old
-  map names a hole: zeros fail the block's checks, so the block is dropped
-  and fetched again (never served). Holes are never reused: new data is
-  always appended, so a stale map can never name new bytes.
+* evicted (`evict`, the cache cap; gc's nameless files): the same, record
+  fdatasync'ed before the punch, so even after a power cut no live map names
+  a hole (one sync per release batch, not per block). Were a punch ever to
+  outlive its record, the old map would name zeros, which fail the block's
+  checks: dropped and fetched again, never served. Holes are never reused:
+  new data is always appended, so a stale map can never name new bytes.
 """
 
 from __future__ import annotations
@@ -141,5 +142,6 @@ def evict(image, chunks: list[tuple[int, int, int]]) -> tuple[int, int]:
     if not runs:
         return 0, 0
     image.appender.append(RecordType.RELEASED, encode_released(runs))
+    image.appender.sync()  # no live map may name a hole, power cut or not
     blocks = sum(mark(image, image.ns.inodes[r.ino], r) for r in runs)
     return blocks, punch_ranges(image.fd, ranges)
