@@ -208,3 +208,23 @@ def test_compact_drops_dead_space_and_keeps_every_live_byte(tmp_path, keys):
     with Image.open(cache) as c:
         assert c.plain_inos == {node_of(c, "big").ino}
         _read_all(c, want)
+
+
+def test_cap_counters_are_prometheus_metrics(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from incfs.image import FillBlock
+    from incfs.metrics import render
+
+    image = packed(tmp_path)
+    with filled_cache(image, tmp_path / "cache.img") as img, Image.open(image) as src:
+        cap = CacheCap(img, allocated(tmp_path / "cache.img"))
+        big = node_of(img, "big")
+        cap.make_room(1 * MiB)
+        caches.fill_from(src, img, b"/big")  # a loader fetches them again
+        cap.after_fill(big.ino, [FillBlock(i, b"") for i in range(big.data.count)])
+        text = render({"space": cap.status()})
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["incfs_cache_blocks_released_total"] > 0
+    assert samples["incfs_cache_blocks_refetched_total"] == samples["incfs_cache_blocks_released_total"]
+    assert samples["incfs_cache_size_bytes"] == cap.cap
