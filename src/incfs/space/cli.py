@@ -26,7 +26,7 @@ def register(main: click.Group) -> None:
         click.echo(f"incfs: gc {image}: {_mib(result.allocated_before)} -> "
                    f"{_mib(result.allocated_after)} on disk ({result.unlinked_files} nameless "
                    f"files, {result.blocks_released} blocks released, "
-                   f"{_mib(result.dead_bytes)} of dead payload)")
+                   f"{_mib(result.dead_bytes)} of payload no block map names)")
 
     @main.command("compact")
     @click.argument("image", type=click.Path(dir_okay=False, exists=True, path_type=Path))
