@@ -97,10 +97,11 @@ def drop_caches() -> None:
         pass
 
 
-def run_cap(work: Path, size: int, cap: int, passes: int) -> dict:
-    image, digests = make_image(work, size)
+def run_cap(work: Path, size: int, cap: int, passes: int, made=None) -> dict:
+    """`made`: (image, digests) of an earlier run, to mount its cache again."""
+    image, digests = made or make_image(work, size)
     mnt, cache = work / "mnt", work / "cache.img"
-    mnt.mkdir()
+    mnt.mkdir(exist_ok=True)
     config = MountConfig(source=str(image), mountpoint=str(mnt), cache=str(cache),
                          allow_unsigned=True, read_timeout=120, prefetch="none",
                          cache_size=cap)

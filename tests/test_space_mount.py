@@ -95,3 +95,15 @@ def test_a_cap_below_metadata_and_trees_fails_the_mount_in_one_line(tmp_path, in
     assert not os.path.ismount(mnt)
     proc = incfs("mount", image, mnt, "--allow-unsigned", "--cache-size", "lots")
     assert proc.returncode == 2 and "not a size" in proc.stderr
+
+
+@needs_fuse
+def test_a_remount_with_a_smaller_cap_shrinks_the_cache_at_once(tmp_path):
+    made = space.make_image(tmp_path, 48 * MiB)
+    first = space.run_cap(tmp_path, 48 * MiB, 24 * MiB, passes=1, made=made)
+    assert first["wrong_pieces"] == 0 and first["peak_allocated_mib"] <= 24 * 1.1
+    # the cache holds ~24 MiB; the next mount allows 12: the first fill
+    # releases the oldest chunks (known from the cache's own order) first
+    again = space.run_cap(tmp_path, 48 * MiB, 12 * MiB, passes=1, made=made)
+    assert again["wrong_pieces"] == 0 and again["blocks_released"] > 0
+    assert again["peak_allocated_mib"] <= 12 * 1.1  # sampled from the mount's start on

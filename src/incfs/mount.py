@@ -161,6 +161,7 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service.supervised = succession.supervised
     if config.cache_size is not None:
         service.space = space_cap.CacheCap(image, config.cache_size)
+        service.space.make_room(0)  # a cache over a new, smaller cap: down at once
         service.waits.read_hooks.append(service.space.touch)
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Iterator
 
@@ -33,6 +34,7 @@ log = logging.getLogger("incfs.space")
 CHUNK = 64  # blocks per unit of eviction: 256 KiB
 FILL_OVERHEAD = 2 * BLOCK_SIZE  # a fill's records: the DATA header's page, the BLOCKS record
 MIN_DATA = 4 << 20  # room for data the cap must leave: a read's window must fit
+GC_EVERY = 5.0  # seconds between online gc steps (each walks every map)
 
 Chunk = tuple[int, int]  # (ino, index // CHUNK)
 
@@ -80,6 +82,7 @@ class CacheCap:
         self.counters = {"blocks_released": 0, "bytes_released": 0, "blocks_refetched": 0,
                          "releases": 0, "over_cap": 0, "gc_runs": 0, "gc_bytes": 0}
         self.peak = 0
+        self._last_gc = -GC_EVERY
         self._lock = threading.Lock()
         self._seed()
 
@@ -157,7 +160,8 @@ class CacheCap:
             if not victims:
                 break
             self._release(victims)
-        if holes.allocated(self.image.fd) + incoming > self.cap:
+        if holes.allocated(self.image.fd) + incoming > self.cap and \
+                time.monotonic() - self._last_gc >= GC_EVERY:
             self._gc_step()
         if holes.allocated(self.image.fd) + incoming > self.cap:
             self.counters["over_cap"] += 1  # nothing more may go: the fill still must
@@ -204,6 +208,7 @@ class CacheCap:
 
     def _gc_step(self) -> None:
         """Over the cap with nothing left to release: punch dead payload."""
+        self._last_gc = time.monotonic()
         result = gc.collect(self.image, unlinked=False)
         self.counters["gc_runs"] += 1
         self.counters["gc_bytes"] += result.reclaimed

@@ -122,8 +122,6 @@ def release_to_plain(image, node) -> int:
     image.appender.append(RecordType.RELEASED, encode_released([run]))
     image.appender.sync()  # durable before a single byte is punched
     mark(image, node, run)
-    image.counters["blocks_released_plain"] = \
-        image.counters.get("blocks_released_plain", 0) + len(ranges)
     return punch_ranges(image.fd, ranges)
 
 
