@@ -13,10 +13,13 @@ the way the loader fills it. The worker does, at random: evict 1-8 chunks
 fdatasync), write a file's plain copy (tmp, fsync, rename, fsync dir) and
 release it (RELEASED PLAIN, fdatasync, punch), run gc (sync, punch dead
 payload), drop a plain copy, or compact the cache in place (new file,
-fsync, rename). A kill -9 lands at any moment of these; the page cache
-survives it, so this checks the order of the steps within a process; the
-power-cut argument (each punch follows a durable record) is in
-docs/reliability.md.
+fsync, rename). A kill -9 lands at any moment of these. Then, in
+`--tear` of the rounds, a power cut is played: the worker notes the log's
+end after each fdatasync (in a side file, before anything that sync allows,
+such as a punch), and the cache is cut, zeroed or overwritten with garbage
+from a random point past that durable end (punched holes stay punched: a
+power cut cannot bring bytes back). The argument for real power cuts (each
+punch follows a durable record) is in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -71,6 +74,29 @@ def make_image(work: Path, files: int = 6, size: int = 3 * MiB) -> Path:
     return image
 
 
+def durable_path(cache: str | Path) -> Path:
+    return Path(f"{cache}.durable")
+
+
+def _note_durable(cache: str, value: int) -> None:
+    """The log's end as of the last fdatasync; -1: unknown (a compaction
+    swaps the file), so the parent must not tear."""
+    fd = os.open(durable_path(cache), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"%020d" % value, 0)
+    finally:
+        os.close(fd)
+
+
+def _watch_syncs(img: Image, cache: str) -> None:
+    real = img.appender.sync
+
+    def sync() -> None:
+        real()
+        _note_durable(cache, img.appender.end)
+    img.appender.sync = sync
+
+
 def worker_main(cache: str, image: str, seed: int, log: str) -> int:
     rng = random.Random(seed)
     with open(log, "a", buffering=1) as out, Image.open(image) as src:
@@ -79,11 +105,16 @@ def worker_main(cache: str, image: str, seed: int, log: str) -> int:
         while True:
             op = rng.choices(OPS, WEIGHTS)[0]
             if op == "compact":
+                _note_durable(cache, -1)
                 compact(Path(cache))
+                _note_durable(cache, os.stat(cache).st_size)  # all of it fsynced
                 out.write("compact\n")
                 continue
             with Image.open(cache, writable=True) as img:
-                for _ in range(rng.randint(1, 6)):
+                img.durable = False  # as a mounted cache: fills synced now and then
+                _watch_syncs(img, cache)
+                _note_durable(cache, img.appender.end)  # the open cut any torn tail
+                for _ in range(rng.randint(5, 40)):
                     op = rng.choices(OPS[:-1], WEIGHTS[:-1])[0]
                     _do(op, img, src, rng)
                     out.write(op + "\n")
@@ -101,7 +132,8 @@ def _do(op: str, img: Image, src: Image, rng: random.Random) -> None:
     elif op == "refill":
         path = next(p for p, n in src.ns.walk() if n.ino == node.ino)
         caches.fill_from(src, img, path)
-        img.appender.sync()
+        if rng.random() < 0.3:
+            img.appender.sync()  # (the loader's periodic sync)
     elif op == "plain" and node.ino in img.plain_inos and not img.plain.usable(node):
         drop_plain(img, node)  # as passthrough does when it finds the copy gone
     elif op == "plain" and node.complete:
@@ -138,6 +170,7 @@ class Figures:
     present: int = 0
     absent: int = 0
     plain_files_seen: int = 0
+    tears: dict[str, int] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
 
@@ -165,7 +198,31 @@ def check(cache: Path, truth: dict[bytes, bytes], fig: Figures) -> None:
                     fig.violations.append(f"round {fig.rounds}: {path!r} block {i} is wrong")
 
 
-def run(work: Path, kills: int, seed: int, max_run: float = 0.5) -> Figures:
+def tear(cache: Path, rng: random.Random, fig: Figures) -> None:
+    """A power cut after the kill: what no fdatasync covered may be gone."""
+    try:
+        point = int(durable_path(cache).read_text() or -1)
+    except (OSError, ValueError):
+        point = -1
+    size = cache.stat().st_size
+    if point < 0 or point >= size:
+        fig.tears["nothing_to_tear"] = fig.tears.get("nothing_to_tear", 0) + 1
+        return
+    mode = rng.choice(["truncate", "zeros", "garbage"])
+    at = rng.randint(point, size)
+    with open(cache, "r+b") as f:
+        if mode == "truncate":
+            f.truncate(at)
+        else:
+            f.seek(at)
+            f.write(bytes(size - at) if mode == "zeros" else random.Random(at).randbytes(size - at))
+        f.flush()
+        os.fsync(f.fileno())
+    fig.tears[mode] = fig.tears.get(mode, 0) + 1
+
+
+def run(work: Path, kills: int, seed: int, max_run: float = 0.5,
+        tear_rate: float = 0.35) -> Figures:
     image = make_image(work)
     truth = {b"/" + p.name.encode(): p.read_bytes() for p in (work / "src").iterdir()}
     cache = work / "cache.img"
@@ -184,6 +241,8 @@ def run(work: Path, kills: int, seed: int, max_run: float = 0.5) -> Figures:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
+        if rng.random() < tear_rate:
+            tear(cache, rng, fig)
         check(cache, truth, fig)
         if len(fig.violations) > 50:
             break
@@ -199,11 +258,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--kills", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--max-run", type=float, default=0.5, help="longest run before a kill (s)")
+    ap.add_argument("--tear", type=float, default=0.35, help="share of rounds that tear")
     ap.add_argument("--dir", help="work directory (default: a new temporary one)")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="incfs-crash-space-", dir=args.dir))
     try:
-        fig = run(work, args.kills, args.seed, args.max_run)
+        fig = run(work, args.kills, args.seed, args.max_run, args.tear)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({**asdict(fig), "violations": fig.violations[:20]}, indent=1))
