@@ -26,6 +26,7 @@ import trio
 from . import kmount
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from . import fuse, passthrough
+from .format.layout import SuperFlags
 from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
@@ -33,6 +34,7 @@ from .loader import DEFAULTS, default_cache, open_cache, start_loader
 from .metrics_http import start_metrics
 from .rundir import runtime_dir
 from .service import Service
+from .space import cap as space_cap
 from .sources import is_remote as _remote_spec
 from .supervisor import HANDOVER_EXIT, hand_over
 from .waits import process_alive, runs_module
@@ -69,6 +71,7 @@ class MountConfig:
     devices: bool = False  # device nodes usable (root; a trusted rootfs image): else nodev
     setuid: bool = False  # setuid/setgid bits and file capabilities honoured: else nosuid
     owners: str = "auto"  # "stored", "mine" (the mounting user's), auto: stored for root
+    cache_size: int | None = None  # bytes the cache file may take on disk (incfs.space.cap)
 
 
 def is_remote(source: str) -> bool:
@@ -93,10 +96,20 @@ def open_backing(config: MountConfig) -> Image:
         image = Image.open(path, writable=os.access(path, os.W_OK))
     try:
         check_trust(image, config)
+        check_cache_size(image, config)
     except BaseException:
         image.close()
         raise
     return image
+
+
+def check_cache_size(image: Image, config: MountConfig) -> None:
+    if config.cache_size is None:
+        return
+    if not image.superblock.flags & SuperFlags.CACHE:
+        raise UsageError("--cache-size caps a cache of a source (a URL, or --cache): "
+                         f"{image.path} is not one")
+    space_cap.check(image, config.cache_size)
 
 
 def check_trust(image: Image, config: MountConfig) -> None:
@@ -146,6 +159,10 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service = Service(image, config.read_timeout)
     service.restarts = succession.restarts
     service.supervised = succession.supervised
+    if config.cache_size is not None:
+        service.space = space_cap.CacheCap(image, config.cache_size)
+        service.space.make_room(0)  # a cache over a new, smaller cap: down at once
+        service.waits.read_hooks.append(service.space.touch)
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()
     ops = IncfsOperations(service, str(control.path),
@@ -156,7 +173,9 @@ async def serve(config: MountConfig, image: Image, ready=None,
         options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0,
                                     devices=config.devices, setuid=config.setuid)
         fd = fuse.mount(config.mountpoint, options)
-    session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible())
+    # Under a cap no plain copies are made: they would sit outside it.
+    session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible()
+                           and config.cache_size is None)
     service.fuse = session
     if succession.resume_fd is not None:
         session.resume(fuse.Connection.from_dict(succession.connection))

@@ -47,6 +47,7 @@ class Service:
         self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
         self.supervised = False
         self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
+        self.space = None  # incfs.space.cap.CacheCap under --cache-size
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
                          "bytes_reused": 0, "reads": 0, "read_errors": 0,
@@ -62,6 +63,13 @@ class Service:
 
     async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
                    spare_tail: bool = False, uid: int | None = None) -> bytes:
+        if self.space is None:
+            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+        with self.space.pinned(node.ino, offset, size):  # the cap leaves these blocks be
+            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+
+    async def _read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
+                    spare_tail: bool = False, uid: int | None = None) -> bytes:
         """Bytes of a file, waiting for absent blocks. Raises ReadTimedOut,
         ReaderGone or IntegrityError; never returns short or zero-filled data
         for a block that is not here.
@@ -94,14 +102,22 @@ class Service:
                 # bad bytes on disk (e.g. torn by a power cut): a cache can
                 # fetch the block again, once; anything else fails the read
                 key = (e.ino, e.tree, e.index)
-                if key in repaired or not self.image.forget_block(*key):
+                if key in repaired:
                     raise
                 repaired.add(key)
-                self.counters["blocks_repaired"] += 1
-                continue
+                if self.image.forget_block(*key):
+                    self.counters["blocks_repaired"] += 1
+                elif self._block_present(*key):
+                    raise
+                continue  # (or it was released under us: fetch it again)
             self.counters["bytes_read"] += len(data)
             self.counters["reads"] += 1
             return data
+
+    def _block_present(self, ino: int, tree: int, index: int) -> bool:
+        node = self.image.ns.inodes[ino]
+        target = node.data if tree == TreeKind.DATA else node.hashes
+        return target is not None and target.is_present(index)
 
     async def _read_present(self, node: Inode, offset: int, size: int) -> bytes:
         """Large reads go to worker threads so disk waits, hashing and
@@ -158,7 +174,12 @@ class Service:
 
     def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
         with self.image_lock:
-            return self.image.fill(ino, blocks)
+            if self.space is not None:
+                self.space.before_fill(blocks)  # room first: the cap holds at all times
+            result = self.image.fill(ino, blocks)
+            if self.space is not None:
+                self.space.after_fill(ino, blocks)
+            return result
 
     async def change(self, fn: Callable, *args, **kwargs):
         """Run a namespace change of `Image` (create, link, unlink) safely.
@@ -246,6 +267,7 @@ class Service:
             "blocks_repaired": self.counters["blocks_repaired"],
             "source_errors": dict(self.source_errors),
             "loader": dict(self.loader_status),
+            **({"space": self.space.status()} if self.space is not None else {}),
             "signed": self.image.signature is not None,
             "image": str(self.image.path),
             "read_timeout": self.waits.read_timeout,
