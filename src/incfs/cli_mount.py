@@ -56,16 +56,13 @@ def format_status(s: dict) -> str:
     ]
     for name, count in sorted(s.get("source_errors", {}).items()):
         lines.append(f"source       {name}: {count} errors")
-<<<<<<< HEAD
     lines += _read_error_lines(s)
-=======
     space = s.get("space")
     if space:
         lines.append(f"cache cap    {_human(space['allocated'])} of {_human(space['cache_size'])} "
                      f"on disk (peak {_human(space['allocated_peak'])}); "
                      f"{space['blocks_released']} blocks released, "
                      f"{space['blocks_refetched']} fetched again")
->>>>>>> space
     return "\n".join(lines)
 
 
