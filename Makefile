@@ -89,9 +89,11 @@ bench-quick: $(STAMPS)/bench
 	@$(BIN)/python bench/run.py --quick
 
 # pack a debootstrapped Debian minbase (from the tree and from a tar of it)
-# and compare every entry; minutes, so not part of `make test`
+# and compare every entry, then time programs chrooted into it against the
+# tree itself; minutes, so not part of `make test`
 bench-debian: $(STAMPS)/bench
 	@$(BIN)/python bench/debian_rootfs.py
+	@$(BIN)/python bench/debian_chroot.py
 
 clean:
 	rm -rf $(STAMPS) $(VENV) build src/*.egg-info

@@ -594,6 +594,10 @@ def main(argv: list[str]) -> int:
         return loader_main(argv[1], argv[2], int(argv[3]))
     if argv[:1] == ["reader"]:
         return reader_main(argv[1], int(argv[2]), argv[3])
+    if argv[:1] == ["space"]:  # releases, gc and compact: bench/crash_space.py
+        sys.path.insert(0, str(HERE.parent))
+        import crash_space
+        return crash_space.main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=200, help="daemon kills (rounds)")
     ap.add_argument("--seed", type=int, default=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import time
 import subprocess
 import sys
@@ -113,12 +114,18 @@ class Incfs(System):
 
 def expand_all(mountpoint: Path, timeout: float = 600.0) -> int:
     """Open every regular file once (which starts its expansion) and wait
-    until the daemon has a plain file for each; returns how many."""
-    count = 0
+    until the daemon has a plain file for each; returns how many (hard
+    links count once; symlinks and device nodes are not opened)."""
+    seen: set[int] = set()
     for dirpath, _dirs, files in os.walk(mountpoint):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb"):
-                count += 1
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                with open(path, "rb"):
+                    pass
+    count = len(seen)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pt = read_status(mountpoint).get("fuse", {}).get("passthrough")

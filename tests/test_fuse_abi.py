@@ -35,6 +35,7 @@ MEASURED = {  # our name -> C expression
     "NOTIFY_INVAL_INODE": "sizeof(struct fuse_notify_inval_inode_out)",
     "NOTIFY_INVAL_ENTRY": "sizeof(struct fuse_notify_inval_entry_out)",
     "NOTIFY_STORE": "sizeof(struct fuse_notify_store_out)",
+    "NOTIFY_DELETE": "sizeof(struct fuse_notify_delete_out)",
     "LSEEK_IN": "sizeof(struct fuse_lseek_in)",
 }
 

@@ -20,7 +20,7 @@ from mounting import fork_child, mounts, wait_child, wait_until  # noqa: F401 - 
 
 INCFS = [sys.executable, "-m", "incfs.cli"]
 BLOCKS = 16
-SCRAPES = 1000
+SCRAPES = 300  # at the server's 100 connections a second (metrics_http.MAX_RATE)
 CONTENT = bytes(range(256)) * (BLOCKS * BLOCK_SIZE // 256)
 
 
@@ -180,6 +180,36 @@ def test_http_garbage_and_held_connections(mounts):
     code, _, text = scrape(port)
     assert code == 200
     check_metrics(text, m.status())
+
+
+def test_lazy_reads_go_on_while_scrapers_misbehave(mounts):
+    """Garbage and held /metrics connections, more than the server serves
+    at once, while a read waits for a block a loader then fills: the read
+    gets its bytes and a scrape afterwards sees them."""
+    port = _free_port()
+    m = mounts(metrics_listen=f"127.0.0.1:{port}")
+    with_a_miss(m)
+    held = []
+    try:
+        for i in range(MAX_CONNECTIONS + 4):
+            s = socket.create_connection(("127.0.0.1", port), timeout=60)
+            s.sendall(b"\xff\x00garbage" if i % 2 else b"GET /metr")
+            held.append(s)
+        with m.client() as c:
+            reader = fork_child(_read_block, os.fspath(m / "f.bin"), BLOCKS - 2)
+            wait_until(lambda: any(r.block == BLOCKS - 2 for r in c.pending_reads()),
+                       timeout=60, what="the lazy read to wait")
+            ino = c.lookup(ROOT_INO, "f.bin")
+            c.fill_blocks(ino, [_block(BLOCKS - 2)])
+            assert wait_child(reader) == 0
+    finally:
+        for s in held:
+            s.close()
+    wait_until(lambda: scrape(port)[0] == 200, timeout=60, what="a scrape to be served")
+    got = samples(scrape(port)[2])
+    assert got["incfs_blocks_present", ()] in (BLOCKS // 2 + 1, BLOCKS // 2 + 2)  # 1 s render
+    wait_until(lambda: samples(scrape(port)[2])["incfs_blocks_present", ()] == BLOCKS // 2 + 2,
+               timeout=60, what="the next rendering")
 
 
 def _open_fds(pid: int) -> int:

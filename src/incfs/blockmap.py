@@ -111,6 +111,18 @@ class BlockMap:
         self.present += 0 if was_present else 1
         return True
 
+    def move(self, index: int, offset: int, info: int, crc: int) -> None:
+        """Say that a present block's bytes now live elsewhere (the same
+        bytes: incfs.space). Unlike a replace, readers in other threads never
+        see a hole meanwhile: they read the old place or the new one."""
+        cells = self._cells()
+        if cells is not None:
+            cells[index] = (offset, info, crc)
+            return
+        self._offsets[index] = offset
+        self._crcs[index] = crc
+        self._infos[index] = info
+
     def forget(self, index: int) -> bool:
         """Make a present block a hole again (in memory only): its stored
         bytes were found bad and it is to be fetched anew."""

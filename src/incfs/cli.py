@@ -377,6 +377,10 @@ from .cli_mount import register as _register_mount_commands  # noqa: E402
 
 _register_mount_commands(main)
 
+from .space.cli import register as _register_space_commands  # noqa: E402
+
+_register_space_commands(main)
+
 
 if __name__ == "__main__":
     main()

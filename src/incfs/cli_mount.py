@@ -56,7 +56,34 @@ def format_status(s: dict) -> str:
     ]
     for name, count in sorted(s.get("source_errors", {}).items()):
         lines.append(f"source       {name}: {count} errors")
+    lines += _read_error_lines(s)
+    space = s.get("space")
+    if space:
+        lines.append(f"cache cap    {_human(space['allocated'])} of {_human(space['cache_size'])} "
+                     f"on disk (peak {_human(space['allocated_peak'])}); "
+                     f"{space['blocks_released']} blocks released, "
+                     f"{space['blocks_refetched']} fetched again")
     return "\n".join(lines)
+
+
+def _read_error_lines(s: dict) -> list[str]:
+    """The last failed read and the per-uid read timeouts (when set)."""
+    out = []
+    e = s.get("last_read_error")
+    if e:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time_ns"] / 1e9))
+        out.append(f"last error   {e['error']} at {when}: inode {e['ino']} block {e['block']}"
+                   f" (uid {e['uid']}): {e['why']}")
+    timeouts = s.get("read_timeouts") or {}
+    if timeouts:
+        shown = ", ".join(f"uid {u}: {'forever' if t is None else f'{t:g} s'}"
+                          for u, t in timeouts.items())
+        out.append(f"timeouts     {shown} (others: {_bound(s.get('read_timeout'))})")
+    return out
+
+
+def _bound(seconds: float | None) -> str:
+    return "forever" if seconds is None else f"{seconds:g} s"
 
 
 def _metrics_listen_option(ctx, param, value: str | None) -> str | None:
@@ -70,6 +97,17 @@ def _metrics_listen_option(ctx, param, value: str | None) -> str | None:
         raise click.BadParameter(str(e)) from None
     except OSError as e:
         raise click.BadParameter(f"cannot listen on {value}: {e.strerror or e}") from None
+
+
+def _size_option(ctx, param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .space.sizes import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def register(main: click.Group) -> None:
@@ -106,6 +144,9 @@ def register(main: click.Group) -> None:
     @click.option("--metrics-listen", default=None, metavar="HOST:PORT",
                   callback=_metrics_listen_option,
                   help="Serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1).")
+    @click.option("--cache-size", default=None, metavar="SIZE", callback=_size_option,
+                  help="Cap the cache file's disk use (e.g. 32M, 2G; metadata and hash "
+                       "trees included): least recently read data is given up first.")
     @click.option("--passthrough/--no-passthrough", default=True, show_default=True,
                   help="Let the kernel read complete files directly (root, FUSE passthrough).")
     @click.option("--devices", is_flag=True,
@@ -119,8 +160,8 @@ def register(main: click.Group) -> None:
     @click.option("--foreground", is_flag=True, help="Run in the foreground until unmounted.")
     def mount_cmd(source, mountpoint, cache, key, allow_unsigned, read_timeout, prefetch,
                   mirrors, amplify, max_inflight, inflight_budget, readahead_max, bandwidth,
-                  base_cache, s3_endpoint, metrics_listen, passthrough, devices, setuid, owners,
-                  foreground):
+                  base_cache, s3_endpoint, metrics_listen, cache_size, passthrough, devices,
+                  setuid, owners, foreground):
         """Mount SOURCE (an image path, http(s)://, s3://bucket/key, or 'empty')."""
         from .mount import MountConfig, mount_background, run_foreground
 
@@ -138,6 +179,7 @@ def register(main: click.Group) -> None:
                              base_cache=base_cache,
                              metrics_listen=metrics_listen, passthrough=passthrough,
                              devices=devices, setuid=setuid, owners=owners,
+                             cache_size=cache_size,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))

@@ -11,7 +11,11 @@ when the kernel and our privileges allow it (see passthrough.py).
 
 A hidden directory `.incfs` in the root (looked up by name, never listed, so
 `find`, `tar` and `diff -r` see only the image) holds `status` (JSON),
-`pending` (pending reads, one per line) and `control` (the socket path).
+`pending` (pending reads, one per line) and `control` (the socket path), and
+incfs v2's two directories: `index/<file-id>` is the file with that id (the
+same inode as its path; not listed), `incomplete/<file-id>` lists the files
+not complete yet, each a symlink to `../index/<file-id>` that goes when its
+last block arrives (the kernel is told, see `file_completed`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
+from .fileids import FileIds
 from .fuse import Attr, Connection, Context, DirEntry, Entry, FuseError, OpenFlag, Opened
 from .fuse import Operations, StatFs
 from .namespace import Inode
@@ -46,6 +51,14 @@ CONTROL_DIR = b".incfs"
 SPECIAL_DIR_INO = SPECIAL_BASE
 SPECIAL_FILES = {b"status": SPECIAL_BASE + 1, b"pending": SPECIAL_BASE + 2,
                  b"control": SPECIAL_BASE + 3}
+INDEX_DIR_INO = SPECIAL_BASE + 4
+INCOMPLETE_DIR_INO = SPECIAL_BASE + 5
+SPECIAL_NAMES = {**SPECIAL_FILES, b"index": INDEX_DIR_INO, b"incomplete": INCOMPLETE_DIR_INO}
+SPECIAL_DIRS = frozenset({SPECIAL_DIR_INO, INDEX_DIR_INO, INCOMPLETE_DIR_INO})
+# `.incfs/incomplete/<id>` of inode N is node (1 << 63) | N, a symlink of its
+# own: not the file's inode, because telling the kernel an entry is deleted
+# (FUSE_NOTIFY_DELETE) zeroes the link count of the inode it names
+PLACEHOLDER_BASE = 1 << 63
 # incfs's own attributes, by name (never listed); .io says "passthrough" or
 # "daemon": who serves the file's reads
 INCFS_XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.verity_digest",
@@ -59,6 +72,12 @@ class IncfsOperations(Operations):
         # mounting user's (a normal user's mount: stored ids mean nothing there)
         self.stored_owners = os.geteuid() == 0 if stored_owners is None else stored_owners
         self.ns = service.image.ns
+        self.ids = FileIds(self.ns)
+        # whether the kernel has heard of .incfs/incomplete: until then no
+        # change there needs telling it (and no create pays a thread hop).
+        # A daemon taking over a connection cannot know what an earlier one
+        # showed the kernel, so it assumes everything.
+        self._incomplete_known = service.restarts > 0
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
@@ -103,10 +122,21 @@ class IncfsOperations(Operations):
         return Entry(self._attr(node), CACHE_TIMEOUT, CACHE_TIMEOUT)
 
     def _special_entry(self, ino: int) -> Entry:
-        is_dir = ino == SPECIAL_DIR_INO
-        attr = Attr(ino=ino, mode=(stat.S_IFDIR | 0o555) if is_dir else (stat.S_IFREG | 0o444),
-                    nlink=2 if is_dir else 1, uid=self.uid, gid=self.gid)
+        if ino >= PLACEHOLDER_BASE:
+            attr = Attr(ino=ino, mode=stat.S_IFLNK | 0o777, size=len(self._placeholder_target(ino)),
+                        nlink=1, uid=self.uid, gid=self.gid)
+        else:
+            self._incomplete_known |= ino == INCOMPLETE_DIR_INO
+            is_dir = ino in SPECIAL_DIRS
+            attr = Attr(ino=ino, mode=(stat.S_IFDIR | 0o555) if is_dir else (stat.S_IFREG | 0o444),
+                        nlink=2 if is_dir else 1, uid=self.uid, gid=self.gid)
         return Entry(attr, 0.0, 0.0)  # never cached: their content changes all the time
+
+    def _placeholder_target(self, ino: int) -> bytes:
+        node = self.ns.inodes.get(ino & ~PLACEHOLDER_BASE)
+        if node is None or not node.is_reg:
+            raise FuseError(errno.ENOENT)
+        return b"../index/" + node.file_id.hex().encode()
 
     def getattr(self, ino: int, ctx: Context) -> tuple[Attr, float]:
         if ino >= SPECIAL_BASE:
@@ -116,10 +146,8 @@ class IncfsOperations(Operations):
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         if parent == ROOT_INO and name == CONTROL_DIR:
             return self._special_entry(SPECIAL_DIR_INO)
-        if parent == SPECIAL_DIR_INO:
-            if name in SPECIAL_FILES:
-                return self._special_entry(SPECIAL_FILES[name])
-            raise FuseError(errno.ENOENT)
+        if parent >= SPECIAL_BASE:
+            return self._special_lookup(parent, name)
         node = self._node(parent)
         if not node.is_dir:
             raise FuseError(errno.ENOTDIR)
@@ -135,7 +163,23 @@ class IncfsOperations(Operations):
             return Entry(Attr(ino=0, mode=0), CACHE_TIMEOUT, 0.0)
         return self._entry(self._stat(child))
 
+    def _special_lookup(self, parent: int, name: bytes) -> Entry:
+        """Names in `.incfs` and its directories. Errors are not cached by
+        the kernel, so a file created later is found at once."""
+        if parent == SPECIAL_DIR_INO and name in SPECIAL_NAMES:
+            return self._special_entry(SPECIAL_NAMES[name])
+        node = self.ids.find(name) if parent in (INDEX_DIR_INO, INCOMPLETE_DIR_INO) else None
+        if node is None:
+            raise FuseError(errno.ENOENT)
+        if parent == INDEX_DIR_INO:
+            return self._entry(node)  # the file's own inode: reads and waits as by its path
+        if node.complete:
+            raise FuseError(errno.ENOENT)
+        return self._special_entry(PLACEHOLDER_BASE | node.ino)
+
     def readlink(self, ino: int, ctx: Context) -> bytes:
+        if ino >= PLACEHOLDER_BASE:
+            return self._placeholder_target(ino)
         node = self._node(ino)
         if not stat.S_ISLNK(node.mode):
             raise FuseError(errno.EINVAL)
@@ -159,8 +203,8 @@ class IncfsOperations(Operations):
         resumes from. Kept until a name in it changes (`names_changed`)."""
         listing = self._dirs.get(ino)
         if listing is None:
-            if ino == SPECIAL_DIR_INO:
-                listing = sorted(SPECIAL_FILES.items())
+            if ino in SPECIAL_DIRS:
+                listing = self._special_listing(ino)
             else:
                 node = self._node(ino)
                 if not node.is_dir:
@@ -175,15 +219,66 @@ class IncfsOperations(Operations):
             self._dirs.move_to_end(ino)
         return listing
 
+    def _special_listing(self, ino: int) -> list[tuple[bytes, int]]:
+        """`.incfs` lists its names; `index` lists nothing (every file is
+        there by id, like Android's); `incomplete` the files not complete."""
+        if ino == SPECIAL_DIR_INO:
+            return sorted(SPECIAL_NAMES.items())
+        if ino == INDEX_DIR_INO:
+            return []
+        listing = []
+        for child in sorted(self.ns.inodes):
+            node = self.ns.inodes[child]
+            if node.is_reg and not node.complete:
+                name = node.file_id.hex().encode()
+                if self.ids.find(name) is node:  # two files with one id: the one a lookup finds
+                    listing.append((name, PLACEHOLDER_BASE | child))
+        return listing
+
     def names_changed(self, parent: int) -> None:
         self._listed -= len(self._dirs.pop(parent, ()))
 
+    def created(self, node: Inode) -> Callable[[], None] | None:
+        """A loader created `node`; returns what to tell the kernel, if
+        anything (run it in a worker thread: notifications may block)."""
+        self.ids.add(node)
+        if not node.is_reg or node.complete:
+            return None
+        self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        if not self._incomplete_known:
+            return None
+        session = self.service.fuse
+        return lambda: session.invalidate_inode_now(INCOMPLETE_DIR_INO, 0, 0)
+
+    def file_completed(self, node: Inode) -> Callable[[], None] | None:
+        """`node` just got its last block: its `.incfs/incomplete` entry goes.
+        Returns the kernel's part (for a worker thread): FUSE_NOTIFY_DELETE
+        drops the cached name and its placeholder inode, so a watcher of
+        the placeholder gets IN_DELETE_SELF; the directory's cached listing
+        is invalidated with it. FUSE gives no IN_DELETE on the directory
+        (the kernel sends that only for its own unlinks)."""
+        self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        if not self._incomplete_known:
+            return None
+        session = self.service.fuse
+        name = node.file_id.hex().encode()
+
+        def tell_kernel() -> None:
+            session.delete_entry_now(INCOMPLETE_DIR_INO, PLACEHOLDER_BASE | node.ino, name)
+            session.invalidate_inode_now(INCOMPLETE_DIR_INO, 0, 0)
+        return tell_kernel
+
     def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
+        if ino == INCOMPLETE_DIR_INO and offset == 0:
+            self._dirs.pop(ino, None)  # a new pass sees the files as they are now
         listing = self._listing(ino)
         for i in range(offset, len(listing)):
             name, child = listing[i]
             if child >= SPECIAL_BASE:
-                entry = self._special_entry(child)
+                try:
+                    entry = self._special_entry(child)
+                except FuseError:
+                    continue  # a placeholder whose file went
             else:
                 node = self.ns.stat(child)
                 if node is None:
@@ -226,7 +321,7 @@ class IncfsOperations(Operations):
         retry = (ino, offset) in self._spared
         try:
             return await self.service.read(target, offset, size, pid or ctx.pid,
-                                           spare_tail=not retry)
+                                           spare_tail=not retry, uid=ctx.uid)
         except TailAbsent:
             # An error on a page-cache read makes the kernel read just the
             # page it needs (read_folio); a short answer instead would make
@@ -234,13 +329,20 @@ class IncfsOperations(Operations):
             # back (a large folio), it is needed whole: then it waits.
             self._remember_spared((ino, offset))
             raise FuseError(errno.EIO) from None
-        except ReadTimedOut:
+        except ReadTimedOut as e:
+            block = e.key[2] if e.key and not e.key[1] else offset // BLOCK_SIZE
+            bound = self.service.waits.timeout_for(ctx.uid)
+            self.service.note_read_error(target, block, errno.ETIME,
+                                         f"no block within the read timeout ({bound} s)", ctx.uid)
             raise FuseError(errno.ETIME) from None
         except ReaderGone:
             raise FuseError(errno.EINTR) from None
         except IntegrityError as e:
             self.service.counters["read_errors"] += 1
             log.warning("refusing to serve: %s", e)
+            block = getattr(e, "index", None) if not getattr(e, "tree", 0) else None
+            self.service.note_read_error(target, offset // BLOCK_SIZE if block is None else block,
+                                         errno.EIO, str(e), ctx.uid)
             raise FuseError(errno.EIO) from None
 
     def _adopt(self, ino: int, fh: int) -> tuple[Inode | bytes, int]:
@@ -320,3 +422,4 @@ class IncfsOperations(Operations):
         totals = self.service.image.totals()
         return StatFs(blocks=totals["blocks_total"], files=totals["inodes"],
                       bsize=BLOCK_SIZE, frsize=BLOCK_SIZE, namelen=255)
+

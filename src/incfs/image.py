@@ -39,6 +39,8 @@ from .format.records import (BlockKind, BlockRun, DirentEntry, DirentOp,
 from .index_ns import IndexNamespace, IndexSourceMaps
 from .integrity import merkle, signing
 from .namespace import Inode, Namespace, check_name
+from .space import release as space_release
+from .space.plainfiles import PlainFiles
 from .verified_read import MissingBlock, VerifiedReads, plain_size
 
 METADATA_BATCH = 1 << 20
@@ -100,6 +102,8 @@ class Image(VerifiedReads):
         self._hash_lock = threading.Lock()
         self._forgotten: set[tuple[int, int, int]] = set()  # bad blocks to refill
         self.counters = {"verify_failures": 0, "blocks_stored": 0, "bytes_stored": 0}
+        self.plain = PlainFiles(path)  # plain copies released blocks live in (incfs.space)
+        self.plain_inos: set[int] = set()
 
     # --- opening -------------------------------------------------------------
 
@@ -184,6 +188,7 @@ class Image(VerifiedReads):
             self._scan_records(size)
         if ROOT_INO not in self.ns.inodes:
             raise CorruptImage("image has no root directory")
+        space_release.check_plain_copies(self)
         if self.writable:
             if self.scan.end < size:
                 os.ftruncate(self.fd, self.scan.end)
@@ -197,6 +202,7 @@ class Image(VerifiedReads):
     def _scan_records(self, size: int) -> None:
         self.blocks_beyond_log = 0
         self._max_mapped_end = 0
+        self.plain_inos = set()
         with os.fdopen(os.dup(self.fd), "rb", buffering=1 << 20) as f:
             self.scan = scan_log(f, size, self._apply_record)
 
@@ -234,6 +240,8 @@ class Image(VerifiedReads):
         elif rtype == RecordType.SOURCE_BLOCKS:
             for run in records.decode_runs(body):
                 self._apply_run(run, self._source_maps_of(run.ino), check_bounds=False)
+        elif rtype == RecordType.RELEASED:
+            space_release.apply(self, body)
         elif rtype == RecordType.SIGNATURE:
             entry = records.decode_signature(body)
             self.signature = SignatureState(entry, self.canonical_root())
@@ -332,6 +340,7 @@ class Image(VerifiedReads):
             self._drop_index()
             os.close(self.fd)
             self.fd = -1
+            self.plain.close()
 
     def __enter__(self) -> "Image":
         return self

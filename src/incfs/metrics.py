@@ -32,6 +32,7 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("verify_failures", "verify_failures_total", "Blocks that failed integrity verification."),
     ("read_errors", "read_errors_total", "Reads answered with an I/O error."),
     ("blocks_repaired", "blocks_repaired_total", "Bad cached blocks dropped and fetched again."),
+    ("blocks_written", "blocks_written_total", "Blocks stored by fills (loaders, the built-in loader, reuse)."),
     ("restarts", "restarts_total", "Times the daemon was restarted under a live mount."),
 )
 
@@ -57,6 +58,17 @@ LOADER_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("blocks_fetched", "loader_blocks_fetched_total", "Blocks the built-in loader stored."),
 )
 
+# The cache cap (status["space"], under --cache-size).
+SPACE_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("cache_size", "cache_size_bytes", "gauge", "The cap on the cache file's allocated bytes."),
+    ("allocated", "cache_allocated_bytes", "gauge", "Bytes the cache file takes on disk now."),
+    ("allocated_peak", "cache_allocated_peak_bytes", "gauge", "Most bytes the cache file took on disk."),
+    ("blocks_released", "cache_blocks_released_total", "counter", "Data blocks given up to stay under the cap."),
+    ("bytes_released", "cache_bytes_released_total", "counter", "Disk bytes given back by those releases."),
+    ("blocks_refetched", "cache_blocks_refetched_total", "counter", "Released blocks fetched again because a read needed them."),
+    ("over_cap", "cache_over_cap_total", "counter", "Fills stored over the cap (nothing left that could go)."),
+)
+
 # Per-source counters (status["loader"]["sources"][i]), labelled by source.
 SOURCE_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("requests", "source_requests_total", "Requests sent to one source (mirror)."),
@@ -79,6 +91,9 @@ def render(status: dict) -> str:
     loader = status.get("loader") or {}
     for key, name, text in LOADER_COUNTERS:
         _scalar(lines, loader.get(key), name, "counter", text)
+    space = status.get("space") or {}
+    for key, name, kind, text in SPACE_METRICS:
+        _scalar(lines, space.get(key), name, kind, text)
     _sources(lines, status)
     histogram = (status.get("miss_latency") or {}).get("histogram")
     if histogram:

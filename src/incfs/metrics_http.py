@@ -10,9 +10,12 @@ scrapes every few seconds, keep-alive would buy nothing and cost state.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import os
 import socket
+import time
 from functools import partial
 
 import trio
@@ -24,6 +27,18 @@ DEFAULT_HOST = "127.0.0.1"
 MAX_REQUEST = 8192  # bytes of request head; a GET from Prometheus is ~200
 DEADLINE = 5.0  # seconds to send the request and take the answer
 MAX_CONNECTIONS = 16
+# A status walks every inode (Image.totals) on the loop that serves FUSE: a
+# scrape within this many seconds of the last rendering gets the same text,
+# so a scrape storm costs the loop one status a second, not one per scrape
+RENDER_INTERVAL = 1.0
+# Connections accepted per second at most. Each costs the loop ~0.5 ms of
+# CPU however small its answer (accept, task, reads, close), so a client
+# scraping back to back took half the loop (a lazy read ran at 0.5x); at
+# this pace it can take ~5%. Prometheus needs one every few seconds.
+MAX_RATE = 100.0
+# accept(2) errors that mean "no room now": wait and try again (as
+# trio.serve_listeners does), never end the mount
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -54,10 +69,42 @@ class MetricsServer:
     def __init__(self, service):
         self.service = service
         self.connections = 0
+        self._body = ""
+        self._rendered_at = -RENDER_INTERVAL
+        self._next_accept = 0.0
+
+    def body(self) -> str:
+        now = time.monotonic()
+        if now - self._rendered_at >= RENDER_INTERVAL:
+            self._body, self._rendered_at = render(self.service.status()), now
+        return self._body
 
     async def serve(self, listeners: list[trio.SocketListener]) -> None:
-        # serve_listeners rides out accept errors (EMFILE: it waits and retries)
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept at most MAX_RATE connections a second; clients beyond that
+        wait in the kernel's backlog, costing the loop nothing."""
+        async with listener:
+            while True:
+                await self._pace()
+                try:
+                    stream = await listener.accept()
+                except OSError as e:
+                    if e.errno not in ACCEPT_RETRY_ERRNOS:
+                        raise
+                    log.warning("metrics: accept failed (%s); retrying", os.strerror(e.errno))
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._connection, stream)
+
+    async def _pace(self) -> None:
+        now = trio.current_time()
+        if self._next_accept > now:
+            await trio.sleep_until(self._next_accept)
+        self._next_accept = max(now, self._next_accept) + 1.0 / MAX_RATE
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         try:
@@ -92,7 +139,7 @@ class MetricsServer:
         elif path.split("?", 1)[0] != "/metrics":
             await stream.send_all(_response(404, "not found; try /metrics\n"))
         else:
-            body = render(self.service.status())
+            body = self.body()
             await stream.send_all(_response(200, body, CONTENT_TYPE, head_only=method == "HEAD"))
 
 

@@ -26,6 +26,7 @@ import trio
 from . import kmount
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from . import fuse, passthrough
+from .format.layout import SuperFlags
 from .fusefs import IncfsOperations
 from .image import Image
 from .integrity import signing
@@ -33,6 +34,7 @@ from .loader import DEFAULTS, default_cache, open_cache, start_loader
 from .metrics_http import start_metrics
 from .rundir import runtime_dir
 from .service import Service
+from .space import cap as space_cap
 from .sources import is_remote as _remote_spec
 from .supervisor import HANDOVER_EXIT, hand_over
 from .waits import process_alive, runs_module
@@ -69,6 +71,7 @@ class MountConfig:
     devices: bool = False  # device nodes usable (root; a trusted rootfs image): else nodev
     setuid: bool = False  # setuid/setgid bits and file capabilities honoured: else nosuid
     owners: str = "auto"  # "stored", "mine" (the mounting user's), auto: stored for root
+    cache_size: int | None = None  # bytes the cache file may take on disk (incfs.space.cap)
 
 
 def is_remote(source: str) -> bool:
@@ -93,10 +96,20 @@ def open_backing(config: MountConfig) -> Image:
         image = Image.open(path, writable=os.access(path, os.W_OK))
     try:
         check_trust(image, config)
+        check_cache_size(image, config)
     except BaseException:
         image.close()
         raise
     return image
+
+
+def check_cache_size(image: Image, config: MountConfig) -> None:
+    if config.cache_size is None:
+        return
+    if not image.superblock.flags & SuperFlags.CACHE:
+        raise UsageError("--cache-size caps a cache of a source (a URL, or --cache): "
+                         f"{image.path} is not one")
+    space_cap.check(image, config.cache_size)
 
 
 def check_trust(image: Image, config: MountConfig) -> None:
@@ -146,6 +159,10 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service = Service(image, config.read_timeout)
     service.restarts = succession.restarts
     service.supervised = succession.supervised
+    if config.cache_size is not None:
+        service.space = space_cap.CacheCap(image, config.cache_size)
+        service.space.make_room(0)  # a cache over a new, smaller cap: down at once
+        service.waits.read_hooks.append(service.space.touch)
     control = ControlServer(service, rundir / "control.sock", os.getuid())
     listener = control.listen()
     ops = IncfsOperations(service, str(control.path),
@@ -156,7 +173,9 @@ async def serve(config: MountConfig, image: Image, ready=None,
         options = fuse.MountOptions(fsname=_fsname(config), allow_other=os.geteuid() == 0,
                                     devices=config.devices, setuid=config.setuid)
         fd = fuse.mount(config.mountpoint, options)
-    session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible())
+    # Under a cap no plain copies are made: they would sit outside it.
+    session = fuse.Session(fd, ops, passthrough=config.passthrough and passthrough.possible()
+                           and config.cache_size is None)
     service.fuse = session
     if succession.resume_fd is not None:
         session.resume(fuse.Connection.from_dict(succession.connection))
@@ -428,11 +447,11 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
     entry = kmount.mount_at(mountpoint)
     if entry is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    pid_file = runtime_dir(mountpoint) / "pid"
-    try:
-        pid = int(pid_file.read_text()) if entry.is_fuse else None
-    except (OSError, ValueError):
-        pid = None
+    rundir = runtime_dir(mountpoint)
+    pid = _read_pid(rundir / "pid") if entry.is_fuse else None
+    # the supervisor removes the runtime directory after its daemon is gone:
+    # umount returns once both have exited
+    supervisor = _read_pid(rundir / "supervisor.pid") if entry.is_fuse else None
     # after a hand-off the mount is a kernel EROFS one: plain umount
     command = ["fusermount3", "-u", mountpoint] if entry.is_fuse else ["umount", mountpoint]
     # a reference held only for an instant (a stat() in flight, such as the
@@ -455,6 +474,7 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
             aborted = _signal_daemon(pid, signal.SIGTERM)
         time.sleep(0.05)
     if not process_alive(pid):
+        _wait_exit(supervisor, started + timeout)
         return
     killed = _kill_stuck_daemon(pid)
     if killed:
@@ -464,6 +484,18 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
         f"{timeout:g} s later" + ("" if aborted else " (it could not be signalled)")
         + ("; it was killed (every acknowledged block was already on disk)" if killed
            else "; it could not be killed"))
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_exit(pid: int | None, deadline: float) -> None:
+    while pid and time.monotonic() < deadline and process_alive(pid) and runs_module(pid):
+        time.sleep(0.02)
 
 
 def _signal_daemon(pid: int, sig: int) -> bool:

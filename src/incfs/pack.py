@@ -512,7 +512,7 @@ def _index_base(base: Image) -> dict[bytes, tuple[BlockKind, bytes]]:
             if kind is BlockKind.ZERO:
                 continue
             plain = base.read_block(node, i)
-            stored = os.pread(base.fd, info & 0x1FFF, offset)
+            stored = base.stored_bytes(node, offset, info & 0x1FFF)  # maybe a plain copy
             index[merkle.hash_block(plain) + len(plain).to_bytes(2, "little")] = (kind, stored)
     return index
 

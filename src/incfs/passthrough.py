@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import struct
@@ -41,6 +40,8 @@ from . import BLOCK_SIZE, kmount, openfiles
 from .errors import IncfsError
 from .integrity import merkle
 from .namespace import Inode
+from .space import plainfiles
+from .space.release import drop_plain, release_to_plain
 
 log = logging.getLogger("incfs.passthrough")
 
@@ -85,7 +86,8 @@ class Passthrough:
         self.directory = directory
         self.files: dict[int, _FileState] = {}
         self.counters = {"files_expanded": 0, "files_reverified": 0, "bytes_expanded": 0,
-                         "expand_errors": 0, "passthrough_opens": 0, "verity": 0}
+                         "expand_errors": 0, "passthrough_opens": 0, "verity": 0,
+                         "bytes_released": 0, "plain_copies_dropped": 0}
         self.verity = True  # until the file system says it has none
         self._send, self._receive = trio.open_memory_channel(EXPAND_QUEUE)
         self._queued: set[int] = set()
@@ -208,13 +210,22 @@ class Passthrough:
                 marker.unlink(missing_ok=True)
 
     def _plain(self, node: Inode) -> Path:
-        return self.directory / f"{node.file_id.hex()}-{node.ino}"
+        return self.directory / plainfiles.plain_name(node.file_id, node.ino)
 
     def _make_plain(self, node: Inode) -> bool:
         path = self._plain(node)
         if path.exists() and self._plain_matches(node, path):
             self.counters["files_reverified"] += 1
+            self._release(node)
             return True
+        if node.ino in self.image.plain_inos:
+            # its blocks lived in that copy, which is bad: they are absent
+            # now (fetched again; a later completion expands it anew)
+            with self.service.image_lock:
+                drop_plain(self.image, node)
+            self.counters["plain_copies_dropped"] += 1
+            self._queued.discard(node.ino)
+            return False
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o400)
         try:
@@ -229,7 +240,14 @@ class Passthrough:
         self._enable_verity(node, path)
         self.counters["files_expanded"] += 1
         self.counters["bytes_expanded"] += node.size
+        self._release(node)
         return True
+
+    def _release(self, node: Inode) -> None:
+        """The plain copy is durable and verified: a cache gives up its own
+        copy of the bytes (no second copy at rest; incfs.space.release)."""
+        with self.service.image_lock:
+            self.counters["bytes_released"] += release_to_plain(self.image, node)
 
     def _plain_matches(self, node: Inode, path: Path) -> bool:
         """A plain file from an earlier mount: its size and Merkle root must
@@ -290,14 +308,7 @@ class Passthrough:
                 **self.counters}
 
 
-def plain_directory(image_path: Path) -> Path:
-    """Beside the image when its directory is writable (a cache), else in the
-    user's cache directory, one per image file."""
-    image_path = Path(image_path).resolve()
-    if os.access(image_path.parent, os.W_OK):
-        return image_path.with_name(image_path.name + ".plain")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs" / "plain"
-    return base / hashlib.sha256(str(image_path).encode()).hexdigest()[:20]
+plain_directory = plainfiles.plain_directory
 
 
 def _fsync_dir(directory: Path) -> None:

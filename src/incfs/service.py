@@ -8,6 +8,7 @@ waiters are woken and the kernel's caches told.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -46,17 +47,29 @@ class Service:
         self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
         self.supervised = False
         self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
+        self.space = None  # incfs.space.cap.CacheCap under --cache-size
         self.on_missing: Callable[[], None] = lambda: None
         self.counters = {"bytes_read": 0, "bytes_fetched": 0, "bytes_filled": 0,
                          "bytes_reused": 0, "reads": 0, "read_errors": 0,
-                         "blocks_repaired": 0}
+                         "blocks_repaired": 0, "blocks_written": 0}
+        # the last read that failed (issue 13's "last read error", incfs v2's
+        # INCFS_IOC_GET_LAST_READ_ERROR): what a loader or an operator asks
+        # first when a program reports EIO or ETIME
+        self.last_read_error: dict | None = None
         self.source_errors: dict[str, int] = {}
         self.loader_status: dict = {}
 
     # --- reads (FUSE) ---------------------------------------------------------
 
     async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
-                   spare_tail: bool = False) -> bytes:
+                   spare_tail: bool = False, uid: int | None = None) -> bytes:
+        if self.space is None:
+            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+        with self.space.pinned(node.ino, offset, size):  # the cap leaves these blocks be
+            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+
+    async def _read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
+                    spare_tail: bool = False, uid: int | None = None) -> bytes:
         """Bytes of a file, waiting for absent blocks. Raises ReadTimedOut,
         ReaderGone or IntegrityError; never returns short or zero-filled data
         for a block that is not here.
@@ -65,7 +78,7 @@ class Service:
         which no program asked for yet. When its first block is here but
         later ones are not, raise TailAbsent instead of waiting for them (the
         FUSE layer answers so that the kernel asks again for just the page
-        it needs)."""
+        it needs). `uid` picks the reader's read timeout (Waits.timeout_for)."""
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
@@ -79,7 +92,7 @@ class Service:
             if missing:
                 keys = [(node.ino, int(tree), index) for tree, index in missing]
                 self.on_missing()
-                await self.waits.wait_all(keys, opener_pid)
+                await self.waits.wait_all(keys, opener_pid, uid)
                 continue
             try:
                 data = await self._read_present(node, offset, size)
@@ -89,14 +102,22 @@ class Service:
                 # bad bytes on disk (e.g. torn by a power cut): a cache can
                 # fetch the block again, once; anything else fails the read
                 key = (e.ino, e.tree, e.index)
-                if key in repaired or not self.image.forget_block(*key):
+                if key in repaired:
                     raise
                 repaired.add(key)
-                self.counters["blocks_repaired"] += 1
-                continue
+                if self.image.forget_block(*key):
+                    self.counters["blocks_repaired"] += 1
+                elif self._block_present(*key):
+                    raise
+                continue  # (or it was released under us: fetch it again)
             self.counters["bytes_read"] += len(data)
             self.counters["reads"] += 1
             return data
+
+    def _block_present(self, ino: int, tree: int, index: int) -> bool:
+        node = self.image.ns.inodes[ino]
+        target = node.data if tree == TreeKind.DATA else node.hashes
+        return target is not None and target.is_present(index)
 
     async def _read_present(self, node: Inode, offset: int, size: int) -> bytes:
         """Large reads go to worker threads so disk waits, hashing and
@@ -114,8 +135,11 @@ class Service:
         """Store blocks and wake their waiters. `fetched`: the bytes came over
         the network (bytes_fetched); `reused`: copied from an older local
         image (bytes_reused); neither: handed in by a loader (bytes_filled)."""
+        before = self.image.ns.inodes.get(ino)
+        was_complete = before is None or before.complete
         async with self.write_lock:
             result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks)
+        self.counters["blocks_written"] += result.stored
         for blk in blocks:
             tree = int(blk.tree)
             maps = self.image.ns.inodes[ino]
@@ -126,15 +150,36 @@ class Service:
         self.counters["bytes_reused" if reused else
                       "bytes_fetched" if fetched else "bytes_filled"] += size
         node = self.image.ns.inodes.get(ino)
+        if node is not None and node.complete and not was_complete:
+            await self._completed(node)
         if self.passthrough is not None and node is not None and node.complete:
             # the file just arrived whole: expand it now, so that its next
             # open is the kernel's, not the daemon's (queued once per file)
             self.passthrough.file_completed(node)
         return result
 
+    async def _completed(self, node: Inode) -> None:
+        """A file just got its last block: its `.incfs/incomplete` entry
+        goes, and the kernel is told (see IncfsOperations.file_completed)."""
+        forget = self.fuse.ops.file_completed(node) if self.fuse is not None else None
+        if forget is not None:
+            await trio.to_thread.run_sync(forget)
+
+    def note_read_error(self, node: Inode, block: int, code: int, why: str,
+                        uid: int | None) -> None:
+        self.last_read_error = {
+            "ino": node.ino, "file_id": node.file_id.hex(), "block": block, "errno": code,
+            "error": errno.errorcode.get(code, str(code)), "why": why,
+            "uid": uid, "time_ns": time.time_ns()}
+
     def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
         with self.image_lock:
-            return self.image.fill(ino, blocks)
+            if self.space is not None:
+                self.space.before_fill(blocks)  # room first: the cap holds at all times
+            result = self.image.fill(ino, blocks)
+            if self.space is not None:
+                self.space.after_fill(ino, blocks)
+            return result
 
     async def change(self, fn: Callable, *args, **kwargs):
         """Run a namespace change of `Image` (create, link, unlink) safely.
@@ -178,6 +223,9 @@ class Service:
     async def create(self, parent: int, name: bytes, mode: int, **kw) -> int:
         ino = await self.change(self.image.create_node, parent, name, mode, **kw)
         await self._names_changed(parent, name)
+        tell = self.fuse.ops.created(self.image.ns.inodes[ino]) if self.fuse is not None else None
+        if tell is not None:
+            await trio.to_thread.run_sync(tell)
         return ino
 
     async def _names_changed(self, parent: int, name: bytes) -> None:
@@ -214,12 +262,17 @@ class Service:
             "reads_abandoned": self.waits.counters["reads_abandoned"],
             "verify_failures": self.image.counters["verify_failures"],
             "read_errors": self.counters["read_errors"],
+            "blocks_written": self.counters["blocks_written"],
+            "last_read_error": self.last_read_error,
             "blocks_repaired": self.counters["blocks_repaired"],
             "source_errors": dict(self.source_errors),
             "loader": dict(self.loader_status),
+            **({"space": self.space.status()} if self.space is not None else {}),
             "signed": self.image.signature is not None,
             "image": str(self.image.path),
             "read_timeout": self.waits.read_timeout,
+            # JSON keys are strings; None: that uid's reads wait forever
+            "read_timeouts": {str(uid): t for uid, t in sorted(self.waits.uid_timeouts.items())},
             "uptime_s": round(time.time() - self.started, 3),
             "pid": os.getpid(),
             "restarts": self.restarts,

@@ -514,7 +514,7 @@ def _diagnose(img: Image, node: Inode, tree: TreeKind, index: int) -> str:
     where = f"{kind.name.lower()} block at offset {offset}"
     if kind is BlockKind.ZERO:
         return "an all-zero block does not match the Merkle tree"
-    stored = os.pread(img.fd, info_size(info), offset)
+    stored = img.stored_bytes(node, offset, info_size(info))
     if len(stored) != info_size(info):
         return f"{where}: only {len(stored)} of {info_size(info)} stored bytes are in the file"
     if zlib.crc32(stored) != crc:

@@ -76,7 +76,11 @@ class Histogram:
 
 
 class ReadTimedOut(Exception):
-    pass
+    """A read waited longer than its bound; `key` is the block it waited for."""
+
+    def __init__(self, key: BlockKey | None = None):
+        super().__init__("read timed out")
+        self.key = key
 
 
 class ReaderGone(Exception):
@@ -86,6 +90,9 @@ class ReaderGone(Exception):
 class Waits:
     def __init__(self, read_timeout: float | None):
         self.read_timeout = read_timeout  # None waits forever
+        # per-uid bounds set over the control protocol (None: forever); a uid
+        # not listed gets `read_timeout`
+        self.uid_timeouts: dict[int, float | None] = {}
         self.pending: dict[BlockKey, PendingRead] = {}
         self.serial = 0
         self._new_pending = trio.Event()
@@ -112,15 +119,23 @@ class Waits:
             self.counters["misses"] += 1
         return pr
 
-    async def wait_all(self, keys: list[BlockKey], opener_pid: int = 0) -> None:
-        """Wait until every block in `keys` is filled, the timeout passes
-        (ReadTimedOut) or the reading process dies (ReaderGone)."""
+    def timeout_for(self, uid: int | None) -> float | None:
+        """The read bound of a reader's uid: its own if set, else the mount's."""
+        if uid is not None and uid in self.uid_timeouts:
+            return self.uid_timeouts[uid]
+        return self.read_timeout
+
+    async def wait_all(self, keys: list[BlockKey], opener_pid: int = 0,
+                       uid: int | None = None) -> None:
+        """Wait until every block in `keys` is filled, the reader's timeout
+        passes (ReadTimedOut) or the reading process dies (ReaderGone)."""
         started = time.monotonic()
         waits = [self.request(k) for k in keys]
         for pr in waits:
             pr.waiters += 1
         try:
-            deadline = math.inf if self.read_timeout is None else started + self.read_timeout
+            bound = self.timeout_for(uid)
+            deadline = math.inf if bound is None else started + bound
             for pr in waits:
                 await self._wait_one(pr, deadline, opener_pid)
         finally:
@@ -136,7 +151,7 @@ class Waits:
             step = min(deadline - time.monotonic(), 1.0)
             if step <= 0:
                 self.counters["timeouts"] += 1
-                raise ReadTimedOut()
+                raise ReadTimedOut((pr.ino, pr.tree, pr.index))
             with trio.move_on_after(step):
                 await pr.done.wait()
             if not pr.done.is_set() and opener_pid and not process_alive(opener_pid):

@@ -21,10 +21,13 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Mapping, NamedTuple
 
 from . import wire
 from .wire import Op
+
+
+Xattrs = Mapping[str | bytes, bytes]  # extended attribute name -> value
 
 
 class PendingRead(NamedTuple):
@@ -59,6 +62,7 @@ class Client:
         self._lock = threading.Lock()
         self._next_id = 1
         self.server = self._call(Op.HELLO, {})
+        self.minor = self.server.get("minor", 0)  # 0: a daemon of protocol 1.0
 
     @classmethod
     def connect(cls, mountpoint: str | os.PathLike, timeout: float | None = None) -> "Client":
@@ -116,25 +120,56 @@ class Client:
 
     def create_file(self, parent: int, name: str | bytes, size: int, mode: int = 0o444,
                     file_id: bytes | None = None, metadata: bytes = b"",
-                    root_hash: bytes | None = None) -> int:
+                    root_hash: bytes | None = None, *, uid: int = 0, gid: int = 0,
+                    xattrs: Xattrs | None = None) -> int:
         """Create a file of `size` bytes with no data yet; returns its inode.
 
         With `root_hash` (the fs-verity Merkle root of the content) every
-        block is verified against the tree before it is stored."""
+        block is verified against the tree before it is stored. `uid`,
+        `gid` and `xattrs` (name -> value) need a 1.1 daemon."""
         fields = {"parent": parent, **_name(name), "size": size, "mode": mode,
-                  "metadata": metadata.hex()}
+                  "metadata": metadata.hex(), **self._owners(uid, gid, xattrs)}
         if file_id is not None:
             fields["file_id"] = file_id.hex()
         if root_hash is not None:
             fields["root_hash"] = root_hash.hex()
         return self._call(Op.CREATE_FILE, fields)["ino"]
 
-    def mkdir(self, parent: int, name: str | bytes, mode: int = 0o555) -> int:
-        return self._call(Op.MKDIR, {"parent": parent, **_name(name), "mode": mode})["ino"]
+    def mkdir(self, parent: int, name: str | bytes, mode: int = 0o555, *, uid: int = 0,
+              gid: int = 0, xattrs: Xattrs | None = None) -> int:
+        return self._call(Op.MKDIR, {"parent": parent, **_name(name), "mode": mode,
+                                     **self._owners(uid, gid, xattrs)})["ino"]
 
-    def symlink(self, parent: int, name: str | bytes, target: str | bytes) -> int:
+    def symlink(self, parent: int, name: str | bytes, target: str | bytes, *, uid: int = 0,
+                gid: int = 0, xattrs: Xattrs | None = None) -> int:
         return self._call(Op.SYMLINK, {"parent": parent, **_name(name),
-                                       "target": os.fsencode(target).hex()})["ino"]
+                                       "target": os.fsencode(target).hex(),
+                                       **self._owners(uid, gid, xattrs)})["ino"]
+
+    def mknod(self, parent: int, name: str | bytes, kind: str, mode: int = 0o444,
+              rdev: int = 0, *, uid: int = 0, gid: int = 0, xattrs: Xattrs | None = None) -> int:
+        """A device node (`kind` "chr" or "blk", `rdev` as os.makedev gives
+        it), a fifo ("fifo") or a socket ("sock"). Needs a 1.1 daemon."""
+        self._need_minor(1, "mknod")
+        return self._call(Op.MKNOD, {"parent": parent, **_name(name), "type": kind,
+                                     "mode": mode, "rdev": rdev,
+                                     **self._owners(uid, gid, xattrs)})["ino"]
+
+    def _owners(self, uid: int, gid: int, xattrs: Xattrs | None) -> dict:
+        """The 1.1 fields, sent only when they say something: a 1.0 daemon
+        would ignore them, so asking one for them is an error here."""
+        if not (uid or gid or xattrs):
+            return {}
+        self._need_minor(1, "owners and extended attributes")
+        fields: dict = {"uid": uid, "gid": gid}
+        if xattrs:
+            fields["xattrs"] = {os.fsdecode(n): bytes(v).hex() for n, v in xattrs.items()}
+        return fields
+
+    def _need_minor(self, minor: int, what: str) -> None:
+        if self.minor < minor:
+            raise OSError(errno.EOPNOTSUPP, f"{what} need protocol 1.{minor}; the daemon "
+                                            f"speaks 1.{self.minor}")
 
     def link(self, ino: int, parent: int, name: str | bytes) -> None:
         self._call(Op.LINK, {"ino": ino, "parent": parent, **_name(name)})
@@ -205,10 +240,32 @@ class Client:
         """Recent block reads: (serial, ino, block, time_ns), oldest first."""
         return [tuple(e) for e in self._call(Op.READ_LOG, {"after_serial": after_serial})["entries"]]
 
+    def last_read_error(self) -> dict | None:
+        """The last read that failed: ino, file_id (hex), block, errno,
+        error (its name), why, uid, time_ns; None if none has."""
+        self._need_minor(1, "the last read error")
+        return self._call(Op.LAST_READ_ERROR, {})["error"]
+
+    def set_read_timeouts(self, timeouts: dict[int, float | None]) -> dict[int, float | None]:
+        """Replace the per-uid read timeouts: uid -> seconds (None: forever).
+        A uid not listed waits the mount's --read-timeout. Returns the table."""
+        self._need_minor(1, "per-uid read timeouts")
+        entries = [{"uid": u, "timeout": t} for u, t in timeouts.items()]
+        return _timeouts(self._call(Op.SET_READ_TIMEOUTS, {"timeouts": entries}))
+
+    def read_timeouts(self) -> dict[int, float | None]:
+        """The per-uid read timeouts (the mount's default is in status())."""
+        self._need_minor(1, "per-uid read timeouts")
+        return _timeouts(self._call(Op.READ_TIMEOUTS, {}))
+
     def status(self) -> dict:
         answer = self._call(Op.STATUS, {})
         answer.pop("ok", None)
         return answer
+
+
+def _timeouts(answer: dict) -> dict[int, float | None]:
+    return {e["uid"]: e["timeout"] for e in answer["timeouts"]}
 
 
 def _name(name: str | bytes) -> dict:

@@ -20,7 +20,9 @@ from ..errors import IncfsError
 from ..format.records import TreeKind
 from ..image import FillBlock
 from ..service import Service
+from ..namespace import MAX_ID
 from . import wire
+from .posix import node_type, owner_fields, rdev_of
 from .wire import Op, ProtocolError
 
 log = logging.getLogger("incfs.control")
@@ -35,6 +37,8 @@ MAX_PENDING_WAIT = 3600.0
 # many ranges, so an answer stays far below MAX_FRAME
 MAX_PRESENCE_FILES = 65536
 MAX_PRESENCE_RANGES = 1 << 20
+MAX_UID_TIMEOUTS = 4096  # entries of SET_READ_TIMEOUTS (Android allows far fewer)
+MAX_TIMEOUT = 86400.0 * 365  # a bound beyond a year is "forever": send null
 
 
 class ControlServer:
@@ -51,7 +55,9 @@ class ControlServer:
             Op.FILL_BLOCKS: self._fill, Op.PENDING_READS: self._pending,
             Op.FILLED_RANGES: self._filled_ranges, Op.READ_LOG: self._read_log,
             Op.STATUS: self._status, Op.LOOKUP: self._lookup,
-            Op.PRESENCE: self._presence,
+            Op.PRESENCE: self._presence, Op.MKNOD: self._mknod,
+            Op.LAST_READ_ERROR: self._last_read_error,
+            Op.SET_READ_TIMEOUTS: self._set_read_timeouts, Op.READ_TIMEOUTS: self._read_timeouts,
         }
 
     def listen(self) -> trio.SocketListener:
@@ -169,7 +175,8 @@ class ControlServer:
     # --- operations ------------------------------------------------------------
 
     async def _hello(self, f, tail):
-        return {"version": wire.VERSION, "root": ROOT_INO, "pid": os.getpid()}
+        return {"version": wire.VERSION, "minor": wire.MINOR, "root": ROOT_INO,
+                "pid": os.getpid()}
 
     async def _create_file(self, f, tail):
         root_hash = bytes.fromhex(f["root_hash"]) if f.get("root_hash") else None
@@ -177,18 +184,54 @@ class ControlServer:
         mode = stat.S_IFREG | (_int(f.get("mode", 0o444)) & 0o7777)
         ino = await self.service.create(
             _int(f["parent"]), _name(f), mode, size=_int(f["size"]), file_id=file_id,
-            metadata=bytes.fromhex(f.get("metadata", "")), root_hash=root_hash)
+            metadata=bytes.fromhex(f.get("metadata", "")), root_hash=root_hash,
+            **owner_fields(f))
         return {"ino": ino}
 
     async def _mkdir(self, f, tail):
         mode = stat.S_IFDIR | (_int(f.get("mode", 0o555)) & 0o7777)
-        return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode)}
+        return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode,
+                                                 **owner_fields(f))}
 
     async def _symlink(self, f, tail):
         target = bytes.fromhex(f["target"])
         mode = stat.S_IFLNK | 0o777
         return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode,
-                                                 size=len(target), target=target)}
+                                                 size=len(target), target=target,
+                                                 **owner_fields(f))}
+
+    async def _mknod(self, f, tail):
+        """A device node, fifo or socket (1.1): `type`, `mode` (permission
+        bits), `rdev` or `major`/`minor` for devices, owners and xattrs."""
+        kind = node_type(f)
+        rdev = rdev_of(f)
+        if rdev and kind not in (stat.S_IFCHR, stat.S_IFBLK):
+            raise OSError(errno.EINVAL, "only devices have a device number")
+        mode = kind | (_int(f.get("mode", 0o444)) & 0o7777)
+        return {"ino": await self.service.create(_int(f["parent"]), _name(f), mode, rdev=rdev,
+                                                 **owner_fields(f))}
+
+    async def _last_read_error(self, f, tail):
+        return {"error": self.service.last_read_error}
+
+    async def _set_read_timeouts(self, f, tail):
+        """Replace the per-uid read timeouts (as incfs v2's
+        INCFS_IOC_SET_READ_TIMEOUTS does): `timeouts` is a list of
+        {uid, timeout} with timeout in seconds, or null for forever. Checked
+        whole before anything changes."""
+        entries = f["timeouts"]
+        if not isinstance(entries, list):
+            raise ProtocolError("timeouts must be a list of {uid, timeout}")
+        if len(entries) > MAX_UID_TIMEOUTS:
+            raise OSError(errno.E2BIG, f"at most {MAX_UID_TIMEOUTS} uids")
+        table = dict(_uid_timeout(e) for e in entries)
+        self.service.waits.uid_timeouts = table
+        return await self._read_timeouts(f, tail)
+
+    async def _read_timeouts(self, f, tail):
+        waits = self.service.waits
+        return {"default": waits.read_timeout,
+                "timeouts": [{"uid": u, "timeout": t} for u, t in sorted(waits.uid_timeouts.items())]}
 
     async def _link(self, f, tail):
         await self.service.link(_int(f["ino"]), _int(f["parent"]), _name(f))
@@ -336,6 +379,21 @@ def _int(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"expected an integer, got {value!r}")
     return value
+
+
+def _uid_timeout(entry) -> tuple[int, float | None]:
+    if not isinstance(entry, dict):
+        raise ProtocolError("a read timeout is an object {uid, timeout}")
+    uid, timeout = _int(entry["uid"]), entry["timeout"]
+    if not 0 <= uid <= MAX_ID:
+        raise OSError(errno.EINVAL, f"uid {uid} is out of range")
+    if timeout is None:
+        return uid, None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ProtocolError(f"timeout must be a number of seconds or null, got {timeout!r}")
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN fails this too
+        raise OSError(errno.EINVAL, f"timeout {timeout} is not in (0, {MAX_TIMEOUT:.0f}] seconds")
+    return uid, float(timeout)
 
 
 def _name(f: dict) -> bytes:

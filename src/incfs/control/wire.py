@@ -14,7 +14,12 @@ import enum
 import json
 import struct
 
-VERSION = 1
+VERSION = 1  # of the framing: a frame of another version is refused
+# Revision of the operations within version 1: 1.1 added owners, device
+# nodes and xattrs on creates (MKNOD), the last read error and per-uid read
+# timeouts. Old clients are unaffected; new ones check HELLO's `minor`
+# before sending 1.1 fields (a 1.0 daemon would ignore them silently).
+MINOR = 1
 HEADER = struct.Struct("<IHHI")
 MAX_FRAME = 64 * 1024 * 1024
 MAX_JSON = 16 * 1024 * 1024
@@ -34,6 +39,10 @@ class Op(enum.IntEnum):
     LOOKUP = 11
     SYMLINK = 12
     PRESENCE = 13
+    MKNOD = 14  # 1.1
+    LAST_READ_ERROR = 15  # 1.1
+    SET_READ_TIMEOUTS = 16  # 1.1
+    READ_TIMEOUTS = 17  # 1.1
     RESPONSE = 0x8000
 
 

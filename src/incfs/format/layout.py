@@ -62,6 +62,10 @@ class RecordType(enum.IntEnum):
     DATA = 5
     SIGNATURE = 6
     PAD = 7  # filler so the next payload starts on a 4 KiB boundary
+    # Data blocks of a cache given up (evicted) or moved to a file's plain
+    # copy (incfs.space.records). Optional: a reader that skips it sees the
+    # old maps point at punched holes, which fail their checks (never served).
+    RELEASED = 8
     # Inodes with owners, device numbers and extended attributes (format 1.1).
     # Critical: a 1.0 reader must refuse the image rather than serve it with
     # inodes (and the names under them) missing.

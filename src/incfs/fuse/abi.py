@@ -182,6 +182,7 @@ LSEEK_IN = struct.Struct("=QQI4x")           # fh offset whence
 NOTIFY_INVAL_INODE = struct.Struct("=Qqq")   # ino off len
 NOTIFY_INVAL_ENTRY = struct.Struct("=QII")   # parent namelen flags
 NOTIFY_STORE = struct.Struct("=QQII")        # nodeid offset size padding
+NOTIFY_DELETE = struct.Struct("=QQII")       # parent child namelen padding
 BACKING_MAP = struct.Struct("=iIQ")          # fd flags padding
 
 ENTRY_OUT_SIZE = ENTRY_OUT_HEAD.size + ATTR.size   # 128
@@ -193,7 +194,7 @@ EXPECTED_SIZES = {
     "INIT_IN": 64, "INIT_OUT": 64, "OPEN_OUT": 16, "READ_IN": 40, "RELEASE_IN": 24,
     "FLUSH_IN": 24, "GETATTR_IN": 16, "KSTATFS": 80, "DIRENT_HEAD": 24,
     "NOTIFY_INVAL_INODE": 24, "NOTIFY_INVAL_ENTRY": 16, "NOTIFY_STORE": 24,
-    "BACKING_MAP": 16, "LSEEK_IN": 24,
+    "NOTIFY_DELETE": 24, "BACKING_MAP": 16, "LSEEK_IN": 24,
 }
 
 

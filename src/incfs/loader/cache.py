@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import trio
@@ -29,6 +30,7 @@ from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, Rec
                              RecordType, Superblock, SuperFlags)
 from ..format.log import scan_log
 from ..image import Image
+from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
 from .config import DEFAULTS, LoaderConfig
@@ -92,6 +94,7 @@ async def _open_cache(config, settings: LoaderConfig, path: Path) -> Image:
         image.close()
         sb, meta = await _fetch_metadata(config, settings)
         os.replace(path, old)
+        move_plain_copies(path, old)
         info["state"] = "updated"
     else:
         sb, meta = await _fetch_metadata(config, settings)
@@ -99,6 +102,15 @@ async def _open_cache(config, settings: LoaderConfig, path: Path) -> Image:
     info["metadata_bytes"] = len(meta)
     _attach(image, info, old)
     return image
+
+
+def move_plain_copies(path: Path, old: Path) -> None:
+    """The plain copies a cache's released blocks live in follow it to its
+    new name (incfs.space): the old version's blocks stay reusable."""
+    src, dst = plain_directory(path), plain_directory(old)
+    if src.exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(src, dst)
 
 
 def _attach(image: Image, info: dict, old: Path) -> None:

@@ -79,6 +79,10 @@ class LoaderConfig:
     # Connections opened at start (each reads the superblock) so first misses
     # do not pay for handshakes.
     warm_connections: int = 4
+    # Cap on the cache file's allocated bytes (--cache-size; None: no cap).
+    # A capped cache holds a working set, not the image: no background
+    # prefetch (it would only push out what readers use; incfs.space.cap).
+    cache_size: int | None = None
 
     @classmethod
     def from_mount(cls, config: Any) -> "LoaderConfig":
@@ -101,7 +105,7 @@ class LoaderConfig:
                        readahead_max=max(amplify, int(self.readahead_max)),
                        request_max=min(budget, max(amplify, int(self.request_max))),
                        prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
-                       prefetch=(self.prefetch or "none").strip())
+                       prefetch="none" if self.cache_size else (self.prefetch or "none").strip())
 
     @property
     def prefetch_slots(self) -> int:

@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import random
+import shutil
 import time
 import zlib
 from collections import defaultdict
@@ -44,6 +45,7 @@ from ..errors import CorruptImage, IntegrityError
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
 from ..format.records import BlockKind, TreeKind, info_kind
 from ..image import FillBlock, Image
+from ..space.plainfiles import plain_directory
 from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
                        TransientSourceError)
 from .cache import image_complete
@@ -254,6 +256,7 @@ class Loader(PrefetchMixin, ReuseMixin):
             self._close_base()
             if self.info.get("base"):
                 Path(self.info["base"]).unlink(missing_ok=True)
+                shutil.rmtree(plain_directory(Path(self.info["base"])), ignore_errors=True)
                 self.info["base"] = None
         self._update_status()
 

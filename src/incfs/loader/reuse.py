@@ -20,6 +20,7 @@ from ..errors import CorruptImage, IncfsError, IntegrityError
 from ..format.records import BlockKind, TreeKind, info_kind, info_size
 from ..image import FillBlock, Image, MissingBlock
 from ..integrity import merkle
+from ..space.plainfiles import is_plain
 from .plan import DATA, HASH, Job, Want, plan_ranges
 
 log = logging.getLogger("incfs.loader")
@@ -63,7 +64,9 @@ def index_blocks(image: Image) -> dict[int, int]:
                 except (IntegrityError, OSError, CorruptImage):
                     continue
                 digest = merkle.hash_block(plain)
-            index.setdefault(int.from_bytes(digest[:8], "little"), offset << 16 | info)
+            # a block in a plain copy is read through its file (incfs.space)
+            where = (node.ino, offset, info) if is_plain(offset) else offset << 16 | info
+            index.setdefault(int.from_bytes(digest[:8], "little"), where)
     return index
 
 
@@ -142,13 +145,19 @@ class ReuseMixin:
                 hit = self.base_index.get(int.from_bytes(digest[:8], "little"))
                 if hit is None:
                     continue
-                offset, info = hit >> 16, hit & 0xFFFF
                 try:
-                    stored = os.pread(self.base.fd, info_size(info), offset)
+                    stored, info = self._base_stored(hit)
                 except OSError:
                     continue
                 out.append((w, FillBlock(w.index, stored, info_kind(info), TreeKind.DATA)))
         return out
+
+    def _base_stored(self, hit) -> tuple[bytes, int]:
+        if isinstance(hit, tuple):  # in the base's plain copy of a file
+            ino, offset, info = hit
+            return self.base.stored_bytes(self.base.ns.inodes[ino], offset, info_size(info)), info
+        offset, info = hit >> 16, hit & 0xFFFF
+        return os.pread(self.base.fd, info_size(info), offset), info
 
     async def _reuse_pass(self) -> None:
         """Get every hash block, then copy every data block the base has."""
