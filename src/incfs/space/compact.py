@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .. import BLOCK_SIZE, ROOT_INO
 from ..errors import UsageError
-from ..format.layout import RecordType, Superblock, SuperFlags
+from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, RecordHeader, RecordType,
+                            Superblock, SuperFlags)
 from ..format.records import (BlockKind, BlockRun, InodeEntry, TreeKind, encode_runs,
                               encode_signature, info_kind, info_size)
 from ..image import FillBlock, Image, _merge_runs
@@ -73,12 +74,17 @@ def _write(src: Image, tmp: Path, keep_plain: bool) -> CompactResult:
         dst.durable = False  # one fsync at the end
         live = _live_inodes(src)
         result.inodes_dropped = len(src.ns.inodes) - len(live)
-        _copy_namespace(src, dst, live)
+        index = _keeps_index(src)
+        if index:
+            dst = _with_index(src, dst, tmp)
+        else:
+            _copy_namespace(src, dst, live)
         result.signature = _copy_signature(src, dst)
         for ino in live:
             node = src.ns.inodes[ino]
             if node.data is not None:
-                _copy_source_maps(src, dst, ino)
+                if not index:  # an index holds a cache's source maps itself
+                    _copy_source_maps(src, dst, ino)
                 _copy_blocks(src, dst, node, keep_plain, result)
         os.fsync(dst.fd)
     finally:
@@ -93,6 +99,31 @@ def _superblock(sb: Superblock) -> Superblock:
         return sb
     return Superblock(uuid=sb.uuid, flags=SuperFlags(int(sb.flags) & ~int(SuperFlags.PACKED)),
                       version_major=sb.version_major, version_minor=sb.version_minor)
+
+
+def _keeps_index(src: Image) -> bool:
+    """A cache whose index (format 1.2) no later record changed keeps that
+    INDEX record as it is: the same tree, the same signed root, and its maps
+    still say where each block is in the source."""
+    return (src.index is not None and bool(src.superblock.flags & SuperFlags.CACHE)
+            and not getattr(src.ns, "changed", True))
+
+
+def _with_index(src: Image, dst: Image, tmp: Path) -> Image:
+    """Copy src's INDEX record (the first record) into the empty dst and
+    reopen dst so it serves from it; returns the reopened image."""
+    header = RecordHeader.decode(os.pread(src.fd, RECORD_HEADER_SIZE, LOG_START))
+    done = 0
+    while done < header.length:
+        n = os.copy_file_range(src.fd, dst.fd, header.length - done, LOG_START + done,
+                               LOG_START + done)
+        if n <= 0:
+            raise OSError("copy_file_range made no progress")
+        done += n
+    dst.close()
+    reopened = Image.open(tmp, writable=True)
+    reopened.durable = False
+    return reopened
 
 
 def _live_inodes(src: Image) -> list[int]:
