@@ -51,6 +51,7 @@ from .config import LoaderConfig
 from .plan import DATA, HASH, Job, Key, Planner, Range, Want, parents_needed, plan_ranges
 from .prefetch import PrefetchMixin, source_runs
 from .remote import open_loader_source
+from .link import LinkEstimate
 from .reuse import ReuseMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
@@ -84,9 +85,13 @@ class Loader(PrefetchMixin, ReuseMixin):
         self.waits = service.waits
         cfg = self.cfg
         self.bucket = TokenBucket(cfg.bandwidth) if cfg.bandwidth else None
-        self.slots = Slots(cfg.max_inflight, cfg.prefetch_slots, cfg.inflight_budget)
+        self.link = LinkEstimate()
+        self.slots = Slots(cfg.max_inflight, cfg.prefetch_slots, cfg.inflight_budget,
+                           depth=self._depth)
+        # a window of twice the depth: the next one is asked for while the
+        # reader is half-way through this one, so the pipe never drains
         self.readahead = Readahead(cfg.amplify, cfg.readahead_max, self._launch_readahead,
-                                   after=cfg.readahead_after)
+                                   after=cfg.readahead_after, cap=lambda: 2 * self._depth())
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = None
@@ -197,7 +202,7 @@ class Loader(PrefetchMixin, ReuseMixin):
         """Raise ObjectChangedError when the source's superblock is that of
         another image than this cache's (CorruptImage when it is damaged: bytes
         damaged on the way are no proof of another image)."""
-        head = await self.source.read(0, SUPERBLOCK_SIZE)
+        head = await self._timed(self.source.read(0, SUPERBLOCK_SIZE), SUPERBLOCK_SIZE)
         uuid = Superblock.decode(head).uuid
         if uuid != self.image.superblock.uuid:
             raise ObjectChangedError(f"{self.source.name} now holds another image "
@@ -321,6 +326,8 @@ class Loader(PrefetchMixin, ReuseMixin):
             "amplify": cfg.amplify,
             "max_inflight": cfg.max_inflight,
             "readahead_max": cfg.readahead_max,
+            "readahead_window_max": self.readahead.maximum,
+            "link": self.link.as_dict(2 * cfg.request_max, cfg.inflight_budget),
             "bandwidth": self.bucket.rate if self.bucket else None,
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,
                          "blocks": self.stats["prefetch_blocks"],
@@ -363,10 +370,22 @@ class Loader(PrefetchMixin, ReuseMixin):
         if promoted:
             self.slots.changed.notify()
         for ino, (data, hashes) in by_ino.items():
-            job = self._plan(ino, data, hashes, extend=self.cfg.amplify, prefetch=False)
-            if job is not None:
-                self.stats["pending_jobs"] += 1
-                self._nursery.start_soon(self._run_job, job)
+            for part, part_hashes in self._read_parts(sorted(data), hashes):
+                job = self._plan(ino, part, part_hashes, extend=self.cfg.amplify,
+                                 prefetch=False)
+                if job is not None:
+                    self.stats["pending_jobs"] += 1
+                    self._nursery.start_soon(self._run_job, job)
+
+    def _read_parts(self, data: list[int], hashes: list[int]):
+        """Blocks reads wait for, in jobs of at most `request_max` bytes of
+        blocks each: each is stored (and its readers woken) as soon as its
+        own bytes are in, and none needs more of the budget than one request."""
+        step = max(1, self.cfg.request_max // BLOCK_SIZE)
+        if not data:
+            yield [], hashes
+        for k in range(0, len(data), step):
+            yield data[k:k + step], hashes if k == 0 else []
 
     def _fail_stopped(self, keys) -> None:
         error = FetchFailed(self.info.get("offline") or "source changed")
@@ -519,9 +538,9 @@ class Loader(PrefetchMixin, ReuseMixin):
     def _max_len(self, job: Job) -> int:
         """Longest range of one request: a read's miss asks `amplify` bytes
         (its answer comes fastest); readahead and prefetch longer ones."""
-        if job.readahead:
+        if job.readahead or not job.prefetch:
             return self.cfg.request_max
-        return self.cfg.prefetch_chunk if job.prefetch else self.cfg.amplify
+        return self.cfg.prefetch_chunk
 
     async def _refetch(self, node, job: Job, wants: list[Want], failed) -> None:
         """Fetch what failed (and hash blocks it still lacks) once more, from
@@ -595,16 +614,33 @@ class Loader(PrefetchMixin, ReuseMixin):
         return got, bad
 
     async def _fetch_range(self, job: Job, r: Range, avoid):
-        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job))
+        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),
+                                         nbytes=r.length)
         try:
-            data, origin = await self._read(r.offset, r.length, avoid)
+            data, origin = await self._timed(self._read(r.offset, r.length, avoid), r.length)
         finally:
-            self.slots.release_slot(level)
+            self.slots.release_slot(level, r.length)
         self.stats["requests"] += 1
         self.stats["bytes_transferred"] += len(data)
         self.prefetch_backoff = 1.0
         self._online()
         return data, origin
+
+    async def _timed(self, request, nbytes: int):
+        """Await a source request, timing it for the link estimate."""
+        self.link.started()
+        t0, got = time.monotonic(), 0
+        try:
+            result = await request
+            got = nbytes
+            return result
+        finally:
+            self.link.finished(got, time.monotonic() - t0 if got else 0.0)
+
+    def _depth(self) -> int:
+        """Bytes readahead and prefetch keep on the wire: bandwidth x RTT
+        with a margin, at least two requests, at most the budget."""
+        return self.link.depth(2 * self.cfg.request_max, self.cfg.inflight_budget)
 
     def _check_crcs(self, r: Range, data: bytes, origin, got, bad) -> None:
         for w in r.wants:
