@@ -31,8 +31,7 @@ from ..format.log import scan_log
 from ..image import Image
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
-from .config import DEFAULTS, LoaderConfig
-from .prefetch import check_prefetch
+from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .remote import open_loader_source
 
 log = logging.getLogger("incfs.loader")

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..errors import UsageError
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -111,3 +113,17 @@ class LoaderConfig:
 
 
 DEFAULTS = LoaderConfig()
+
+
+def check_prefetch(mode: str | None) -> None:
+    """Raise UsageError unless `mode` is none, sequential or profile:FILE
+    (with a readable FILE)."""
+    mode = (mode or "none").strip()
+    if mode in ("none", "sequential"):
+        return
+    if mode.startswith("profile:") and mode != "profile:":
+        from ..pack import load_profile  # pack is heavy: only for profiles
+
+        load_profile(mode[len("profile:"):])  # raises UsageError when unusable
+        return
+    raise UsageError(f"--prefetch must be none, sequential or profile:FILE, not {mode!r}")
