@@ -101,3 +101,17 @@ def test_a_file_read_whole_from_its_start_gets_its_window_with_the_first_read():
         ra.note_read(7, first, first + blocks - 1)
     assert max(count for ino, _, count in launched if ino == 7) == 4 * MiB // BLOCK_SIZE
     assert ra.maximum == 4 * MiB  # the link's cap, under `maximum`
+
+
+def test_long_reads_arriving_out_of_order_keep_the_stream_sequential():
+    """The kernel sends a file's 1 MiB readahead reads several at once; one
+    that arrives after the read behind it is late, not a jump."""
+    launched: list[tuple[int, int, int]] = []
+    ra = Readahead(start=256 * 1024, maximum=16 * MiB, launch=lambda *a: launched.append(a),
+                   after=MiB)
+    blocks = MiB // BLOCK_SIZE
+    for k in range(0, 8, 2):  # reads 1, 0, 3, 2, ... in pairs
+        ra.note_read(3, (k + 1) * blocks, (k + 2) * blocks - 1)
+        ra.note_read(3, k * blocks, (k + 1) * blocks - 1)
+    assert ra.streams[3].sequential
+    assert ra.streams[3].window > 256 * 1024  # grew, never reset

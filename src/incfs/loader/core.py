@@ -44,6 +44,7 @@ from ..errors import CorruptImage, IntegrityError
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
 from ..format.records import BlockKind, TreeKind, info_kind
 from ..image import FillBlock, Image
+from ..integrity import merkle
 from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
                        TransientSourceError)
 from .cache import image_complete
@@ -398,6 +399,7 @@ class Loader(PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
+        self._launch_window_hashes(ino, first, count)
         # one job per request: each is stored as soon as its bytes are in,
         # and reserves only its own bytes of the budget
         step = max(1, self.cfg.request_max // BLOCK_SIZE)
@@ -408,6 +410,22 @@ class Loader(PrefetchMixin, ReuseMixin):
                 job.readahead = True
                 self.stats["readahead_jobs"] += 1
                 self._nursery.start_soon(self._run_job, job)
+
+    def _launch_window_hashes(self, ino: int, first: int, count: int) -> None:
+        """The hash blocks that verify a whole readahead window, in one job
+        (they lie together in the source: one small request) ahead of its
+        data jobs, which then wait for them instead of each asking for its
+        own few KiB in a request of its own (a round trip apiece)."""
+        node = self.image.ns.inodes.get(ino)
+        if node is None or node.data is None:
+            return
+        stop = min(first + count, node.data.count)
+        per = merkle.HASHES_PER_BLOCK  # data blocks one leaf hash block covers
+        wants = self.planner.missing_deps(node, range(first - first % per, stop, per))
+        if wants:
+            job = Job(ino, wants, prefetch=True, readahead=True)
+            self._claim(job, wants)
+            self._nursery.start_soon(self._run_job, job)
 
     def _plan(self, ino: int, data_idx, hash_idx, *, extend: int, prefetch: bool) -> Job | None:
         """Claim what to fetch for blocks `data_idx`/`hash_idx` of a file

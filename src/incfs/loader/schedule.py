@@ -31,8 +31,9 @@ from .. import BLOCK_SIZE
 
 READ, READAHEAD, PREFETCH = 0, 1, 2
 # Blocks a read may start before where the previous one ended without
-# breaking a sequential stream: the kernel sends readahead requests of 128 KiB
-# (32 blocks) concurrently, so they can arrive slightly out of order.
+# breaking a sequential stream (at least; or four reads of its own length):
+# the kernel sends readahead requests concurrently, so they can arrive
+# slightly out of order.
 SLACK = 64
 
 
@@ -251,9 +252,14 @@ class Readahead:
                 s.window = max(self.start, min(self.maximum, (last + 1) * BLOCK_SIZE))
                 self._ahead(ino, s)
             return
-        if first == s.next:
+        # the kernel sends a file's readahead reads (1 MiB each while
+        # loading) several at once, and they can arrive a few reads out of
+        # order: one a little behind is late, one a read ahead is early
+        length = last - first + 1
+        slack = max(SLACK, 4 * length)
+        if s.next <= first <= s.next + length:
             s.sequential = True
-        elif not s.next - SLACK <= first < s.next:  # not a late or repeated read
+        elif not s.next - slack <= first < s.next:  # a jump
             s.sequential, s.window, s.frontier = False, self.start, 0
             s.next, s.start = last + 1, first
         s.next = max(s.next, last + 1)
