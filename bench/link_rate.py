@@ -56,7 +56,8 @@ def parse_size(text: str) -> int:
 
 def _served_dir(work: Path, size: int) -> tuple[Path, bytes]:
     """www/ with app.img (incfs, raw) and tree/big.bin (the plain file rclone reads)."""
-    data = random.Random(1).randbytes(size)
+    rng = random.Random(1)  # randbytes of more than 256 MiB at once overflows
+    data = b"".join(rng.randbytes(min(64 * MiB, size - k)) for k in range(0, size, 64 * MiB))
     src = work / "src"
     src.mkdir()
     (src / "big.bin").write_bytes(data)

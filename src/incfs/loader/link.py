@@ -13,14 +13,17 @@ the pipe full: bytes that arrive during one round trip, times a margin.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 
 # Requests whose duration is a round-trip sample: short enough that their
 # transfer time is small against any RTT worth measuring.
 RTT_SAMPLE_MAX = 64 * 1024
-# Recent short requests the RTT is the minimum of (the minimum, because
-# queueing only ever adds to a round trip).
+# Recent short requests the RTT is the median of: the median, not the
+# minimum, because the pipeline has to hide the latency a request really
+# sees (the server's think time, and this daemon's own when the machine is
+# busy), not the path's best case.
 RTT_SAMPLES = 32
 # Seconds over which the bandwidth estimate forgets (a link that slows down
 # is noticed within a few of these).
@@ -37,8 +40,8 @@ class LinkEstimate:
     `started()` / `finished(nbytes, seconds)` bracket every request. The
     bandwidth is bytes received per second during which at least one request
     was in flight (idle time does not dilute it), decayed over
-    `BANDWIDTH_HALF_LIFE`; the RTT is the shortest recent request of at most
-    `RTT_SAMPLE_MAX` bytes."""
+    `BANDWIDTH_HALF_LIFE`; the RTT is the median of recent requests of at
+    most `RTT_SAMPLE_MAX` bytes."""
 
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
@@ -74,7 +77,7 @@ class LinkEstimate:
     @property
     def rtt(self) -> float | None:
         """Seconds; None before a short request was timed."""
-        return min(self._rtts) if self._rtts else None
+        return statistics.median(self._rtts) if self._rtts else None
 
     @property
     def bandwidth(self) -> float | None:
