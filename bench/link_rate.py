@@ -103,11 +103,10 @@ def _rclone(work: Path, base: str, rep: int, mode: str) -> Iterator[tuple[Path, 
     cache = work / f"rclone-cache-{rep}"
     clean_mountpoint(str(mnt))
     proc = subprocess.Popen(
-        ["rclone", "mount", ":http:", str(mnt), "--http-url", f"{base}tree/",
-         # without HEAD requests a file's size is unknown, which the full
-         # cache mode cannot read at all; the streaming mode does not mind
-         *(["--http-no-head"] if mode == "off" else []),
-         "--read-only", "--vfs-cache-mode", mode, "--cache-dir", str(cache), "--allow-other",
+        # no --http-no-head: without a HEAD the file's size is unknown, and
+        # then the full cache mode reads nothing, nor does pread() at an offset
+        ["rclone", "mount", ":http:", str(mnt), "--http-url", f"{base}tree/", "--read-only",
+         "--vfs-cache-mode", mode, "--cache-dir", str(cache), "--allow-other",
          "--config", "/dev/null", "--log-level", "ERROR"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True)
