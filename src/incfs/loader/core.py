@@ -399,7 +399,8 @@ class Loader(PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
-        self._launch_window_hashes(ino, first, count)
+        if self.base is None:  # with a base, each job gets its hashes first (reuse.py)
+            self._launch_window_hashes(ino, first, count)
         # one job per request: each is stored as soon as its bytes are in,
         # and reserves only its own bytes of the budget
         step = max(1, self.cfg.request_max // BLOCK_SIZE)
