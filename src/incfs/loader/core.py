@@ -50,9 +50,9 @@ from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
 from .cache import image_complete
 from .config import LoaderConfig
 from .plan import DATA, HASH, Job, Key, Planner, Range, Want, parents_needed, plan_ranges
+from .link import LinkEstimate
 from .prefetch import PrefetchMixin, source_runs
 from .remote import open_loader_source
-from .link import LinkEstimate
 from .reuse import ReuseMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
@@ -555,8 +555,11 @@ class Loader(PrefetchMixin, ReuseMixin):
             await self._refetch(node, job, wants, failed)
 
     def _max_len(self, job: Job) -> int:
-        """Longest range of one request: a read's miss asks `amplify` bytes
-        (its answer comes fastest); readahead and prefetch longer ones."""
+        """Longest range of one request: `request_max` for reads and
+        readahead (a 1 MiB read in one range: a burst of small parallel
+        ranges loses its tail at the bottleneck's queue and waits for a
+        retransmission, see docs/performance.md), `prefetch_chunk` for
+        prefetch. A miss still adds at most `amplify` bytes past what it needs."""
         if job.readahead or not job.prefetch:
             return self.cfg.request_max
         return self.cfg.prefetch_chunk
