@@ -399,7 +399,7 @@ class Loader(PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
-        if self.base is None:  # with a base, each job gets its hashes first (reuse.py)
+        if not self.info.get("base"):  # with a base, each job gets its hashes first (reuse.py)
             self._launch_window_hashes(ino, first, count)
         # one job per request: each is stored as soon as its bytes are in,
         # and reserves only its own bytes of the budget
@@ -543,6 +543,10 @@ class Loader(PrefetchMixin, ReuseMixin):
                  and not self._present(node, w.tree, w.index)]
         if self.base is not None:
             wants = await self._hash_first(node, job, wants)
+            # hash blocks another job is fetching (a window's hash job started
+            # before the base was indexed) tell which data the base has too
+            await self._wait_for_parents(node, DATA, [w.index for w in wants if w.tree == DATA],
+                                         set(), job)
             wants = await self._reuse(node, job, wants)
         if not wants:
             return
