@@ -8,6 +8,7 @@ Approaches (each from empty caches, each repetition from scratch):
   incfs        incfs mounted from the URL (built-in loader, prefetch none)
   rclone       rclone mount of the plain tree over http (nginx autoindex),
                --vfs-cache-mode off, its default 16 MiB read buffer
+  rclone-full  the same with --vfs-cache-mode full (a persistent cache, as incfs)
   httpfs2      httpfs2 mounts the squashfs image of the tree as one lazy file,
                squashfuse mounts that: a lazily fetched read-only tree
 Cases: time to first byte (mount, then read one byte of one file), a program
@@ -191,6 +192,7 @@ class IncfsLazy(Approach):
 
 class Rclone(Approach):
     name, label = "rclone", "rclone mount (http)"
+    cache_mode = "off"
 
     def check(self) -> None:
         if not which("rclone"):
@@ -199,9 +201,14 @@ class Rclone(Approach):
     @contextlib.contextmanager
     def mounted(self, url_base, what, mnt, work):
         clean_mountpoint(str(mnt))
+        cache = work / "rclone-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        # the full cache mode needs sizes (HEAD); streaming does without
+        no_head = ["--http-no-head"] if self.cache_mode == "off" else []
         proc = subprocess.Popen(
             ["rclone", "mount", ":http:", str(mnt), "--http-url", f"{url_base}{what}-tree/",
-             "--http-no-head", "--read-only", "--vfs-cache-mode", "off", "--allow-other",
+             *no_head, "--read-only", "--vfs-cache-mode", self.cache_mode,
+             "--cache-dir", str(cache), "--allow-other",
              "--config", "/dev/null", "--log-level", "ERROR"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
@@ -210,6 +217,13 @@ class Rclone(Approach):
             yield mnt
         finally:
             _stop_fuse(mnt, proc)
+
+
+class RcloneFull(Rclone):
+    """rclone with its persistent cache (sparse files filled as read): the
+    mode that matches incfs's cache."""
+    name, label = "rclone-full", "rclone mount (http, --vfs-cache-mode full)"
+    cache_mode = "full"
 
 
 class Httpfs2(Approach):
@@ -324,7 +338,7 @@ def run_lazy(links: list[Link], build_tree: Callable[[int], LazyTree], default_s
 
     out: dict = {}
     why = missing_feature()
-    all_approaches: list[Approach] = [IncfsLazy(), Rclone(), Httpfs2()]
+    all_approaches: list[Approach] = [IncfsLazy(), Rclone(), RcloneFull(), Httpfs2()]
     approaches = [a for a in all_approaches if not approaches_wanted or a.name in approaches_wanted]
     for a in approaches:
         try:

@@ -167,7 +167,7 @@ def register(main: click.Group) -> None:
 
         if key and allow_unsigned:
             raise click.UsageError("--key and --allow-unsigned exclude each other")
-        from .loader.prefetch import check_prefetch  # loads pack: only for mount
+        from .loader.config import check_prefetch
 
         check_prefetch(prefetch)
         config = MountConfig(source=source, mountpoint=mountpoint, cache=cache, key=key,

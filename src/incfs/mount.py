@@ -20,24 +20,24 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import trio
+from typing import TYPE_CHECKING
 
 from . import kmount
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
-from . import fuse, passthrough
-from .format.layout import SuperFlags
-from .fusefs import IncfsOperations
-from .image import Image
-from .integrity import signing
-from .loader import DEFAULTS, default_cache, open_cache, start_loader
-from .metrics_http import start_metrics
+from .loader.config import DEFAULTS
 from .rundir import runtime_dir
-from .service import Service
-from .space import cap as space_cap
-from .sources import is_remote as _remote_spec
-from .supervisor import HANDOVER_EXIT, hand_over
-from .waits import process_alive, runs_module
+
+# The daemon's machinery (trio, FUSE, the image, the loader, httpx) is
+# imported where it is used, not here: `incfs mount` imports this module
+# only to start the daemon, and loading it all first cost the command about
+# as much as the daemon's own start.
+if TYPE_CHECKING:
+    import trio
+
+    from . import fuse
+    from .fusefs import IncfsOperations
+    from .image import Image
+    from .service import Service
 
 log = logging.getLogger("incfs.mount")
 READY_TIMEOUT = 120.0
@@ -77,13 +77,18 @@ class MountConfig:
 def is_remote(source: str) -> bool:
     """Whether the source is read over the network (the sources registry
     knows each backend's schemes)."""
-    return _remote_spec(source)
+    from .sources import is_remote as remote_spec
+
+    return remote_spec(source)
 
 
 
 
 def open_backing(config: MountConfig) -> Image:
     """The backing image for a mount, checked against the key policy."""
+    from .image import Image
+    from .loader import default_cache, open_cache
+
     if config.source == "empty":
         path = Path(config.cache) if config.cache else default_cache(config)
         image = Image.open(path, writable=True) if path.exists() else Image.create(path)
@@ -106,6 +111,9 @@ def open_backing(config: MountConfig) -> Image:
 def check_cache_size(image: Image, config: MountConfig) -> None:
     if config.cache_size is None:
         return
+    from .format.layout import SuperFlags
+    from .space import cap as space_cap
+
     if not image.superblock.flags & SuperFlags.CACHE:
         raise UsageError("--cache-size caps a cache of a source (a URL, or --cache): "
                          f"{image.path} is not one")
@@ -114,6 +122,8 @@ def check_cache_size(image: Image, config: MountConfig) -> None:
 
 def check_trust(image: Image, config: MountConfig) -> None:
     if config.key:
+        from .integrity import signing
+
         image.verify_signature(signing.load_public(config.key))
         if image.changed_since_signature():
             raise IntegrityError("names were added or changed after the image was signed: "
@@ -152,7 +162,13 @@ async def serve(config: MountConfig, image: Image, ready=None,
                 succession: Succession | None = None) -> bool:
     """Run the mount until it is unmounted (or SIGTERM/SIGINT). Returns True
     when it ended to make way for a new daemon (SIGUSR2 under a supervisor)."""
+    import trio
+
+    from . import fuse, passthrough
     from .control.server import ControlServer
+    from .fusefs import IncfsOperations
+    from .metrics_http import start_metrics
+    from .service import Service
 
     succession = succession or Succession()
     rundir = runtime_dir(config.mountpoint)  # before mounting: it looks at the mount point
@@ -160,6 +176,8 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service.restarts = succession.restarts
     service.supervised = succession.supervised
     if config.cache_size is not None:
+        from .space import cap as space_cap
+
         service.space = space_cap.CacheCap(image, config.cache_size)
         service.space.make_room(0)  # a cache over a new, smaller cap: down at once
         service.waits.read_hooks.append(service.space.touch)
@@ -209,6 +227,11 @@ async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: 
     already): hand the connection to the supervisor, set up passthrough, tune
     readahead, then report ready. stat() of the mount point is served by this
     very loop, so it runs in a worker thread."""
+    import trio
+
+    from . import passthrough
+    from .supervisor import hand_over
+
     await session.connected.wait()
     if succession.handover_fd is not None:
         hand_over(succession.handover_fd, session.fd, session.conn.as_dict())
@@ -236,6 +259,8 @@ def _fsname(config: MountConfig) -> str:
 def _start_loader(config: MountConfig, service: Service, nursery):
     if not (is_remote(config.source) or (config.cache and config.source != "empty")):
         return None
+    from .loader import start_loader
+
     return start_loader(config, service, nursery)
 
 
@@ -249,6 +274,10 @@ async def _on_signals(mountpoint: str, serving: trio.CancelScope, ending: _Endin
 
     SIGUSR2, under a supervisor: stop serving and exit (after the loader's
     final sync) so that a new daemon takes the connection over."""
+    import trio
+
+    from . import fuse
+
     wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR2] if supervised else [])
     with trio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
@@ -293,6 +322,10 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None,
         if ready_fd is not None:
             os.write(ready_fd, b"READY\n")
             os.close(ready_fd)
+
+    import trio
+
+    from .supervisor import HANDOVER_EXIT
 
     resuming = succession is not None and succession.resume_fd is not None
     try:
@@ -494,12 +527,23 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _wait_exit(pid: int | None, deadline: float) -> None:
+    from .waits import runs_module
+
     while pid and time.monotonic() < deadline and process_alive(pid) and runs_module(pid):
         time.sleep(0.02)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is alive (incfs.waits.process_alive)."""
+    from .waits import process_alive as alive  # loads trio: only when unmounting
+
+    return alive(pid)
+
+
 def _signal_daemon(pid: int, sig: int) -> bool:
     """Signal an incfs daemon, never a process that merely reuses its pid."""
+    from .waits import runs_module
+
     if not runs_module(pid):
         return False
     try:

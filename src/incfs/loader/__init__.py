@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 _HOME = {
     "cache": ["cache_metadata", "cache_path", "default_cache", "fetch_metadata",
               "image_complete", "old_path", "open_cache", "retype_record", "write_cache"],
-    "config": ["DEFAULTS", "LoaderConfig"],
+    "config": ["DEFAULTS", "LoaderConfig", "check_prefetch"],
     "core": ["FetchFailed", "Loader", "start_loader"],
     "plan": ["Job", "Range", "Want", "plan_ranges"],
-    "prefetch": ["check_prefetch", "source_runs"],
+    "prefetch": ["source_runs"],
     "remote": ["open_loader_source"],
     "reuse": ["index_blocks", "leaf_digest"],
 }
@@ -48,10 +48,10 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .cache import (cache_metadata, cache_path, default_cache, fetch_metadata,
                         image_complete, old_path, open_cache, retype_record, write_cache)
-    from .config import DEFAULTS, LoaderConfig
+    from .config import DEFAULTS, LoaderConfig, check_prefetch
     from .core import FetchFailed, Loader, start_loader
     from .plan import Job, Range, Want, plan_ranges
-    from .prefetch import check_prefetch, source_runs
+    from .prefetch import source_runs
     from .remote import open_loader_source
     from .reuse import index_blocks, leaf_digest
 

@@ -33,8 +33,7 @@ from ..image import Image
 from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
-from .config import DEFAULTS, LoaderConfig
-from .prefetch import check_prefetch
+from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .remote import open_loader_source
 
 log = logging.getLogger("incfs.loader")

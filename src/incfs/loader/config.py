@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from ..errors import UsageError
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -37,16 +39,18 @@ class LoaderConfig:
     # complained of a prefetcher that is not bounded).
     inflight_budget: int = 64 * MiB
     # Sequential readers: the readahead window starts at `amplify`, doubles
-    # each time the reader reaches it, and stops growing here: past a few
-    # bandwidth-delay products (100 Mbit/s x 100 ms = 1.25 MB) more window
-    # only costs memory and wasted bytes when the reader stops.
+    # each time the reader reaches it, and stops growing at twice the
+    # measured pipeline depth (loader/link.py: 2 x bandwidth x RTT, at least
+    # two requests), never past this: more window than keeps the pipe full
+    # only costs memory and wasted bytes when the reader stops; 16 MiB covers
+    # 2 x the depth of a 1 Gbit/s x 30 ms link.
     readahead_max: int = 16 * MiB
     # Bytes a reader must read in sequence before readahead starts: programs
     # that read small clusters at random places (most of them; the "touch
     # 10%" case) are served by misses and must not pay for a window they never
     # read (bytes fetched <= 1.2x bytes read is a target).
     readahead_after: int = 1 * MiB
-    # Longest single range request of readahead and prefetch: long enough
+    # Longest single range request (reads, readahead, prefetch): long enough
     # that per-request overhead is small, short enough to be split over
     # several connections and to lose little when a connection resets.
     request_max: int = 1 * MiB
@@ -115,3 +119,17 @@ class LoaderConfig:
 
 
 DEFAULTS = LoaderConfig()
+
+
+def check_prefetch(mode: str | None) -> None:
+    """Raise UsageError unless `mode` is none, sequential or profile:FILE
+    (with a readable FILE)."""
+    mode = (mode or "none").strip()
+    if mode in ("none", "sequential"):
+        return
+    if mode.startswith("profile:") and mode != "profile:":
+        from ..pack import load_profile  # pack is heavy: only for profiles
+
+        load_profile(mode[len("profile:"):])  # raises UsageError when unusable
+        return
+    raise UsageError(f"--prefetch must be none, sequential or profile:FILE, not {mode!r}")

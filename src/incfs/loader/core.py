@@ -45,12 +45,14 @@ from ..errors import CorruptImage, IntegrityError
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
 from ..format.records import BlockKind, TreeKind, info_kind
 from ..image import FillBlock, Image
+from ..integrity import merkle
 from ..space.plainfiles import plain_directory
 from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
                        TransientSourceError)
 from .cache import image_complete
 from .config import LoaderConfig
 from .plan import DATA, HASH, Job, Key, Planner, Range, Want, parents_needed, plan_ranges
+from .link import LinkEstimate
 from .prefetch import PrefetchMixin, source_runs
 from .remote import open_loader_source
 from .reuse import ReuseMixin
@@ -86,9 +88,13 @@ class Loader(PrefetchMixin, ReuseMixin):
         self.waits = service.waits
         cfg = self.cfg
         self.bucket = TokenBucket(cfg.bandwidth) if cfg.bandwidth else None
-        self.slots = Slots(cfg.max_inflight, cfg.prefetch_slots, cfg.inflight_budget)
+        self.link = LinkEstimate()
+        self.slots = Slots(cfg.max_inflight, cfg.prefetch_slots, cfg.inflight_budget,
+                           depth=self._depth)
+        # a window of twice the depth: the next one is asked for while the
+        # reader is half-way through this one, so the pipe never drains
         self.readahead = Readahead(cfg.amplify, cfg.readahead_max, self._launch_readahead,
-                                   after=cfg.readahead_after)
+                                   after=cfg.readahead_after, cap=lambda: 2 * self._depth())
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = None
@@ -199,7 +205,7 @@ class Loader(PrefetchMixin, ReuseMixin):
         """Raise ObjectChangedError when the source's superblock is that of
         another image than this cache's (CorruptImage when it is damaged: bytes
         damaged on the way are no proof of another image)."""
-        head = await self.source.read(0, SUPERBLOCK_SIZE)
+        head = await self._timed(self.source.read(0, SUPERBLOCK_SIZE), SUPERBLOCK_SIZE)
         uuid = Superblock.decode(head).uuid
         if uuid != self.image.superblock.uuid:
             raise ObjectChangedError(f"{self.source.name} now holds another image "
@@ -324,6 +330,8 @@ class Loader(PrefetchMixin, ReuseMixin):
             "amplify": cfg.amplify,
             "max_inflight": cfg.max_inflight,
             "readahead_max": cfg.readahead_max,
+            "readahead_window_max": self.readahead.maximum,
+            "link": self.link.as_dict(2 * cfg.request_max, cfg.inflight_budget),
             "bandwidth": self.bucket.rate if self.bucket else None,
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,
                          "blocks": self.stats["prefetch_blocks"],
@@ -366,10 +374,22 @@ class Loader(PrefetchMixin, ReuseMixin):
         if promoted:
             self.slots.changed.notify()
         for ino, (data, hashes) in by_ino.items():
-            job = self._plan(ino, data, hashes, extend=self.cfg.amplify, prefetch=False)
-            if job is not None:
-                self.stats["pending_jobs"] += 1
-                self._nursery.start_soon(self._run_job, job)
+            for part, part_hashes in self._read_parts(sorted(data), hashes):
+                job = self._plan(ino, part, part_hashes, extend=self.cfg.amplify,
+                                 prefetch=False)
+                if job is not None:
+                    self.stats["pending_jobs"] += 1
+                    self._nursery.start_soon(self._run_job, job)
+
+    def _read_parts(self, data: list[int], hashes: list[int]):
+        """Blocks reads wait for, in jobs of at most `request_max` bytes of
+        blocks each: each is stored (and its readers woken) as soon as its
+        own bytes are in, and none needs more of the budget than one request."""
+        step = max(1, self.cfg.request_max // BLOCK_SIZE)
+        if not data:
+            yield [], hashes
+        for k in range(0, len(data), step):
+            yield data[k:k + step], hashes if k == 0 else []
 
     def _fail_stopped(self, keys) -> None:
         error = FetchFailed(self.info.get("offline") or "source changed")
@@ -382,6 +402,8 @@ class Loader(PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
+        if not self.info.get("base"):  # with a base, each job gets its hashes first (reuse.py)
+            self._launch_window_hashes(ino, first, count)
         # one job per request: each is stored as soon as its bytes are in,
         # and reserves only its own bytes of the budget
         step = max(1, self.cfg.request_max // BLOCK_SIZE)
@@ -392,6 +414,22 @@ class Loader(PrefetchMixin, ReuseMixin):
                 job.readahead = True
                 self.stats["readahead_jobs"] += 1
                 self._nursery.start_soon(self._run_job, job)
+
+    def _launch_window_hashes(self, ino: int, first: int, count: int) -> None:
+        """The hash blocks that verify a whole readahead window, in one job
+        (they lie together in the source: one small request) ahead of its
+        data jobs, which then wait for them instead of each asking for its
+        own few KiB in a request of its own (a round trip apiece)."""
+        node = self.image.ns.inodes.get(ino)
+        if node is None or node.data is None:
+            return
+        stop = min(first + count, node.data.count)
+        per = merkle.HASHES_PER_BLOCK  # data blocks one leaf hash block covers
+        wants = self.planner.missing_deps(node, range(first - first % per, stop, per))
+        if wants:
+            job = Job(ino, wants, prefetch=True, readahead=True)
+            self._claim(job, wants)
+            self._nursery.start_soon(self._run_job, job)
 
     def _plan(self, ino: int, data_idx, hash_idx, *, extend: int, prefetch: bool) -> Job | None:
         """Claim what to fetch for blocks `data_idx`/`hash_idx` of a file
@@ -508,6 +546,10 @@ class Loader(PrefetchMixin, ReuseMixin):
                  and not self._present(node, w.tree, w.index)]
         if self.base is not None:
             wants = await self._hash_first(node, job, wants)
+            # hash blocks another job is fetching (a window's hash job started
+            # before the base was indexed) tell which data the base has too
+            await self._wait_for_parents(node, DATA, [w.index for w in wants if w.tree == DATA],
+                                         set(), job)
             wants = await self._reuse(node, job, wants)
         if not wants:
             return
@@ -520,11 +562,14 @@ class Loader(PrefetchMixin, ReuseMixin):
             await self._refetch(node, job, wants, failed)
 
     def _max_len(self, job: Job) -> int:
-        """Longest range of one request: a read's miss asks `amplify` bytes
-        (its answer comes fastest); readahead and prefetch longer ones."""
-        if job.readahead:
+        """Longest range of one request: `request_max` for reads and
+        readahead (a 1 MiB read in one range: a burst of small parallel
+        ranges loses its tail at the bottleneck's queue and waits for a
+        retransmission, see docs/performance.md), `prefetch_chunk` for
+        prefetch. A miss still adds at most `amplify` bytes past what it needs."""
+        if job.readahead or not job.prefetch:
             return self.cfg.request_max
-        return self.cfg.prefetch_chunk if job.prefetch else self.cfg.amplify
+        return self.cfg.prefetch_chunk
 
     async def _refetch(self, node, job: Job, wants: list[Want], failed) -> None:
         """Fetch what failed (and hash blocks it still lacks) once more, from
@@ -598,16 +643,33 @@ class Loader(PrefetchMixin, ReuseMixin):
         return got, bad
 
     async def _fetch_range(self, job: Job, r: Range, avoid):
-        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job))
+        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),
+                                         nbytes=r.length)
         try:
-            data, origin = await self._read(r.offset, r.length, avoid)
+            data, origin = await self._timed(self._read(r.offset, r.length, avoid), r.length)
         finally:
-            self.slots.release_slot(level)
+            self.slots.release_slot(level, r.length)
         self.stats["requests"] += 1
         self.stats["bytes_transferred"] += len(data)
         self.prefetch_backoff = 1.0
         self._online()
         return data, origin
+
+    async def _timed(self, request, nbytes: int):
+        """Await a source request, timing it for the link estimate."""
+        self.link.started()
+        t0, got = time.monotonic(), 0
+        try:
+            result = await request
+            got = nbytes
+            return result
+        finally:
+            self.link.finished(got, time.monotonic() - t0 if got else 0.0)
+
+    def _depth(self) -> int:
+        """Bytes readahead and prefetch keep on the wire: bandwidth x RTT
+        with a margin, at least two requests, at most the budget."""
+        return self.link.depth(2 * self.cfg.request_max, self.cfg.inflight_budget)
 
     def _check_crcs(self, r: Range, data: bytes, origin, got, bad) -> None:
         for w in r.wants:

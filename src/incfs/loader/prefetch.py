@@ -15,26 +15,14 @@ import time
 import trio
 
 from .. import BLOCK_SIZE
-from ..errors import IncfsError, UsageError
+from ..errors import IncfsError
 from ..format.records import BlockKind, info_kind, info_size
-from ..pack import load_profile
 from ..profile import resolve
+from .config import check_prefetch  # noqa: F401  (its home once; kept importable here)
 from .plan import DATA, HASH, Job
 from .schedule import READ, READAHEAD
 
 log = logging.getLogger("incfs.loader")
-
-
-def check_prefetch(mode: str | None) -> None:
-    """Raise UsageError unless `mode` is none, sequential or profile:FILE
-    (with a readable FILE)."""
-    mode = (mode or "none").strip()
-    if mode in ("none", "sequential"):
-        return
-    if mode.startswith("profile:") and mode != "profile:":
-        load_profile(mode[len("profile:"):])  # raises UsageError when unusable
-        return
-    raise UsageError(f"--prefetch must be none, sequential or profile:FILE, not {mode!r}")
 
 
 def source_runs(source_maps) -> list[tuple[int, int, int, int, int]]:

@@ -9,6 +9,10 @@ Three classes of requests share the source's connections:
   prefetch, because a reader is known to want it soon.
 * PREFETCH: background filling; at most `prefetch_max` requests at once.
 
+Readahead and prefetch together keep at most the pipeline depth (`depth()`,
+bandwidth x RTT measured by link.LinkEstimate) of bytes on the wire: more
+would only queue in the network; reads are never held back by it.
+
 Every wait here is on an event that the state change which could end it
 sets: nothing polls.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import bisect
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -26,8 +31,9 @@ from .. import BLOCK_SIZE
 
 READ, READAHEAD, PREFETCH = 0, 1, 2
 # Blocks a read may start before where the previous one ended without
-# breaking a sequential stream: the kernel sends readahead requests of 128 KiB
-# (32 blocks) concurrently, so they can arrive slightly out of order.
+# breaking a sequential stream (at least; or four reads of its own length):
+# the kernel sends readahead requests concurrently, so they can arrive
+# slightly out of order.
 SLACK = 64
 
 
@@ -58,9 +64,12 @@ class Slots:
     the budget always comes back. The budget admits one job even when it alone is
     larger, so a big job can never wait forever."""
 
-    def __init__(self, total: int, prefetch_max: int, budget: int):
+    def __init__(self, total: int, prefetch_max: int, budget: int,
+                 depth: Callable[[], int] | None = None):
         self.total, self.prefetch_max, self.budget = total, prefetch_max, budget
+        self.depth = depth  # bytes readahead and prefetch may have on the wire
         self.busy = [0, 0, 0]  # slots in use, per class
+        self.wire = [0, 0, 0]  # bytes asked for by requests on the wire, per class
         # waiters per class, for slots and for budget apart: a read waiting
         # for budget must not keep the jobs that hold it from their slots
         # (they could never finish and give it back)
@@ -86,9 +95,13 @@ class Slots:
             return True
         return level == PREFETCH and waiting[READAHEAD] > 0
 
-    def _slot_free(self, level: int) -> bool:
+    def _slot_free(self, level: int, nbytes: int = 0) -> bool:
         if self.busy_total >= self.total or self._before(self.waiting_slot, level):
             return False
+        if level > READ and self.depth is not None:
+            background = self.wire[READAHEAD] + self.wire[PREFETCH]
+            if background and background + nbytes > self.depth():
+                return False
         return level < PREFETCH or self.busy[PREFETCH] < self.prefetch_max
 
     def _bytes_free(self, level: int, nbytes: int) -> bool:
@@ -121,14 +134,18 @@ class Slots:
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         return level
 
-    async def acquire(self, level: int, urgent=None) -> int:
-        """Take a slot; returns the class it was taken at."""
-        level = await self._wait(self.waiting_slot, level, self._slot_free, urgent)
+    async def acquire(self, level: int, urgent=None, nbytes: int = 0) -> int:
+        """Take a slot for a request of `nbytes`; returns the class it was
+        taken at (give both back to `release_slot`)."""
+        level = await self._wait(self.waiting_slot, level,
+                                 lambda lv: self._slot_free(lv, nbytes), urgent)
         self.busy[level] += 1
+        self.wire[level] += nbytes
         return level
 
-    def release_slot(self, level: int) -> None:
+    def release_slot(self, level: int, nbytes: int = 0) -> None:
         self.busy[level] -= 1
+        self.wire[level] -= nbytes
         self.changed.notify()
 
     def release_bytes(self, nbytes: int) -> None:
@@ -195,8 +212,10 @@ class Readahead:
     prefetcher, but the window is bounded twice: by `maximum` and, with every
     other request, by the loader's in-flight byte budget."""
 
-    def __init__(self, start: int, maximum: int, launch, after: int = 0):
-        self.start, self.maximum = start, maximum
+    def __init__(self, start: int, maximum: int, launch, after: int = 0,
+                 cap: Callable[[], int] | None = None):
+        self.start, self._maximum = start, maximum
+        self.cap = cap  # the window the link needs (see Loader: 2 x depth)
         self.after_blocks = after // BLOCK_SIZE
         self.launch = launch  # launch(ino, first_block, count)
         self.streams: dict[int, Stream] = {}
@@ -204,6 +223,15 @@ class Readahead:
         self.last_ino: int | None = None
         self.cross_window = start
         self.cross_front: int | None = None  # source offset no cross-file readahead covered
+
+    @property
+    def maximum(self) -> int:
+        """Largest window: `maximum`, or less when the link needs less (a
+        window past what keeps the pipe full only costs wasted bytes when the
+        reader stops)."""
+        if self.cap is None:
+            return self._maximum
+        return max(self.start, min(self._maximum, self.cap()))
 
     def note_read(self, ino: int, first: int, last: int) -> None:
         """A program read blocks [first, last] of `ino` (called on the trio
@@ -215,11 +243,23 @@ class Readahead:
         if s is None:
             if len(self.streams) > 4096:
                 self.streams.clear()  # forget idle readers, do not grow forever
-            self.streams[ino] = Stream(next=last + 1, window=self.start, start=first)
+            s = self.streams[ino] = Stream(next=last + 1, window=self.start, start=first)
+            if first == 0 and last + 1 >= self.after_blocks:
+                # read from its start in one read as long as `after`: a
+                # program reading the file whole (cat, cp, loading a model);
+                # start the window now, not a round trip later
+                s.sequential = True
+                s.window = max(self.start, min(self.maximum, (last + 1) * BLOCK_SIZE))
+                self._ahead(ino, s)
             return
-        if first == s.next:
+        # the kernel sends a file's readahead reads (1 MiB each while
+        # loading) several at once, and they can arrive a few reads out of
+        # order: one a little behind is late, one a read ahead is early
+        length = last - first + 1
+        slack = max(SLACK, 4 * length)
+        if s.next <= first <= s.next + length:
             s.sequential = True
-        elif not s.next - SLACK <= first < s.next:  # not a late or repeated read
+        elif not s.next - slack <= first < s.next:  # a jump
             s.sequential, s.window, s.frontier = False, self.start, 0
             s.next, s.start = last + 1, first
         s.next = max(s.next, last + 1)
