@@ -130,7 +130,7 @@ def main() -> int:
 
 
 def report(results: dict, fuse: dict) -> None:
-    print(f"\nDebian minbase chrooted: native time / incfs time (median; higher is better)")
+    print("\nDebian minbase chrooted: native time / incfs time (median; higher is better)")
     print("| program | warm native s | warm ratio | cold native s | cold ratio |")
     print("| --- | --- | --- | --- | --- |")
     for label in [p[0] for p in PROGRAMS] + ["all"]:

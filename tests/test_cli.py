@@ -221,8 +221,6 @@ def test_pack_unreadable_source_as_user(sample_tree, one_line_error):
     """An unreadable source file: one line, exit 2, nothing left behind. Root
     reads files whatever their mode, so the command runs as nobody."""
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="incfs-nobody-", dir="/tmp"))
