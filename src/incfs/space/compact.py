@@ -26,7 +26,8 @@ from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, RecordHeader, Record
                             Superblock, SuperFlags)
 from ..format.records import (BlockKind, BlockRun, InodeEntry, TreeKind, encode_runs,
                               encode_signature, info_kind, info_size)
-from ..image import FillBlock, Image, _merge_runs
+from ..fills import merge_runs
+from ..image import FillBlock, Image
 from ..verified_read import plain_size
 from .plainfiles import is_plain
 from .records import ReleasedRun, Where, encode_released
@@ -169,7 +170,7 @@ def _copy_source_maps(src: Image, dst: Image, ino: int) -> None:
             runs += [BlockRun(ino, tree, i, offset, [(info, crc)])
                      for i, offset, info, crc in bmap.entries()]
     if runs:
-        dst._append(RecordType.SOURCE_BLOCKS, encode_runs(_merge_runs(runs)))
+        dst._append(RecordType.SOURCE_BLOCKS, encode_runs(merge_runs(runs)))
 
 
 def _copy_blocks(src: Image, dst: Image, node, keep_plain: bool, result: CompactResult) -> None:

@@ -1,0 +1,220 @@
+"""Accepting blocks from loaders: the writing half of `Image` (mixed into it,
+as `VerifiedReads` is its reading half).
+
+A block handed in is decoded, checked against its file's Merkle tree (hash
+blocks top level first, so one batch can carry a whole path from the root
+down) and only then appended: the bytes in one DATA record, their places in
+one BLOCKS record, synced before the fill returns. A block that fails is
+refused with its reason and never stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from . import BLOCK_SIZE, codec
+from .errors import CorruptImage, IntegrityError, os_error
+from .format import records
+from .format.layout import RecordFlags, RecordType
+from .format.records import BlockKind, BlockRun, TreeKind, block_info, info_kind, info_size
+from .integrity import merkle
+from .namespace import Inode
+from .verified_read import MissingBlock, plain_size
+
+# A compressed block as sent may be a little larger than the 4 KiB it encodes
+# (incompressible data: LZ4 adds ~18 bytes, zstd ~10); it is accepted and
+# stored raw. The bound keeps hostile input small (output is bounded anyway).
+MAX_SENT_BLOCK = 2 * BLOCK_SIZE
+
+
+@dataclass(slots=True)
+class FillBlock:
+    """One block handed in by a loader: stored bytes and how they are encoded."""
+
+    index: int
+    data: bytes
+    kind: BlockKind = BlockKind.RAW
+    tree: TreeKind = TreeKind.DATA
+
+
+@dataclass
+class FillResult:
+    stored: int = 0  # newly stored blocks
+    already: int = 0  # present before: a silent no-op
+    errors: list[tuple[int, int, str]] = field(default_factory=list)  # (index, errno, why)
+
+
+
+class Fills:
+    """Mixed into Image, which provides ns, appender, durable, writable,
+    counters, source_maps, hash_block, _hash_lock, _hash_cache and
+    _forgotten."""
+
+    def fill(self, ino: int, blocks: Iterable[FillBlock]) -> FillResult:
+        """Verify and store blocks of one file; present blocks are a no-op.
+
+        Hash-tree blocks are taken top level first, so one batch can carry a
+        whole path from the root down to the data it verifies. A block that
+        fails is reported in `errors` and never stored; the rest still are.
+        """
+        node = self.ns.get(ino)
+        if node.data is None:
+            raise os_error(errno.EINVAL, f"inode {ino} is not a regular file")
+        self.ns.pin(node)  # fills change its maps: keep this very object
+        result = FillResult()
+        accepted: list[tuple[FillBlock, bytes]] = []
+        staged: dict[int, bytes] = {}
+        for blk in sorted(blocks, key=lambda b: (-int(b.tree), b.index)):
+            status = self._check_fill(node, blk, staged)
+            if status is None:
+                result.already += 1
+            elif isinstance(status, tuple):
+                result.errors.append((blk.index, *status))
+            else:
+                accepted.append((blk, status))
+        if accepted:
+            self._store(node, accepted)
+            result.stored = len(accepted)
+        return result
+
+    def _check_fill(self, node: Inode, blk: FillBlock, staged: dict[int, bytes]):
+        """None: already present; (errno, why): refused; bytes: plain content."""
+        target = node.data if blk.tree == TreeKind.DATA else node.hashes
+        if target is None:
+            return errno.EINVAL, "file has no hash tree"
+        if not 0 <= blk.index < target.count:
+            return errno.EINVAL, f"block index {blk.index} is past the end"
+        if blk.index > 0xFFFFFFFF:  # a block map run names its first block in a u32
+            return errno.EFBIG, f"block index {blk.index} is beyond 2^32 (16 TiB)"
+        if target.is_present(blk.index):
+            return None
+        size = plain_size(node, blk.index) if blk.tree == TreeKind.DATA else BLOCK_SIZE
+        if blk.kind is BlockKind.RAW and len(blk.data) != size:
+            return errno.EINVAL, f"raw block is {len(blk.data)} bytes, expected {size}"
+        if len(blk.data) > MAX_SENT_BLOCK:
+            return errno.EINVAL, f"stored block larger than {MAX_SENT_BLOCK} bytes"
+        try:
+            plain = codec.decompress(blk.kind, blk.data, size)
+        except CorruptImage as e:
+            return errno.EBADMSG, str(e)
+        try:
+            self._verify_fill(node, blk, plain, staged)
+        except IntegrityError as e:
+            self.counters["verify_failures"] += 1
+            return errno.EBADMSG, str(e)
+        except MissingBlock as e:
+            return errno.ENODATA, f"verifying needs hash block {e.index} first"
+        if blk.tree == TreeKind.HASH:
+            staged[blk.index] = plain
+        return plain
+
+    def _verify_fill(self, node: Inode, blk: FillBlock, plain: bytes,
+                     staged: dict[int, bytes]) -> None:
+        if not node.has_tree:
+            return
+        get = lambda s: staged.get(s) or self.hash_block(node, s)  # noqa: E731
+        try:
+            if blk.tree == TreeKind.DATA:
+                want = merkle.expected_hash(node.geometry, node.root_hash, -1, blk.index, get)
+                got = merkle.hash_block(plain)
+            else:
+                level, index = node.geometry.level_of(blk.index)
+                want = merkle.expected_hash(node.geometry, node.root_hash, level, index, get)
+                got = hashlib.sha256(plain).digest()
+        except merkle.MissingHashBlock as e:
+            raise MissingBlock(node.ino, TreeKind.HASH, e.storage_index) from None
+        if got != want:
+            raise IntegrityError(f"{blk.tree.name.lower()} block {blk.index} "
+                                 "does not match the file's Merkle tree")
+
+    def _store(self, node: Inode, accepted: list[tuple[FillBlock, bytes]]) -> None:
+        """Append the blocks as one DATA record plus one BLOCKS record."""
+        base = self.appender.payload_base()
+        payload, runs, placed = bytearray(), [], []
+        cursor = base
+        for blk, plain in accepted:
+            kind, stored = _store_form(blk, plain)
+            offset, cursor = records.place_block(cursor, kind, len(stored))
+            if kind is not BlockKind.ZERO:
+                payload += bytes(offset - base - len(payload)) + stored
+            info = block_info(kind, len(stored))
+            crc = zlib.crc32(stored)
+            runs.append(BlockRun(node.ino, blk.tree, blk.index, offset, [(info, crc)]))
+            placed.append((blk.tree, blk.index, offset, info, crc))
+        if payload:
+            self.appender.write_data(bytes(payload))
+        repairs = {(node.ino, int(t), i) for t, i, *_ in placed} & self._forgotten
+        flags = RecordFlags.REPLACES if repairs else 0
+        self.appender.append(RecordType.BLOCKS, records.encode_runs(merge_runs(runs)), flags)
+        if self.durable:
+            self.appender.sync()
+        self._forgotten -= repairs
+        for tree, index, offset, info, crc in placed:
+            target = node.data if tree == TreeKind.DATA else node.hashes
+            target.set(index, offset, info, crc)
+        self.counters["blocks_stored"] += len(placed)
+        self.counters["bytes_stored"] += len(payload)
+
+    def forget_block(self, ino: int, tree: int, index: int) -> bool:
+        """Turn a bad stored block of a cache back into a hole, so a loader
+        fetches it again (a power cut can keep a block's map record but lose
+        its bytes). Only for writable caches that know where the block lives
+        in their source; the refill is written as a REPLACES record so the
+        next open prefers it to the stale mapping. False when not possible."""
+        node = self.ns.inodes.get(ino)
+        source = self.source_maps.get(ino)
+        if not self.writable or node is None or source is None:
+            return False
+        tree = TreeKind(tree)
+        target, where = ((node.data, source[0]) if tree == TreeKind.DATA
+                         else (node.hashes, source[1]))
+        if target is None or where is None or where.get(index) is None:
+            return False
+        self.ns.pin(node)
+        if tree == TreeKind.HASH:
+            with self._hash_lock:
+                self._hash_cache.pop((ino, index), None)
+        if not target.forget(index):
+            return False
+        self._forgotten.add((ino, int(tree), index))
+        return True
+
+
+def _store_form(blk: FillBlock, plain: bytes) -> tuple[BlockKind, bytes]:
+    """Keep what the loader sent (no recompression), but never spend space on
+    zeros or on "compressed" blocks that did not shrink."""
+    if codec.is_zero(plain):
+        return BlockKind.ZERO, b""
+    if blk.kind is not BlockKind.RAW and len(blk.data) >= len(plain):
+        return BlockKind.RAW, plain
+    return blk.kind, blk.data
+
+
+def merge_runs(runs: list[BlockRun]) -> list[BlockRun]:
+    """Join single-block runs that continue each other into longer runs (same
+    file and tree, consecutive indexes, offsets following the placement rule)."""
+    merged: list[BlockRun] = []
+    end = 0  # where the last merged run ends (kept as we go: O(n), not O(n^2))
+    for run in runs:
+        last = merged[-1] if merged else None
+        if last and last.tree == run.tree and last.first + len(last.blocks) == run.first:
+            info = run.blocks[0][0]
+            offset, next_end = records.place_block(end, info_kind(info), info_size(info))
+            if offset == run.base or info_kind(info) is BlockKind.ZERO:
+                last.blocks.extend(run.blocks)
+                end = next_end
+                continue
+        merged.append(run)
+        end = _run_end(run)
+    return merged
+
+
+def _run_end(run: BlockRun) -> int:
+    cursor = run.base
+    for info, _ in run.blocks:
+        _, cursor = records.place_block(cursor, info_kind(info), info_size(info))
+    return cursor
