@@ -9,9 +9,12 @@ One concern per module; dependencies point down this list, never up:
     schedule  who sends when: priorities, byte budget, bandwidth, readahead
     prefetch  background prefetch (sequential, profile) and its gate
     reuse     updates: blocks copied from an older image instead of fetched
+    link      the link estimate: bandwidth x RTT sets the pipeline's depth
     cache     creating and resuming the cache image from remote metadata
-    core      the running Loader: reads first, fetch, verify-and-store,
-              retries, status, a source that changed
+    jobs      running one fetch job: ranges fetched and timed, checked,
+              stored, a failed block fetched again from another mirror
+    core      the running Loader: reads first, readahead, status, a source
+              that changed
 
 Two entry points, called by `mount`: `open_cache(config) -> Image` before
 the mount, `start_loader(config, service, nursery) -> Loader` once it runs.
@@ -27,7 +30,8 @@ _HOME = {
     "cache": ["cache_metadata", "cache_path", "default_cache", "fetch_metadata",
               "image_complete", "old_path", "open_cache", "retype_record", "write_cache"],
     "config": ["DEFAULTS", "LoaderConfig", "check_prefetch"],
-    "core": ["FetchFailed", "Loader", "start_loader"],
+    "core": ["Loader", "start_loader"],
+    "jobs": ["FetchFailed"],
     "plan": ["Job", "Range", "Want", "plan_ranges"],
     "prefetch": ["source_runs"],
     "remote": ["open_loader_source"],
@@ -49,7 +53,8 @@ if TYPE_CHECKING:
     from .cache import (cache_metadata, cache_path, default_cache, fetch_metadata,
                         image_complete, old_path, open_cache, retype_record, write_cache)
     from .config import DEFAULTS, LoaderConfig, check_prefetch
-    from .core import FetchFailed, Loader, start_loader
+    from .core import Loader, start_loader
+    from .jobs import FetchFailed
     from .plan import Job, Range, Want, plan_ranges
     from .prefetch import source_runs
     from .remote import open_loader_source

@@ -28,31 +28,28 @@ seconds and at close.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import random
 import shutil
 import time
-import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import trio
 
 from .. import BLOCK_SIZE
-from ..errors import CorruptImage, IntegrityError
+from ..errors import CorruptImage
 from ..format.layout import SUPERBLOCK_SIZE, Superblock
-from ..format.records import BlockKind, TreeKind, info_kind
-from ..image import FillBlock, Image
+from ..format.records import BlockKind, info_kind
+from ..image import Image
 from ..integrity import merkle
 from ..space.plainfiles import plain_directory
-from ..sources import (MirroredSource, ObjectChangedError, Source, SourceError,
-                       TransientSourceError)
+from ..sources import MirroredSource, ObjectChangedError, Source, SourceError
 from .cache import image_complete
 from .config import LoaderConfig
-from .plan import DATA, HASH, Job, Key, Planner, Range, Want, parents_needed, plan_ranges
+from .jobs import FetchFailed, JobRunner
 from .link import LinkEstimate
+from .plan import HASH, Job, Key, Planner, Want
 from .prefetch import PrefetchMixin, source_runs
 from .remote import open_loader_source
 from .reuse import ReuseMixin
@@ -60,14 +57,6 @@ from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
 
 log = logging.getLogger("incfs.loader")
-
-
-class FetchFailed(IntegrityError):
-    """A block could not be fetched intact (it failed verification from
-    every source tried, or the source refused it): the reads waiting for it
-    fail with EIO."""
-
-    errno = errno.EIO
 
 
 def start_loader(config, service, nursery) -> "Loader":
@@ -79,7 +68,7 @@ def start_loader(config, service, nursery) -> "Loader":
     return loader
 
 
-class Loader(PrefetchMixin, ReuseMixin):
+class Loader(JobRunner, PrefetchMixin, ReuseMixin):
     def __init__(self, config, service, settings: LoaderConfig | None = None):
         self.config = config
         self.cfg = settings or LoaderConfig.from_mount(config)
@@ -472,281 +461,3 @@ class Loader(PrefetchMixin, ReuseMixin):
             log.warning("%d waiting read(s) of inode %d fail (first: %s block %d): %s",
                         len(failed), job.ino, "hash" if failed[0][1] == HASH else "data",
                         failed[0][2], error)
-
-    # --- running a job ---------------------------------------------------------
-
-    async def _run_job(self, job: Job) -> None:
-        delay = 0.2
-        try:
-            while not self.stopped:
-                try:
-                    await self._attempt(job)
-                    return
-                except ObjectChangedError as e:
-                    self._note_error(e)
-                    self._source_changed(str(e))
-                    return
-                except TransientSourceError as e:
-                    self._note_error(e)
-                    if not self._wanted(job):
-                        # nobody waits: prefetch comes back to these blocks later
-                        self._pause_prefetch(job, self.prefetch_backoff)
-                        self.prefetch_backoff = min(self.prefetch_backoff * 2, 30.0)
-                        return
-                    job.prefetch = False  # a read waits for it now
-                    self.stats["retries"] += 1
-                    await trio.sleep(random.uniform(delay / 2, delay))
-                    delay = min(delay * 2, self.cfg.retry_cap)
-                except SourceError as e:  # permanent: retrying the same request cannot help
-                    self._note_error(e)
-                    self._give_up(job, f"cannot fetch from the source: {e}")
-                    return
-                except Exception as e:  # e.g. the cache's disk is full: fail, keep going
-                    log.exception("storing fetched blocks of inode %d failed", job.ino)
-                    self.stats["errors"] += 1
-                    self.last_error = f"cannot store fetched blocks: {e}"
-                    self._give_up(job, f"cannot store fetched blocks: {e}")
-                    return
-        finally:
-            if self.stopped:
-                self._fail_stopped_job(job)
-            self._release(job, list(job.keys))
-            self._update_status()
-            if job.background:
-                self.prefetch_running -= 1
-                self.slots.changed.notify()
-
-    def _pause_prefetch(self, job: Job, seconds: float) -> None:
-        if job.background:
-            self.prefetch_pause_until = time.monotonic() + seconds
-
-    def _give_up(self, job: Job, why: str) -> None:
-        self._fail_waiters(job, list(job.keys), FetchFailed(why))
-        self._pause_prefetch(job, 30.0)
-
-    def _fail_stopped_job(self, job: Job) -> None:
-        error = FetchFailed(self.info.get("offline") or "source changed")
-        for key in job.keys:
-            self.waits.fail(key, error)
-
-    async def _attempt(self, job: Job) -> None:
-        """One try at a job, with its bytes reserved in the budget."""
-        nbytes = job.nbytes  # more than the budget: admitted alone
-        await self.slots.reserve(self._level(job), nbytes, urgent=lambda: self._wanted(job))
-        job.held = nbytes
-        try:
-            await self._attempt_once(job)
-        finally:
-            self.slots.release_bytes(job.held)
-            job.held = 0
-
-    async def _attempt_once(self, job: Job) -> None:
-        node = self.image.ns.inodes[job.ino]
-        wants = [w for w in job.wants if (job.ino, w.tree, w.index) in job.keys
-                 and not self._present(node, w.tree, w.index)]
-        if self.base is not None:
-            wants = await self._hash_first(node, job, wants)
-            # hash blocks another job is fetching (a window's hash job started
-            # before the base was indexed) tell which data the base has too
-            await self._wait_for_parents(node, DATA, [w.index for w in wants if w.tree == DATA],
-                                         set(), job)
-            wants = await self._reuse(node, job, wants)
-        if not wants:
-            return
-        ranges = plan_ranges(wants, self._max_len(job), self.cfg.max_gap)
-        got, bad = await self._fetch(job, ranges)
-        zero = [(w, b"", None) for w in wants if not w.size]
-        failed = await self._store(node, job, got + zero)
-        failed.update(bad)
-        if failed:
-            await self._refetch(node, job, wants, failed)
-
-    def _max_len(self, job: Job) -> int:
-        """Longest range of one request: `request_max` for reads and
-        readahead (a 1 MiB read in one range: a burst of small parallel
-        ranges loses its tail at the bottleneck's queue and waits for a
-        retransmission, see docs/performance.md), `prefetch_chunk` for
-        prefetch. A miss still adds at most `amplify` bytes past what it needs."""
-        if job.readahead or not job.prefetch:
-            return self.cfg.request_max
-        return self.cfg.prefetch_chunk
-
-    async def _refetch(self, node, job: Job, wants: list[Want], failed) -> None:
-        """Fetch what failed (and hash blocks it still lacks) once more, from
-        another mirror when the source has one; fail the reads of what fails
-        again."""
-        self.stats["refetches"] += 1
-        retry: dict[tuple[int, int], Want] = {}
-        avoid: set[int] = set()
-        for (tree, index), origin in failed.items():
-            w = next((w for w in wants if w.tree == tree and w.index == index), None)
-            if w is not None and w.size:
-                retry[(tree, index)] = w
-            if origin is not None:
-                avoid.add(origin)
-        deps = self.planner.missing_deps(node, [i for (t, i) in failed if t == DATA])
-        self._claim(job, deps)
-        job.wants.extend(deps)
-        for w in deps:
-            retry[(w.tree, w.index)] = w
-        got2, bad2 = await self._fetch(job, plan_ranges(list(retry.values()), self.cfg.amplify, 0),
-                                       avoid=avoid)
-        still = await self._store(node, job, got2)
-        still.update(bad2)
-        for (tree, index) in failed:
-            if (tree, index) not in retry and not self._present(node, tree, index):
-                still[(tree, index)] = None  # e.g. a zero block that does not verify
-        lost = [(job.ino, t, i) for (t, i) in still if not self._present(node, t, i)]
-        if not lost:
-            return
-        # Every copy failed: is this still the image the cache is of?
-        try:
-            await self._check_source()  # raises ObjectChangedError when not
-        except CorruptImage:
-            pass  # damaged too: the blocks fail as damaged
-        self.stats["blocks_failed"] += len(lost)
-        self._fail_waiters(job, lost, FetchFailed(
-            f"inode {job.ino}: {len(lost)} block(s) failed verification from every "
-            "source tried"))
-
-    def _present(self, node, tree: int, index: int) -> bool:
-        target = node.data if tree == DATA else node.hashes
-        return target is not None and target.is_present(index)
-
-    def _level(self, job: Job) -> int:
-        if not job.prefetch:
-            return READ
-        return READAHEAD if job.readahead else PREFETCH
-
-    async def _fetch(self, job: Job, ranges: list[Range], avoid: set[int] | None = None):
-        """Read ranges in parallel (one request slot each). Returns ([(want,
-        stored bytes, origin mirror)], {(tree, index): origin} of blocks whose
-        bytes fail their CRC). Raises the first SourceError."""
-        got: list[tuple[Want, bytes, int | None]] = []
-        bad: dict[tuple[int, int], int | None] = {}
-        errors: list[BaseException] = []
-
-        async def one(r: Range, cancel: trio.CancelScope) -> None:
-            try:
-                data, origin = await self._fetch_range(job, r, avoid)
-            except Exception as e:
-                errors.append(e)
-                cancel.cancel()
-                return
-            self._check_crcs(r, data, origin, got, bad)
-
-        async with trio.open_nursery() as nursery:
-            for r in ranges:
-                nursery.start_soon(one, r, nursery.cancel_scope)
-        if errors:
-            raise errors[0]
-        return got, bad
-
-    async def _fetch_range(self, job: Job, r: Range, avoid):
-        level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),
-                                         nbytes=r.length)
-        try:
-            data, origin = await self._timed(self._read(r.offset, r.length, avoid), r.length)
-        finally:
-            self.slots.release_slot(level, r.length)
-        self.stats["requests"] += 1
-        self.stats["bytes_transferred"] += len(data)
-        self.prefetch_backoff = 1.0
-        self._online()
-        return data, origin
-
-    async def _timed(self, request, nbytes: int):
-        """Await a source request, timing it for the link estimate."""
-        self.link.started()
-        t0, got = time.monotonic(), 0
-        try:
-            result = await request
-            got = nbytes
-            return result
-        finally:
-            self.link.finished(got, time.monotonic() - t0 if got else 0.0)
-
-    def _depth(self) -> int:
-        """Bytes readahead and prefetch keep on the wire: bandwidth x RTT
-        with a margin, at least two requests, at most the budget."""
-        return self.link.depth(2 * self.cfg.request_max, self.cfg.inflight_budget)
-
-    def _check_crcs(self, r: Range, data: bytes, origin, got, bad) -> None:
-        for w in r.wants:
-            start = w.offset - r.offset
-            stored = data[start:start + w.size]
-            if zlib.crc32(stored) != w.crc:
-                # damaged on the way: never stored; fetched again
-                bad[(w.tree, w.index)] = origin
-                self.stats["crc_failures"] += 1
-                self.image.counters["verify_failures"] += 1
-            else:
-                got.append((w, stored, origin))
-
-    async def _read(self, offset: int, length: int, avoid: set[int] | None):
-        src = self.source
-        if isinstance(src, MirroredSource):
-            if avoid and len(avoid) < len(src.mirrors):
-                return await src.read_from_other(offset, length, sorted(avoid))
-            return await src.read_with_origin(offset, length)
-        return await src.read(offset, length), None
-
-    async def _store(self, node, job: Job, items) -> dict[tuple[int, int], int | None]:
-        """Fill fetched blocks (hash blocks first, each waiting for parents
-        another request is fetching); release what got stored. Returns the
-        (tree, index) of blocks that were not stored, with their origin."""
-        failed: dict[tuple[int, int], int | None] = {}
-        mine = {(w.tree, w.index) for w, _, _ in items}
-        for tree in (HASH, DATA):
-            group = [(w, b, o) for w, b, o in items if w.tree == tree
-                     and not self._present(node, tree, w.index)]
-            if group:
-                await self._wait_for_parents(node, tree, [w.index for w, _, _ in group],
-                                             mine, job)
-                failed.update(await self._fill(node, job, tree, group))
-        return failed
-
-    async def _fill(self, node, job: Job, tree: int, group) -> dict[tuple[int, int], int | None]:
-        blocks = [FillBlock(w.index, b, w.kind, TreeKind(tree)) for w, b, _ in group]
-        result = await self.service.fill(node.ino, blocks, fetched=True)
-        errors = {index for index, _code, _why in result.errors}
-        failed: dict[tuple[int, int], int | None] = {}
-        stored, refused = [], 0
-        for w, b, origin in group:
-            if w.index in errors and not self._present(node, tree, w.index):
-                failed[(tree, w.index)] = origin
-                refused += len(b)
-            else:
-                stored.append((node.ino, tree, w.index))
-                self.stats["blocks_fetched"] += 1
-                if job.background:
-                    self.stats["prefetch_blocks"] += 1
-                    self.stats["prefetch_bytes"] += len(b)
-        if refused:
-            # Service.fill counts every block handed to it; refused blocks
-            # were not fetched in any useful sense (R14: bytes_fetched is
-            # what the cache gained), so take them back out.
-            self.service.counters["bytes_fetched"] -= refused
-            self.stats["bytes_refused"] += refused
-        self._release(job, stored)
-        return failed
-
-    async def _wait_for_parents(self, node, tree: int, indexes: list[int], mine, job) -> None:
-        """Wait (bounded) for hash blocks these blocks are verified with when
-        another request is fetching them right now."""
-        if node.hashes is None:
-            return
-        events = [self.inflight[(node.ino, HASH, s)]
-                  for s in parents_needed(node, tree, indexes)
-                  if (HASH, s) not in mine and not node.hashes.is_present(s)
-                  and (node.ino, HASH, s) in self.inflight
-                  and (node.ino, HASH, s) not in job.keys]
-        if not events:
-            return
-        # Give the reservation back while waiting: the job fetching those
-        # hash blocks may be waiting for budget this one holds.
-        self.slots.release_bytes(job.held)
-        job.held = 0
-        with trio.move_on_after(self.cfg.dep_wait):
-            for event in events:
-                await event.wait()
