@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("incfs.mount")
 READY_TIMEOUT = 120.0
+SUPERVISOR_GRACE = 3.0  # seconds umount waits for the supervisor after its daemon
 READAHEAD_COMPLETE_KB = 8192
 READAHEAD_LOADING_KB = 1024
 
@@ -483,7 +484,8 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
     rundir = runtime_dir(mountpoint)
     pid = _read_pid(rundir / "pid") if entry.is_fuse else None
     # the supervisor removes the runtime directory after its daemon is gone:
-    # umount returns once both have exited
+    # umount gives it a moment (SUPERVISOR_GRACE) to do so, no more (one
+    # backing off from daemons that cannot start ends on its own)
     supervisor = _read_pid(rundir / "supervisor.pid") if entry.is_fuse else None
     # after a hand-off the mount is a kernel EROFS one: plain umount
     command = ["fusermount3", "-u", mountpoint] if entry.is_fuse else ["umount", mountpoint]
@@ -507,7 +509,7 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
             aborted = _signal_daemon(pid, signal.SIGTERM)
         time.sleep(0.05)
     if not process_alive(pid):
-        _wait_exit(supervisor, started + timeout)
+        _wait_exit(supervisor, time.monotonic() + SUPERVISOR_GRACE)
         return
     killed = _kill_stuck_daemon(pid)
     if killed:
