@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -38,6 +39,7 @@ from .image import Image
 from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, Node, Tree, open_input
 from .integrity import merkle, signing
 from .pack_blocks import Placements
+from .pack_entries import compact, expand
 from .pack_index import write_index
 from .pack_links import LinkTable
 
@@ -123,25 +125,25 @@ class _Packer:
             if new and entry.is_reg:
                 node.key = self._pack_file(entry)
             entry.data = None  # the opener holds the source open; not needed again
-            if _entry_problem(entry) is None:
+            if _entry_problem(entry) is None and node.entry is entry:
                 # Kept in the tree until layout: the walk rebuilds the path and
-                # only an error message would use the origin (together about
-                # 110 bytes an entry); an entry with a problem keeps its origin
-                # so layout reports it as before, if it is still in the tree.
+                # only an error message would use the origin; an entry with a
+                # problem stays whole so layout reports it as before, if it is
+                # still in the tree. (A hard link's node is its target's.)
                 entry.path, entry.origin = b"", ""
+                node.entry = compact(entry)
         self.stats.skipped.extend(source.notes)
 
     def layout(self) -> None:
         """Number the inodes (root 1, then depth first with names sorted) and
         key the block maps by inode number."""
-        ino_of_file: dict[int, int] = {}
-        for path, name, parent, node in self.tree.walk():
+        file_of_ino = array("q", [-1])  # by inode number; -1: no packed file
+        for path, name, parent, node in self.tree.walk(drain=True):
             if not node.ino:
                 node.ino = len(self.inodes) + 1
                 self.inodes.append(self._inode(path, node))
                 node.entry = None  # in the inode now; a walk needs only the names
-                if node.key is not None:
-                    ino_of_file[node.key] = node.ino
+                file_of_ino.append(-1 if node.key is None else node.key)
             else:
                 self.stats.hard_links += 1
             if parent is not None:
@@ -150,10 +152,10 @@ class _Packer:
         self._place_hot()
         # files replaced by a later entry get no inode: their blocks stay
         # unreachable in the spools, as before
-        self.placed.number_inodes(ino_of_file, len(self.inodes))
+        self.placed.number_inodes(file_of_ino)
 
     def _inode(self, path: bytes, node: Node) -> InodeEntry:
-        e = node.entry
+        e = expand(node.entry)
         why = _entry_problem(e)
         if why:
             raise UsageError(f"{e.origin}: {why}")

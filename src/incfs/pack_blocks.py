@@ -74,10 +74,9 @@ class Placements:
 
     # --- after layout (by inode number) -----------------------------------------
 
-    def number_inodes(self, ino_of_file: dict[int, int], inode_count: int) -> None:
-        file_of_ino = array("q", [-1]) * (inode_count + 1)
-        for number, ino in ino_of_file.items():
-            file_of_ino[ino] = number
+    def number_inodes(self, file_of_ino: array) -> None:
+        """From now on blocks are looked up by inode: `file_of_ino[ino]` is
+        the inode's file number, or -1 (not a regular file). Index 0 is unused."""
         self.file_of_ino = file_of_ino
 
     def _span(self, ino: int, tree: int) -> tuple[int, int] | None:
