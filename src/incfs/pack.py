@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 import zlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -37,7 +38,10 @@ from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, Inode
 from .image import Image
 from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, Node, Tree, open_input
 from .integrity import merkle, signing
+from .pack_blocks import Placements
+from .pack_entries import compact, expand
 from .pack_index import write_index
+from .pack_links import LinkTable
 
 Progress = Callable[[int], None]  # called with bytes of source consumed
 INODE_BATCH = 4096
@@ -96,13 +100,12 @@ class _Packer:
         self.stats = PackStats()
         self.tree = Tree()
         self.roots: list[bytes] = []  # file number -> Merkle root
-        self.links: list[tuple[int, int, bytes]] = []
+        self.links = LinkTable()
         self.inodes: list[InodeEntry] = []
         self.spools = {name: _Spool(tmpdir) for name in ("hash", "hot", "cold")}
-        # placed[(file, tree, index)] = (spool, offset, info, crc); after
-        # `layout`, keyed by inode number instead of file number
-        self.placed: dict[tuple[int, int, int], tuple[str, int, int, int]] = {}
-        self.by_hash: dict[bytes, tuple[str, int, int, int]] = {}
+        # where each block went, by file number; after `layout`, by inode
+        self.placed = Placements()
+        self.by_hash: dict[bytes, int] = {}  # hash + size -> slot of its first copy
         self.base_blocks = _index_base(base) if base else {}
         # Profiled ("hot") blocks are staged as they stream by and laid out
         # in profile order at the end.
@@ -122,34 +125,41 @@ class _Packer:
             if new and entry.is_reg:
                 node.key = self._pack_file(entry)
             entry.data = None  # the opener holds the source open; not needed again
+            if _entry_problem(entry) is None and node.entry is entry:
+                # Kept in the tree until layout: the walk rebuilds the path and
+                # only an error message would use the origin; an entry with a
+                # problem stays whole so layout reports it as before, if it is
+                # still in the tree. (A hard link's node is its target's.)
+                entry.path, entry.origin = b"", ""
+                node.entry = compact(entry)
         self.stats.skipped.extend(source.notes)
 
     def layout(self) -> None:
         """Number the inodes (root 1, then depth first with names sorted) and
         key the block maps by inode number."""
-        ino_of_file: dict[int, int] = {}
-        for path, name, parent, node in self.tree.walk():
+        file_of_ino = array("q", [-1])  # by inode number; -1: no packed file
+        for path, name, parent, node in self.tree.walk(drain=True):
             if not node.ino:
                 node.ino = len(self.inodes) + 1
                 self.inodes.append(self._inode(path, node))
                 node.entry = None  # in the inode now; a walk needs only the names
-                if node.key is not None:
-                    ino_of_file[node.key] = node.ino
+                file_of_ino.append(-1 if node.key is None else node.key)
             else:
                 self.stats.hard_links += 1
             if parent is not None:
-                self.links.append((node.ino, parent.ino, name))
+                self.links.append(node.ino, parent.ino, name)
         self.tree = Tree()  # the inodes and links hold it all now: let it go
         self._place_hot()
-        self.placed = {(ino_of_file[f], tree, i): where
-                       for (f, tree, i), where in self.placed.items() if f in ino_of_file}
+        # files replaced by a later entry get no inode: their blocks stay
+        # unreachable in the spools, as before
+        self.placed.number_inodes(file_of_ino)
 
     def _inode(self, path: bytes, node: Node) -> InodeEntry:
-        e = node.entry
-        xattrs = tuple(sorted(e.xattrs.items())) if e.xattrs else ()
-        why = xattr_problem(xattrs)
+        e = expand(node.entry)
+        why = _entry_problem(e)
         if why:
             raise UsageError(f"{e.origin}: {why}")
+        xattrs = tuple(sorted(e.xattrs.items())) if e.xattrs else ()
         file_id = e.file_id
         if file_id is None:
             file_id = hashlib.sha256(b"incfs file id" + path).digest()[:16] if path else bytes(16)
@@ -164,8 +174,6 @@ class _Packer:
         elif fmt == stat.S_IFDIR:
             self.stats.directories += node.ino != ROOT_INO
         elif fmt == stat.S_IFLNK:
-            if len(e.target) > MAX_SYMLINK:
-                raise UsageError(f"{e.origin}: symlink target longer than {MAX_SYMLINK} bytes")
             out.mode, out.size, out.target = stat.S_IFLNK | 0o777, len(e.target), e.target
             self.stats.symlinks += 1
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
@@ -175,25 +183,25 @@ class _Packer:
             self.stats.fifos += 1
         elif fmt == stat.S_IFSOCK:
             self.stats.sockets += 1
-        else:
-            raise UsageError(f"{e.origin}: unknown file type {oct(e.mode)}")
         return out
 
     # --- the data ------------------------------------------------------------
 
     def _pack_file(self, entry: Entry) -> int:
         """Store a file's blocks and hash tree; returns its file number."""
-        number = len(self.roots)
+        number = self.placed.begin_file(merkle.block_count(entry.size))
+        assert number == len(self.roots), (number, len(self.roots))
         hot = self.hot_wanted.get(entry.path)
         if hot:
             self.hot_file[entry.path] = number  # a later entry for the name wins
         hashes = self._read_file(entry, number, hot)
         root, tree = merkle.build_tree(hashes, entry.size)
         self.roots.append(root)
+        self.placed.begin_hashes(number, len(tree))
         for i, block in enumerate(tree):
             offset = self.spools["hash"].put(BlockKind.RAW, block)
-            self.placed[(number, TreeKind.HASH, i)] = (
-                "hash", offset, block_info(BlockKind.RAW, len(block)), zlib.crc32(block))
+            self.placed.set(self.placed.slot(number, TreeKind.HASH, i), (
+                "hash", offset, block_info(BlockKind.RAW, len(block)), zlib.crc32(block)))
         return number
 
     def _read_file(self, entry: Entry, number: int, hot: set[int] | None) -> list[bytes]:
@@ -224,15 +232,15 @@ class _Packer:
             self.stage.seek(offset)
             stored = self.stage.read(length)
             where = self.spools["hot"].put(kind, stored)
-            self.placed[(number, TreeKind.DATA, index)] = ("hot", where,
-                                                           block_info(kind, length), crc)
+            self.placed.set(self.placed.slot(number, TreeKind.DATA, index),
+                            ("hot", where, block_info(kind, length), crc))
         # Left over: blocks of an earlier file under a profiled name that a
         # later entry replaced (it may live on under a hard link).
         for (number, index), (kind, offset, length, crc) in sorted(self.staged.items()):
             self.stage.seek(offset)
             where = self.spools["hot"].put(kind, self.stage.read(length))
-            self.placed[(number, TreeKind.DATA, index)] = ("hot", where,
-                                                           block_info(kind, length), crc)
+            self.placed.set(self.placed.slot(number, TreeKind.DATA, index),
+                            ("hot", where, block_info(kind, length), crc))
         self.staged.clear()
 
     def _stage(self, number: int, index: int, dedup_key: bytes, block: bytes) -> None:
@@ -240,7 +248,8 @@ class _Packer:
             return
         kind, stored = self._encode(dedup_key, block)
         if kind is BlockKind.ZERO:
-            self.placed[(number, TreeKind.DATA, index)] = ("cold", 0, block_info(kind, 0), 0)
+            self.placed.set(self.placed.slot(number, TreeKind.DATA, index),
+                            ("cold", 0, block_info(kind, 0), 0))
             self.stats.zero_blocks += 1
             return
         offset = self.stage.seek(0, os.SEEK_END)
@@ -251,7 +260,7 @@ class _Packer:
     def _put_data(self, number: int, index: int, block: bytes, hot: set[int] | None) -> bytes:
         """Store one data block; returns its hash."""
         digest = merkle.hash_block(block)
-        key = (number, TreeKind.DATA, index)
+        slot = self.placed.slot(number, TreeKind.DATA, index)
         self.stats.blocks += 1
         dedup_key = digest + len(block).to_bytes(2, "little")
         if hot and index in hot:
@@ -259,17 +268,17 @@ class _Packer:
             return digest
         spool = "cold"
         if dedup_key in self.by_hash and not codec.is_zero(block):
-            self.placed[key] = self.by_hash[dedup_key]
+            self.placed.set(slot, self.placed.at(self.by_hash[dedup_key]))
             self.stats.dedup_blocks += 1
             return digest
         kind, stored = self._encode(dedup_key, block)
         offset = self.spools[spool].put(kind, stored)
         placement = (spool, offset, block_info(kind, len(stored)), zlib.crc32(stored))
-        self.placed[key] = placement
+        self.placed.set(slot, placement)
         if kind is BlockKind.ZERO:
             self.stats.zero_blocks += 1
         else:
-            self.by_hash[dedup_key] = placement
+            self.by_hash[dedup_key] = slot
             self.stats.bytes_stored += len(stored)
         return digest
 
@@ -287,8 +296,7 @@ class _Packer:
         (a deduplicated block, a different spool)."""
         current: BlockRun | None = None
         cursor = 0
-        for (ino, tree, index) in sorted(self.placed):
-            spool, rel, info, crc = self.placed[(ino, tree, index)]
+        for ino, tree, index, (spool, rel, info, crc) in self.placed.placed():
             kind = BlockKind(info >> 14)
             absolute = spool_base[spool] + rel if kind is not BlockKind.ZERO else 0
             extends = (current is not None and current.ino == ino and current.tree == tree
@@ -354,6 +362,23 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
         if base_img:
             base_img.close()
     return packer.stats
+
+
+_KNOWN_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                stat.S_IFIFO, stat.S_IFSOCK)
+
+
+def _entry_problem(e: Entry) -> str | None:
+    """Why an entry cannot become an inode (the message without its origin)."""
+    why = xattr_problem(tuple(sorted(e.xattrs.items()))) if e.xattrs else None
+    if why:
+        return why
+    fmt = stat.S_IFMT(e.mode)
+    if fmt not in _KNOWN_TYPES:
+        return f"unknown file type {oct(e.mode)}"
+    if fmt == stat.S_IFLNK and len(e.target) > MAX_SYMLINK:
+        return f"symlink target longer than {MAX_SYMLINK} bytes"
+    return None
 
 
 def _inode_batches(inodes: list[InodeEntry]) -> Iterator[list[InodeEntry]]:

@@ -26,6 +26,8 @@ from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
 from .format.log import LogAppender
 from .format.records import BlockKind, InodeEntry, needs_inodes2
 from .integrity.merkle import TreeGeometry, block_count
+from .pack_blocks import Placements
+from .pack_links import LinkTable
 
 # Room kept after the index for the SIGNATURE record (an RSA-4096 signature
 # is 512 bytes) and the PAD header before the payload.
@@ -42,16 +44,34 @@ class IndexPlan:
     payload: int
 
 
-def _dir_children(links: list[tuple[int, int, bytes]]) -> dict[int, list[tuple[bytes, int]]]:
-    children: dict[int, list[tuple[bytes, int]]] = {}
-    for child, parent, name in links:
-        children.setdefault(parent, []).append((name, child))
-    for names in children.values():
+class _Children:
+    """Each directory's links, grouped by a counting sort into one array of
+    link numbers (4 bytes a link, where a dict of lists of (name, child)
+    tuples cost about 90): a directory's sorted (name, child) list is made
+    only when its name block is written."""
+
+    def __init__(self, links: LinkTable, inode_count: int):
+        self.links = links
+        starts = array("I", bytes(4 * (inode_count + 2)))
+        for parent in links.parents:
+            starts[parent + 1] += 1
+        for ino in range(1, inode_count + 2):
+            starts[ino] += starts[ino - 1]
+        fill = array("I", starts)
+        order = array("I", bytes(4 * len(links)))
+        for k, parent in enumerate(links.parents):
+            order[fill[parent]] = k
+            fill[parent] += 1
+        self.starts, self.order = starts, order
+
+    def of(self, ino: int) -> list[tuple[bytes, int]]:
+        picked = self.order[self.starts[ino]:self.starts[ino + 1]]
+        names = [(self.links.names[k], self.links.children[k]) for k in picked]
         names.sort()
-    return children
+        return names
 
 
-def _link_counts(inodes: list[InodeEntry], links: list[tuple[int, int, bytes]]) -> array:
+def _link_counts(inodes: list[InodeEntry], links: LinkTable) -> array:
     """nlink as a log replay counts it: one per name, plus one per
     subdirectory for a directory (the mount adds the rest)."""
     counts = array("I", bytes(4 * (len(inodes) + 1)))
@@ -83,10 +103,10 @@ class _Spools:
 
 
 def write_index(fd: int, app: LogAppender, inodes: list[InodeEntry],
-                links: list[tuple[int, int, bytes]], placed: dict, spool_rel: dict[str, int],
+                links: LinkTable, placed: Placements, spool_rel: dict[str, int],
                 tmpdir: Path) -> IndexPlan:
-    """Append the INDEX record for the laid-out tree; `placed` maps
-    (ino, tree, index) to (spool, offset in spool, info, crc) and `spool_rel`
+    """Append the INDEX record for the laid-out tree; `placed` gives
+    (spool, offset in spool, info, crc) by (ino, tree, index) and `spool_rel`
     each spool's place inside the payload. Returns the plan (where the
     payload starts)."""
     spools = _Spools(tmpdir)
@@ -104,17 +124,17 @@ def write_index(fd: int, app: LogAppender, inodes: list[InodeEntry],
 
 
 def _names_and_heap(spools: _Spools, inodes: list[InodeEntry],
-                    links: list[tuple[int, int, bytes]]):
+                    links: LinkTable):
     """Name blocks and heap blobs; returns per-inode (by ino - 1) arrays of
     name-block offsets and counts, heap offsets and lengths (arrays: a
     million inodes cost 8 bytes each, not a dict entry)."""
-    children = _dir_children(links)
+    children = _Children(links, len(inodes))
     n = len(inodes)
     extents, counts = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
     heaps, heap_lens = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
     for i, e in enumerate(inodes):
         if stat.S_ISDIR(e.mode):
-            names = children.pop(e.ino, [])
+            names = children.of(e.ino)
             extents[i] = spools.w["names"].write(encode_names(names))
             counts[i] = len(names)
         if e.metadata or e.target or e.xattrs:
@@ -141,18 +161,18 @@ def _plan(record: int, count: int, spools: _Spools, maps_len: int) -> IndexPlan:
     return IndexPlan(record, start, end, payload)
 
 
-def _write_maps(w: RegionWriter, inodes: list[InodeEntry], placed: dict,
+def _write_maps(w: RegionWriter, inodes: list[InodeEntry], placed: Placements,
                 base: dict[str, int]) -> None:
     for e in inodes:
         if not stat.S_ISREG(e.mode):
             continue
         for tree, n in enumerate(_tree_counts(e)):
             if n == 1:  # most files: one block, 14 bytes (+2 of padding)
-                w.write(_one_block(placed.get((e.ino, tree, 0)), base))
+                w.write(_one_block(placed.get(e.ino, tree, 0), base))
                 continue
             offsets, infos, crcs = [], [], []
             for i in range(n):
-                where = placed.get((e.ino, tree, i))
+                where = placed.get(e.ino, tree, i)
                 if where is None:
                     offsets.append(0), infos.append(ABSENT), crcs.append(0)
                     continue

@@ -384,10 +384,13 @@ class RegionWriter:
     def write(self, blob: bytes) -> int:
         """Append `blob`; returns its offset inside the region."""
         at = self.length
+        if not blob:  # an empty file's block map: nothing to keep
+            return at
         self.buffer.append(blob)
         self.buffered += len(blob)
         self.length += len(blob)
-        if self.buffered >= 1 << 20:
+        # by count too: a megabyte of 16-byte maps is 65,536 objects
+        if self.buffered >= 1 << 20 or len(self.buffer) >= 4096:
             self.flush()
         return at
 

@@ -28,7 +28,8 @@ class Node:
     __slots__ = ("entry", "children", "layer", "key", "ino")
 
     def __init__(self, entry: Entry, layer: int = 0):
-        self.entry = entry
+        # pack swaps in a compact form (bytes) once it has read the entry
+        self.entry: Entry | bytes = entry
         self.children: dict[bytes, Node] | None = {} if entry.is_dir else None
         self.layer = layer  # which layer put it here (OCI)
         self.key: object = None  # the input's or packer's handle on the content
@@ -121,10 +122,12 @@ class Tree:
                 elif child.children is not None:
                     stack.append(child)
 
-    def walk(self) -> Iterator[tuple[bytes, bytes, Node | None, Node]]:
+    def walk(self, drain: bool = False) -> Iterator[tuple[bytes, bytes, Node | None, Node]]:
         """(path, name, parent, node) depth first, names in byte order; the
         root comes first with parent None. A hard-linked node comes once per
-        name."""
+        name. With `drain`, each directory is emptied once its children are
+        on the walk's stack, so the tree is freed as it is walked (pack's
+        layout: the tree and what is made from it are never both whole)."""
         stack: list[tuple[bytes, bytes, Node | None, Node]] = [(b"", b"", None, self.root)]
         while stack:
             path, name, parent, node = stack.pop()
@@ -133,3 +136,5 @@ class Tree:
                 for child_name in sorted(node.children, reverse=True):
                     child_path = path + b"/" + child_name if path else child_name
                     stack.append((child_path, child_name, node, node.children[child_name]))
+                if drain:
+                    node.children = {}

@@ -1,0 +1,76 @@
+"""Peak RSS of `incfs pack` at its stages, for issue 11's memory target.
+
+    PYTHONPATH=src python bench/pack_stages.py --make DIR --dirs 200   # the tree
+    PYTHONPATH=src python bench/pack_stages.py DIR OUT.img             # pack it
+
+The tree is test_million_files's: DIRS directories of 1,000 files, every
+100th with one line. Prints VmHWM after reading the input (consume) and after
+numbering the inodes (layout), then the whole pack's seconds and peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def vm_hwm_mib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024
+
+
+def make_tree(root: str, dirs: int) -> None:
+    os.makedirs(root, exist_ok=True)
+    for d in range(dirs):
+        path = os.path.join(root, "d%03d" % d)
+        os.mkdir(path)
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        for i in range(1000):
+            fd = os.open("f%03d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
+            if i % 100 == 0:
+                os.write(fd, b"file %d/%d\n" % (d, i))
+            os.close(fd)
+        os.close(dfd)
+
+
+def pack_with_stages(src: str, image: str) -> dict:
+    import incfs.pack as P  # the hooks wrap the packer's two stages
+
+    stages: dict[str, int] = {}
+    consume, layout = P._Packer.consume, P._Packer.layout
+
+    def hooked_consume(self, source):
+        consume(self, source)
+        stages["consume_mib"] = vm_hwm_mib()
+
+    def hooked_layout(self):
+        layout(self)
+        stages["layout_mib"] = vm_hwm_mib()
+
+    P._Packer.consume, P._Packer.layout = hooked_consume, hooked_layout
+    t = time.perf_counter()
+    stats = P.pack(src, image, compress="zstd", overwrite=True)
+    return {"seconds": round(time.perf_counter() - t, 2), "files": stats.files,
+            **stages, "peak_mib": vm_hwm_mib()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src")
+    ap.add_argument("image", nargs="?")
+    ap.add_argument("--make", action="store_true", help="make the tree at SRC instead")
+    ap.add_argument("--dirs", type=int, default=200)
+    args = ap.parse_args()
+    if args.make:
+        make_tree(args.src, args.dirs)
+    elif args.image:
+        print(json.dumps(pack_with_stages(args.src, args.image)))
+    else:
+        sys.exit("an IMAGE to pack into, or --make")
+
+
+if __name__ == "__main__":
+    main()
