@@ -32,21 +32,6 @@ from systems import Erofs  # noqa: E402
 
 MiB = 1 << 20
 
-_MAKE = textwrap.dedent("""
-    import os, sys
-    root, dirs = sys.argv[1], int(sys.argv[2])
-    for d in range(dirs):
-        dp = os.path.join(root, "d%05d" % d)
-        os.mkdir(dp)
-        dfd = os.open(dp, os.O_RDONLY | os.O_DIRECTORY)
-        for i in range(1000):
-            fd = os.open("f%03d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
-            if i % 100 == 0:
-                os.write(fd, b"file %d/%d\\n" % (d, i))
-            os.close(fd)
-        os.close(dfd)
-""")
-
 # Runs a command as a child and prints its wall time and peak RSS (KiB):
 # RUSAGE_CHILDREN of a fresh process is that one child's peak.
 _MEASURE = textwrap.dedent("""
@@ -77,7 +62,8 @@ def measured(argv: list[str]) -> dict:
 def make_tree(root: Path, files: int) -> float:
     t = time.perf_counter()
     root.mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", _MAKE, str(root), str(max(1, files // 1000))],
+    subprocess.run([sys.executable, "-m", "incfs.testing.smalltree", str(root),
+                    str(max(1, files // 1000))],
                    check=True)
     return time.perf_counter() - t
 

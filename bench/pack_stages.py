@@ -12,28 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+
+
+from incfs.testing.smalltree import make_tree  # noqa: E402
 
 
 def vm_hwm_mib() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) // 1024
-
-
-def make_tree(root: str, dirs: int) -> None:
-    os.makedirs(root, exist_ok=True)
-    for d in range(dirs):
-        path = os.path.join(root, "d%03d" % d)
-        os.mkdir(path)
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        for i in range(1000):
-            fd = os.open("f%03d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
-            if i % 100 == 0:
-                os.write(fd, b"file %d/%d\n" % (d, i))
-            os.close(fd)
-        os.close(dfd)
 
 
 def pack_with_stages(src: str, image: str) -> dict:

@@ -171,21 +171,6 @@ def test_failed_pack_leaves_nothing(tmp_path, sample_tree, monkeypatch):
 
 # --- scale -------------------------------------------------------------------------
 
-_MAKE = textwrap.dedent("""
-    import os, sys
-    root = sys.argv[1]
-    for d in range(1000):
-        dp = os.path.join(root, "d%03d" % d)
-        os.mkdir(dp)
-        dfd = os.open(dp, os.O_RDONLY | os.O_DIRECTORY)
-        for i in range(1000):
-            fd = os.open("f%03d" % i, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=dfd)
-            if i % 100 == 0:
-                os.write(fd, b"file %d/%d\\n" % (d, i))
-            os.close(fd)
-        os.close(dfd)
-""")
-
 _PACK = textwrap.dedent("""
     import json, resource, sys, time
     from incfs.pack import pack
@@ -235,7 +220,8 @@ def test_million_files(tmp_path, capsys):
     src.mkdir()
     try:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", _MAKE, str(src)], check=True)
+        subprocess.run([sys.executable, "-m", "incfs.testing.smalltree", str(src), "1000"],
+                       check=True)
         created = time.perf_counter() - t0
         image = tmp_path / "million.img"
         packed = json.loads(subprocess.run([sys.executable, "-c", _PACK, str(src), str(image)],
