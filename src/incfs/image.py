@@ -36,7 +36,7 @@ from .format.records import (BlockKind, BlockRun, DirentEntry, DirentOp,
                              InodeEntry, InodeFlags, SignatureEntry, TreeKind,
                              info_kind, info_size)
 from .index_ns import IndexNamespace, IndexSourceMaps
-from .integrity import merkle, signing
+from .integrity import merkle
 from .namespace import Inode, Namespace, check_name
 from .space import release as space_release
 from .space.plainfiles import PlainFiles
@@ -393,6 +393,8 @@ class Image(Fills, VerifiedReads):
         return merkle.digest(node.root_hash, node.size)
 
     def sign(self, private_key) -> None:
+        from .integrity import signing  # cryptography costs ~10 ms to import: only with keys
+
         root = self.canonical_root()
         alg, key_id, sig = signing.sign(private_key, root)
         entry = SignatureEntry(int(alg), key_id, root, sig)
@@ -411,6 +413,8 @@ class Image(Fills, VerifiedReads):
         the tree as of the signature matches what was signed."""
         if self.signature is None:
             raise IntegrityError("image is not signed")
+        from .integrity import signing
+
         s = self.signature
         if s.root != s.entry.root:
             raise IntegrityError("namespace or file digests differ from what was signed")

@@ -12,7 +12,6 @@ mount point: stat() of a FUSE mount whose daemon hangs hangs too.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -34,7 +33,9 @@ SYS_MOVE_MOUNT = 429
 
 FUSECTL = "/sys/fs/fuse/connections"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# dlopen(NULL): the process's own symbols, libc among them. find_library("c")
+# would run `ldconfig -p` in a subprocess at every daemon start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 

@@ -35,7 +35,7 @@ from incfs.sources.http import HttpSource
 from incfs.sources.local import LocalSource
 from incfs.sources.mirrors import Mirror, MirroredSource
 from incfs.sources.retry import RetryPolicy, call_with_retry
-from incfs.sources.registry import backend_for, is_remote, open_one, options_for
+from incfs.sources.registry import backend_for, is_remote, open_one, options_for, preload
 from incfs.sources.s3 import S3Source, parse_s3_url
 
 __all__ = [
@@ -43,7 +43,7 @@ __all__ = [
     "NotFoundError", "ObjectChangedError", "PermanentSourceError",
     "RangeNotSatisfiableError", "RetryPolicy", "S3Source", "Source", "SourceError",
     "SourceStats", "TransientSourceError", "backend_for", "call_with_retry", "is_remote",
-    "open_source", "options_for", "parse_s3_url",
+    "open_source", "options_for", "parse_s3_url", "preload",
 ]
 
 #: Options consumed by MirroredSource itself when the spec is a list.

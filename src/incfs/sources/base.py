@@ -131,6 +131,12 @@ class Source(abc.ABC):
         (raise UsageError when the spec is malformed)."""
         raise UsageError(f"{cls.__name__} cannot be opened from a spec")
 
+    @classmethod
+    def preload(cls) -> None:
+        """Import the client library this backend needs, ahead of opening one
+        (a mount does it before its metadata fetch, which starts in a thread
+        while the main thread loads the rest of the daemon)."""
+
     def __init__(self, name: str, *, max_concurrency: int = DEFAULT_CONCURRENCY) -> None:
         if max_concurrency < 1:
             raise UsageError("max_concurrency must be at least 1")

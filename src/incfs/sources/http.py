@@ -18,7 +18,9 @@ byte range of a gzip stream is not a byte range of the object.
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -50,6 +52,26 @@ _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 # Statuses where the server itself says "later might work".
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 509, 520, 521,
                                  522, 523, 524})
+
+
+def _import_httpx() -> Any:
+    """httpx without its command-line client. `import httpx` also imports
+    `httpx._main` (rich, click and pygments, when installed): about 40 ms of
+    every daemon start for a tool the daemon never runs. A None in
+    sys.modules makes that one import fail, and httpx then defines a stub."""
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+    import httpx
+
+    return httpx
+
+
+@functools.cache
+def _ssl_context(verify: bool | str) -> Any:
+    """One TLS context per trust setting for the whole process: building one
+    (the CA bundle parsed) takes 20-25 ms, and a mount opens a source for
+    its metadata, another for the loader and maybe a probe."""
+    return _import_httpx().create_ssl_context(verify=verify)
 
 
 def redact_url(url: str) -> str:
@@ -130,6 +152,16 @@ class HttpSource(Source):
     def spec_args(cls, spec: str) -> dict[str, Any]:
         return {"url": spec}
 
+    @classmethod
+    def preload(cls) -> None:
+        _ssl_context(True)  # imports httpx on the way
+        import httpcore  # noqa: F401  httpx imports it when the first client is made
+
+        try:
+            import h2.connection  # noqa: F401  and this when that client asks for http2
+        except ImportError:
+            pass
+
     def __init__(
         self,
         url: str,
@@ -144,7 +176,7 @@ class HttpSource(Source):
         check_validators: bool = True,
         name: str | None = None,
     ) -> None:
-        import httpx  # here, not at module level: see the TYPE_CHECKING import
+        httpx = _import_httpx()  # here, not at module level: see the TYPE_CHECKING import
 
         try:
             parsed = httpx.URL(url)
@@ -160,7 +192,7 @@ class HttpSource(Source):
             http2=http2,
             follow_redirects=True,
             max_redirects=10,
-            verify=verify,
+            verify=_ssl_context(verify),
             headers={"Accept-Encoding": "identity", **dict(headers or {})},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections,

@@ -44,6 +44,16 @@ def backend_for(spec: str) -> type[Source]:
     raise UsageError(f"unsupported source scheme {scheme!r} in {spec!r}")
 
 
+def preload(spec: str) -> None:
+    """Import what opening `spec` needs (nothing for an unknown spec: opening
+    it will say what is wrong)."""
+    try:
+        backend = backend_for(spec)
+    except UsageError:
+        return
+    backend.preload()
+
+
 def is_remote(spec: str) -> bool:
     """Whether `spec` names a source read over the network (so a mount of it
     runs the built-in loader with a cache). Words that are no source spec at

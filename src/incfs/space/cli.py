@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..image import Image
-
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
@@ -19,6 +17,7 @@ def register(main: click.Group) -> None:
     def gc_cmd(image: Path) -> None:
         """Give back the space of dead data in IMAGE (a cache, not mounted):
         files no name reaches, and stored bytes no block map names."""
+        from ..image import Image  # here: every `incfs` command would pay ~50 ms for it
         from .gc import collect
 
         with Image.open(image, writable=True) as img:

@@ -6,7 +6,6 @@ zeros, which fail the block's CRC and Merkle checks (never served)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 from .. import BLOCK_SIZE
@@ -14,7 +13,9 @@ from .. import BLOCK_SIZE
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# dlopen(NULL): the process's own symbols, libc among them. find_library("c")
+# would run `ldconfig -p` in a subprocess at every daemon start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
