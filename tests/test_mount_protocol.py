@@ -356,7 +356,9 @@ def test_too_many_connections(loaded):
 # --- kill -9 of the daemon --------------------------------------------------------------
 
 def test_kill_9_keeps_every_acknowledged_block(mounts):
-    m = mounts(keep_cache=True)
+    # no supervisor: it would start a new daemon on the cache at once, and
+    # this test remounts the cache itself after the death
+    m = mounts(keep_cache=True, supervise=False)
     f = SeedFile("victim", 16_000 * BLOCK_SIZE + 11)
     acked: list[int] = []
     created: list[str] = []

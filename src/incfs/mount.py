@@ -258,8 +258,14 @@ def _fsname(config: MountConfig) -> str:
     return os.path.abspath(config.source)
 
 
+def _loads(config: MountConfig) -> bool:
+    """Whether the mount runs the built-in loader: a remote source, or a
+    cache of any source but an empty mount's."""
+    return is_remote(config.source) or bool(config.cache and config.source != "empty")
+
+
 def _start_loader(config: MountConfig, service: Service, nursery):
-    if not (is_remote(config.source) or (config.cache and config.source != "empty")):
+    if not _loads(config):
         return None
     from .loader import start_loader
 
@@ -360,7 +366,8 @@ def _open_backing_while_importing(config: MountConfig) -> Image:
 
     from . import image, loader, sources  # noqa: F401
 
-    if is_remote(config.source) or config.cache:
+    loading = _loads(config)
+    if loading:
         from .loader import cache  # noqa: F401
         sources.preload(config.source)
     outcome: list = []
@@ -373,18 +380,20 @@ def _open_backing_while_importing(config: MountConfig) -> Image:
 
     opener = threading.Thread(target=run, name="open-backing", daemon=True)
     opener.start()
-    _import_serving()
+    _import_serving(loading)
     opener.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
 
 
-def _import_serving() -> None:
-    """The modules serve() and the loader use, loaded ahead of them."""
+def _import_serving(loading: bool) -> None:
+    """The modules serve() (and the loader, if one runs) use, loaded ahead."""
     from . import fuse, fusefs, metrics_http, passthrough, service  # noqa: F401
     from .control import server  # noqa: F401
-    from .loader import core  # noqa: F401
+
+    if loading:
+        from .loader import core  # noqa: F401
 
 
 def remove_runtime_dir(mountpoint: str, *, leftovers: bool = False) -> None:
