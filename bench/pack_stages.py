@@ -4,8 +4,9 @@
     PYTHONPATH=src python bench/pack_stages.py DIR OUT.img             # pack it
 
 The tree is test_million_files's: DIRS directories of 1,000 files, every
-100th with one line. Prints VmHWM after reading the input (consume) and after
-numbering the inodes (layout), then the whole pack's seconds and peak.
+100th with one line. Prints VmHWM after reading the input and
+numbering the inodes (for a directory one pass, for a tar or OCI input the
+tree and then its walk), then the whole pack's seconds and peak.
 """
 
 from __future__ import annotations
@@ -25,20 +26,16 @@ def vm_hwm_mib() -> int:
 
 
 def pack_with_stages(src: str, image: str) -> dict:
-    import incfs.pack as P  # the hooks wrap the packer's two stages
+    import incfs.pack as P  # the hook wraps the packer's read-and-number stage
 
     stages: dict[str, int] = {}
-    consume, layout = P._Packer.consume, P._Packer.layout
+    run = P._Packer.run
 
-    def hooked_consume(self, source):
-        consume(self, source)
-        stages["consume_mib"] = vm_hwm_mib()
+    def hooked_run(self, source):
+        run(self, source)
+        stages["numbered_mib"] = vm_hwm_mib()
 
-    def hooked_layout(self):
-        layout(self)
-        stages["layout_mib"] = vm_hwm_mib()
-
-    P._Packer.consume, P._Packer.layout = hooked_consume, hooked_layout
+    P._Packer.run = hooked_run
     t = time.perf_counter()
     stats = P.pack(src, image, compress="zstd", overwrite=True)
     return {"seconds": round(time.perf_counter() - t, 2), "files": stats.files,

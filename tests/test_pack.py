@@ -258,6 +258,73 @@ def test_pack_into_its_own_source(tmp_path):
         assert [p for p, _n in img.ns.walk()] == [b"", b"/a"]
 
 
+def _walked(img: Image) -> list[tuple]:
+    return [(path, n.ino, n.mode, n.nlink, n.parent, n.file_id, n.target,
+             img.read_range(n, 0, n.size) if n.is_reg else b"") for path, n in img.ns.walk()]
+
+
+def test_directory_walk_numbers_like_a_tree(tmp_path):
+    """A directory is numbered as it is listed, a tar through a tree; both
+    give each inode the same number, and a hard link's inode goes to its
+    first name in inode order even when a later-listed directory holds it
+    (a/sub is listed after the root's own files, but numbered before b)."""
+    src = tmp_path / "src"
+    (src / "a" / "sub").mkdir(parents=True)
+    (src / "empty").mkdir()
+    (src / "b").write_bytes(b"b" * 5000)
+    (src / "a" / "x").write_bytes(b"x")
+    (src / "z").write_bytes(b"")
+    os.link(src / "b", src / "a" / "sub" / "hard_b")
+    os.link(src / "z", src / "a" / "hard_z")
+    os.link(src / "z", src / "zz")
+    os.symlink("../b", src / "a" / "sym")
+    tar = tmp_path / "src.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(tar), "."], check=True)
+    pack(src, tmp_path / "dir.img")
+    stats = pack(tar, tmp_path / "tar.img")
+    assert stats.hard_links == 3
+    with Image.open(tmp_path / "dir.img") as d, Image.open(tmp_path / "tar.img") as t:
+        assert _walked(d) == _walked(t)
+        node = dict(d.ns.walk())
+        assert node[b"/a/sub/hard_b"].ino == node[b"/b"].ino < node[b"/a/x"].ino
+        assert node[b"/b"].nlink == 2 and node[b"/zz"].nlink == 3
+
+
+def test_directory_pack_holds_only_the_open_listings(tmp_path, monkeypatch):
+    """Packing a directory builds no tree, and the index writer holds the
+    listings of the directories on the walk's path only: memory follows the
+    tree's depth and width, not its size (1M files: docs/performance.md)."""
+    import incfs.inputs.tree as tree_mod
+    import incfs.pack_index as pack_index
+
+    src = tmp_path / "src"
+    for d in range(6):
+        for sub in range(3):
+            (src / f"d{d}" / f"s{sub}").mkdir(parents=True)
+            for f in range(20):
+                (src / f"d{d}" / f"s{sub}" / f"f{f}").write_bytes(b"%d" % f if f % 5 else b"")
+    nodes, most_open = [0], [0]
+    node_init, reserve = tree_mod.Node.__init__, pack_index.IndexWriter._reserve_names
+
+    def counting_init(self, *args, **kw):
+        nodes[0] += 1
+        node_init(self, *args, **kw)
+
+    def watching_reserve(self, ino, names):
+        out = reserve(self, ino, names)
+        most_open[0] = max(most_open[0], len(self.open))
+        return out
+
+    monkeypatch.setattr(tree_mod.Node, "__init__", counting_init)
+    monkeypatch.setattr(pack_index.IndexWriter, "_reserve_names", watching_reserve)
+    stats = pack(src, tmp_path / "out.img")
+    assert stats.files == 6 * 3 * 20
+    assert nodes[0] <= 1  # the packer's empty tree, for inputs that need one
+    assert most_open[0] <= 3  # the root, a d*, an s*: the path's depth
+    with Image.open(tmp_path / "out.img") as img:
+        assert img.read_range(dict(img.ns.walk())[b"/d5/s2/f19"], 0, 9) == b"19"
+
+
 # --- POSIX fidelity (format 1.1) ---------------------------------------------------
 
 def _assert_posix_matches(img: Image, src: Path) -> None:

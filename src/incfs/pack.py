@@ -27,7 +27,7 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, Protocol
 
 from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import UsageError
@@ -36,12 +36,12 @@ from .format.layout import (MINOR_BASE, MINOR_INDEX, MINOR_POSIX, RECORD_HEADER_
 from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, InodeFlags,
                              TreeKind, block_info, encode_runs, place_block, xattr_problem)
 from .image import Image
-from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, Node, Tree, open_input
+from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, Tree, open_input
 from .integrity import merkle, signing
 from .pack_blocks import Placements
 from .pack_entries import compact, expand
-from .pack_index import write_index
-from .pack_links import LinkTable
+from .pack_index import IndexWriter
+from .pack_links import LogCollector
 
 Progress = Callable[[int], None]  # called with bytes of source consumed
 INODE_BATCH = 4096
@@ -88,22 +88,42 @@ class _Spool:
         return (self.cursor + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE
 
 
+class Sink(Protocol):
+    """Where the packer hands the laid-out tree: each new inode as it is
+    numbered (in inode order), then each name that leads to it."""
+
+    def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
+              subdirs: int) -> None: ...
+
+    def name(self, child: int, parent: int, name: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class _Packer:
     """Reads entries as the input delivers them (a tar stream only once):
     each file's blocks go to the spools at once, keyed by a file number;
-    inode numbers are given when the tree is complete (`layout`)."""
+    inodes are numbered root 1, then depth first with names sorted, and
+    handed to `sink` as they are numbered.
+
+    A tar or OCI input builds the tree first (later entries win, hard links
+    name earlier entries) and numbers it when it is complete (`consume`,
+    `layout`). A directory is walked in inode order as it is listed
+    (`walk_listed`), with no tree."""
 
     def __init__(self, kind: BlockKind, progress: Progress | None, base: Image | None,
-                 tmpdir: Path, profile: list[tuple[str, int]]):
+                 tmpdir: Path, profile: list[tuple[str, int]], sink: Sink):
         self.kind = kind
         self.progress = progress or (lambda n: None)
         self.stats = PackStats()
+        self.sink = sink
         self.tree = Tree()
-        self.roots: list[bytes] = []  # file number -> Merkle root
-        self.links = LinkTable()
-        self.inodes: list[InodeEntry] = []
+        self.roots = bytearray()  # file number -> Merkle root, 32 bytes each
+        self.file_of_ino = array("q", [-1])  # by inode number; -1: no packed file
+        # a directory input's hard-linked files by first path: [kept entry, file number, ino]
+        self.groups: dict[bytes, list] = {}
         self.spools = {name: _Spool(tmpdir) for name in ("hash", "hot", "cold")}
-        # where each block went, by file number; after `layout`, by inode
+        # where each block went, by file number; after `run`, by inode
         self.placed = Placements()
         self.by_hash: dict[bytes, int] = {}  # hash + size -> slot of its first copy
         self.base_blocks = _index_base(base) if base else {}
@@ -117,7 +137,20 @@ class _Packer:
         self.staged: dict[tuple[int, int], tuple[BlockKind, int, int, int]] = {}
         self.stage = tempfile.TemporaryFile(dir=tmpdir)
 
-    # --- the tree ------------------------------------------------------------
+    def run(self, source: Input) -> None:
+        """Read and number the whole input, then place the profiled blocks
+        and key the block maps by inode number."""
+        if isinstance(source, ListedInput):
+            self.walk_listed(source)
+        else:
+            self.consume(source)
+            self.layout()
+        self._place_hot()
+        # files replaced by a later entry got no inode: their blocks stay
+        # unreachable in the spools, as before
+        self.placed.number_inodes(self.file_of_ino)
+
+    # --- a tree (tar, OCI, an image being compacted) ---------------------------
 
     def consume(self, source: Input) -> None:
         for entry in source.entries():
@@ -125,37 +158,100 @@ class _Packer:
             if new and entry.is_reg:
                 node.key = self._pack_file(entry)
             entry.data = None  # the opener holds the source open; not needed again
-            if _entry_problem(entry) is None and node.entry is entry:
-                # Kept in the tree until layout: the walk rebuilds the path and
-                # only an error message would use the origin; an entry with a
-                # problem stays whole so layout reports it as before, if it is
-                # still in the tree. (A hard link's node is its target's.)
-                entry.path, entry.origin = b"", ""
-                node.entry = compact(entry)
+            if node.entry is entry:  # (a hard link's node is its target's)
+                node.entry = _keep(entry, strip=True)
         self.stats.skipped.extend(source.notes)
 
     def layout(self) -> None:
-        """Number the inodes (root 1, then depth first with names sorted) and
-        key the block maps by inode number."""
-        file_of_ino = array("q", [-1])  # by inode number; -1: no packed file
+        """Number the tree's inodes, draining the tree as it is walked."""
         for path, name, parent, node in self.tree.walk(drain=True):
             if not node.ino:
-                node.ino = len(self.inodes) + 1
-                self.inodes.append(self._inode(path, node))
+                names, subdirs = None, 0
+                if node.children is not None:
+                    names = sorted(node.children)
+                    subdirs = sum(c.children is not None for c in node.children.values())
+                node.ino = self._add_inode(path, node.entry, node.key,
+                                           parent.ino if parent else 0, names, subdirs)
                 node.entry = None  # in the inode now; a walk needs only the names
-                file_of_ino.append(-1 if node.key is None else node.key)
             else:
                 self.stats.hard_links += 1
             if parent is not None:
-                self.links.append(node.ino, parent.ino, name)
-        self.tree = Tree()  # the inodes and links hold it all now: let it go
-        self._place_hot()
-        # files replaced by a later entry get no inode: their blocks stay
-        # unreachable in the spools, as before
-        self.placed.number_inodes(file_of_ino)
+                self.sink.name(node.ino, parent.ino, name)
+        self.tree = Tree()  # the sink holds it all now: let it go
 
-    def _inode(self, path: bytes, node: Node) -> InodeEntry:
-        e = expand(node.entry)
+    # --- a directory, walked in inode order ------------------------------------------
+
+    def walk_listed(self, source: ListedInput) -> None:
+        """Each directory is listed, and its files packed, when the walk
+        enters it, so data lands in the order `source.entries()` gives (a
+        directory's files before its subdirectories'); what is held is the
+        listings of the directories on the walk's path."""
+        root = source.root_entry()
+        stack = [self._enter(source, root, 0)]
+        while stack:
+            parent, children = stack[-1]
+            if not children:
+                stack.pop()
+                continue
+            entry, number = children.pop()
+            if entry.is_dir:
+                child, grandchildren = self._enter(source, entry, parent)
+                stack.append((child, grandchildren))
+            else:
+                child = self._listed_inode(entry, number, parent)
+            self.sink.name(child, parent, _base_name(entry.path))
+        self.stats.skipped.extend(source.notes)
+
+    def _enter(self, source: ListedInput, entry: Entry,
+               parent: int) -> tuple[int, list[tuple[Entry, int | None]]]:
+        """Number directory `entry` and pack the files it holds; returns its
+        inode number and its children (last first, to be popped)."""
+        listing = source.listing(entry.path)
+        children = [(e, self._pack_listed(e)) for e in listing]
+        names = [_base_name(e.path) for e in listing]
+        ino = self._add_inode(entry.path, entry, None, parent, names,
+                              sum(e.is_dir for e in listing))
+        children.reverse()
+        return ino, children
+
+    def _pack_listed(self, e: Entry) -> int | None:
+        """Pack a listed regular file; returns its file number. A file with
+        other names is kept until the walk first meets one of them."""
+        if e.link is not None:
+            if e.link not in self.groups:
+                raise UsageError(f"{e.origin}: hard link to {e.link!r}, which is not an "
+                                 "earlier entry")
+            return None
+        number = self._pack_file(e) if e.is_reg else None
+        e.data = None
+        if e.shared:
+            self.groups[e.path] = [_keep(e, strip=False), number, 0]
+        return number
+
+    def _listed_inode(self, e: Entry, number: int | None, parent: int) -> int:
+        if e.link is None and not e.shared:
+            return self._add_inode(e.path, e, number, parent, None, 0)
+        group = self.groups[e.link if e.link is not None else e.path]
+        if group[2]:
+            self.stats.hard_links += 1
+        else:  # the first of its names in inode order, as a tree's walk has it
+            group[2] = self._add_inode(e.path, group[0], group[1], parent, None, 0)
+        return group[2]
+
+    # --- numbering ----------------------------------------------------------------------
+
+    def _add_inode(self, path: bytes, kept: Entry | bytes, number: int | None, parent: int,
+                   names: list[bytes] | None, subdirs: int) -> int:
+        """Number the next inode and hand it to the sink; `number` is its
+        packed file's, `names` (directories) its children's, sorted."""
+        ino = len(self.file_of_ino)
+        self.sink.inode(self._inode(ino, path, kept, number), parent, names, subdirs)
+        self.file_of_ino.append(-1 if number is None else number)
+        return ino
+
+    def _inode(self, ino: int, path: bytes, kept: Entry | bytes,
+               number: int | None) -> InodeEntry:
+        e = expand(kept)
         why = _entry_problem(e)
         if why:
             raise UsageError(f"{e.origin}: {why}")
@@ -163,16 +259,16 @@ class _Packer:
         file_id = e.file_id
         if file_id is None:
             file_id = hashlib.sha256(b"incfs file id" + path).digest()[:16] if path else bytes(16)
-        out = InodeEntry(node.ino, e.mode, 0, e.mtime_ns, file_id, uid=e.uid, gid=e.gid,
+        out = InodeEntry(ino, e.mode, 0, e.mtime_ns, file_id, uid=e.uid, gid=e.gid,
                          xattrs=xattrs, metadata=e.metadata)
         self.stats.with_xattrs += bool(xattrs)
         fmt = stat.S_IFMT(e.mode)
         if fmt == stat.S_IFREG:
-            out.size, out.root_hash = e.size, self.roots[node.key]
+            out.size, out.root_hash = e.size, bytes(self.roots[32 * number:32 * number + 32])
             out.flags = InodeFlags.HAS_TREE
             self.stats.files += 1
         elif fmt == stat.S_IFDIR:
-            self.stats.directories += node.ino != ROOT_INO
+            self.stats.directories += ino != ROOT_INO
         elif fmt == stat.S_IFLNK:
             out.mode, out.size, out.target = stat.S_IFLNK | 0o777, len(e.target), e.target
             self.stats.symlinks += 1
@@ -190,13 +286,13 @@ class _Packer:
     def _pack_file(self, entry: Entry) -> int:
         """Store a file's blocks and hash tree; returns its file number."""
         number = self.placed.begin_file(merkle.block_count(entry.size))
-        assert number == len(self.roots), (number, len(self.roots))
+        assert number == len(self.roots) // 32, (number, len(self.roots))
         hot = self.hot_wanted.get(entry.path)
         if hot:
             self.hot_file[entry.path] = number  # a later entry for the name wins
         hashes = self._read_file(entry, number, hot)
         root, tree = merkle.build_tree(hashes, entry.size)
-        self.roots.append(root)
+        self.roots += root
         self.placed.begin_hashes(number, len(tree))
         for i, block in enumerate(tree):
             offset = self.spools["hash"].put(BlockKind.RAW, block)
@@ -206,6 +302,10 @@ class _Packer:
 
     def _read_file(self, entry: Entry, number: int, hot: set[int] | None) -> list[bytes]:
         size, hashes = entry.size, []
+        if not size:
+            # nothing to read, so not opened: for a directory of a million
+            # empty files the open was a quarter of pack's time
+            return hashes
         try:
             with entry.data() as f:
                 for index in range(merkle.block_count(size)):
@@ -342,22 +442,25 @@ def pack(src: str | os.PathLike, target: str | os.PathLike, *, compress: str = "
     tmpdir = target.parent if target.parent.exists() else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=tmpdir)
     os.close(fd)
+    sink: IndexWriter | LogCollector | None = None
     try:
+        sink = IndexWriter(tmpdir) if index else LogCollector()
         packer = _Packer(codec.COMPRESSIONS[compress], progress, base_img, tmpdir,
-                         blocks_profile)
+                         blocks_profile, sink)
         tmp_st = os.stat(tmp_name)
         exclude.add((tmp_st.st_dev, tmp_st.st_ino))  # packing into the source tree
-        packer.consume(source)
-        packer.layout()
-        if index:
-            _write_indexed_image(packer, Path(tmp_name), key, tmpdir)
+        packer.run(source)
+        if isinstance(sink, IndexWriter):
+            _write_indexed_image(packer, sink, Path(tmp_name), key)
         else:
-            _write_image(packer, Path(tmp_name), key)
+            _write_image(packer, sink, Path(tmp_name), key)
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     finally:
+        if sink is not None:
+            sink.close()
         source.close()
         if base_img:
             base_img.close()
@@ -379,6 +482,22 @@ def _entry_problem(e: Entry) -> str | None:
     if fmt == stat.S_IFLNK and len(e.target) > MAX_SYMLINK:
         return f"symlink target longer than {MAX_SYMLINK} bytes"
     return None
+
+
+def _keep(e: Entry, strip: bool) -> Entry | bytes:
+    """An entry as it waits for its inode: a plain one packed into bytes,
+    one with a problem whole, so numbering reports it with its origin. With
+    `strip` (nothing else holds `e`) the rest drop path and origin: the walk
+    rebuilds the one and only an error message would use the other."""
+    if _entry_problem(e) is not None:
+        return e
+    if strip:
+        e.path, e.origin = b"", ""
+    return compact(e)
+
+
+def _base_name(path: bytes) -> bytes:
+    return path.rpartition(b"/")[2]
 
 
 def _inode_batches(inodes: list[InodeEntry]) -> Iterator[list[InodeEntry]]:
@@ -409,14 +528,14 @@ def _read_exact(f, n: int) -> bytes:
     return data
 
 
-def _write_image(packer: _Packer, path: Path, key) -> None:
+def _write_image(packer: _Packer, tree: LogCollector, path: Path, key) -> None:
     img = Image.create(path, exist_ok=True, superblock=Superblock(uuid=os.urandom(16)))
     img.durable = False
     try:
-        for batch in _inode_batches(packer.inodes):
+        for batch in _inode_batches(tree.inodes):
             img.add_inodes(batch)
-        for i in range(0, len(packer.links), INODE_BATCH):
-            img.add_links(packer.links[i:i + INODE_BATCH])
+        for i in range(0, len(tree.links), INODE_BATCH):
+            img.add_links(tree.links[i:i + INODE_BATCH])
         if key is not None:
             img.sign(key)
         # The payload comes after the block maps, whose size depends only on
@@ -435,7 +554,7 @@ def _spool_layout(packer: _Packer) -> tuple[dict[str, int], int]:
     return rel, sum(sizes.values())
 
 
-def _write_indexed_image(packer: _Packer, path: Path, key, tmpdir: Path) -> None:
+def _write_indexed_image(packer: _Packer, index: IndexWriter, path: Path, key) -> None:
     """superblock | INDEX | SIGNATURE | PAD | DATA: the index holds every
     inode, name and block map; the image is reopened to sign it, which also
     reads back what was written."""
@@ -443,8 +562,7 @@ def _write_indexed_image(packer: _Packer, path: Path, key, tmpdir: Path) -> None
     rel, total = _spool_layout(packer)
     img = Image.create(path, exist_ok=True, superblock=Superblock(uuid=uuid))
     try:
-        plan = write_index(img.fd, img.appender, packer.inodes, packer.links, packer.placed,
-                           rel, tmpdir)
+        plan = index.finish(img.fd, img.appender, packer.placed, rel)
     finally:
         img.close()
     img = Image.open(path, writable=True)

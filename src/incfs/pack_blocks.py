@@ -79,7 +79,12 @@ class Placements:
         the inode's file number, or -1 (not a regular file). Index 0 is unused."""
         self.file_of_ino = file_of_ino
 
-    def _span(self, ino: int, tree: int) -> tuple[int, int] | None:
+    def files(self) -> Iterator[int]:
+        """The inode numbers of the packed files, in order."""
+        return (ino for ino, number in enumerate(self.file_of_ino) if number >= 0)
+
+    def span(self, ino: int, tree: int) -> tuple[int, int] | None:
+        """The slots [first, end) of an inode's data or hash blocks."""
         if not 0 <= ino < len(self.file_of_ino):
             return None
         number = self.file_of_ino[ino]
@@ -90,7 +95,7 @@ class Placements:
         return self.hash_at[number], self.end_at[number]
 
     def get(self, ino: int, tree: int, index: int) -> Where | None:
-        span = self._span(ino, tree)
+        span = self.span(ino, tree)
         if span is None or not 0 <= index < span[1] - span[0]:
             return None
         return self.at(span[0] + index)
@@ -99,7 +104,7 @@ class Placements:
         """(ino, tree, index, where) of every placed block, in that order."""
         for ino in range(1, len(self.file_of_ino)):
             for tree in (TreeKind.DATA, TreeKind.HASH):
-                span = self._span(ino, tree)
+                span = self.span(ino, tree)
                 if span is None:
                     break
                 for index in range(span[1] - span[0]):

@@ -1,11 +1,19 @@
 """Writing a packed image's metadata as an index (format 1.2): the inode
-table, name blocks, block maps and heap of `format.index`, from the tree the
-packer laid out.
+table, name blocks, block maps and heap of `format.index`.
 
-Each region is spooled to a temporary file as it is made and copied into the
-image once every region's size is known, so the index is never one byte
-string in memory. The bytes depend only on the tree and the block placement,
-so packing the same tree twice gives the same index (the signed root).
+The packer hands the inodes over as it numbers them (`inode`, in inode
+order) and then each of their names (`name`). Every inode record and heap
+blob is encoded at once into its region's spool file, and a directory's name
+block is written (at the place reserved for it when the directory was
+numbered) as soon as its last child has a number: what stays in memory is
+the listings of the directories still open, which a walk in inode order
+bounds by the depth of the tree. Only the block maps wait for the end, since
+they hold payload offsets that depend on the index's own size.
+
+Each region is copied into the image once every region's size is known, so
+the index is never one byte string in memory. The bytes depend only on the
+tree and the block placement, so packing the same tree twice gives the same
+index (the signed root).
 """
 
 from __future__ import annotations
@@ -13,21 +21,21 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from array import array
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
+from . import ROOT_INO
 from .blockmap import ABSENT
-from .format.index import (FLAG_POSIX, HEADER_SIZE, INODE_SIZE, IndexHeader, Region,
-                           RegionWriter, encode_inode, encode_map, encode_names, heap_blob,
-                           map_size)
+from .format.index import (FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE, REGIONS,
+                           IndexHeader, Region, encode_inode, encode_map, encode_names,
+                           heap_blob, map_size, names_size, region_crc)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
 from .format.log import LogAppender
-from .format.records import BlockKind, InodeEntry, needs_inodes2
+from .format.records import BlockKind, InodeEntry, TreeKind, needs_inodes2
 from .integrity.merkle import TreeGeometry, block_count
 from .pack_blocks import Placements
-from .pack_links import LinkTable
 
 # Room kept after the index for the SIGNATURE record (an RSA-4096 signature
 # is 512 bytes) and the PAD header before the payload.
@@ -44,144 +52,176 @@ class IndexPlan:
     payload: int
 
 
-class _Children:
-    """Each directory's links, grouped by a counting sort into one array of
-    link numbers (4 bytes a link, where a dict of lists of (name, child)
-    tuples cost about 90): a directory's sorted (name, child) list is made
-    only when its name block is written."""
+@dataclass
+class _Listing:
+    """A directory whose name block waits for its children's numbers."""
 
-    def __init__(self, links: LinkTable, inode_count: int):
-        self.links = links
-        starts = array("I", bytes(4 * (inode_count + 2)))
-        for parent in links.parents:
-            starts[parent + 1] += 1
-        for ino in range(1, inode_count + 2):
-            starts[ino] += starts[ino - 1]
-        fill = array("I", starts)
-        order = array("I", bytes(4 * len(links)))
-        for k, parent in enumerate(links.parents):
-            order[fill[parent]] = k
-            fill[parent] += 1
-        self.starts, self.order = starts, order
-
-    def of(self, ino: int) -> list[tuple[bytes, int]]:
-        picked = self.order[self.starts[ino]:self.starts[ino + 1]]
-        names = [(self.links.names[k], self.links.children[k]) for k in picked]
-        names.sort()
-        return names
-
-
-def _link_counts(inodes: list[InodeEntry], links: LinkTable) -> array:
-    """nlink as a log replay counts it: one per name, plus one per
-    subdirectory for a directory (the mount adds the rest)."""
-    counts = array("I", bytes(4 * (len(inodes) + 1)))
-    for child, parent, _ in links:
-        counts[child] += 1
-        if stat.S_ISDIR(inodes[child - 1].mode):
-            counts[parent] += 1
-    return counts
+    extent: int  # where its block goes in the names region
+    names: list[bytes]  # sorted, as the walk will name the children
+    children: list[int] = field(default_factory=list)
 
 
 def _tree_counts(e: InodeEntry) -> tuple[int, int]:
-    if not stat.S_ISREG(e.mode):
-        return 0, 0
+    """(data blocks, hash blocks) of a regular file's block maps."""
     if e.size <= 4096:  # one block or none: no hash blocks (the common case)
         return (1 if e.size else 0), 0
     hashes = TreeGeometry(e.size).hash_blocks if int(e.flags) & 1 else 0
     return block_count(e.size), hashes
 
 
-class _Spools:
+class IndexWriter:
+    """Takes the laid-out tree inode by inode and writes the INDEX record."""
+
     def __init__(self, tmpdir: Path):
-        self.files = {name: tempfile.TemporaryFile(dir=tmpdir)
-                      for name in ("names", "maps", "heap")}
-        self.w = {name: RegionWriter(f) for name, f in self.files.items()}
+        self.files: dict[str, BinaryIO] = {name: tempfile.TemporaryFile(dir=tmpdir)
+                                           for name in REGIONS}
+        self.length = dict.fromkeys(REGIONS, 0)  # bytes each region has (or has reserved)
+        self.count = self.total_blocks = self.regular = 0
+        self.posix = False
+        self.open: dict[int, _Listing] = {}
+        self.extra_links: dict[int, int] = {}  # ino -> names beyond its first
+        self.last = 0  # the inode numbered last, until its first name comes
 
     def close(self) -> None:
         for f in self.files.values():
             f.close()
 
+    # --- while the packer numbers the tree ----------------------------------------
 
-def write_index(fd: int, app: LogAppender, inodes: list[InodeEntry],
-                links: LinkTable, placed: Placements, spool_rel: dict[str, int],
-                tmpdir: Path) -> IndexPlan:
-    """Append the INDEX record for the laid-out tree; `placed` gives
-    (spool, offset in spool, info, crc) by (ino, tree, index) and `spool_rel`
-    each spool's place inside the payload. Returns the plan (where the
-    payload starts)."""
-    spools = _Spools(tmpdir)
-    try:
-        extents, heaps = _names_and_heap(spools, inodes, links)
-        map_extents, maps_len = _map_extents(inodes)
-        plan = _plan(app.end, len(inodes), spools, maps_len)
-        base = {name: plan.payload + rel for name, rel in spool_rel.items()}
-        _write_maps(spools.w["maps"], inodes, placed, base)
-        header = _header(plan, inodes, spools)
-        _emit(fd, app, plan, header, inodes, links, extents, map_extents, heaps, spools)
-        return plan
-    finally:
-        spools.close()
-
-
-def _names_and_heap(spools: _Spools, inodes: list[InodeEntry],
-                    links: LinkTable):
-    """Name blocks and heap blobs; returns per-inode (by ino - 1) arrays of
-    name-block offsets and counts, heap offsets and lengths (arrays: a
-    million inodes cost 8 bytes each, not a dict entry)."""
-    children = _Children(links, len(inodes))
-    n = len(inodes)
-    extents, counts = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
-    heaps, heap_lens = array("Q", bytes(8 * n)), array("I", bytes(4 * n))
-    for i, e in enumerate(inodes):
-        if stat.S_ISDIR(e.mode):
-            names = children.of(e.ino)
-            extents[i] = spools.w["names"].write(encode_names(names))
-            counts[i] = len(names)
+    def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
+              subdirs: int) -> None:
+        """Inode `e` (numbered next); a directory brings its children's names,
+        sorted, and how many of them are directories; `parent` is its parent's
+        inode number (0 for the root)."""
+        if e.ino != self.count + 1:
+            raise ValueError("an index needs inodes numbered 1..N in order")
+        self.count = e.ino
+        nlink, extent, count, hashes = 1, 0, 0, 0
+        fmt = stat.S_IFMT(e.mode)
+        if fmt == stat.S_IFDIR:
+            # a log replay counts one per name (the root has none) plus one
+            # per subdirectory
+            nlink = (e.ino != ROOT_INO) + subdirs
+            extent, count = self._reserve_names(e.ino, names or [])
+        else:
+            parent = 0  # only a directory records its parent
+        if fmt == stat.S_IFREG:
+            count, hashes = _tree_counts(e)
+            extent = self._reserve("maps", map_size(count) + map_size(hashes))
+            self.regular += 1
+            self.total_blocks += count + hashes
+        elif fmt == stat.S_IFLNK:
+            count = len(e.target)
+        heap = heap_len = 0
         if e.metadata or e.target or e.xattrs:
             blob = heap_blob(e)
-            heaps[i], heap_lens[i] = spools.w["heap"].write(blob), len(blob)
-    return (extents, counts), (heaps, heap_lens)
+            heap, heap_len = self._append("heap", blob), len(blob)
+        self.posix = self.posix or needs_inodes2(e)
+        self._append("inodes", encode_inode(e, nlink, parent, extent, count, hashes, heap,
+                                            heap_len))
+        self.last = e.ino
+
+    def name(self, child: int, parent: int, name: bytes) -> None:
+        """`name` in directory `parent` is inode `child`; names must come in
+        each directory's listing order. A name for an inode other than the
+        one just numbered is a hard link."""
+        listing = self.open.get(parent)
+        at = len(listing.children) if listing is not None else 0
+        if listing is None or at >= len(listing.names) or listing.names[at] != name:
+            raise ValueError(f"name {name!r} out of its directory's listing order")
+        listing.children.append(child)
+        if child != self.last:
+            self.extra_links[child] = self.extra_links.get(child, 0) + 1
+        self.last = 0
+        if at + 1 == len(listing.names):
+            del self.open[parent]
+            self._write_names(listing)
+
+    def _reserve_names(self, ino: int, names: list[bytes]) -> tuple[int, int]:
+        extent = self._reserve("names", names_size(names))
+        if names:
+            self.open[ino] = _Listing(extent, names)
+        return extent, len(names)
+
+    def _write_names(self, listing: _Listing) -> None:
+        blob = encode_names(list(zip(listing.names, listing.children)))
+        f = self.files["names"]
+        f.seek(listing.extent)
+        f.write(blob)
+
+    def _reserve(self, region: str, n: int) -> int:
+        at = self.length[region]
+        self.length[region] = at + n
+        return at
+
+    def _append(self, region: str, blob: bytes) -> int:
+        at = self._reserve(region, len(blob))
+        self.files[region].write(blob)
+        return at
+
+    # --- once the payload is laid out -------------------------------------------------
+
+    def finish(self, fd: int, app: LogAppender, placed: Placements,
+               spool_rel: dict[str, int]) -> IndexPlan:
+        """Append the INDEX record; `placed` gives each block's (spool,
+        offset in spool, info, crc) by inode and `spool_rel` each spool's
+        place inside the payload. Returns the plan (where the payload starts)."""
+        if self.open:
+            raise ValueError("directories left without all their names")
+        self._patch_links()
+        plan = _plan(app.end, self.length)
+        base = {name: plan.payload + rel for name, rel in spool_rel.items()}
+        written = _write_maps(self.files["maps"], placed, base)
+        if written != self.length["maps"]:
+            raise ValueError("block maps differ from the sizes their files' inodes gave")
+        regions, at = {}, plan.start
+        for name in REGIONS:
+            f, length = self.files[name], self.length[name]
+            f.flush()
+            regions[name] = Region(at, length, region_crc(f.fileno(), 0, length))
+            _copy(f, fd, at, length)
+            at += length
+        header = IndexHeader(self.count, self.total_blocks, self.regular,
+                             FLAG_POSIX if self.posix else 0, regions)
+        start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
+        assert start == plan.start, (start, plan.start)
+        if os.fstat(fd).st_size < app.end:
+            os.ftruncate(fd, app.end)  # the record's alignment padding
+        return plan
+
+    def _patch_links(self) -> None:
+        """A hard-linked inode's record was written with one name."""
+        f = self.files["inodes"]
+        f.flush()
+        for ino, extra in self.extra_links.items():
+            at = (ino - 1) * INODE_SIZE + INODE_NLINK_AT
+            (nlink,) = struct.unpack("<I", os.pread(f.fileno(), 4, at))
+            os.pwrite(f.fileno(), struct.pack("<I", nlink + extra), at)
 
 
-def _map_extents(inodes: list[InodeEntry]) -> tuple[array, int]:
-    extents, cursor = array("Q", bytes(8 * len(inodes))), 0
-    for i, e in enumerate(inodes):
-        if stat.S_ISREG(e.mode):
-            data, hashes = _tree_counts(e)
-            extents[i] = cursor
-            cursor += map_size(data) + map_size(hashes)
-    return extents, cursor
-
-
-def _plan(record: int, count: int, spools: _Spools, maps_len: int) -> IndexPlan:
+def _plan(record: int, length: dict[str, int]) -> IndexPlan:
     start = record + _aligned(RECORD_HEADER_SIZE + HEADER_SIZE)
-    end = (start + count * INODE_SIZE + spools.w["names"].length + maps_len
-           + spools.w["heap"].length)
+    end = start + sum(length.values())
     payload = (end + SIGNATURE_ROOM + 2 * RECORD_HEADER_SIZE + 4095) // 4096 * 4096
     return IndexPlan(record, start, end, payload)
 
 
-def _write_maps(w: RegionWriter, inodes: list[InodeEntry], placed: Placements,
-                base: dict[str, int]) -> None:
-    for e in inodes:
-        if not stat.S_ISREG(e.mode):
-            continue
-        for tree, n in enumerate(_tree_counts(e)):
-            if n == 1:  # most files: one block, 14 bytes (+2 of padding)
-                w.write(_one_block(placed.get(e.ino, tree, 0), base))
+def _write_maps(f: BinaryIO, placed: Placements, base: dict[str, int]) -> int:
+    """Every regular file's data map then hash map, in inode order; returns
+    the bytes written."""
+    written = 0
+    for ino in placed.files():
+        for tree in (TreeKind.DATA, TreeKind.HASH):
+            first, end = placed.span(ino, tree)
+            if end - first == 1:  # most files: one block, 14 bytes (+2 of padding)
+                blob = _one_block(placed.at(first), base)
+            elif end > first:
+                blob = _many_blocks(placed, first, end, base)
+            else:
                 continue
-            offsets, infos, crcs = [], [], []
-            for i in range(n):
-                where = placed.get(e.ino, tree, i)
-                if where is None:
-                    offsets.append(0), infos.append(ABSENT), crcs.append(0)
-                    continue
-                spool, rel, info, crc = where
-                zero = info >> 14 == BlockKind.ZERO
-                offsets.append(0 if zero else base[spool] + rel)
-                infos.append(info)
-                crcs.append(crc)
-            w.write(encode_map(offsets, infos, crcs))
+            f.write(blob)
+            written += len(blob)
+    return written
 
 
 _ONE = struct.Struct("<QHIxx")
@@ -194,77 +234,21 @@ def _one_block(where, base: dict[str, int]) -> bytes:
     return _ONE.pack(0 if info >> 14 == BlockKind.ZERO else base[spool] + rel, info, crc)
 
 
-def _header(plan: IndexPlan, inodes: list[InodeEntry], spools: _Spools) -> IndexHeader:
-    at = plan.start
-    regions = {"inodes": Region(at, len(inodes) * INODE_SIZE, 0)}
-    at += regions["inodes"].length
-    for name in ("names", "maps", "heap"):
-        regions[name] = spools.w[name].region(at)
-        at = regions[name].end
-    files = total = 0
-    posix = False
-    for i, e in enumerate(inodes):
-        if e.ino != i + 1:
-            raise ValueError("an index needs inodes numbered 1..N in order")
-        data, hashes = _tree_counts(e)
-        files += stat.S_ISREG(e.mode)
-        total += data + hashes
-        posix = posix or needs_inodes2(e)
-    return IndexHeader(len(inodes), total, files, FLAG_POSIX if posix else 0, regions)
-
-
-def _emit(fd: int, app: LogAppender, plan: IndexPlan, header: IndexHeader,
-          inodes: list[InodeEntry], links, extents, map_extents, heaps,
-          spools: _Spools) -> None:
-    """The inode table goes straight into the image; then the spooled
-    regions are copied in and the record header (with the final CRCs)
-    written last."""
-    nlinks = _link_counts(inodes, links)
-    parents = array("Q", bytes(8 * (len(inodes) + 1)))
-    for child, parent, _ in links:
-        if stat.S_ISDIR(inodes[child - 1].mode):
-            parents[child] = parent  # a directory's one parent
-    table = RegionWriter(_PositionalFile(fd, plan.start))
-    for i, e in enumerate(inodes):
-        extent, count, hashes = extents[0][i], extents[1][i], 0
-        if stat.S_ISREG(e.mode):
-            extent, (count, hashes) = map_extents[i], _tree_counts(e)
-        elif stat.S_ISLNK(e.mode):
-            count = len(e.target)
-        heap, heap_len = heaps[0][i], heaps[1][i]
-        parent = parents[e.ino]
-        table.write(encode_inode(e, nlinks[e.ino], parent, extent, count, hashes, heap,
-                                 heap_len))
-    regions = dict(header.regions, inodes=table.region(plan.start))
-    for name in ("names", "maps", "heap"):
-        _copy(spools.files[name], fd, regions[name].offset, regions[name].length)
-    final = IndexHeader(header.inode_count, header.total_blocks, header.files, header.flags,
-                        regions)
-    at = app.begin_record(RecordType.INDEX, final.encode(), plan.end - plan.start)
-    assert at == plan.start, (at, plan.start)
-    if os.fstat(fd).st_size < app.end:
-        os.ftruncate(fd, app.end)  # the record's alignment padding
-
-
-class _PositionalFile:
-    """The little of a file object RegionWriter needs, writing at `base` of fd."""
-
-    def __init__(self, fd: int, base: int):
-        self.fd, self.base, self.pos = fd, base, 0
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
-
-    def write(self, blob: bytes) -> None:
-        os.pwrite(self.fd, blob, self.base + self.pos)
-        self.pos += len(blob)
-
-    def flush(self) -> None:
-        pass
+def _many_blocks(placed: Placements, first: int, end: int, base: dict[str, int]) -> bytes:
+    offsets, infos, crcs = [], [], []
+    for slot in range(first, end):
+        where = placed.at(slot)
+        if where is None:
+            offsets.append(0), infos.append(ABSENT), crcs.append(0)
+            continue
+        spool, rel, info, crc = where
+        offsets.append(0 if info >> 14 == BlockKind.ZERO else base[spool] + rel)
+        infos.append(info)
+        crcs.append(crc)
+    return encode_map(offsets, infos, crcs)
 
 
 def _copy(f, fd: int, offset: int, length: int) -> None:
-    f.flush()
     src, done = f.fileno(), 0
     while done < length:
         n = os.copy_file_range(src, fd, length - done, done, offset + done)

@@ -1,12 +1,16 @@
-"""The names of a laid-out tree as pack keeps them until the image is
-written: (child inode, parent inode, name) in walk order, held as two arrays
-and a list of names rather than a tuple per link (a tuple is 64 bytes; a
-million links cost 64 MB that way)."""
+"""A laid-out tree held whole for the log format (1.0/1.1, `pack(...,
+index=False)`): the inodes as a list and the names, (child inode, parent
+inode, name) in walk order, as two arrays and a list of names rather than a
+tuple per link (a tuple is 64 bytes; a million links cost 64 MB that way).
+The index (format 1.2) is written as the tree is numbered instead
+(`pack_index`)."""
 
 from __future__ import annotations
 
 from array import array
 from typing import Iterator, overload
+
+from .format.records import InodeEntry
 
 Link = tuple[int, int, bytes]  # (child ino, parent ino, name)
 
@@ -38,3 +42,21 @@ class LinkTable:
 
     def __iter__(self) -> Iterator[Link]:
         return zip(self.children, self.parents, self.names)
+
+
+class LogCollector:
+    """The packer's receiver of numbered inodes and names for the log format."""
+
+    def __init__(self) -> None:
+        self.inodes: list[InodeEntry] = []
+        self.links = LinkTable()
+
+    def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
+              subdirs: int) -> None:
+        self.inodes.append(e)
+
+    def name(self, child: int, parent: int, name: bytes) -> None:
+        self.links.append(child, parent, name)
+
+    def close(self) -> None:
+        pass

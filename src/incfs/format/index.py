@@ -22,7 +22,7 @@ import struct
 import zlib
 from array import array
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from ..errors import CorruptImage
 from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
@@ -52,6 +52,7 @@ HEADER_SIZE = _HEAD.size + len(REGIONS) * _REGION.size + 4
 # file_id, root_hash
 _INODE = struct.Struct("<IHHQqIIIHHQQIIQII16s32s")
 assert _INODE.size == INODE_SIZE
+INODE_NLINK_AT = struct.calcsize("<IHHQqII")  # where `nlink` sits in a record
 # the leading fields of an inode record that a stat answer uses
 _STAT = struct.Struct("<I4xQqIII4xQQI")
 # name_off (from the block's start), name_len, reserved, child
@@ -350,6 +351,11 @@ def encode_inode(e: InodeEntry, nlink: int, parent: int, extent: int, count: int
                        heap_len, 0, e.file_id, e.root_hash)
 
 
+def names_size(names: list[bytes]) -> int:
+    """The bytes of the name block that holds `names`."""
+    return _aligned(len(names) * DIRENT_SIZE + sum(map(len, names)))
+
+
 def encode_names(children: list[tuple[bytes, int]]) -> bytes:
     """A name block: the table of (offset, length, child), then the names;
     `children` must be sorted by name."""
@@ -369,41 +375,3 @@ def encode_map(offsets: list[int], infos: list[int], crcs: list[int]) -> bytes:
     blob = (array("Q", offsets).tobytes() + array("H", infos).tobytes()
             + array("I", crcs).tobytes())
     return blob + bytes(_aligned(len(blob)) - len(blob))
-
-
-class RegionWriter:
-    """Writes one region sequentially into a spool file (from offset 0),
-    keeping its length and CRC as it goes: the index is never whole in
-    memory, and it is copied into the image once its place is known."""
-
-    def __init__(self, f: BinaryIO):
-        self.f, self.length, self.crc = f, 0, 0
-        self.buffer: list[bytes] = []
-        self.buffered = 0
-
-    def write(self, blob: bytes) -> int:
-        """Append `blob`; returns its offset inside the region."""
-        at = self.length
-        if not blob:  # an empty file's block map: nothing to keep
-            return at
-        self.buffer.append(blob)
-        self.buffered += len(blob)
-        self.length += len(blob)
-        # by count too: a megabyte of 16-byte maps is 65,536 objects
-        if self.buffered >= 1 << 20 or len(self.buffer) >= 4096:
-            self.flush()
-        return at
-
-    def flush(self) -> None:
-        if self.buffer:
-            blob = b"".join(self.buffer)
-            self.f.seek(self.length - len(blob))
-            self.f.write(blob)
-            self.crc = zlib.crc32(blob, self.crc)
-            self.buffer, self.buffered = [], 0
-
-    def region(self, offset: int) -> Region:
-        """The region as it will be once copied to `offset` in the image."""
-        self.flush()
-        self.f.flush()
-        return Region(offset, self.length, self.crc)

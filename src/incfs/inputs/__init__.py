@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UsageError
-from .base import DEFAULT_MAX_ENTRIES, Entry, Input, normalize
+from .base import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, normalize
 from .dir import DirInput
 from .oci import OciInput
 from .tar import TarInput
@@ -41,5 +41,5 @@ def open_input(spec: str | os.PathLike, *, stdin: BinaryIO | None = None,
     raise UsageError(f"{path} is not a directory, a tar archive, '-' or oci:DIR[:TAG]")
 
 
-__all__ = ["open_input", "Entry", "Input", "DirInput", "TarInput", "OciInput", "Tree",
+__all__ = ["open_input", "Entry", "Input", "ListedInput", "DirInput", "TarInput", "OciInput", "Tree",
            "Node", "normalize", "DEFAULT_MAX_ENTRIES"]

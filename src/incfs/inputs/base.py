@@ -15,7 +15,7 @@ import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator, Protocol
+from typing import BinaryIO, Callable, Iterator, Protocol, runtime_checkable
 
 import zstandard
 
@@ -52,6 +52,9 @@ class Entry:
     # derives the file id from the path, and there is no user metadata).
     metadata: bytes = b""
     file_id: bytes | None = None
+    # A directory input's non-directory with other names (st_nlink > 1):
+    # later entries may be hard links to it.
+    shared: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -64,6 +67,24 @@ class Entry:
 
 class Input(Protocol):
     notes: list[str]  # entries skipped or reinterpreted, for the pack summary
+
+    def entries(self) -> Iterator[Entry]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ListedInput(Protocol):
+    """An input that lists one directory at a time, names sorted, with no
+    path given twice (a directory on disk): pack then walks it in inode order
+    and keeps no tree. A hard link's `link` names an entry listed before it
+    (in the order `entries()` yields them), which had `shared` set."""
+
+    notes: list[str]
+
+    def root_entry(self) -> Entry: ...
+
+    def listing(self, rel: bytes) -> list[Entry]: ...
 
     def entries(self) -> Iterator[Entry]: ...
 
@@ -85,8 +106,12 @@ def normalize(name: str | bytes, what: str) -> bytes:
         try:
             check_name(part)
         except OSError as e:
-            raise UsageError(f"{what}: bad name in {_show(raw)}: {e.strerror}") from None
+            raise bad_name(raw, what, e) from None
     return b"/".join(parts)
+
+
+def bad_name(raw: bytes, what: str, e: OSError) -> UsageError:
+    return UsageError(f"{what}: bad name in {_show(raw)}: {e.strerror}")
 
 
 def _show(raw: bytes) -> str:
@@ -145,4 +170,4 @@ def too_many(what: str, limit: int) -> UsageError:
                       "archive is real)")
 
 
-__all__ = ["Entry", "Input", "normalize", "SafeReader", "READ_ERRORS"]
+__all__ = ["Entry", "Input", "ListedInput", "normalize", "SafeReader", "READ_ERRORS"]
