@@ -5,6 +5,7 @@ budget. Real trio objects and real mounts; no timings asserted."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import trio
@@ -230,3 +231,35 @@ def test_files_read_out_of_pack_order_get_no_cross_file_readahead():
     for ino in (31, 32):  # the first file only partly read: no walk either
         ra.note_read(ino, 0, 3)
     assert launched == []
+
+
+def test_a_read_refused_for_its_absent_tail_has_that_tail_fetched_at_once(tmp_path):
+    """A kernel read whose first block is here but whose tail is not gets EIO,
+    so that the kernel asks again page by page (Service.read, spare_tail);
+    the tail is fetched right then, not one miss per page read."""
+    data = random.Random(5).randbytes(8 * MiB)
+    src = make_tree(tmp_path / "src", {"big.bin": data})
+    www = tmp_path / "www"
+    www.mkdir()
+    pack(src, www / "app.img", compress="none")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Nginx(www) as nginx:
+        config = MountConfig(source=nginx.url("app.img"), mountpoint=str(mnt),
+                             cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                             prefetch="none", read_timeout=60)
+        with mounted(config):
+            fd = os.open(mnt / "big.bin", os.O_RDONLY)
+            try:
+                assert os.pread(fd, BLOCK_SIZE, 2 * MiB) == data[2 * MiB:2 * MiB + BLOCK_SIZE]
+                before = status(mnt)["loader"]["readahead_jobs"]
+                # the page cache forgets it: the next read goes to the daemon
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                got = os.pread(fd, MiB, 2 * MiB)
+            finally:
+                os.close(fd)
+            assert got == data[2 * MiB:3 * MiB]
+            # not read from offset 0 and not sequential: only the refused
+            # read's tail can have started readahead jobs
+            assert status(mnt)["loader"]["readahead_jobs"] > before
+    assert_cache_clean(tmp_path / "cache.img")

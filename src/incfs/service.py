@@ -88,6 +88,8 @@ class Service:
             missing = self.image.missing_for_read(node, offset, size)
             if missing and spare_tail and size > BLOCK_SIZE and \
                     not self.image.missing_for_read(node, offset, BLOCK_SIZE):
+                first = offset // BLOCK_SIZE
+                self.waits.spared(node.ino, first, (end - 1) // BLOCK_SIZE - first + 1)
                 raise TailAbsent()
             if missing:
                 keys = [(node.ino, int(tree), index) for tree, index in missing]

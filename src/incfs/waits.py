@@ -101,6 +101,11 @@ class Waits:
         # called with (ino, first block, last block) for every read, on the
         # trio thread: lets a loader see readers that do not miss (readahead)
         self.read_hooks: list[Callable[[int, int, int], None]] = []
+        # called with (ino, first block, count) when a read whose first block
+        # is here is refused so that the kernel asks again page by page
+        # (Service.read, spare_tail): a loader fetches the rest now, so the
+        # page reads that follow find it on its way instead of each missing
+        self.spared_hooks: list[Callable[[int, int, int], None]] = []
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.latency_histogram = Histogram()
         self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
@@ -166,6 +171,10 @@ class Waits:
         key = (pr.ino, pr.tree, pr.index)
         if pr.waiters == 0 and not pr.done.is_set() and self.pending.get(key) is pr:
             del self.pending[key]
+
+    def spared(self, ino: int, first: int, count: int) -> None:
+        for hook in self.spared_hooks:
+            hook(ino, first, count)
 
     def log_read(self, ino: int, first: int, last: int) -> None:
         for hook in self.read_hooks:  # e.g. the loader's readahead

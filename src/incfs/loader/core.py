@@ -128,6 +128,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                         pass
                 self.source = open_loader_source(self.config)
                 self.waits.read_hooks.append(self.readahead.note_read)
+                self.waits.spared_hooks.append(self._launch_readahead)
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._pending_loop)
@@ -143,6 +144,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         finally:
             if self.readahead.note_read in self.waits.read_hooks:
                 self.waits.read_hooks.remove(self.readahead.note_read)
+            if self._launch_readahead in self.waits.spared_hooks:
+                self.waits.spared_hooks.remove(self._launch_readahead)
             self._done.set()
 
     async def aclose(self) -> None:
