@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(@SIZE: that link's own image size)")
     ap.add_argument("--rand-ios", type=int, help="random 4 KiB reads per run")
     ap.add_argument("--systems", help="comma-separated local systems (default: all)")
-    ap.add_argument("--approaches", help="comma-separated lazy approaches: incfs,rclone,httpfs2")
+    ap.add_argument("--approaches", help="comma-separated lazy approaches: "
+                    "incfs,incfs-prefetch,rclone,rclone-full,httpfs2")
     ap.add_argument("--no-local", action="store_true", help="skip the local cases")
     ap.add_argument("--no-lazy", action="store_true", help="skip the lazy cases")
     ap.add_argument("--profile", action="store_true",
