@@ -17,7 +17,7 @@ import struct
 
 import trio
 
-from incfs.fuse import Attr, Connection, DirEntry, Entry, FuseError, InitFlag, Opened
+from incfs.fuse import Attr, Connection, Entry, FuseError, InitFlag, Listing, Opened
 from incfs.fuse import Operations, Session, abi
 
 KERNEL_FLAGS = int(InitFlag.ASYNC_READ | InitFlag.MAX_PAGES | InitFlag.DO_READDIRPLUS
@@ -66,10 +66,9 @@ class ToyFS(Operations):
     def opendir(self, ino, flags, ctx):
         return Opened(7, abi.OpenFlag.CACHE_DIR)
 
-    def readdir(self, ino, fh, offset, ctx):
+    def listing(self, ino, fh, offset, ctx):
         names = [f"name{i:03d}".encode() for i in range(100)]
-        for i in range(offset, len(names)):
-            yield DirEntry(names[i], Entry(self._attr(2)), i + 1)
+        return Listing(names, [2] * len(names), bytes([stat.S_IFREG >> 12]) * len(names))
 
     def getxattr(self, ino, name, ctx):
         if name == b"user.x":

@@ -13,9 +13,8 @@ from __future__ import annotations
 import errno
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable
-
 from . import abi
+from .dirents import Listing
 
 NS = 1_000_000_000
 
@@ -120,13 +119,6 @@ class Context:
     unique: int
 
 
-@dataclass(slots=True)
-class DirEntry:
-    name: bytes
-    entry: Entry          # attributes (and, for READDIRPLUS, cache timeouts)
-    offset: int           # the offset of the entry after this one
-
-
 @dataclass
 class Connection:
     """What INIT settled, told to the file system before any other request.
@@ -188,8 +180,20 @@ class Operations:
     def opendir(self, ino: int, flags: int, ctx: Context) -> Opened:
         raise FuseError(errno.ENOSYS)
 
-    def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
+    def listing(self, ino: int, fh: int, offset: int, ctx: Context) -> Listing:
+        """The directory's entries for a READDIR(PLUS) from entry `offset`:
+        the same Listing for every offset of one pass (keep it), so that
+        offsets mean the same entries."""
         raise FuseError(errno.ENOSYS)
+
+    def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
+        """A listed inode's packed fuse_entry_out (`Entry.pack()`), for
+        READDIRPLUS; None leaves the entry out of the reply."""
+        try:
+            attr, timeout = self.getattr(ino, ctx)
+        except FuseError:
+            return None
+        return Entry(attr, timeout, timeout).pack()
 
     def releasedir(self, ino: int, fh: int) -> None:
         pass

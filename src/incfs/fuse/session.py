@@ -42,6 +42,14 @@ YIELD_EVERY = 32                     # inline answers between checkpoints, so ot
 # request a few microseconds after our reply, and a trip through trio's epoll
 # wait (register, wait, unregister, reschedule) costs more than the request.
 SPIN_NS = 50_000
+# READDIRPLUS_AUTO makes the kernel ask for plus at offset 0 of every
+# directory, and afterwards only when the names it got were looked at (a
+# stat of an entry that plus made sets FUSE_I_ADVISE_RDPLUS on the directory).
+# A walk that only needs names and types (ls -R, find) would pay for a full
+# 32 KiB of plus entries per directory, each an inode the kernel makes; the
+# first reply is kept to one page instead: a stat-ing walk (ls -l, du) gets
+# plus for the rest all the same, one request later.
+FIRST_PLUS_SIZE = 4096
 
 WANTED = (InitFlag.ASYNC_READ | InitFlag.PARALLEL_DIROPS | InitFlag.DO_READDIRPLUS
           | InitFlag.READDIRPLUS_AUTO | InitFlag.MAX_PAGES | InitFlag.CACHE_SYMLINKS
@@ -363,19 +371,14 @@ class Session:
 
     def _list(self, nodeid: int, body: memoryview, ctx: Context, plus: bool) -> None:
         fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
-        out = bytearray()
-        for d in self.ops.readdir(nodeid, fh, offset, ctx):
-            need = abi.dirent_size(len(d.name), plus)
-            if len(out) + need > size:
-                break
-            start = len(out)
-            if plus:
-                out += d.entry.pack()
-            out += abi.DIRENT_HEAD.pack(d.entry.attr.ino, d.offset, len(d.name),
-                                        d.entry.attr.dirent_type)
-            out += d.name
-            out += b"\0" * (need - (len(out) - start))
-        self.reply(ctx.unique, bytes(out))
+        listing = self.ops.listing(nodeid, fh, offset, ctx)
+        if not plus:
+            self.reply(ctx.unique, listing.plain(offset, size))
+            return
+        if offset == 0:
+            size = min(size, FIRST_PLUS_SIZE)
+        self.reply(ctx.unique, listing.plus(offset, size,
+                                            lambda ino: self.ops.listed_entry(ino, ctx)))
 
     # --- notifications (worker threads only: they may block in the kernel) -------------
 
