@@ -33,17 +33,12 @@ from .errors import IntegrityError
 from .fileids import FileIds
 from .fuse import Attr, Connection, Context, Entry, FuseError, Listing, OpenFlag, Opened
 from .fuse import Operations, StatFs
+from .listings import Listings
 from .namespace import Inode
 from .service import ReaderGone, ReadTimedOut, Service, TailAbsent
 
 log = logging.getLogger("incfs.fuse")
 
-LISTINGS_KEPT = 1024  # directory listings kept for readdir offsets (the kernel caches the rest)
-# ... and at most this many entries in them all: a walk of a million files in
-# 1000-entry directories must not keep a million names. An evicted listing is
-# made again in the same order (a directory's order only changes with its
-# names, and then `names_changed` drops it anyway).
-LISTING_ENTRIES_KEPT = 1 << 16
 SPARED_LIMIT = 4096  # remembered readahead windows answered early (per mount)
 CACHE_TIMEOUT = 3600.0  # names and attributes change only through a loader, which invalidates
 SPECIAL_BASE = 1 << 62
@@ -88,8 +83,7 @@ class IncfsOperations(Operations):
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
-        self._dirs: OrderedDict[int, Listing] = OrderedDict()  # dir ino -> listing
-        self._listed = 0  # entries in all of them
+        self.listings = Listings(self._make_listing, self._parent_of)
         # handles of successive daemons on one connection never collide
         self._next_fh = (service.restarts << 40) + 1
         self._spared: OrderedDict[tuple[int, int], None] = OrderedDict()  # (ino, offset) answered TailAbsent
@@ -205,26 +199,20 @@ class IncfsOperations(Operations):
         so a second `ls -R` sends nothing at all. readdir works by inode."""
         raise FuseError(errno.ENOSYS)
 
-    def _listing(self, ino: int) -> Listing:
-        """A directory's entries in a stable order, the offsets readdir
-        resumes from. Kept until a name in it changes (`names_changed`)."""
-        listing = self._dirs.get(ino)
-        if listing is None:
-            if ino in SPECIAL_DIRS:
-                listing = self._special_listing(ino)
-            else:
-                node = self._node(ino)
-                if not node.is_dir:
-                    raise FuseError(errno.ENOTDIR)
-                listing = Listing(*self.ns.listing(node))
-            self._dirs[ino] = listing
-            self._listed += len(listing)
-            while len(self._dirs) > 1 and (len(self._dirs) > LISTINGS_KEPT
-                                           or self._listed > LISTING_ENTRIES_KEPT):
-                self._listed -= len(self._dirs.popitem(last=False)[1])
-        else:
-            self._dirs.move_to_end(ino)
-        return listing
+    def _make_listing(self, ino: int) -> Listing:
+        """A directory's entries in a stable order (offsets are positions)."""
+        if ino in SPECIAL_DIRS:
+            return self._special_listing(ino)
+        if ino >= SPECIAL_BASE:
+            raise FuseError(errno.ENOTDIR)
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FuseError(errno.ENOTDIR)
+        return Listing(*self.ns.listing(node))
+
+    def _parent_of(self, ino: int) -> int:
+        node = self.ns.stat(ino) if ino < SPECIAL_BASE else None
+        return node.parent if node is not None else 0
 
     def _special_listing(self, ino: int) -> Listing:
         """`.incfs` lists its names; `index` lists nothing (every file is
@@ -249,9 +237,7 @@ class IncfsOperations(Operations):
         return items
 
     def names_changed(self, parent: int) -> None:
-        listing = self._dirs.pop(parent, None)
-        if listing is not None:
-            self._listed -= len(listing)
+        self.listings.drop(parent)
 
     def created(self, node: Inode) -> Callable[[], None] | None:
         """A loader created `node`; returns what to tell the kernel, if
@@ -286,7 +272,11 @@ class IncfsOperations(Operations):
     def listing(self, ino: int, fh: int, offset: int, ctx: Context) -> Listing:
         if ino == INCOMPLETE_DIR_INO and offset == 0:
             self.names_changed(ino)  # a new pass sees the files as they are now
-        return self._listing(ino)
+        return self.listings.get(ino)
+
+    def idle(self) -> bool:
+        # not from .incfs: listing `incomplete` looks at every inode
+        return self.listings.last < SPECIAL_BASE and self.listings.ahead()
 
     def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
         if ino >= SPECIAL_BASE:

@@ -16,6 +16,7 @@ telldir/seekdir (or a reply cut short) resumes at the entry after.
 
 from __future__ import annotations
 
+import stat
 import struct
 from array import array
 from bisect import bisect_right
@@ -26,6 +27,7 @@ from . import abi
 
 # a record's size and format by name length (names are 1..255 bytes)
 _SIZES = tuple(abi.dirent_size(n, plus=False) for n in range(256))
+_DT_DIR = stat.S_IFDIR >> 12
 _FORMATS = tuple(f"QQII{n}s{_SIZES[n] - abi.DIRENT_HEAD.size - n}x" for n in range(256))
 
 
@@ -33,7 +35,7 @@ class Listing:
     """One directory's entries: `names`, the inode each names and its file
     type (mode >> 12) as a byte in `types`, in the order they are listed."""
 
-    __slots__ = ("inos", "_data", "_ends")
+    __slots__ = ("inos", "types", "_data", "_ends")
 
     def __init__(self, names: Sequence[bytes], inos: Sequence[int], types: bytes):
         count = len(names)
@@ -48,11 +50,18 @@ class Listing:
         fields[4::5] = names
         self._data = struct.pack("=" + "".join(map(_FORMATS.__getitem__, lengths)), *fields)
         # where each record starts, and the end of the last
-        self._ends = array("I", accumulate(map(_SIZES.__getitem__, lengths), initial=0))
+        self._ends = array("I", list(accumulate(map(_SIZES.__getitem__, lengths), initial=0)))
         self.inos = array("Q", inos)
+        self.types = bytes(types)
 
     def __len__(self) -> int:
         return len(self.inos)
+
+    def directory_after(self, index: int) -> int | None:
+        """The inode of the first directory listed after entry `index`
+        (-1: from the start), or None."""
+        found = self.types.find(_DT_DIR, index + 1)
+        return None if found < 0 else self.inos[found]
 
     def plain(self, offset: int, size: int) -> memoryview:
         """READDIR: the records from entry `offset` on that fit in `size`

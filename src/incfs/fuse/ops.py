@@ -198,6 +198,12 @@ class Operations:
     def releasedir(self, ino: int, fh: int) -> None:
         pass
 
+    def idle(self) -> bool:
+        """Called when no request is waiting: do one short piece of work
+        that later requests will likely need, and say whether there was
+        any (the session then looks for a request before calling again)."""
+        return False
+
     def statfs(self, ino: int, ctx: Context) -> StatFs:
         return StatFs()
 

@@ -88,6 +88,7 @@ class Session:
             Op.DESTROY: self._destroy, Op.INIT: self._init,
         }
         self._done = False
+        self._idle_failed = False
 
     # --- the loop -------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class Session:
             try:
                 return os.readv(self.fd, [self._buffer])
             except BlockingIOError:
-                if self._spin():
+                if self._idle() or self._spin():
                     continue
                 await trio.lowlevel.wait_readable(self.fd)
             except InterruptedError:
@@ -123,6 +124,19 @@ class Session:
                     log.info("FUSE connection closed (%s)", os.strerror(e.errno))
                     return None
                 raise
+
+    def _idle(self) -> bool:
+        """The file system's work between requests (see Operations.idle):
+        optional, so a failure is logged and that is all."""
+        if self._idle_failed:
+            return False
+        try:
+            return self.ops.idle()
+        except Exception:
+            self.errors["idle_crash"] += 1
+            self._idle_failed = True  # once: it would fail again at every pause
+            log.exception("work between requests failed; no more of it")
+            return False
 
     def _spin(self) -> bool:
         """True once a request is waiting (within SPIN_NS), False if none came."""
