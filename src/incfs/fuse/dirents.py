@@ -72,13 +72,19 @@ class Listing:
         last = bisect_right(self._ends, start + size, offset) - 1
         return memoryview(self._data)[start:self._ends[last]]
 
-    def plus(self, offset: int, size: int, entry_of: Callable[[int], bytes | None]) -> bytes:
+    def plus(self, offset: int, size: int, entry_of: Callable[[int], bytes | None],
+             files_size: int | None = None) -> bytes:
         """READDIRPLUS: each record after its inode's fuse_entry_out, from
-        `entry_of(ino)`; an entry it answers None for is left out."""
+        `entry_of(ino)`; an entry it answers None for is left out. Past
+        `files_size` bytes the reply goes on only while entries are
+        directories."""
         parts: list[bytes | memoryview] = []
         used = 0
+        soft = size if files_size is None else files_size
         data = memoryview(self._data)
         for i in range(offset, len(self.inos)):
+            if parts and used >= soft and self.types[i] != _DT_DIR:
+                break  # (never before the first: an empty reply means EOF)
             entry = entry_of(self.inos[i])
             if entry is None:
                 continue

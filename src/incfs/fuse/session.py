@@ -46,10 +46,12 @@ SPIN_NS = 50_000
 # directory, and afterwards only when the names it got were looked at (a
 # stat of an entry that plus made sets FUSE_I_ADVISE_RDPLUS on the directory).
 # A walk that only needs names and types (ls -R, find) would pay for a full
-# 32 KiB of plus entries per directory, each an inode the kernel makes; the
-# first reply is kept to one page instead: a stat-ing walk (ls -l, du) gets
-# plus for the rest all the same, one request later.
-FIRST_PLUS_SIZE = 4096
+# 32 KiB of plus entries per directory, each an inode the kernel makes; so
+# the first reply carries files only in its first KiB: a stat-ing walk (ls -l,
+# du) gets plus for the rest all the same, one request later. Directories
+# go on filling it: a walk goes into each, and a plus entry is much cheaper
+# than the LOOKUP it would send instead.
+FIRST_PLUS_FILES = 1024
 
 WANTED = (InitFlag.ASYNC_READ | InitFlag.PARALLEL_DIROPS | InitFlag.DO_READDIRPLUS
           | InitFlag.READDIRPLUS_AUTO | InitFlag.MAX_PAGES | InitFlag.CACHE_SYMLINKS
@@ -389,10 +391,9 @@ class Session:
         if not plus:
             self.reply(ctx.unique, listing.plain(offset, size))
             return
-        if offset == 0:
-            size = min(size, FIRST_PLUS_SIZE)
         self.reply(ctx.unique, listing.plus(offset, size,
-                                            lambda ino: self.ops.listed_entry(ino, ctx)))
+                                            lambda ino: self.ops.listed_entry(ino, ctx),
+                                            FIRST_PLUS_FILES if offset == 0 else None))
 
     # --- notifications (worker threads only: they may block in the kernel) -------------
 
