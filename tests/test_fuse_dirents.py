@@ -170,6 +170,7 @@ def test_listing_ahead_survives_a_directory_that_fails():
     listings = Listings(tree.make, tree.parent_of)
     listings.get(1)
     assert listings.ahead() is True  # tried, failed quietly
+    assert listings.ahead() is False  # and not again at every pause
     with pytest.raises(FuseError):
         listings.get(7)  # the request itself gets the error
 

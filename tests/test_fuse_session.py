@@ -312,3 +312,44 @@ def test_a_crashing_handler_answers_eio():
         assert (await kernel.call(abi.Op.LOOKUP, 3, body=b"file\0"))[0] == 0
 
     trio.run(with_session, Broken(), check)
+
+
+def test_work_between_requests_never_holds_up_reads_or_requests():
+    """An `idle` that always has more to do (listing ahead of a walk over a
+    huge tree) still lets READ tasks run and requests be answered."""
+    class Busy(ToyFS):
+        calls = 0
+
+        def idle(self):
+            self.calls += 1
+            return True
+
+    fs = Busy()
+
+    async def check(kernel, session):
+        for unique in range(2, 12):
+            error, data = await kernel.call(abi.Op.READ, unique, 2,
+                                            abi.READ_IN.pack(2, 0, 4, 0, 0, 0, 0))
+            assert (error, data) == (0, b"0123")
+        assert fs.calls > 0
+
+    trio.run(with_session, fs, check)
+
+
+def test_work_between_requests_that_fails_is_dropped_once():
+    class Broken(ToyFS):
+        calls = 0
+
+        def idle(self):
+            self.calls += 1
+            raise RuntimeError("bug")
+
+    fs = Broken()
+
+    async def check(kernel, session):
+        for unique in range(2, 6):
+            assert (await kernel.call(abi.Op.GETATTR, unique, 2,
+                                      abi.GETATTR_IN.pack(0, 0, 0)))[0] == 0
+        assert fs.calls == 1 and session.errors["idle_crash"] == 1
+
+    trio.run(with_session, fs, check)

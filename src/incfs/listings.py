@@ -80,7 +80,9 @@ class Listings:
                 try:
                     self._get(ino)
                 except (OSError, FuseError):
-                    pass  # damaged or gone: its own request will say so
+                    # damaged or gone: its own request will say so; and no
+                    # more tries from here (it would fail at every pause)
+                    self._ahead_done = self._last
                 return True
         self._ahead_done = self._last
         return False

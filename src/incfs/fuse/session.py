@@ -114,7 +114,10 @@ class Session:
             try:
                 return os.readv(self.fd, [self._buffer])
             except BlockingIOError:
-                if self._idle() or self._spin():
+                if self._idle():
+                    await trio.lowlevel.checkpoint()  # READ tasks run between pieces
+                    continue
+                if self._spin():
                     continue
                 await trio.lowlevel.wait_readable(self.fd)
             except InterruptedError:
