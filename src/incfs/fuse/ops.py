@@ -40,12 +40,16 @@ class Attr:
     ctime_ns: int = 0
 
     def pack(self) -> bytes:
+        return abi.ATTR.pack(*self.fields())
+
+    def fields(self) -> tuple:
+        """fuse_attr's fields in order."""
         blocks = (self.size + 511) // 512
-        return abi.ATTR.pack(self.ino, self.size, blocks,
-                             self.atime_ns // NS, self.mtime_ns // NS, self.ctime_ns // NS,
-                             self.atime_ns % NS, self.mtime_ns % NS, self.ctime_ns % NS,
-                             self.mode, self.nlink, self.uid, self.gid,
-                             _encode_rdev(self.rdev), self.blksize, 0)
+        return (self.ino, self.size, blocks,
+                self.atime_ns // NS, self.mtime_ns // NS, self.ctime_ns // NS,
+                self.atime_ns % NS, self.mtime_ns % NS, self.ctime_ns % NS,
+                self.mode, self.nlink, self.uid, self.gid,
+                _encode_rdev(self.rdev), self.blksize, 0)
 
     @property
     def dirent_type(self) -> int:
@@ -71,8 +75,8 @@ class Entry:
     def pack(self) -> bytes:
         ev, evn = _split(self.entry_timeout)
         av, avn = _split(self.attr_timeout)
-        return (abi.ENTRY_OUT_HEAD.pack(self.attr.ino, self.generation, ev, av, evn, avn)
-                + self.attr.pack())
+        return abi.ENTRY_OUT.pack(self.attr.ino, self.generation, ev, av, evn, avn,
+                                  *self.attr.fields())
 
 
 def _split(seconds: float) -> tuple[int, int]:
