@@ -153,10 +153,12 @@ def test_a_walk_finds_its_next_directory_already_listed():
     listings = Listings(tree.make, tree.parent_of)
     assert not listings.ahead()  # nothing listed yet
     listings.get(1)
+    assert not listings.ahead()  # not before the walker has read it all
+    listings.get(1, offset=3)
     while listings.ahead():
         pass
     assert tree.made == [1, 2]  # /a: the first subdirectory
-    listings.get(2)
+    listings.get(2, offset=1)
     while listings.ahead():
         pass
     assert tree.made == [1, 2, 4, 3]  # /a/c, then /b (a's next sibling)
@@ -168,7 +170,7 @@ def test_a_walk_finds_its_next_directory_already_listed():
 def test_listing_ahead_survives_a_directory_that_fails():
     tree = Tree({1: (0, [(b"gone", 7, DT_DIR)])})
     listings = Listings(tree.make, tree.parent_of)
-    listings.get(1)
+    listings.get(1, offset=1)
     assert listings.ahead() is True  # tried, failed quietly
     assert listings.ahead() is False  # and not again at every pause
     with pytest.raises(FuseError):

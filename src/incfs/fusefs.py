@@ -272,7 +272,7 @@ class IncfsOperations(Operations):
     def listing(self, ino: int, fh: int, offset: int, ctx: Context) -> Listing:
         if ino == INCOMPLETE_DIR_INO and offset == 0:
             self.names_changed(ino)  # a new pass sees the files as they are now
-        return self.listings.get(ino)
+        return self.listings.get(ino, offset)
 
     def idle(self) -> bool:
         # not from .incfs: listing `incomplete` looks at every inode

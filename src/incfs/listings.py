@@ -9,10 +9,11 @@ made again in the same order (a directory's order only changes with its
 names, and then `drop` is called anyway).
 
 Listing ahead: `ls -R`, `find`, `du` and `tar` read a directory whole and
-then go into its subdirectories in listing order. While no request waits,
-the directory such a walk reads next (the first subdirectory of the one
-just read, else the next subdirectory of its parent) is listed before it
-is asked for, so the daemon's work overlaps the kernel's and the walker's.
+then go into its subdirectories in listing order. Once a directory has been
+read to its end, while no request waits, the directory such a walk reads
+next (the first subdirectory of the one just read, else the next
+subdirectory of its parent) is listed before it is asked for, so the
+daemon's work overlaps the walker's.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Listings:
         self._parent_of = parent_of
         self._kept: OrderedDict[int, Listing] = OrderedDict()
         self._entries = 0  # in all kept listings
-        self._last = 0  # the directory a request last listed
+        self._last = 0  # the directory a request last read to its end
         self._ahead_done = 0  # the directory whose successors are made
 
     def __len__(self) -> int:
@@ -43,13 +44,18 @@ class Listings:
 
     @property
     def last(self) -> int:
-        """The directory a request last listed (0: none yet)."""
+        """The directory a request last read to its end (0: none yet)."""
         return self._last
 
-    def get(self, ino: int) -> Listing:
-        """A request's listing (made if not kept)."""
-        self._last = ino
-        return self._get(ino)
+    def get(self, ino: int, offset: int = 0) -> Listing:
+        """A request's listing (made if not kept), read from entry `offset`."""
+        listing = self._get(ino)
+        if offset >= len(listing):
+            # its EOF: the walker goes on to work through the names, and
+            # then to the next directory, which is the time to list that
+            # one (before, its requests for this one would wait for it)
+            self._last = ino
+        return listing
 
     def _get(self, ino: int) -> Listing:
         listing = self._kept.get(ino)
