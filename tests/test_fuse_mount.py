@@ -3,6 +3,7 @@ while loading, INTERRUPT, passthrough for complete files, request counts."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import signal
@@ -295,3 +296,75 @@ def test_a_file_that_arrives_whole_is_expanded_before_its_next_open(empty_mount)
     assert (m.path / "arrived.bin").read_bytes() == data
     assert requests(m).get("READ", 0) == reads
     assert os.getxattr(m.path / "arrived.bin", "user.incfs.io") == b"passthrough"
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.readdir.argtypes = libc.closedir.argtypes = libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    return libc
+
+
+def _read_names(libc, d, count: int | None = None) -> list[bytes]:
+    out = []
+    while count is None or len(out) < count:
+        ent = libc.readdir(d)
+        if not ent:
+            break
+        out.append(ent.contents.d_name)
+    return [n for n in out if n not in (b".", b"..")]
+
+
+def test_a_big_directory_lists_every_name_once_with_its_type_and_seeks(tmp_path, incfs):
+    """Several READDIR replies' worth of names, of every length: each comes
+    once with its d_type, telldir/seekdir resume where they said, and a walk
+    that needs only names and types sends no LOOKUP for the files."""
+    src = tmp_path / "src" / "big"
+    src.mkdir(parents=True)
+    names = {f"f{i:04d}" + "x" * (i % 240) for i in range(3000)}
+    for name in names:
+        (src / name).write_bytes(b"")
+    for i in range(20):
+        (src / f"sub{i}").mkdir()
+    os.symlink("f0000", src / "link")
+    img = tmp_path / "big.img"
+    incfs("pack", str(tmp_path / "src"), str(img))
+    expected = {os.fsencode(n) for n in os.listdir(src)}
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m, m.client() as c:
+        before = c.status()["fuse"]["requests"]
+        found = subprocess.run(["find", str(m.path / "big")], capture_output=True, check=True)
+        after = c.status()["fuse"]["requests"]
+        # big and its subdirectories at most, none of the files
+        assert after.get("LOOKUP", 0) - before.get("LOOKUP", 0) <= 21
+        listed = [os.fsencode(os.path.basename(p)) for p in found.stdout.splitlines()[1:]]
+        assert sorted(listed) == sorted(expected)
+        with os.scandir(m.path / "big") as it:
+            kinds = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in it}
+        assert kinds["sub3"] == (True, False) and kinds["link"] == (False, True)
+        assert kinds["f0001x"] == (False, False) and len(kinds) == len(expected)
+        libc = _libc()
+        d = libc.opendir(os.fsencode(m.path / "big"))
+        assert d
+        try:
+            head = _read_names(libc, d, 1500)
+            where = libc.telldir(d)
+            rest = _read_names(libc, d)
+            libc.seekdir(d, where)
+            again = _read_names(libc, d)
+        finally:
+            libc.closedir(d)
+        assert again == rest and sorted(head + rest) == sorted(expected)
+        assert len(head + rest) == len(set(head + rest))
+        # a stat of every name (ls -l) still works, and matches the tree
+        for name in sorted(expected)[::97]:
+            assert os.lstat(m.path / "big" / os.fsdecode(name)).st_mode == \
+                os.lstat(src / os.fsdecode(name)).st_mode

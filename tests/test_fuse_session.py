@@ -17,7 +17,7 @@ import struct
 
 import trio
 
-from incfs.fuse import Attr, Connection, DirEntry, Entry, FuseError, InitFlag, Opened
+from incfs.fuse import Attr, Connection, Entry, FuseError, InitFlag, Listing, Opened
 from incfs.fuse import Operations, Session, abi
 
 KERNEL_FLAGS = int(InitFlag.ASYNC_READ | InitFlag.MAX_PAGES | InitFlag.DO_READDIRPLUS
@@ -66,10 +66,9 @@ class ToyFS(Operations):
     def opendir(self, ino, flags, ctx):
         return Opened(7, abi.OpenFlag.CACHE_DIR)
 
-    def readdir(self, ino, fh, offset, ctx):
+    def listing(self, ino, fh, offset, ctx):
         names = [f"name{i:03d}".encode() for i in range(100)]
-        for i in range(offset, len(names)):
-            yield DirEntry(names[i], Entry(self._attr(2)), i + 1)
+        return Listing(names, [2] * len(names), bytes([stat.S_IFREG >> 12]) * len(names))
 
     def getxattr(self, ino, name, ctx):
         if name == b"user.x":
@@ -313,3 +312,44 @@ def test_a_crashing_handler_answers_eio():
         assert (await kernel.call(abi.Op.LOOKUP, 3, body=b"file\0"))[0] == 0
 
     trio.run(with_session, Broken(), check)
+
+
+def test_work_between_requests_never_holds_up_reads_or_requests():
+    """An `idle` that always has more to do (listing ahead of a walk over a
+    huge tree) still lets READ tasks run and requests be answered."""
+    class Busy(ToyFS):
+        calls = 0
+
+        def idle(self):
+            self.calls += 1
+            return True
+
+    fs = Busy()
+
+    async def check(kernel, session):
+        for unique in range(2, 12):
+            error, data = await kernel.call(abi.Op.READ, unique, 2,
+                                            abi.READ_IN.pack(2, 0, 4, 0, 0, 0, 0))
+            assert (error, data) == (0, b"0123")
+        assert fs.calls > 0
+
+    trio.run(with_session, fs, check)
+
+
+def test_work_between_requests_that_fails_is_dropped_once():
+    class Broken(ToyFS):
+        calls = 0
+
+        def idle(self):
+            self.calls += 1
+            raise RuntimeError("bug")
+
+    fs = Broken()
+
+    async def check(kernel, session):
+        for unique in range(2, 6):
+            assert (await kernel.call(abi.Op.GETATTR, unique, 2,
+                                      abi.GETATTR_IN.pack(0, 0, 0)))[0] == 0
+        assert fs.calls == 1 and session.errors["idle_crash"] == 1
+
+    trio.run(with_session, fs, check)

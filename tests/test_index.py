@@ -228,3 +228,49 @@ def test_compaction_refuses_an_incomplete_image(tmp_path):
         img.create_node(ROOT_INO, b"f", stat.S_IFREG | 0o444, size=10)
     with pytest.raises(UsageError, match="not complete"):
         compact(tmp_path / "img")
+
+
+def _listing_tree(root: Path) -> Path:
+    """One directory of every type and of names on each side of the
+    8-byte padding; its children are not numbered consecutively."""
+    (root / "d" / "sub").mkdir(parents=True)
+    for name in ("a", "1234567", "12345678", "123456789", "x" * 255, "\xe9t\xe9"):
+        (root / "d" / name).write_bytes(b"")
+    os.symlink("a", root / "d" / "link")
+    os.mkfifo(root / "d" / "fifo")
+    (root / "e").mkdir()
+    return root
+
+
+def _listing_of(path: Path, name: bytes) -> tuple:
+    img = Image.open(path)
+    node = img.ns.lookup(ROOT_INO, name)
+    names, children, types = img.ns.listing(node)
+    expected = [stat.S_IFMT(img.ns.inodes[c].mode) >> 12 for c in children]
+    return list(names), list(children), list(types), expected
+
+
+def test_a_listing_is_the_name_block_whatever_the_order_of_its_names(tmp_path):
+    """The format lets a writer place a block's names anywhere after its
+    table: names stored in reverse list the same as names back to back."""
+    pack(_listing_tree(tmp_path / "src"), tmp_path / "img", compress="none")
+    names, children, types, expected = _listing_of(tmp_path / "img", b"d")
+    assert names == sorted(os.fsencode(n) for n in os.listdir(tmp_path / "src" / "d"))
+    assert types == expected
+    data = bytearray((tmp_path / "img").read_bytes())
+    d_ino = Image.open(tmp_path / "img").ns.lookup(ROOT_INO, b"d").ino
+    base = regions(data)["names"][0] + int.from_bytes(
+        data[inode_at(data, d_ino) + 48:][:8], "little")
+    count = len(names)
+    table = [(int.from_bytes(data[base + 16 * i:][:4], "little"), data[base + 16 * i + 4])
+             for i in range(count)]
+    stored = [bytes(data[base + off:base + off + n]) for off, n in table]
+    pos = base + 16 * count
+    for i in reversed(range(count)):  # rewrite the names last to first
+        data[pos:pos + len(stored[i])] = stored[i]
+        data[base + 16 * i:base + 16 * i + 4] = (pos - base).to_bytes(4, "little")
+        pos += len(stored[i])
+    assert table[0][0] < table[1][0]  # back to back as pack wrote them, now reversed:
+    assert fix_index(data)
+    (tmp_path / "reversed.img").write_bytes(bytes(data))
+    assert _listing_of(tmp_path / "reversed.img", b"d") == (names, children, types, expected)

@@ -26,24 +26,19 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import Callable
 
 from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
 from .fileids import FileIds
-from .fuse import Attr, Connection, Context, DirEntry, Entry, FuseError, OpenFlag, Opened
+from .fuse import Attr, Connection, Context, Entry, FuseError, Listing, OpenFlag, Opened
 from .fuse import Operations, StatFs
+from .listings import Listings
 from .namespace import Inode
 from .service import ReaderGone, ReadTimedOut, Service, TailAbsent
 
 log = logging.getLogger("incfs.fuse")
 
-LISTINGS_KEPT = 1024  # directory listings kept for readdir offsets (the kernel caches the rest)
-# ... and at most this many entries in them all: a walk of a million files in
-# 1000-entry directories must not keep a million names. An evicted listing is
-# made again in the same order (a directory's order only changes with its
-# names, and then `names_changed` drops it anyway).
-LISTING_ENTRIES_KEPT = 1 << 16
 SPARED_LIMIT = 4096  # remembered readahead windows answered early (per mount)
 CACHE_TIMEOUT = 3600.0  # names and attributes change only through a loader, which invalidates
 SPECIAL_BASE = 1 << 62
@@ -65,6 +60,13 @@ INCFS_XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.veri
                 b"user.incfs.blocks", b"user.incfs.io")
 
 
+def _special_type(ino: int) -> int:
+    """The d_type of an entry of `.incfs` or its directories."""
+    if ino >= PLACEHOLDER_BASE:
+        return stat.S_IFLNK >> 12
+    return (stat.S_IFDIR if ino in SPECIAL_DIRS else stat.S_IFREG) >> 12
+
+
 class IncfsOperations(Operations):
     def __init__(self, service: Service, control_path: str, stored_owners: bool | None = None):
         self.service = service
@@ -81,8 +83,7 @@ class IncfsOperations(Operations):
         self.control_path = control_path
         self.uid, self.gid = os.getuid(), os.getgid()
         self._files: dict[int, tuple[Inode | bytes, int]] = {}  # fh -> (node or content, pid)
-        self._dirs: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()  # dir ino -> listing
-        self._listed = 0  # entries in all of them
+        self.listings = Listings(self._make_listing, self._parent_of)
         # handles of successive daemons on one connection never collide
         self._next_fh = (service.restarts << 40) + 1
         self._spared: OrderedDict[tuple[int, int], None] = OrderedDict()  # (ino, offset) answered TailAbsent
@@ -198,45 +199,45 @@ class IncfsOperations(Operations):
         so a second `ls -R` sends nothing at all. readdir works by inode."""
         raise FuseError(errno.ENOSYS)
 
-    def _listing(self, ino: int) -> list[tuple[bytes, int]]:
-        """A directory's entries in a stable order, the offsets readdir
-        resumes from. Kept until a name in it changes (`names_changed`)."""
-        listing = self._dirs.get(ino)
-        if listing is None:
-            if ino in SPECIAL_DIRS:
-                listing = self._special_listing(ino)
-            else:
-                node = self._node(ino)
-                if not node.is_dir:
-                    raise FuseError(errno.ENOTDIR)
-                listing = list(node.children.items())
-            self._dirs[ino] = listing
-            self._listed += len(listing)
-            while len(self._dirs) > 1 and (len(self._dirs) > LISTINGS_KEPT
-                                           or self._listed > LISTING_ENTRIES_KEPT):
-                self._listed -= len(self._dirs.popitem(last=False)[1])
-        else:
-            self._dirs.move_to_end(ino)
-        return listing
+    def _make_listing(self, ino: int) -> Listing:
+        """A directory's entries in a stable order (offsets are positions)."""
+        if ino in SPECIAL_DIRS:
+            return self._special_listing(ino)
+        if ino >= SPECIAL_BASE:
+            raise FuseError(errno.ENOTDIR)
+        node = self._node(ino)
+        if not node.is_dir:
+            raise FuseError(errno.ENOTDIR)
+        return Listing(*self.ns.listing(node))
 
-    def _special_listing(self, ino: int) -> list[tuple[bytes, int]]:
+    def _parent_of(self, ino: int) -> int:
+        node = self.ns.stat(ino) if ino < SPECIAL_BASE else None
+        return node.parent if node is not None else 0
+
+    def _special_listing(self, ino: int) -> Listing:
         """`.incfs` lists its names; `index` lists nothing (every file is
         there by id, like Android's); `incomplete` the files not complete."""
         if ino == SPECIAL_DIR_INO:
-            return sorted(SPECIAL_NAMES.items())
-        if ino == INDEX_DIR_INO:
-            return []
-        listing = []
+            items = sorted(SPECIAL_NAMES.items())
+        elif ino == INDEX_DIR_INO:
+            items = []
+        else:
+            items = self._incomplete_items()
+        types = bytes(_special_type(child) for _, child in items)
+        return Listing([name for name, _ in items], [child for _, child in items], types)
+
+    def _incomplete_items(self) -> list[tuple[bytes, int]]:
+        items = []
         for child in sorted(self.ns.inodes):
             node = self.ns.inodes[child]
             if node.is_reg and not node.complete:
                 name = node.file_id.hex().encode()
                 if self.ids.find(name) is node:  # two files with one id: the one a lookup finds
-                    listing.append((name, PLACEHOLDER_BASE | child))
-        return listing
+                    items.append((name, PLACEHOLDER_BASE | child))
+        return items
 
     def names_changed(self, parent: int) -> None:
-        self._listed -= len(self._dirs.pop(parent, ()))
+        self.listings.drop(parent)
 
     def created(self, node: Inode) -> Callable[[], None] | None:
         """A loader created `node`; returns what to tell the kernel, if
@@ -244,7 +245,7 @@ class IncfsOperations(Operations):
         self.ids.add(node)
         if not node.is_reg or node.complete:
             return None
-        self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        self.names_changed(INCOMPLETE_DIR_INO)
         if not self._incomplete_known:
             return None
         session = self.service.fuse
@@ -257,7 +258,7 @@ class IncfsOperations(Operations):
         the placeholder gets IN_DELETE_SELF; the directory's cached listing
         is invalidated with it. FUSE gives no IN_DELETE on the directory
         (the kernel sends that only for its own unlinks)."""
-        self._dirs.pop(INCOMPLETE_DIR_INO, None)
+        self.names_changed(INCOMPLETE_DIR_INO)
         if not self._incomplete_known:
             return None
         session = self.service.fuse
@@ -268,23 +269,23 @@ class IncfsOperations(Operations):
             session.invalidate_inode_now(INCOMPLETE_DIR_INO, 0, 0)
         return tell_kernel
 
-    def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
+    def listing(self, ino: int, fh: int, offset: int, ctx: Context) -> Listing:
         if ino == INCOMPLETE_DIR_INO and offset == 0:
-            self._dirs.pop(ino, None)  # a new pass sees the files as they are now
-        listing = self._listing(ino)
-        for i in range(offset, len(listing)):
-            name, child = listing[i]
-            if child >= SPECIAL_BASE:
-                try:
-                    entry = self._special_entry(child)
-                except FuseError:
-                    continue  # a placeholder whose file went
-            else:
-                node = self.ns.stat(child)
-                if node is None:
-                    continue
-                entry = self._entry(node)
-            yield DirEntry(name, entry, i + 1)
+            self.names_changed(ino)  # a new pass sees the files as they are now
+        return self.listings.get(ino, offset)
+
+    def idle(self) -> bool:
+        # not from .incfs: listing `incomplete` looks at every inode
+        return self.listings.last < SPECIAL_BASE and self.listings.ahead()
+
+    def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
+        if ino >= SPECIAL_BASE:
+            try:
+                return self._special_entry(ino).pack()
+            except FuseError:
+                return None  # a placeholder whose file went
+        node = self.ns.stat(ino)
+        return None if node is None else self._entry(node).pack()
 
     # --- files -------------------------------------------------------------------
 

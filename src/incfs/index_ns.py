@@ -15,14 +15,16 @@ access that met it.
 
 from __future__ import annotations
 
+import operator
 import stat
 import threading
 import weakref
 from collections import OrderedDict
+from itertools import islice
 from typing import Callable, Iterator
 
 from .blockmap import ABSENT, BlockMap, loaded_map
-from .format.index import FLAG_POSIX, IndexReader, InodeRecord, damage
+from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, damage
 from .format.layout import LOG_START
 from .format.records import BlockKind
 from .integrity.merkle import block_count
@@ -51,6 +53,17 @@ class IndexChildren:
         if self._base < 0:
             self._base = self.ns.checked_dir(self.ino, self.extent, self.count)
         return self._base
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+    def block(self) -> NameBlock:
+        """The index's names for this directory (checked), decoded at once;
+        without what was added or removed since (see `changed`)."""
+        block = self.ns.checked_block(self.ino, self.extent, self.count)
+        self._base = self.reader.dir_base(self.ino, self.extent, self.count)
+        return block
 
     def _base_get(self, name: bytes) -> int | None:
         if name in self.removed:
@@ -85,8 +98,8 @@ class IndexChildren:
         return child
 
     def items(self) -> Iterator[tuple[bytes, int]]:
-        base = self.base
-        for name, child in self.reader.names(self.ino, base, self.count):
+        block = self.block()
+        for name, child in zip(block.names, block.children):
             if name not in self.removed:
                 yield name, child
         yield from self.added.items()
@@ -197,6 +210,9 @@ class IndexStat:
 
 
 _TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+# the same and symlinks, as the byte a NameBlock's `types` holds (mode >> 12)
+_LISTED_TYPES = bytes(t >> 12 for t in (*_TYPES, stat.S_IFLNK))
+_DIR_TYPE = bytes([stat.S_IFDIR >> 12])
 
 
 class IndexNamespace(Namespace):
@@ -227,6 +243,15 @@ class IndexNamespace(Namespace):
             return None
         self.reader.read_one()
         return IndexStat(ino, self.reader.stat_fields(ino))
+
+    def listing(self, node: Inode) -> tuple:
+        """As Namespace.listing; a directory as the index has it, in one
+        decode of its name block (no inode built, no stat per name)."""
+        children = node.children
+        if isinstance(children, IndexChildren) and not children.changed:
+            block = children.block()
+            return block.names, block.children, block.types
+        return super().listing(node)
 
     def files_after(self, after: int, count: int) -> list[int]:
         """Regular files in inode order from the records' modes alone."""
@@ -272,32 +297,46 @@ class IndexNamespace(Namespace):
         """Where directory `ino`'s name block starts, checked once."""
         base = self.reader.dir_base(ino, extent, count)
         if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):
-            self._check_dir(ino, base, count)
-            self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
+            self.checked_block(ino, extent, count)
         return base
 
-    def _check_dir(self, ino: int, base: int, count: int) -> None:
+    def checked_block(self, ino: int, extent: int, count: int) -> NameBlock:
+        """Directory `ino`'s name block decoded, checked the first time."""
+        block = self.reader.name_block(ino, self.reader.dir_base(ino, extent, count), count)
+        if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):
+            self._check_dir(ino, block)
+            self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
+        return block
+
+    def _check_dir(self, ino: int, block: NameBlock) -> None:
         """Once per directory: names valid and strictly sorted (so the binary
-        search is right), children in range, and each child directory's
-        parent is this one (so no directory has two names and none is its
-        own ancestor)."""
-        previous = None
-        subdirs: set[int] = set()
-        for name, child in self.reader.names(ino, base, count):
-            try:
-                check_name(name)
-            except OSError:
-                raise damage(f"directory {ino} holds a bad name {name[:40]!r}") from None
-            if previous is not None and name <= previous:
-                raise damage(f"directory {ino}: names not sorted or not unique")
-            previous = name
-            if not 1 < child <= self.reader.count or child == ino:
-                raise damage(f"directory {ino}: {name[:40]!r} names inode {child}, "
-                             "out of range")
-            if stat.S_ISDIR(self.reader.mode_of(child)):
-                if self.reader.parent_of(child) != ino or child in subdirs:
-                    raise damage(f"directory {ino}: directory {child} has another parent")
-                subdirs.add(child)
+        search is right), children in range and of a known type, and each
+        child directory's parent is this one (so no directory has two names
+        and none is its own ancestor). Whole-block operations, not a loop
+        per name: a cold walk checks every directory it lists."""
+        names, children = block.names, block.children
+        joined = b"".join(names)
+        if (b"/" in joined or b"\0" in joined or b"" in names or b"." in names
+                or b".." in names):  # a quick screen; check_name says which
+            for name in names:
+                try:
+                    check_name(name)
+                except OSError:
+                    raise damage(f"directory {ino} holds a bad name {name[:40]!r}") from None
+        if not all(map(operator.lt, names, islice(names, 1, None))):
+            raise damage(f"directory {ino}: names not sorted or not unique")
+        if children and (min(children) < 2 or ino in children):
+            raise damage(f"directory {ino}: a name refers to inode 1 or to itself")
+        if block.types.translate(None, _LISTED_TYPES):
+            raise damage(f"directory {ino}: a child has an unsupported file type")
+        if _DIR_TYPE in block.types:
+            self._check_subdirs(ino, block)
+
+    def _check_subdirs(self, ino: int, block: NameBlock) -> None:
+        subdirs = [c for c, t in zip(block.children, block.types) if t == _DIR_TYPE[0]]
+        if len(set(subdirs)) != len(subdirs) or any(
+                self.reader.parent_of(child) != ino for child in subdirs):
+            raise damage(f"directory {ino}: a child directory has another parent")
 
     @staticmethod
     def _check_counts(node: Inode, rec: InodeRecord) -> None:

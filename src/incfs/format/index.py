@@ -22,6 +22,7 @@ import struct
 import zlib
 from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Iterator
 
 from ..errors import CorruptImage
@@ -160,6 +161,22 @@ def region_crc(fd: int, offset: int, length: int, chunk: int = 1 << 22) -> int:
     return crc
 
 
+@dataclass(slots=True, frozen=True)
+class NameBlock:
+    """A directory's name block decoded: names in stored order, the inode of
+    each, and each child's file type (mode >> 12, a d_type) as one byte."""
+
+    names: tuple[bytes, ...]
+    children: list[int]
+    types: bytes
+
+
+# "5s" for a name of 5 bytes: a block's names unpack with one format
+_NAME_FORMATS = tuple(f"{n}s" for n in range(256))
+# a mode's second byte -> its top four bits (the file type)
+_HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
+
+
 @dataclass(slots=True)
 class InodeRecord:
     """An inode record decoded, with where its names, map or heap bytes are."""
@@ -182,11 +199,12 @@ class IndexReader:
         self.r = header.regions
         self.reads = 0  # since the mapping was last trimmed
 
-    def read_one(self) -> None:
-        """Count a read; every TRIM_EVERY, drop the mapping's pages from our
-        resident set (they stay in the page cache: the next touch is a minor
-        fault), so a walk of a big index does not pin it all in the daemon."""
-        self.reads += 1
+    def read_one(self, n: int = 1) -> None:
+        """Count `n` inode reads; every TRIM_EVERY, drop the mapping's pages
+        from our resident set (they stay in the page cache: the next touch is
+        a minor fault), so a walk of a big index does not pin it all in the
+        daemon."""
+        self.reads += n
         if self.reads >= TRIM_EVERY:
             self.reads = 0
             madvise = getattr(self.view, "madvise", None)
@@ -278,6 +296,46 @@ class IndexReader:
     def names(self, ino: int, base: int, count: int) -> Iterator[tuple[bytes, int]]:
         for i in range(count):
             yield self.name_at(ino, base, i, count)
+
+    def name_block(self, ino: int, base: int, count: int) -> NameBlock:
+        """A directory's whole name block decoded at once, with each child's
+        file type. Bounds are checked, nothing else (see IndexNamespace)."""
+        table = memoryview(self.view)[base:base + count * DIRENT_SIZE]
+        children = table.cast("Q")[1::2].tolist()
+        names = self._contiguous_names(base, count, table)
+        if names is None:  # a writer other than ours may place names anywhere
+            names = tuple(self.name_at(ino, base, i, count)[0] for i in range(count))
+        if children and not (1 <= min(children) and max(children) <= self.count):
+            raise damage(f"directory {ino}: a child is out of range")
+        return NameBlock(names, children, self.types_of(children))
+
+    def _contiguous_names(self, base: int, count: int,
+                          table: memoryview) -> tuple[bytes, ...] | None:
+        """The names in one unpack when they follow the table back to back
+        in entry order (as `encode_names` writes them), else None."""
+        lengths = bytes(table[4::DIRENT_SIZE])
+        ends = list(accumulate(lengths, initial=count * DIRENT_SIZE))
+        if table.cast("I")[0::4].tolist() != ends[:-1]:
+            return None
+        start = base + ends[0]
+        if base + ends[-1] > self.r["names"].end:
+            return None  # name_at says which one lies outside
+        view = memoryview(self.view)[start:base + ends[-1]]
+        return struct.unpack("".join(map(_NAME_FORMATS.__getitem__, lengths)), view)
+
+    def types_of(self, inos: list[int]) -> bytes:
+        """The file type (mode >> 12) of each inode, one byte each: the
+        d_type of a listing. Sibling files usually have consecutive numbers,
+        whose modes one strided slice reads."""
+        self.read_one(len(inos))
+        table = self.r["inodes"].offset
+        if inos and inos == list(range(inos[0], inos[0] + len(inos))):
+            first = table + (inos[0] - 1) * INODE_SIZE + 1  # the mode's second byte
+            return bytes(memoryview(self.view)[first:first + len(inos) * INODE_SIZE:INODE_SIZE]
+                         ).translate(_HIGH_NIBBLE)
+        modes = memoryview(self.view)[table:table + self.count * INODE_SIZE].cast("I")
+        step = INODE_SIZE // 4
+        return bytes([modes[(ino - 1) * step] >> 12 & 0xF for ino in inos])
 
     # --- block maps ---------------------------------------------------------------
 

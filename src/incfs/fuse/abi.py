@@ -186,6 +186,7 @@ NOTIFY_DELETE = struct.Struct("=QQII")       # parent child namelen padding
 BACKING_MAP = struct.Struct("=iIQ")          # fd flags padding
 
 ENTRY_OUT_SIZE = ENTRY_OUT_HEAD.size + ATTR.size   # 128
+ENTRY_OUT = struct.Struct(ENTRY_OUT_HEAD.format + ATTR.format[1:])  # the two in one pack
 ATTR_OUT_SIZE = ATTR_OUT_HEAD.size + ATTR.size     # 104
 
 # Sizes from include/uapi/linux/fuse.h, asserted in tests.

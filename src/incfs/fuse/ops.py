@@ -13,9 +13,8 @@ from __future__ import annotations
 import errno
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable
-
 from . import abi
+from .dirents import Listing
 
 NS = 1_000_000_000
 
@@ -41,12 +40,16 @@ class Attr:
     ctime_ns: int = 0
 
     def pack(self) -> bytes:
+        return abi.ATTR.pack(*self.fields())
+
+    def fields(self) -> tuple:
+        """fuse_attr's fields in order."""
         blocks = (self.size + 511) // 512
-        return abi.ATTR.pack(self.ino, self.size, blocks,
-                             self.atime_ns // NS, self.mtime_ns // NS, self.ctime_ns // NS,
-                             self.atime_ns % NS, self.mtime_ns % NS, self.ctime_ns % NS,
-                             self.mode, self.nlink, self.uid, self.gid,
-                             _encode_rdev(self.rdev), self.blksize, 0)
+        return (self.ino, self.size, blocks,
+                self.atime_ns // NS, self.mtime_ns // NS, self.ctime_ns // NS,
+                self.atime_ns % NS, self.mtime_ns % NS, self.ctime_ns % NS,
+                self.mode, self.nlink, self.uid, self.gid,
+                _encode_rdev(self.rdev), self.blksize, 0)
 
     @property
     def dirent_type(self) -> int:
@@ -72,8 +75,8 @@ class Entry:
     def pack(self) -> bytes:
         ev, evn = _split(self.entry_timeout)
         av, avn = _split(self.attr_timeout)
-        return (abi.ENTRY_OUT_HEAD.pack(self.attr.ino, self.generation, ev, av, evn, avn)
-                + self.attr.pack())
+        return abi.ENTRY_OUT.pack(self.attr.ino, self.generation, ev, av, evn, avn,
+                                  *self.attr.fields())
 
 
 def _split(seconds: float) -> tuple[int, int]:
@@ -118,13 +121,6 @@ class Context:
     gid: int
     pid: int
     unique: int
-
-
-@dataclass(slots=True)
-class DirEntry:
-    name: bytes
-    entry: Entry          # attributes (and, for READDIRPLUS, cache timeouts)
-    offset: int           # the offset of the entry after this one
 
 
 @dataclass
@@ -188,11 +184,29 @@ class Operations:
     def opendir(self, ino: int, flags: int, ctx: Context) -> Opened:
         raise FuseError(errno.ENOSYS)
 
-    def readdir(self, ino: int, fh: int, offset: int, ctx: Context) -> Iterable[DirEntry]:
+    def listing(self, ino: int, fh: int, offset: int, ctx: Context) -> Listing:
+        """The directory's entries for a READDIR(PLUS) from entry `offset`:
+        the same Listing for every offset of one pass (keep it), so that
+        offsets mean the same entries."""
         raise FuseError(errno.ENOSYS)
+
+    def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
+        """A listed inode's packed fuse_entry_out (`Entry.pack()`), for
+        READDIRPLUS; None leaves the entry out of the reply."""
+        try:
+            attr, timeout = self.getattr(ino, ctx)
+        except FuseError:
+            return None
+        return Entry(attr, timeout, timeout).pack()
 
     def releasedir(self, ino: int, fh: int) -> None:
         pass
+
+    def idle(self) -> bool:
+        """Called when no request is waiting: do one short piece of work
+        that later requests will likely need, and say whether there was
+        any (the session then looks for a request before calling again)."""
+        return False
 
     def statfs(self, ino: int, ctx: Context) -> StatFs:
         return StatFs()

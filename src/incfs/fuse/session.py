@@ -42,6 +42,16 @@ YIELD_EVERY = 32                     # inline answers between checkpoints, so ot
 # request a few microseconds after our reply, and a trip through trio's epoll
 # wait (register, wait, unregister, reschedule) costs more than the request.
 SPIN_NS = 50_000
+# READDIRPLUS_AUTO makes the kernel ask for plus at offset 0 of every
+# directory, and afterwards only when the names it got were looked at (a
+# stat of an entry that plus made sets FUSE_I_ADVISE_RDPLUS on the directory).
+# A walk that only needs names and types (ls -R, find) would pay for a full
+# 32 KiB of plus entries per directory, each an inode the kernel makes; so
+# the first reply carries files only in its first KiB: a stat-ing walk (ls -l,
+# du) gets plus for the rest all the same, one request later. Directories
+# go on filling it: a walk goes into each, and a plus entry is much cheaper
+# than the LOOKUP it would send instead.
+FIRST_PLUS_FILES = 1024
 
 WANTED = (InitFlag.ASYNC_READ | InitFlag.PARALLEL_DIROPS | InitFlag.DO_READDIRPLUS
           | InitFlag.READDIRPLUS_AUTO | InitFlag.MAX_PAGES | InitFlag.CACHE_SYMLINKS
@@ -80,6 +90,7 @@ class Session:
             Op.DESTROY: self._destroy, Op.INIT: self._init,
         }
         self._done = False
+        self._idle_failed = False
 
     # --- the loop -------------------------------------------------------------
 
@@ -103,6 +114,9 @@ class Session:
             try:
                 return os.readv(self.fd, [self._buffer])
             except BlockingIOError:
+                if self._idle():
+                    await trio.lowlevel.checkpoint()  # READ tasks run between pieces
+                    continue
                 if self._spin():
                     continue
                 await trio.lowlevel.wait_readable(self.fd)
@@ -115,6 +129,19 @@ class Session:
                     log.info("FUSE connection closed (%s)", os.strerror(e.errno))
                     return None
                 raise
+
+    def _idle(self) -> bool:
+        """The file system's work between requests (see Operations.idle):
+        optional, so a failure is logged and that is all."""
+        if self._idle_failed:
+            return False
+        try:
+            return self.ops.idle()
+        except Exception:
+            self.errors["idle_crash"] += 1
+            self._idle_failed = True  # once: it would fail again at every pause
+            log.exception("work between requests failed; no more of it")
+            return False
 
     def _spin(self) -> bool:
         """True once a request is waiting (within SPIN_NS), False if none came."""
@@ -363,19 +390,13 @@ class Session:
 
     def _list(self, nodeid: int, body: memoryview, ctx: Context, plus: bool) -> None:
         fh, offset, size = abi.READ_IN.unpack_from(body)[:3]
-        out = bytearray()
-        for d in self.ops.readdir(nodeid, fh, offset, ctx):
-            need = abi.dirent_size(len(d.name), plus)
-            if len(out) + need > size:
-                break
-            start = len(out)
-            if plus:
-                out += d.entry.pack()
-            out += abi.DIRENT_HEAD.pack(d.entry.attr.ino, d.offset, len(d.name),
-                                        d.entry.attr.dirent_type)
-            out += d.name
-            out += b"\0" * (need - (len(out) - start))
-        self.reply(ctx.unique, bytes(out))
+        listing = self.ops.listing(nodeid, fh, offset, ctx)
+        if not plus:
+            self.reply(ctx.unique, listing.plain(offset, size))
+            return
+        self.reply(ctx.unique, listing.plus(offset, size,
+                                            lambda ino: self.ops.listed_entry(ino, ctx),
+                                            FIRST_PLUS_FILES if offset == 0 else None))
 
     # --- notifications (worker threads only: they may block in the kernel) -------------
 

@@ -1,0 +1,96 @@
+"""Directory listings encoded the way READDIR answers them.
+
+A `Listing` is a directory's entries as fuse_dirent records (ino, the
+offset of the next entry, name length, d_type, the name, zero padding to
+8 bytes), packed once with a single struct call for the whole directory:
+a cold walk lists every directory once, so what costs is the work per
+entry, and a loop per entry in Python costs more than the kernel's whole
+walk. A READDIR is then a slice of those bytes, as many whole records as
+fit the size the kernel asked for, starting at its offset. READDIRPLUS
+puts each entry's fuse_entry_out before its record, so it is made per
+entry, and only as far as the reply goes.
+
+Offsets are entry numbers: the record of entry i says i + 1, so a
+telldir/seekdir (or a reply cut short) resumes at the entry after.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from array import array
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Callable, Sequence
+
+from . import abi
+
+# a record's size and format by name length (names are 1..255 bytes)
+_SIZES = tuple(abi.dirent_size(n, plus=False) for n in range(256))
+_DT_DIR = stat.S_IFDIR >> 12
+_FORMATS = tuple(f"QQII{n}s{_SIZES[n] - abi.DIRENT_HEAD.size - n}x" for n in range(256))
+
+
+class Listing:
+    """One directory's entries: `names`, the inode each names and its file
+    type (mode >> 12) as a byte in `types`, in the order they are listed."""
+
+    __slots__ = ("inos", "types", "_data", "_ends")
+
+    def __init__(self, names: Sequence[bytes], inos: Sequence[int], types: bytes):
+        count = len(names)
+        if len(inos) != count or len(types) != count:
+            raise ValueError("names, inodes and types differ in number")
+        lengths = bytes(map(len, names))  # ValueError for a name over 255 bytes
+        fields: list = [0] * (5 * count)
+        fields[0::5] = inos
+        fields[1::5] = range(1, count + 1)
+        fields[2::5] = lengths
+        fields[3::5] = types
+        fields[4::5] = names
+        self._data = struct.pack("=" + "".join(map(_FORMATS.__getitem__, lengths)), *fields)
+        # where each record starts, and the end of the last
+        self._ends = array("I", list(accumulate(map(_SIZES.__getitem__, lengths), initial=0)))
+        self.inos = array("Q", inos)
+        self.types = bytes(types)
+
+    def __len__(self) -> int:
+        return len(self.inos)
+
+    def directory_after(self, index: int) -> int | None:
+        """The inode of the first directory listed after entry `index`
+        (-1: from the start), or None."""
+        found = self.types.find(_DT_DIR, index + 1)
+        return None if found < 0 else self.inos[found]
+
+    def plain(self, offset: int, size: int) -> memoryview:
+        """READDIR: the records from entry `offset` on that fit in `size`
+        bytes (none past the end: the kernel takes an empty reply as EOF)."""
+        if offset >= len(self.inos):
+            return memoryview(b"")
+        start = self._ends[offset]
+        last = bisect_right(self._ends, start + size, offset) - 1
+        return memoryview(self._data)[start:self._ends[last]]
+
+    def plus(self, offset: int, size: int, entry_of: Callable[[int], bytes | None],
+             files_size: int | None = None) -> bytes:
+        """READDIRPLUS: each record after its inode's fuse_entry_out, from
+        `entry_of(ino)`; an entry it answers None for is left out. Past
+        `files_size` bytes the reply goes on only while entries are
+        directories."""
+        parts: list[bytes | memoryview] = []
+        used = 0
+        soft = size if files_size is None else files_size
+        data = memoryview(self._data)
+        for i in range(offset, len(self.inos)):
+            if parts and used >= soft and self.types[i] != _DT_DIR:
+                break  # (never before the first: an empty reply means EOF)
+            entry = entry_of(self.inos[i])
+            if entry is None:
+                continue
+            start, end = self._ends[i], self._ends[i + 1]
+            used += len(entry) + end - start
+            if used > size:
+                break
+            parts += (entry, data[start:end])
+        return b"".join(parts)
