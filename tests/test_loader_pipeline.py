@@ -5,6 +5,7 @@ budget. Real trio objects and real mounts; no timings asserted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -171,30 +172,39 @@ def test_random_clusters_get_no_readahead():
     assert launched == []
 
 
-def test_a_sequential_reader_is_served_by_readahead_within_the_budget(tmp_path):
-    data = random.Random(4).randbytes(24 * MiB)
+@contextlib.contextmanager
+def _big_file_mounted(tmp_path, data: bytes, **options):
+    """big.bin (`data`) packed, served by nginx and mounted lazily (prefetch
+    none) with these MountConfig options; yields the mount point. The cache
+    is checked clean after."""
     src = make_tree(tmp_path / "src", {"big.bin": data})
     www = tmp_path / "www"
     www.mkdir()
     pack(src, www / "app.img", compress="none")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    budget = 2 * MiB
     with Nginx(www) as nginx:
         config = MountConfig(source=nginx.url("app.img"), mountpoint=str(mnt),
                              cache=str(tmp_path / "cache.img"), allow_unsigned=True,
-                             prefetch="none", read_timeout=60, inflight_budget=budget,
-                             readahead_max=4 * MiB)
+                             prefetch="none", read_timeout=60, **options)
         with mounted(config):
-            with open(mnt / "big.bin", "rb") as f:
-                got = b"".join(iter(lambda: f.read(128 * 1024), b""))
-            assert got == data
-            loader = status(mnt)["loader"]
-            assert loader["readahead_jobs"] > 0
-            assert loader["inflight_budget"] == budget
-            assert loader["inflight_bytes_peak"] <= budget
-            assert loader["inflight_bytes"] == 0
+            yield mnt
     assert_cache_clean(tmp_path / "cache.img")
+
+
+def test_a_sequential_reader_is_served_by_readahead_within_the_budget(tmp_path):
+    data = random.Random(4).randbytes(24 * MiB)
+    budget = 2 * MiB
+    with _big_file_mounted(tmp_path, data, inflight_budget=budget,
+                           readahead_max=4 * MiB) as mnt:
+        with open(mnt / "big.bin", "rb") as f:
+            got = b"".join(iter(lambda: f.read(128 * 1024), b""))
+        assert got == data
+        loader = status(mnt)["loader"]
+        assert loader["readahead_jobs"] > 0
+        assert loader["inflight_budget"] == budget
+        assert loader["inflight_bytes_peak"] <= budget
+        assert loader["inflight_bytes"] == 0
 
 
 def _order(nfiles: int, blocks: int):
@@ -238,28 +248,17 @@ def test_a_read_refused_for_its_absent_tail_has_that_tail_fetched_at_once(tmp_pa
     so that the kernel asks again page by page (Service.read, spare_tail);
     the tail is fetched right then, not one miss per page read."""
     data = random.Random(5).randbytes(8 * MiB)
-    src = make_tree(tmp_path / "src", {"big.bin": data})
-    www = tmp_path / "www"
-    www.mkdir()
-    pack(src, www / "app.img", compress="none")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with Nginx(www) as nginx:
-        config = MountConfig(source=nginx.url("app.img"), mountpoint=str(mnt),
-                             cache=str(tmp_path / "cache.img"), allow_unsigned=True,
-                             prefetch="none", read_timeout=60)
-        with mounted(config):
-            fd = os.open(mnt / "big.bin", os.O_RDONLY)
-            try:
-                assert os.pread(fd, BLOCK_SIZE, 2 * MiB) == data[2 * MiB:2 * MiB + BLOCK_SIZE]
-                before = status(mnt)["loader"]["readahead_jobs"]
-                # the page cache forgets it: the next read goes to the daemon
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                got = os.pread(fd, MiB, 2 * MiB)
-            finally:
-                os.close(fd)
-            assert got == data[2 * MiB:3 * MiB]
-            # not read from offset 0 and not sequential: only the refused
-            # read's tail can have started readahead jobs
-            assert status(mnt)["loader"]["readahead_jobs"] > before
-    assert_cache_clean(tmp_path / "cache.img")
+    with _big_file_mounted(tmp_path, data) as mnt:
+        fd = os.open(mnt / "big.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, BLOCK_SIZE, 2 * MiB) == data[2 * MiB:2 * MiB + BLOCK_SIZE]
+            before = status(mnt)["loader"]["readahead_jobs"]
+            # the page cache forgets it: the next read goes to the daemon
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            got = os.pread(fd, MiB, 2 * MiB)
+        finally:
+            os.close(fd)
+        assert got == data[2 * MiB:3 * MiB]
+        # not read from offset 0 and not sequential: only the refused
+        # read's tail can have started readahead jobs
+        assert status(mnt)["loader"]["readahead_jobs"] > before

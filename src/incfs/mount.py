@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from .service import Service
 
 log = logging.getLogger("incfs.mount")
-
 READY_TIMEOUT = 120.0
 SUPERVISOR_GRACE = 3.0  # seconds umount waits for the supervisor after its daemon
 READAHEAD_COMPLETE_KB = 8192
@@ -94,7 +93,7 @@ def open_backing(config: MountConfig) -> Image:
     if config.source == "empty":
         path = Path(config.cache) if config.cache else default_cache(config)
         image = Image.open(path, writable=True) if path.exists() else Image.create(path)
-    elif is_remote(config.source) or config.cache:
+    elif _loads(config):
         image = open_cache(config)  # the built-in loader owns caches of sources
     else:
         path = Path(config.source)
