@@ -199,6 +199,113 @@ def test_http_reads(server: RangeServer) -> None:
     run(main)
 
 
+def test_http_prefix_read_stops_once_the_caller_has_enough(server: RangeServer) -> None:
+    """A mount reads its metadata so: it learns the length from the first
+    bytes, and the rest of the range is not waited for."""
+    def needed(head: bytes) -> int | None:
+        return 5000 if len(head) >= 16 else None
+
+    async def main() -> None:
+        async with HttpSource(server.url, retry=FAST) as src:
+            head = await src.read_prefix(0, SIZE, needed)
+            assert 5000 <= len(head) < SIZE and head == DATA[:len(head)]
+            whole = await src.read_prefix(0, SIZE, lambda _: None)  # it never can tell
+            assert whole == DATA
+            assert await src.read(SIZE - 10, 10) == DATA[-10:]  # after a dropped connection
+
+    run(main)
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by itself: (cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "incfs test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+@pytest.fixture
+def tls_server(image: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
+    """The image over https with a self-signed certificate: (URL, cert.pem)."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv = RangeServer(image)
+    httpd = srv._bind()
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    with srv:
+        yield srv.url.replace("http://", "https://", 1), cert
+
+
+def _fresh_trust(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    """The process-wide TLS contexts made again under `env`."""
+    from incfs.sources import http
+
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    http._ssl_context.cache_clear()
+    monkeypatch.setattr(http, "_ssl_context", http._ssl_context)
+
+
+def test_https_verifies_the_server_against_the_trusted_bundle(
+        tls_server: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, cert = tls_server
+
+    async def reads() -> None:
+        async with HttpSource(url, retry=FAST) as src:
+            await check_reads(src)
+
+    from incfs.sources import http
+
+    _fresh_trust(monkeypatch, SSL_CERT_FILE=cert)
+    run(reads)
+    assert http._ssl_context(True).cert_store_stats()["x509_ca"] == 1  # loaded at the handshake
+    _fresh_trust(monkeypatch)  # certifi's bundle: it does not know this certificate
+    with pytest.raises(PermanentSourceError, match="certificate is not trusted.*self.signed"):
+        run(reads)
+
+
+def test_plain_http_never_parses_the_ca_bundle(server: RangeServer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing it is ~15 ms of every mount's start; an http:// mount never
+    needs it (the context waits for a handshake that never comes)."""
+    from incfs.sources import http
+
+    _fresh_trust(monkeypatch)
+
+    async def main() -> None:
+        async with HttpSource(server.url, retry=FAST) as src:
+            await check_reads(src)
+
+    run(main)
+    assert http._ssl_context(True).cert_store_stats()["x509_ca"] == 0
+
+
 def test_http_many_concurrent_ranges(server: RangeServer) -> None:
     rng = random.Random(7)
     ranges = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import errno
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Self
 
@@ -132,10 +132,10 @@ class Source(abc.ABC):
         raise UsageError(f"{cls.__name__} cannot be opened from a spec")
 
     @classmethod
-    def preload(cls) -> None:
-        """Import the client library this backend needs, ahead of opening one
-        (a mount does it before its metadata fetch, which starts in a thread
-        while the main thread loads the rest of the daemon)."""
+    def preload(cls, spec: str) -> None:
+        """Import the client library this backend needs for `spec`, ahead of
+        opening one (a mount does it before its metadata fetch, which starts
+        in a thread while the main thread loads the rest of the daemon)."""
 
     def __init__(self, name: str, *, max_concurrency: int = DEFAULT_CONCURRENCY) -> None:
         if max_concurrency < 1:
@@ -151,6 +151,15 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes starting at `offset`, or raise SourceError."""
+
+    async def read_prefix(self, offset: int, length: int,
+                          needed: Callable[[bytes], int | None]) -> bytes:
+        """At least the first `needed(data)` bytes of `length` at `offset`:
+        `needed` tells from what has come in so far how many bytes are
+        wanted (None: it cannot tell yet). A backend that streams stops there
+        and drops the rest (a mount reads its metadata so, not knowing its
+        size before the superblock is in); this default reads all `length`."""
+        return await self.read(offset, length)
 
     async def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read several `(offset, length)` ranges concurrently; results are in

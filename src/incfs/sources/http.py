@@ -19,8 +19,11 @@ byte range of a gzip stream is not a byte range of the object.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import ssl
 import sys
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # httpx costs ~60 ms to import: only mounts of URLs pay for i
     import httpx
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
@@ -68,10 +72,62 @@ def _import_httpx() -> Any:
 
 @functools.cache
 def _ssl_context(verify: bool | str) -> Any:
-    """One TLS context per trust setting for the whole process: building one
-    (the CA bundle parsed) takes 20-25 ms, and a mount opens a source for
-    its metadata, another for the loader and maybe a probe."""
+    """One TLS context per trust setting for the whole process: a mount
+    opens a source for its metadata, another for the loader and maybe a
+    probe. The default one parses its CA bundle only at its first handshake
+    (see _TrustOnFirstHandshake)."""
+    if verify is True:
+        return _TrustOnFirstHandshake.create()
     return _import_httpx().create_ssl_context(verify=verify)
+
+
+class _TrustOnFirstHandshake(ssl.SSLContext):
+    """A verifying client context (what httpx's default is) that loads its CA
+    bundle when it first wraps a connection instead of when it is made.
+    Parsing the bundle takes ~15 ms of the GIL, and a mount of an http://
+    URL makes clients that want a context (a redirect may lead to https)
+    but never speak TLS. Which bundle follows httpx: SSL_CERT_FILE, else
+    SSL_CERT_DIR, else certifi's."""
+
+    _trust_lock: threading.Lock
+    _trust: dict[str, str] | None
+
+    @classmethod
+    def create(cls) -> _TrustOnFirstHandshake:
+        ctx = cls(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
+        ctx._trust_lock = threading.Lock()
+        if os.environ.get("SSL_CERT_FILE"):
+            ctx._trust = {"cafile": os.environ["SSL_CERT_FILE"]}
+        elif os.environ.get("SSL_CERT_DIR"):
+            ctx._trust = {"capath": os.environ["SSL_CERT_DIR"]}
+        else:
+            import certifi
+
+            ctx._trust = {"cafile": certifi.where()}
+        if os.environ.get("SSLKEYLOGFILE"):  # as ssl.create_default_context does
+            ctx.keylog_filename = os.environ["SSLKEYLOGFILE"]
+        return ctx
+
+    def _load_trust(self) -> None:
+        with self._trust_lock:
+            if self._trust is not None:
+                self.load_verify_locations(**self._trust)
+                self._trust = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self._load_trust()
+        return super().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self._load_trust()  # trio's SSLStream, which httpcore uses, wraps BIOs
+        return super().wrap_bio(*args, **kwargs)
+
+
+def _speaks_http2(url: str) -> bool:
+    """httpx speaks HTTP/2 only where TLS offers it (ALPN), never to a plain
+    http:// server (no h2c); asking for it anyway imports h2 (~8 ms of every
+    start). A redirect from http:// to https:// then stays on HTTP/1.1."""
+    return url[:8].lower() == "https://"
 
 
 def redact_url(url: str) -> str:
@@ -121,11 +177,36 @@ def transport_error(name: str, exc: httpx.HTTPError) -> SourceError:
     truncated bodies) is transient."""
     import httpx
 
-    detail = f"{name}: {type(exc).__name__}: {exc}".rstrip(": ")
+    detail = f"{name}: {type(exc).__name__}: {_reason(exc)}".rstrip(": ")
+    untrusted = _in_chain(exc, ssl.SSLCertVerificationError)
+    if untrusted is not None:  # asking again will not make it trusted
+        return PermanentSourceError(f"{name}: the server's TLS certificate is not trusted "
+                                    f"({untrusted}); SSL_CERT_FILE names a CA bundle to trust")
     if isinstance(exc, (httpx.UnsupportedProtocol, httpx.LocalProtocolError,
                         httpx.TooManyRedirects)):
         return PermanentSourceError(detail)
     return TransientSourceError(detail)
+
+
+def _in_chain(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` among `exc` and its causes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first message in `exc`'s chain: httpx often wraps a transport
+    error (a TLS alert, a reset) in an exception with no text of its own."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def _content_length(response: httpx.Response) -> int | None:
@@ -153,14 +234,16 @@ class HttpSource(Source):
         return {"url": spec}
 
     @classmethod
-    def preload(cls) -> None:
-        _ssl_context(True)  # imports httpx on the way
+    def preload(cls, spec: str) -> None:
+        _ssl_context(True)
+        _import_httpx()
         import httpcore  # noqa: F401  httpx imports it when the first client is made
 
-        try:
-            import h2.connection  # noqa: F401  and this when that client asks for http2
-        except ImportError:
-            pass
+        if _speaks_http2(spec):
+            try:
+                import h2.connection  # noqa: F401  and this when that client asks for http2
+            except ImportError:
+                pass
 
     def __init__(
         self,
@@ -189,7 +272,7 @@ class HttpSource(Source):
         self.retry = retry or RetryPolicy()
         self.check_validators = check_validators
         self._client = httpx.AsyncClient(
-            http2=http2,
+            http2=http2 and _speaks_http2(url),
             follow_redirects=True,
             max_redirects=10,
             verify=_ssl_context(verify),
@@ -262,20 +345,30 @@ class HttpSource(Source):
             except httpx.HTTPError as exc:
                 raise transport_error(self.name, exc) from exc
 
-    async def _read_exact(self, response: httpx.Response, length: int) -> bytes:
-        """Read the raw body, which must be exactly `length` bytes."""
+    async def _read_exact(self, response: httpx.Response, length: int,
+                          needed: Callable[[bytes], int | None] | None = None) -> bytes:
+        """Read the raw body, which must be exactly `length` bytes; with
+        `needed` (see Source.read_prefix), stop once that many are in. The
+        rest is dropped with its connection: draining it would cost link
+        time the mount's first reads want (200 ms for 256 KiB at 10 Mbit/s)."""
         buf = bytearray()
+        want: int | None = None
         async for chunk in response.aiter_raw():
             buf += chunk
             if len(buf) > length:
                 raise PermanentSourceError(
                     f"{self.name}: body is longer than the {length} bytes asked")
+            if needed is not None and want is None:
+                want = needed(bytes(buf))
+            if want is not None and len(buf) >= want:
+                return bytes(buf)
         if len(buf) < length:
             raise TransientSourceError(
                 f"{self.name}: short body, got {len(buf)} of {length} bytes")
         return bytes(buf)
 
-    async def _handle_range(self, response: httpx.Response, offset: int, length: int) -> bytes:
+    async def _handle_range(self, response: httpx.Response, offset: int, length: int,
+                            needed: Callable[[bytes], int | None] | None = None) -> bytes:
         end = offset + length - 1
         status = response.status_code
         if status == 206:
@@ -312,10 +405,18 @@ class HttpSource(Source):
         if declared is not None and declared != length:
             error = TransientSourceError if declared < length else PermanentSourceError
             raise error(f"{self.name}: Content-Length {declared} for a {length}-byte range")
-        return await self._read_exact(response, length)
+        return await self._read_exact(response, length, needed)
 
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`, retried per `self.retry`."""
+        return await self._read(offset, length, None)
+
+    async def read_prefix(self, offset: int, length: int,
+                          needed: Callable[[bytes], int | None]) -> bytes:
+        return await self._read(offset, length, needed)
+
+    async def _read(self, offset: int, length: int,
+                    needed: Callable[[bytes], int | None] | None) -> bytes:
         check_range(offset, length)
         if length == 0:
             return b""
@@ -324,7 +425,7 @@ class HttpSource(Source):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
 
         async def handle(response: httpx.Response) -> bytes:
-            return await self._handle_range(response, offset, length)
+            return await self._handle_range(response, offset, length, needed)
 
         async def attempt() -> bytes:
             return await self._send("GET", headers, handle)

@@ -51,7 +51,7 @@ def preload(spec: str) -> None:
         backend = backend_for(spec)
     except UsageError:
         return
-    backend.preload()
+    backend.preload(spec)
 
 
 def is_remote(spec: str) -> bool:
