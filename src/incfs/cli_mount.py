@@ -183,7 +183,7 @@ def register(main: click.Group) -> None:
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))
-        mount_background(config)
+        mount_background(config, fork=True)  # this process runs no thread: see incfs.forked
         click.echo(f"incfs: mounted {source} on {mountpoint}")
 
     @main.command("umount")

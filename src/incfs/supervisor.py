@@ -3,7 +3,8 @@ and upgrades.
 
 The kernel ends a FUSE connection when the last file descriptor of
 /dev/fuse is closed. So the supervisor, a small process that does nothing
-else, holds one: the daemon (`python -m incfs.mount`) mounts, and once the
+else, holds one: the daemon (`python -m incfs.mount`; the first one is
+forked from the supervisor, see incfs.forked) mounts, and once the
 kernel's INIT is answered it hands its /dev/fuse fd and what INIT settled up
 to the supervisor over an inherited socket pair (SCM_RIGHTS; no socket on
 disk, so nobody else can take the mount over). When the daemon dies (kill
@@ -39,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from .forked import DAEMON_NAME, SUPERVISOR_NAME, Forked, fork_call, process_name, set_name
 from .rundir import runtime_dir
 
 log = logging.getLogger("incfs.supervisor")
@@ -57,7 +59,7 @@ class Supervisor:
         self.fuse_fd: int | None = None
         self.connection: dict | None = None
         self.restarts = 0
-        self.daemon: subprocess.Popen | None = None
+        self.daemon: subprocess.Popen | Forked | None = None
         self.upgrade_requested = False
         self._ready_r: int | None = None  # the running daemon's ready pipe (None: first one)
 
@@ -67,10 +69,9 @@ class Supervisor:
         """Run the first daemon; returns an exit code if it never handed
         over (it failed, and said why on the ready pipe)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pass_fds = [theirs.fileno()] + ([self.ready_fd] if self.ready_fd is not None else [])
         args = [self.config_json, str(self.ready_fd) if self.ready_fd is not None else "-",
                 "--handover", str(theirs.fileno())]
-        self.daemon = self._spawn(args, pass_fds)
+        self.daemon = fork_call("incfs.mount", args, name=DAEMON_NAME, close=(ours.fileno(),))
         theirs.close()
         if self.ready_fd is not None:
             os.close(self.ready_fd)
@@ -217,9 +218,7 @@ def restart_daemon(mountpoint: str, timeout: float) -> tuple[int | None, int]:
         raise UsageError(f"{mountpoint} has no supervised incfs daemon "
                          "(mounted with --foreground, or not mounted)") from None
     old = _serving_pid(rundir)  # None while another restart is under way
-    from .waits import runs_module  # the command's side only: the supervisor stays small
-
-    if not runs_module(supervisor, b"incfs.supervisor"):
+    if process_name(supervisor) != SUPERVISOR_NAME:
         raise UsageError(f"pid {supervisor} is not the supervisor of {mountpoint}")
     os.kill(supervisor, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
@@ -259,6 +258,7 @@ def supervisor_pid_file(rundir: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
+    set_name(SUPERVISOR_NAME)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config_json = argv[0]
     ready_fd = int(argv[1]) if len(argv) > 1 and argv[1] != "-" else None

@@ -16,8 +16,9 @@ One concern per module; dependencies point down this list, never up:
     core      the running Loader: reads first, readahead, status, a source
               that changed
 
-Two entry points, called by `mount`: `open_cache(config) -> Image` before
-the mount, `start_loader(config, service, nursery) -> Loader` once it runs.
+Two entry points, called by `mount`: `open_cache(config) -> (Image, Source)`
+before the mount, `start_loader(config, service, nursery, source) -> Loader`
+once it runs (it takes over the source open_cache fetched the metadata from).
 """
 
 from importlib import import_module

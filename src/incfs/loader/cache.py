@@ -1,9 +1,9 @@
 """The cache image of a mount from a source: created from the source's
 metadata, resumed, or kept as the base of an update (R8, R9).
 
-`open_cache(config) -> Image` runs before the mount: it fetches the
-superblock and the metadata region `[0, meta_end)` of the source (one ranged
-request for most images) and writes the cache image: the same superblock
+`await open_cache(config) -> (Image, Source | None)` runs before the mount:
+it fetches the superblock and the metadata region `[0, meta_end)` of the
+source (one ranged request for most images) and writes the cache image: the same superblock
 with the CACHE flag, the metadata records at the same offsets (so their back
 links stay valid) with BLOCKS records re-typed as SOURCE_BLOCKS ("where this
 block is in the source"). The whole tree is visible as soon as the mount is
@@ -15,6 +15,7 @@ alone ("offline" in status).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -57,18 +58,16 @@ def old_path(path: Path) -> Path:
     return path.with_name(path.name + ".old")
 
 
-def open_cache(config) -> Image:
-    """The cache image for a mount of `config.source` (see the module doc).
-    Raises SourceError when there is no cache and the source cannot be read,
-    UsageError when the source is not a packed image, the cache file is not
-    an incfs cache or an option is wrong."""
+async def open_cache(config) -> tuple[Image, Source | None]:
+    """The cache image for a mount of `config.source` (see the module doc),
+    and, when its metadata was just fetched, the source it came from: that
+    one's connections are open, so the loader's first fetches (taking it
+    over) pay no handshake. Raises SourceError when there is no cache and
+    the source cannot be read, UsageError when the source is not a packed
+    image, the cache file is not an incfs cache or an option is wrong."""
     check_prefetch(config.prefetch)
     settings = LoaderConfig.from_mount(config)
     path = cache_path(config)
-    return trio.run(_open_cache, config, settings, path)
-
-
-async def _open_cache(config, settings: LoaderConfig, path: Path) -> Image:
     info = {"cache": str(path), "state": "created", "offline": None, "metadata_bytes": 0,
             "base": config.base_cache, "base_is_old": False}
     old = old_path(path)
@@ -83,24 +82,55 @@ async def _open_cache(config, settings: LoaderConfig, path: Path) -> Image:
                                f"source unreachable ({e}); the cache is complete")
             log.warning("%s: %s", config.source, info["offline"])
             _attach(image, info, old)
-            return image
+            return image, None
         if sb.uuid == image.superblock.uuid:
             info["state"] = "resumed"
             _attach(image, info, old)
-            return image
-        # An update: the source holds another image. Fetch its metadata
-        # before touching the old cache, so a failure leaves it as it was.
+            return image, None
+        # An update: the source holds another image. Its metadata is fetched
+        # before the old cache is touched, so a failure leaves that as it was.
         image.close()
-        sb, meta = await _fetch_metadata(config, settings)
-        os.replace(path, old)
-        move_plain_copies(path, old)
         info["state"] = "updated"
-    else:
-        sb, meta = await _fetch_metadata(config, settings)
-    image = write_cache(path, sb, meta)
+    source = open_loader_source(config)
+    try:
+        sb, meta = await _fetch_warming(source, settings)
+        if info["state"] == "updated":
+            os.replace(path, old)
+            move_plain_copies(path, old)
+        image = write_cache(path, sb, meta)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+        raise
     info["metadata_bytes"] = len(meta)
     _attach(image, info, old)
-    return image
+    return image, source
+
+
+async def _fetch_warming(source: Source, settings: LoaderConfig) -> tuple[Superblock, bytes]:
+    """fetch_metadata, while `warm_connections - 1` more connections open
+    beside the one it uses (each reads the superblock). The loader takes the
+    source over with all of them idle: a mount's first read wants a data
+    range and a hash-tree range at once, and neither then pays a handshake.
+    The warm-ups stop when the metadata is in; one that fails is no failure."""
+    got: list[tuple[Superblock, bytes]] = []
+
+    async def fetch() -> None:
+        got.append(await fetch_metadata(source, settings.first_read, settings.meta_chunk))
+        nursery.cancel_scope.cancel()
+
+    async def warm() -> None:
+        with contextlib.suppress(SourceError, CorruptImage):
+            await source.read(0, SUPERBLOCK_SIZE)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            for _ in range(settings.warm_connections - 1):
+                nursery.start_soon(warm)
+    except BaseExceptionGroup as group:  # fetch's own error: the warm-ups keep theirs
+        raise group.exceptions[0] from None
+    return got[0]
 
 
 def move_plain_copies(path: Path, old: Path) -> None:
@@ -228,13 +258,16 @@ async def _probe(config, timeout: float) -> Superblock:
     return Superblock.decode(head)
 
 
-async def _fetch_metadata(config, settings: LoaderConfig) -> tuple[Superblock, bytes]:
-    source = open_loader_source(config)
+def _metadata_end(head: bytes) -> int | None:
+    """How much of an image's head is its metadata, once its superblock is
+    in (a damaged one says nothing: the whole first read is taken, and the
+    superblock's own check then refuses it)."""
+    if len(head) < SUPERBLOCK_SIZE:
+        return None
     try:
-        return await fetch_metadata(source, settings.first_read, settings.meta_chunk)
-    finally:
-        with trio.CancelScope(shield=True):
-            await source.aclose()
+        return max(SUPERBLOCK_SIZE, Superblock.decode(head[:SUPERBLOCK_SIZE]).meta_end)
+    except CorruptImage:
+        return 1 << 62
 
 
 async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
@@ -242,7 +275,7 @@ async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
     """(superblock, bytes [0, meta_end)) of a packed image: one request when
     the metadata fits in `first_read` bytes, else parallel ones for the rest."""
     try:
-        head = await source.read(0, first_read)
+        head = await source.read_prefix(0, first_read, _metadata_end)
     except RangeNotSatisfiableError:
         size = await source.size()  # a small image: learnt from the refusal
         head = await source.read(0, min(size, first_read))

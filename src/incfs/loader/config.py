@@ -78,6 +78,11 @@ class LoaderConfig:
     retry_cap: float = 5.0
     # Longest wait for a hash block another request is fetching.
     dep_wait: float = 60.0
+    # Seconds reads wait at most, from the mount's start, for an older
+    # image (an update's base) to be indexed: its blocks are then copied, not
+    # fetched. A big base takes longer to index than a read should wait:
+    # after this, reads fetch what they need while indexing goes on.
+    base_wait: float = 1.0
     # Blocks looked up per batch when copying blocks from an older image.
     reuse_batch: int = 1024
     # Connections opened at start (each reads the superblock) so first misses

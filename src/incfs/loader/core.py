@@ -59,17 +59,19 @@ from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
 log = logging.getLogger("incfs.loader")
 
 
-def start_loader(config, service, nursery) -> "Loader":
+def start_loader(config, service, nursery, source: Source | None = None) -> "Loader":
     """Start the built-in loader for a mount's Service in `nursery`; the
-    returned object's `aclose()` stops it and syncs the cache."""
+    returned object's `aclose()` stops it and syncs the cache. `source`, if
+    given, is the loader's from now on (else it opens its own)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    loader = Loader(config, service)
+    loader = Loader(config, service, source=source)
     nursery.start_soon(loader.run)
     return loader
 
 
 class Loader(JobRunner, PrefetchMixin, ReuseMixin):
-    def __init__(self, config, service, settings: LoaderConfig | None = None):
+    def __init__(self, config, service, settings: LoaderConfig | None = None,
+                 source: Source | None = None):
         self.config = config
         self.cfg = settings or LoaderConfig.from_mount(config)
         self.service = service
@@ -86,9 +88,12 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                                    after=cfg.readahead_after, cap=lambda: 2 * self._depth())
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
-        self.source: Source | None = None
+        self.source: Source | None = source
+        self._source_warm = source is not None  # open_cache just read the metadata over it
         self.base: Image | None = None
         self.base_index: dict[int, int] = {}
+        self._base_ready = trio.Event()  # set once an older image is indexed (or there is none)
+        self._started_at = trio.current_time()
         self.info = dict(getattr(self.image, "cache_info", None) or {})
         self.prefetch_running = 0
         self.prefetch_pause_until = 0.0
@@ -126,7 +131,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     # service then forgets it and its read waits for a fetch.
                     while not await self.waits.next_pending(3600.0):
                         pass
-                self.source = open_loader_source(self.config)
+                if self.source is None:
+                    self.source = open_loader_source(self.config)
                 self.waits.read_hooks.append(self.readahead.note_read)
                 self.waits.spared_hooks.append(self._launch_readahead)
                 async with trio.open_nursery() as nursery:
@@ -165,7 +171,13 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
     async def _warm_up(self) -> None:
         """Open a few connections now (reading the superblock on each), so
         the first misses do not pay for handshakes, and check on the way that
-        the source still holds the image this cache is of."""
+        the source still holds the image this cache is of. Not for a source
+        open_cache handed over: it read this very image a moment ago over a
+        connection still open, which the first miss then takes (warming would
+        keep that one busy, and the first miss would pay a handshake)."""
+        if self._source_warm:
+            self._online()
+            return
         async def one() -> None:
             await self._check_source()
         try:

@@ -106,6 +106,7 @@ class JobRunner:
         node = self.image.ns.inodes[job.ino]
         wants = [w for w in job.wants if (job.ino, w.tree, w.index) in job.keys
                  and not self._present(node, w.tree, w.index)]
+        await self._base_indexed()
         if self.base is not None:
             wants = await self._hash_first(node, job, wants)
             # hash blocks another job is fetching (a window's hash job started

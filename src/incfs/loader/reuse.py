@@ -79,7 +79,21 @@ class ReuseMixin:
     base: Image | None
     base_index: dict[int, int]
 
+    async def _base_indexed(self) -> None:
+        """Wait (at most `base_wait` from the start) until the older image,
+        if there is one, is open and indexed: a read that came first would
+        fetch blocks it holds."""
+        if not self._base_ready.is_set():
+            with trio.move_on_at(self._started_at + self.cfg.base_wait):
+                await self._base_ready.wait()
+
     async def _open_base(self) -> None:
+        try:
+            await self._open_base_now()
+        finally:
+            self._base_ready.set()
+
+    async def _open_base_now(self) -> None:
         path = self.info.get("base") or getattr(self.config, "base_cache", None)
         if not path or not Path(path).exists():
             return
