@@ -121,6 +121,9 @@ def _become_child(name: str, close: tuple[int, ...], new_session: bool,
         if output is not None:
             os.dup2(output, 1)
             os.dup2(output, 2)
+            # the parent's sys.stdout may not write to fd 1 (a test's capture)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
 
 
 def set_name(name: str) -> None:
