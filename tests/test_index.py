@@ -245,7 +245,7 @@ def _listing_tree(root: Path) -> Path:
 def _listing_of(path: Path, name: bytes) -> tuple:
     img = Image.open(path)
     node = img.ns.lookup(ROOT_INO, name)
-    names, children, types = img.ns.listing(node)
+    names, children, types, _lengths = img.ns.listing(node)
     expected = [stat.S_IFMT(img.ns.inodes[c].mode) >> 12 for c in children]
     return list(names), list(children), list(types), expected
 
