@@ -40,7 +40,7 @@ def read_all(listing: Listing, size: int, plus: bool = False, offset: int = 0):
     seen = []
     while True:
         if plus:
-            reply = listing.plus(offset, size, lambda ino: ENTRY)
+            reply = listing.plus(offset, size, lambda ino, d_type: ENTRY)
         else:
             reply = bytes(listing.plain(offset, size))
         assert len(reply) <= size
@@ -82,13 +82,13 @@ def test_reading_resumes_at_any_offset_as_after_seekdir():
         assert [name for *_, name in got] == [n for n, _, _ in want[start:]]
     assert read_all(listing, 4096, offset=len(want)) == []
     assert read_all(listing, 4096, offset=1 << 62) == []
-    assert listing.plus(len(want), 4096, lambda ino: ENTRY) == b""
+    assert listing.plus(len(want), 4096, lambda ino, d_type: ENTRY) == b""
 
 
 def test_an_empty_directory_answers_eof_at_once():
     listing = Listing([], [], b"")
     assert len(listing) == 0 and bytes(listing.plain(0, 4096)) == b""
-    assert listing.plus(0, 4096, lambda ino: ENTRY) == b""
+    assert listing.plus(0, 4096, lambda ino, d_type: ENTRY) == b""
     assert listing.directory_after(-1) is None
 
 
@@ -97,13 +97,13 @@ def test_the_reply_never_splits_a_record():
     one = abi.dirent_size(255, plus=False)
     assert len(listing.plain(0, one)) == one
     assert len(listing.plain(0, 2 * one - 1)) == one
-    assert len(listing.plus(0, abi.ENTRY_OUT_SIZE + one, lambda ino: ENTRY)) == (
+    assert len(listing.plus(0, abi.ENTRY_OUT_SIZE + one, lambda ino, d_type: ENTRY)) == (
         abi.ENTRY_OUT_SIZE + one)
 
 
 def test_plus_leaves_out_entries_it_has_no_answer_for_and_keeps_the_offsets():
     listing, want = make([b"a", b"b", b"c", b"d"])
-    reply = listing.plus(0, 4096, lambda ino: None if ino == 101 else ENTRY)
+    reply = listing.plus(0, 4096, lambda ino, d_type: None if ino == 101 else ENTRY)
     got = parse(reply, plus=True)
     assert [(name, off) for _, off, _, name in got] == [(b"a", 1), (b"c", 3), (b"d", 4)]
 
@@ -111,9 +111,9 @@ def test_plus_leaves_out_entries_it_has_no_answer_for_and_keeps_the_offsets():
 def test_past_the_files_size_plus_goes_on_only_through_directories():
     names = [b"d1", b"d2", b"f1", b"d3"]
     listing = Listing(names, [10, 11, 12, 13], bytes([DT_DIR, DT_DIR, DT_REG, DT_DIR]))
-    reply = listing.plus(0, 4096, lambda ino: ENTRY, files_size=1)
+    reply = listing.plus(0, 4096, lambda ino, d_type: ENTRY, files_size=1)
     assert [name for *_, name in parse(reply, plus=True)] == [b"d1", b"d2"]
-    reply = listing.plus(2, 4096, lambda ino: ENTRY, files_size=0)
+    reply = listing.plus(2, 4096, lambda ino, d_type: ENTRY, files_size=0)
     # a file first still goes in (an empty reply would mean EOF), then directories
     assert [name for *_, name in parse(reply, plus=True)] == [b"f1", b"d3"]
 
@@ -155,16 +155,38 @@ def test_a_walk_finds_its_next_directory_already_listed():
     listings.get(1)
     assert not listings.ahead()  # not before the walker has read it all
     listings.get(1, offset=3)
+    assert listings.ahead()
+    assert tree.made == [1, 2]  # /a first: the first subdirectory
     while listings.ahead():
         pass
-    assert tree.made == [1, 2]  # /a: the first subdirectory
+    # then /a/c (a's first), then /b (the next after a, going up from c)
+    assert tree.made == [1, 2, 4, 3]
     listings.get(2, offset=1)
-    while listings.ahead():
-        pass
-    assert tree.made == [1, 2, 4, 3]  # /a/c, then /b (a's next sibling)
     listings.get(4)
     listings.get(3)
     assert tree.made == [1, 2, 4, 3]  # the requests found them made
+
+
+def test_listing_ahead_goes_several_directories_deep_and_stops_at_its_bound(monkeypatch):
+    import incfs.listings as mod
+    monkeypatch.setattr(mod, "AHEAD_DIRS", 3)
+    # the root holds 20 leaf directories, 2..21
+    dirs = {1: (0, [(b"d%02d" % i, 2 + i, DT_DIR) for i in range(20)])}
+    dirs.update({2 + i: (1, [(b"f", 100 + i, DT_REG)]) for i in range(20)})
+    tree = Tree(dirs)
+    listings = Listings(tree.make, tree.parent_of)
+    listings.get(1, offset=20)
+    while listings.ahead():
+        pass
+    assert tree.made == [1, 2, 3, 4]  # three ahead, no more
+    listings.get(2)  # the walk asks for the first one ...
+    while listings.ahead():
+        pass
+    assert tree.made == [1, 2, 3, 4]  # ... but it has not read it to its end yet
+    listings.get(2, offset=1)
+    while listings.ahead():
+        pass
+    assert tree.made == [1, 2, 3, 4, 5]  # one asked for: one more made
 
 
 def test_listing_ahead_survives_a_directory_that_fails():

@@ -1134,6 +1134,48 @@ def x_unknown_file_type(d): struct.pack_into("<I", d, _rec(d, 5), 0o170644)
 def x_file_with_a_parent(d): struct.pack_into("<Q", d, _rec(d, 5) + 40, 1)
 
 
+# Stored d_types (compat feature DTYPES, byte 5 of a name entry). The root's
+# entries: 0 /a, 1 /b (directories), 2 /c, 3 /d (files).
+def _stored_type(d: bytearray, ino: int, entry: int, d_type: int) -> None:
+    d[_names(d, ino) + entry * 16 + 5] = d_type
+
+
+@index_case("access")
+def x_stored_type_directory_as_file(d): _stored_type(d, 1, 1, stat.S_IFREG >> 12)
+
+
+@index_case("access")
+def x_stored_type_file_as_directory(d): _stored_type(d, 1, 2, stat.S_IFDIR >> 12)
+
+
+@index_case("access")
+def x_stored_type_file_as_symlink(d): _stored_type(d, 1, 2, stat.S_IFLNK >> 12)
+
+
+@index_case("access")
+def x_stored_type_out_of_range(d): _stored_type(d, 1, 3, 0xFF)
+
+
+@index_case("access")
+def x_stored_type_zero(d): _stored_type(d, 2, 0, 0)
+
+
+@index_case("fine")
+def x_stored_types_without_their_feature_bit(d):
+    # as a writer before DTYPES: the bit clear, the bytes zero; the types
+    # come from the inode records
+    _header(d, 12, "<I", 0)
+    for ino, count in ((1, 4), (2, 1)):
+        for entry in range(count):
+            _stored_type(d, ino, entry, 0)
+
+
+@index_case("fine")
+def x_stored_type_wrong_without_the_feature_bit(d):
+    _header(d, 12, "<I", 0)  # a reader without the bit never looks at the byte
+    _stored_type(d, 1, 1, stat.S_IFREG >> 12)
+
+
 @pytest.fixture(scope="module")
 def index_image(tmp_path_factory) -> bytes:
     from incfs.pack import pack
@@ -1201,6 +1243,31 @@ def test_mount_serves_a_damaged_index_as_eio_and_stays_up(tmp_path, index_image)
             sorted(os.listdir(mnt)) == ["a", "b", "c", "d"]
         assert (mnt / "c").read_bytes() == bytes(range(100))
         assert Client.connect(mnt).status()
+    finally:
+        umount(str(mnt))
+    assert not os.path.ismount(mnt)
+
+
+@needs_fuse
+def test_mount_refuses_a_name_whose_stored_type_lies(tmp_path, index_image):
+    """/b (a directory) stored as a file: a plain READDIR record shows what
+    is stored (nothing reads the record to list), but every way to the
+    inode behind the name fails with EIO: the lookup, and the first
+    READDIRPLUS, whose reply carries the inode; the rest is served."""
+    from incfs.mount import MountConfig, mount_background, umount
+    path = _index_build(tmp_path, index_image, "stored_type_directory_as_file")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_background(MountConfig(source=str(path), mountpoint=str(mnt), allow_unsigned=True))
+    try:
+        with pytest.raises(OSError) as exc:
+            os.stat(mnt / "b")
+        assert exc.value.errno == errno.EIO
+        with pytest.raises(OSError) as exc:
+            os.listdir(mnt)  # the first READDIRPLUS holds /b's entry
+        assert exc.value.errno == errno.EIO
+        assert (mnt / "c").read_bytes() == bytes(range(100))
+        assert os.listdir(mnt / "a") == ["x"]
     finally:
         umount(str(mnt))
     assert not os.path.ismount(mnt)

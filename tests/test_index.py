@@ -22,6 +22,9 @@ from incfs.verify import verify_image
 
 from conftest import RawImage
 
+needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                reason="needs /dev/fuse and root")
+
 
 def _served(img: Image) -> list[tuple]:
     """Everything a mount shows of the tree, file contents included."""
@@ -245,7 +248,7 @@ def _listing_tree(root: Path) -> Path:
 def _listing_of(path: Path, name: bytes) -> tuple:
     img = Image.open(path)
     node = img.ns.lookup(ROOT_INO, name)
-    names, children, types = img.ns.listing(node)
+    names, children, types, _lengths = img.ns.listing(node)
     expected = [stat.S_IFMT(img.ns.inodes[c].mode) >> 12 for c in children]
     return list(names), list(children), list(types), expected
 
@@ -274,3 +277,68 @@ def test_a_listing_is_the_name_block_whatever_the_order_of_its_names(tmp_path):
     assert fix_index(data)
     (tmp_path / "reversed.img").write_bytes(bytes(data))
     assert _listing_of(tmp_path / "reversed.img", b"d") == (names, children, types, expected)
+
+
+def _without_stored_types(data: bytearray) -> None:
+    """Make a packed image what a writer before DTYPES wrote: the compat bit
+    clear and byte 5 of every name entry zero (all else is the same)."""
+    from incfs.format.index import COMPAT_DTYPES, INODE_SIZE
+    from incfs.testing.index_edit import set_header_field
+    names_at, _ = regions(data)["names"]
+    inodes_at, inodes_len = regions(data)["inodes"]
+    for at in range(inodes_at, inodes_at + inodes_len, INODE_SIZE):
+        mode = int.from_bytes(data[at:at + 4], "little")
+        if stat.S_ISDIR(mode):
+            base = names_at + int.from_bytes(data[at + 48:at + 56], "little")
+            for entry in range(int.from_bytes(data[at + 56:at + 60], "little")):
+                data[base + entry * 16 + 5] = 0
+    compat = int.from_bytes(data[4096 + 32 + 12:][:4], "little")
+    set_header_field(data, 12, "<I", compat & ~COMPAT_DTYPES)
+
+
+def _seen(mnt: Path) -> list[tuple]:
+    """Each entry as a walk sees it: the d_type-based answers of scandir
+    (no stat: the types READDIR gave), then lstat's."""
+    out = []
+    for top, dirs, files in os.walk(mnt):
+        with os.scandir(top) as it:
+            for e in sorted(it, key=lambda e: e.name):
+                st = os.lstat(e.path)
+                out.append((os.path.relpath(e.path, mnt), e.inode(), e.is_dir(follow_symlinks=False),
+                            e.is_file(follow_symlinks=False), e.is_symlink(),
+                            stat.S_IFMT(st.st_mode), st.st_ino))
+    return out
+
+
+@needs_fuse
+def test_images_with_and_without_stored_types_list_the_same(tmp_path):
+    """A packed index stores each name's d_type (DTYPES); an image written
+    before (bit clear, bytes zero) still opens and lists the same types,
+    taken from the inode records, on a real mount."""
+    from incfs.format.index import COMPAT_DTYPES, IndexHeader
+    from incfs.mount import MountConfig, mount_background, umount
+    src = _listing_tree(tmp_path / "src")
+    os.mkfifo(src / "fifo")
+    pack(src, tmp_path / "new.img", compress="none")
+    data = bytearray((tmp_path / "new.img").read_bytes())
+    assert IndexHeader.decode(bytes(data[4096 + 32:4096 + 32 + 152])).compat & COMPAT_DTYPES
+    _without_stored_types(data)
+    (tmp_path / "old.img").write_bytes(bytes(data))
+    with Image.open(tmp_path / "old.img") as img:
+        assert not img.ns.reader.stored_types
+    seen = {}
+    for name in ("new", "old"):
+        mnt = tmp_path / f"mnt-{name}"
+        mnt.mkdir()
+        mount_background(MountConfig(source=str(tmp_path / f"{name}.img"), mountpoint=str(mnt),
+                                     allow_unsigned=True))
+        try:
+            seen[name] = _seen(mnt)
+        finally:
+            umount(str(mnt))
+    assert seen["new"] == seen["old"]
+    kinds = {kind for *_, kind, _ino in seen["new"]}
+    assert kinds == {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO}
+    assert sorted(p for p, *_ in seen["new"]) == sorted(
+        os.path.relpath(os.path.join(top, n), src)
+        for top, dirs, files in os.walk(src) for n in dirs + files)

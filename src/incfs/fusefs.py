@@ -31,6 +31,7 @@ from typing import Callable
 from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
 from .fileids import FileIds
+from .format.index import damage
 from .fuse import Attr, Connection, Context, Entry, FuseError, Listing, OpenFlag, Opened
 from .fuse import Operations, StatFs
 from .listings import Listings
@@ -278,14 +279,21 @@ class IncfsOperations(Operations):
         # not from .incfs: listing `incomplete` looks at every inode
         return self.listings.last < SPECIAL_BASE and self.listings.ahead()
 
-    def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
+    def listed_entry(self, ino: int, d_type: int, ctx: Context) -> bytes | None:
         if ino >= SPECIAL_BASE:
             try:
                 return self._special_entry(ino).pack()
             except FuseError:
                 return None  # a placeholder whose file went
         node = self.ns.stat(ino)
-        return None if node is None else self._entry(node).pack()
+        if node is None:
+            return None
+        if node.mode >> 12 & 0xF != d_type:
+            # a name block's stored type (docs/format.md, DTYPES) is not its
+            # inode's: the whole reply fails, as a damaged block would
+            raise damage(f"inode {ino} is listed with type {d_type}, its record says "
+                         f"{node.mode >> 12 & 0xF}")
+        return self._entry(node).pack()
 
     # --- files -------------------------------------------------------------------
 

@@ -68,7 +68,14 @@ class IndexChildren:
     def _base_get(self, name: bytes) -> int | None:
         if name in self.removed:
             return None
-        return self.reader.find(self.ino, self.base, self.count, name)
+        base = self.base
+        found = self.reader.find(self.ino, base, self.count, name)
+        if found is None:
+            return None
+        entry, child = found
+        if self.reader.stored_types:
+            self.ns.check_stored_type(self.ino, child, self.reader.stored_type(base, entry))
+        return child
 
     def get(self, name: bytes, default: int | None = None) -> int | None:
         child = self.added.get(name)
@@ -99,6 +106,8 @@ class IndexChildren:
 
     def items(self) -> Iterator[tuple[bytes, int]]:
         block = self.block()
+        if block.stored_types:
+            self.ns.check_stored_types(self.ino, block)
         for name, child in zip(block.names, block.children):
             if name not in self.removed:
                 yield name, child
@@ -215,6 +224,18 @@ _LISTED_TYPES = bytes(t >> 12 for t in (*_TYPES, stat.S_IFLNK))
 _DIR_TYPE = bytes([stat.S_IFDIR >> 12])
 
 
+def _has_dot_names(names: tuple[bytes, ...], lengths: bytes) -> bool:
+    """Whether "." or ".." is among `names`: only names of 1 or 2 bytes are
+    looked at (found in `lengths`, one byte per name, by bytes.find)."""
+    for length in (1, 2):
+        at = lengths.find(length)
+        while at >= 0:
+            if names[at] in (b".", b".."):
+                return True
+            at = lengths.find(length, at + 1)
+    return False
+
+
 class IndexNamespace(Namespace):
     """A Namespace whose inodes come from an index (see the module doc).
     `local_maps`: the index's block maps describe this file's own blocks
@@ -250,7 +271,7 @@ class IndexNamespace(Namespace):
         children = node.children
         if isinstance(children, IndexChildren) and not children.changed:
             block = children.block()
-            return block.names, block.children, block.types
+            return block.names, block.children, block.types, block.lengths
         return super().listing(node)
 
     def files_after(self, after: int, count: int) -> list[int]:
@@ -314,10 +335,11 @@ class IndexNamespace(Namespace):
         child directory's parent is this one (so no directory has two names
         and none is its own ancestor). Whole-block operations, not a loop
         per name: a cold walk checks every directory it lists."""
-        names, children = block.names, block.children
+        names, children, lengths = block.names, block.children, block.lengths
         joined = b"".join(names)
-        if (b"/" in joined or b"\0" in joined or b"" in names or b"." in names
-                or b".." in names):  # a quick screen; check_name says which
+        # a quick screen ("", "." and ".." are the names of 0 to 2 bytes);
+        # check_name says which name is bad
+        if b"/" in joined or b"\0" in joined or 0 in lengths or _has_dot_names(names, lengths):
             for name in names:
                 try:
                     check_name(name)
@@ -333,10 +355,29 @@ class IndexNamespace(Namespace):
             self._check_subdirs(ino, block)
 
     def _check_subdirs(self, ino: int, block: NameBlock) -> None:
+        """Each child listed as a directory is one whose parent is `ino`;
+        with stored types, its record must say directory too (one read of
+        the record the parent check reads anyway)."""
         subdirs = [c for c, t in zip(block.children, block.types) if t == _DIR_TYPE[0]]
+        reader = self.reader
         if len(set(subdirs)) != len(subdirs) or any(
-                self.reader.parent_of(child) != ino for child in subdirs):
+                reader.parent_of(child) != ino for child in subdirs):
             raise damage(f"directory {ino}: a child directory has another parent")
+        if block.stored_types and any(not stat.S_ISDIR(reader.mode_of(c)) for c in subdirs):
+            raise damage(f"directory {ino}: a name's stored type is not its inode's")
+
+    def check_stored_type(self, ino: int, child: int, d_type: int) -> None:
+        """A name's stored d_type (COMPAT_DTYPES) must be its inode's type
+        before the inode is served for that name (a lookup, a walk): a
+        directory stored as a file would escape the one-parent check."""
+        self.reader.read_one()
+        if self.reader.mode_of(child) >> 12 & 0xF != d_type:
+            raise damage(f"directory {ino}: a name's stored type is not its inode's")
+
+    def check_stored_types(self, ino: int, block: NameBlock) -> None:
+        """check_stored_type for a whole block (a walk over every name)."""
+        if self.reader.types_of(block.children) != block.types:
+            raise damage(f"directory {ino}: a name's stored type is not its inode's")
 
     @staticmethod
     def _check_counts(node: Inode, rec: InodeRecord) -> None:

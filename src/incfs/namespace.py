@@ -140,13 +140,14 @@ class Namespace:
         """What a stat answer needs of `ino` (the inode itself here), or None."""
         return self.inodes.get(ino)
 
-    def listing(self, node: Inode) -> tuple[list[bytes], list[int], bytes]:
-        """A directory's names, the inode each names and its file type
-        (mode >> 12, one byte each), in a stable order."""
+    def listing(self, node: Inode) -> tuple[list[bytes], list[int], bytes, bytes | None]:
+        """A directory's names, the inode each names, its file type (mode >>
+        12, one byte each) in a stable order, and the names' lengths (one
+        byte each) if at hand, else None."""
         items = list(node.children.items())
         children = [child for _, child in items]
         types = bytes(stat.S_IFMT(self.stat(child).mode) >> 12 for child in children)
-        return [name for name, _ in items], children, types
+        return [name for name, _ in items], children, types, None
 
     def directory(self, ino: int) -> Inode:
         node = self.get(ino)

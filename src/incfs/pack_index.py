@@ -28,9 +28,9 @@ from typing import BinaryIO
 
 from . import ROOT_INO
 from .blockmap import ABSENT
-from .format.index import (FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE, REGIONS,
-                           IndexHeader, Region, encode_inode, encode_map, encode_names,
-                           heap_blob, map_size, names_size, region_crc)
+from .format.index import (COMPAT_DTYPES, FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE,
+                           REGIONS, IndexHeader, Region, encode_inode, encode_map,
+                           encode_names, heap_blob, map_size, names_size, region_crc)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
 from .format.log import LogAppender
 from .format.records import BlockKind, InodeEntry, TreeKind, needs_inodes2
@@ -59,6 +59,7 @@ class _Listing:
     extent: int  # where its block goes in the names region
     names: list[bytes]  # sorted, as the walk will name the children
     children: list[int] = field(default_factory=list)
+    types: bytearray = field(default_factory=bytearray)  # each child's d_type
 
 
 def _tree_counts(e: InodeEntry) -> tuple[int, int]:
@@ -81,6 +82,7 @@ class IndexWriter:
         self.open: dict[int, _Listing] = {}
         self.extra_links: dict[int, int] = {}  # ino -> names beyond its first
         self.last = 0  # the inode numbered last, until its first name comes
+        self.last_type = 0  # its file type (mode >> 12): the d_type of that name
 
     def close(self) -> None:
         for f in self.files.values():
@@ -120,6 +122,7 @@ class IndexWriter:
         self._append("inodes", encode_inode(e, nlink, parent, extent, count, hashes, heap,
                                             heap_len))
         self.last = e.ino
+        self.last_type = fmt >> 12
 
     def name(self, child: int, parent: int, name: bytes) -> None:
         """`name` in directory `parent` is inode `child`; names must come in
@@ -132,10 +135,21 @@ class IndexWriter:
         listing.children.append(child)
         if child != self.last:
             self.extra_links[child] = self.extra_links.get(child, 0) + 1
+            listing.types.append(self._type_of(child))
+        else:
+            listing.types.append(self.last_type)
         self.last = 0
         if at + 1 == len(listing.names):
             del self.open[parent]
             self._write_names(listing)
+
+    def _type_of(self, ino: int) -> int:
+        """The file type of an inode numbered before (a hard link's), from
+        its record in the spool."""
+        f = self.files["inodes"]
+        f.flush()
+        (mode,) = struct.unpack("<I", os.pread(f.fileno(), 4, (ino - 1) * INODE_SIZE))
+        return stat.S_IFMT(mode) >> 12
 
     def _reserve_names(self, ino: int, names: list[bytes]) -> tuple[int, int]:
         extent = self._reserve("names", names_size(names))
@@ -144,7 +158,7 @@ class IndexWriter:
         return extent, len(names)
 
     def _write_names(self, listing: _Listing) -> None:
-        blob = encode_names(list(zip(listing.names, listing.children)))
+        blob = encode_names(list(zip(listing.names, listing.children, listing.types)))
         f = self.files["names"]
         f.seek(listing.extent)
         f.write(blob)
@@ -182,7 +196,7 @@ class IndexWriter:
             _copy(f, fd, at, length)
             at += length
         header = IndexHeader(self.count, self.total_blocks, self.regular,
-                             FLAG_POSIX if self.posix else 0, regions)
+                             FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES)
         start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
         assert start == plan.start, (start, plan.start)
         if os.fstat(fd).st_size < app.end:

@@ -25,8 +25,10 @@ from typing import Callable, Sequence
 
 from . import abi
 
-# a record's size and format by name length (names are 1..255 bytes)
+# a record's size and format by name length (names are 1..255 bytes); the
+# size in 8-byte units fits a byte, so a listing's sizes are one translate
 _SIZES = tuple(abi.dirent_size(n, plus=False) for n in range(256))
+_UNITS = bytes(size // 8 for size in _SIZES)
 _DT_DIR = stat.S_IFDIR >> 12
 _FORMATS = tuple(f"QQII{n}s{_SIZES[n] - abi.DIRENT_HEAD.size - n}x" for n in range(256))
 
@@ -35,24 +37,34 @@ class Listing:
     """One directory's entries: `names`, the inode each names and its file
     type (mode >> 12) as a byte in `types`, in the order they are listed."""
 
-    __slots__ = ("inos", "types", "_data", "_ends")
+    __slots__ = ("inos", "types", "ended", "_data", "_ends", "_dir_index")
 
-    def __init__(self, names: Sequence[bytes], inos: Sequence[int], types: bytes):
+    def __init__(self, names: Sequence[bytes], inos: Sequence[int], types: bytes,
+                 lengths: bytes | None = None):
+        """`lengths`: each name's length as a byte, when the caller has it
+        (it must be: an "Ns" field pads or cuts a name to N bytes)."""
         count = len(names)
         if len(inos) != count or len(types) != count:
             raise ValueError("names, inodes and types differ in number")
-        lengths = bytes(map(len, names))  # ValueError for a name over 255 bytes
+        if lengths is None:
+            lengths = bytes(map(len, names))  # ValueError for a name over 255 bytes
+        elif len(lengths) != count:
+            raise ValueError("names and lengths differ in number")
         fields: list = [0] * (5 * count)
         fields[0::5] = inos
         fields[1::5] = range(1, count + 1)
         fields[2::5] = lengths
         fields[3::5] = types
         fields[4::5] = names
-        self._data = struct.pack("=" + "".join(map(_FORMATS.__getitem__, lengths)), *fields)
-        # where each record starts, and the end of the last
-        self._ends = array("I", list(accumulate(map(_SIZES.__getitem__, lengths), initial=0)))
-        self.inos = array("Q", inos)
+        self._data = struct.pack("=" + lengths.decode("latin-1").translate(_FORMATS), *fields)
+        # where each record starts, and the end of the last, in 8-byte units
+        self._ends = array("I", accumulate(lengths.translate(_UNITS), initial=0))
+        self.inos = inos if isinstance(inos, list) else list(inos)
         self.types = bytes(types)
+        self._dir_index: dict[int, int] | None = None
+        # a reply went to the last entry (the walker has every name; its EOF
+        # request comes once it has worked through them)
+        self.ended = False
 
     def __len__(self) -> int:
         return len(self.inos)
@@ -63,19 +75,35 @@ class Listing:
         found = self.types.find(_DT_DIR, index + 1)
         return None if found < 0 else self.inos[found]
 
+    def index_of_directory(self, ino: int) -> int | None:
+        """Where directory `ino` is listed, or None. A walk asks this once
+        per subdirectory: a map made on the first call, over the
+        directories only (an index() per call was quadratic in a
+        directory of many subdirectories)."""
+        if self._dir_index is None:
+            index, found = {}, self.types.find(_DT_DIR)
+            while found >= 0:
+                index.setdefault(self.inos[found], found)
+                found = self.types.find(_DT_DIR, found + 1)
+            self._dir_index = index
+        return self._dir_index.get(ino)
+
     def plain(self, offset: int, size: int) -> memoryview:
         """READDIR: the records from entry `offset` on that fit in `size`
         bytes (none past the end: the kernel takes an empty reply as EOF)."""
         if offset >= len(self.inos):
+            self.ended = True
             return memoryview(b"")
         start = self._ends[offset]
-        last = bisect_right(self._ends, start + size, offset) - 1
-        return memoryview(self._data)[start:self._ends[last]]
+        last = bisect_right(self._ends, start + size // 8, offset) - 1
+        self.ended = self.ended or last == len(self.inos)
+        return memoryview(self._data)[start * 8:self._ends[last] * 8]
 
-    def plus(self, offset: int, size: int, entry_of: Callable[[int], bytes | None],
+    def plus(self, offset: int, size: int, entry_of: Callable[[int, int], bytes | None],
              files_size: int | None = None) -> bytes:
         """READDIRPLUS: each record after its inode's fuse_entry_out, from
-        `entry_of(ino)`; an entry it answers None for is left out. Past
+        `entry_of(ino, d_type)` (the type the record says, which the entry
+        must agree with); an entry it answers None for is left out. Past
         `files_size` bytes the reply goes on only while entries are
         directories."""
         parts: list[bytes | memoryview] = []
@@ -85,12 +113,14 @@ class Listing:
         for i in range(offset, len(self.inos)):
             if parts and used >= soft and self.types[i] != _DT_DIR:
                 break  # (never before the first: an empty reply means EOF)
-            entry = entry_of(self.inos[i])
+            entry = entry_of(self.inos[i], self.types[i])
             if entry is None:
                 continue
-            start, end = self._ends[i], self._ends[i + 1]
+            start, end = self._ends[i] * 8, self._ends[i + 1] * 8
             used += len(entry) + end - start
             if used > size:
                 break
             parts += (entry, data[start:end])
+        else:
+            self.ended = True
         return b"".join(parts)

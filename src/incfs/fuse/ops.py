@@ -190,9 +190,10 @@ class Operations:
         offsets mean the same entries."""
         raise FuseError(errno.ENOSYS)
 
-    def listed_entry(self, ino: int, ctx: Context) -> bytes | None:
+    def listed_entry(self, ino: int, d_type: int, ctx: Context) -> bytes | None:
         """A listed inode's packed fuse_entry_out (`Entry.pack()`), for
-        READDIRPLUS; None leaves the entry out of the reply."""
+        READDIRPLUS, listed with `d_type`; None leaves the entry out of the
+        reply."""
         try:
             attr, timeout = self.getattr(ino, ctx)
         except FuseError:

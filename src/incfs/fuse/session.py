@@ -395,7 +395,8 @@ class Session:
             self.reply(ctx.unique, listing.plain(offset, size))
             return
         self.reply(ctx.unique, listing.plus(offset, size,
-                                            lambda ino: self.ops.listed_entry(ino, ctx),
+                                            lambda ino, d_type: self.ops.listed_entry(
+                                                ino, d_type, ctx),
                                             FIRST_PLUS_FILES if offset == 0 else None))
 
     # --- notifications (worker threads only: they may block in the kernel) -------------
