@@ -216,6 +216,37 @@ def test_http_prefix_read_stops_once_the_caller_has_enough(server: RangeServer) 
     run(main)
 
 
+_PRELOAD_THEN_READ = """
+import os, sys, trio
+from incfs import sources
+specs = sys.argv[1:]
+sources.preload(specs)
+
+async def main():
+    async with sources.HttpSource(specs[0]) as src:
+        with open(os.environ["IMAGE"], "rb") as f:
+            assert await src.read(0, 10) == f.read(10)
+
+trio.run(main)
+print("h2" if sys.modules.get("h2") is not None else "no h2")
+"""
+
+
+def test_preload_of_plain_http_sources_leaves_http2_out(server: RangeServer, image: str) -> None:
+    """httpx never speaks HTTP/2 to an http:// server: a mount of such
+    sources does not import h2 (~8 ms of its start); one of https does."""
+    import subprocess
+    import sys
+
+    def run_with(*specs: str) -> str:
+        return subprocess.run([sys.executable, "-c", _PRELOAD_THEN_READ, *specs], check=True,
+                              capture_output=True, text=True,
+                              env={**os.environ, "IMAGE": image}).stdout.strip()
+
+    assert run_with(server.url) == "no h2"
+    assert run_with(server.url, "https://mirror.invalid/image") == "h2"
+
+
 def _self_signed(tmp_path: Any) -> tuple[str, str]:
     """A certificate for 127.0.0.1 signed by itself: (cert.pem, key.pem)."""
     import datetime

@@ -370,7 +370,7 @@ def _import_opening(config: MountConfig) -> None:
 
     if _loads(config):
         from .loader import cache  # noqa: F401
-        sources.preload(config.source)
+        sources.preload([config.source, *(config.mirrors or [])])
 
 
 async def _open_and_serve(config: MountConfig, ready, succession: Succession | None) -> bool:

@@ -132,10 +132,11 @@ class Source(abc.ABC):
         raise UsageError(f"{cls.__name__} cannot be opened from a spec")
 
     @classmethod
-    def preload(cls, spec: str) -> None:
-        """Import the client library this backend needs for `spec`, ahead of
-        opening one (a mount does it before its metadata fetch, which starts
-        in a thread while the main thread loads the rest of the daemon)."""
+    def preload(cls, specs: list[str]) -> None:
+        """Import the client library this backend needs, ahead of opening
+        one (a mount does it before its metadata fetch, which runs while a
+        worker thread loads the rest of the daemon). `specs`: every source
+        the process will open, this backend's and others'."""
 
     def __init__(self, name: str, *, max_concurrency: int = DEFAULT_CONCURRENCY) -> None:
         if max_concurrency < 1:

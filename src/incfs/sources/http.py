@@ -125,8 +125,8 @@ class _TrustOnFirstHandshake(ssl.SSLContext):
 
 def _speaks_http2(url: str) -> bool:
     """httpx speaks HTTP/2 only where TLS offers it (ALPN), never to a plain
-    http:// server (no h2c); asking for it anyway imports h2 (~8 ms of every
-    start). A redirect from http:// to https:// then stays on HTTP/1.1."""
+    http:// server (no h2c), so a client of an http:// URL does not ask for
+    it (and a redirect from there to https:// stays on HTTP/1.1)."""
     return url[:8].lower() == "https://"
 
 
@@ -234,16 +234,15 @@ class HttpSource(Source):
         return {"url": spec}
 
     @classmethod
-    def preload(cls, spec: str) -> None:
+    def preload(cls, specs: list[str]) -> None:
+        if not any(_speaks_http2(spec) for spec in specs):
+            # no https: HTTP/2 is never spoken, and httpcore would import h2
+            # (~8 ms of every start) only to offer it. (Every spec the
+            # process opens is here: no client will ask for it.)
+            sys.modules.setdefault("h2", None)  # type: ignore[arg-type]
         _ssl_context(True)
         _import_httpx()
         import httpcore  # noqa: F401  httpx imports it when the first client is made
-
-        if _speaks_http2(spec):
-            try:
-                import h2.connection  # noqa: F401  and this when that client asks for http2
-            except ImportError:
-                pass
 
     def __init__(
         self,

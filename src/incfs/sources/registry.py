@@ -44,14 +44,20 @@ def backend_for(spec: str) -> type[Source]:
     raise UsageError(f"unsupported source scheme {scheme!r} in {spec!r}")
 
 
-def preload(spec: str) -> None:
-    """Import what opening `spec` needs (nothing for an unknown spec: opening
-    it will say what is wrong)."""
-    try:
-        backend = backend_for(spec)
-    except UsageError:
-        return
-    backend.preload(spec)
+def preload(specs: list[str]) -> None:
+    """Import what opening `specs` (every source a process will open: a
+    mount's source and mirrors) needs; nothing for an unknown spec: opening
+    it will say what is wrong."""
+    backends = []
+    for spec in specs:
+        try:
+            backend = backend_for(spec)
+        except UsageError:
+            continue
+        if backend not in backends:
+            backends.append(backend)
+    for backend in backends:
+        backend.preload(specs)
 
 
 def is_remote(spec: str) -> bool:
