@@ -527,37 +527,6 @@ def test_a_miss_fetches_one_amplified_range(tmp_path, served):
         assert status(mnt)["bytes_fetched"] < 128 * 1024 + 3 * BLOCK_SIZE + 1
 
 
-def test_a_miss_near_the_end_of_a_file_takes_the_tail_with_it(tmp_path, served):
-    """A tail of at most `tail_glue` bytes (512 KiB) comes with the miss
-    before it, instead of costing a round trip of its own."""
-    root, nginx = served
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "tail.bin").write_bytes(random.Random(5).randbytes(200 * BLOCK_SIZE))
-    pack(src, root / "app.img", compress="none")
-    config = _config(tmp_path, nginx.url("app.img"), prefetch="none", amplify=128 * 1024)
-    with mounted(config) as mnt:
-        time.sleep(0.2)  # let the warm-up requests finish
-        nginx.clear_requests()
-        fd = os.open(mnt / "tail.bin", os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            os.pread(fd, BLOCK_SIZE, 10 * BLOCK_SIZE)   # 756 KiB left after it: amplify
-            os.pread(fd, BLOCK_SIZE, 90 * BLOCK_SIZE)   # 436 KiB left: the whole tail
-            assert os.pread(fd, BLOCK_SIZE, 199 * BLOCK_SIZE) == \
-                (src / "tail.bin").read_bytes()[-BLOCK_SIZE:]
-        finally:
-            os.close(fd)
-        with Image.open(root / "app.img") as img:
-            node = img.ns.inodes[_ino(img, "tail.bin")]
-            first = node.data.get(0)[0]
-        data = sorted((int(a), int(b)) for a, b in
-                      (e.range.split("=")[1].split("-") for e in nginx.requests() if e.range)
-                      if int(a) >= first)
-        assert data == [(first + 10 * BLOCK_SIZE, first + 42 * BLOCK_SIZE - 1),
-                        (first + 90 * BLOCK_SIZE, first + 200 * BLOCK_SIZE - 1)], data
-
-
 def test_wrong_key_refuses_the_mount(tmp_path, served, keys):
     from incfs.errors import IncfsError
 

@@ -28,11 +28,6 @@ class LoaderConfig:
     # needs: one round trip brings the neighbours a reader wants next, while a
     # random 4 KiB reader pays for at most 64 blocks (bounded amplification).
     amplify: int = 256 * KiB
-    # A miss that leaves no more than this of its file absent takes the rest
-    # too: a reader that got so far mostly reads on to the end, and the tail
-    # would cost a round trip of its own (at 100 Mbit/s x 20 ms that is the
-    # time of 250 KB; files just over a read of 1 MiB left one in every run).
-    tail_glue: int = 512 * KiB
     # Source requests in flight at once: enough to fill a 100 Mbit/s x 100 ms
     # link with 256 KiB..1 MiB ranges, few enough for a small HTTP server.
     max_inflight: int = 16

@@ -87,7 +87,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.readahead = Readahead(cfg.amplify, cfg.readahead_max, self._launch_readahead,
                                    after=cfg.readahead_after, cap=lambda: 2 * self._depth())
         self.inflight: dict[Key, trio.Event] = {}
-        self.planner = Planner(self.image, self.inflight.__contains__, cfg.tail_glue)
+        self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = source
         self._source_warm = source is not None  # open_cache just read the metadata over it
         self.base: Image | None = None

@@ -92,10 +92,9 @@ class Planner:
     `busy(key)` says whether a block is already claimed by a request, so two
     requests never fetch the same block."""
 
-    def __init__(self, image: Image, busy: Callable[[Key], bool], tail: int = 0):
+    def __init__(self, image: Image, busy: Callable[[Key], bool]):
         self.image = image
         self.busy = busy
-        self.tail = tail  # a read's extension takes the file's last `tail` bytes whole
 
     def plan(self, ino: int, data_idx: Iterable[int], hash_idx: Iterable[int],
              extend: int = 0) -> list[Want]:
@@ -135,9 +134,7 @@ class Planner:
     def _data(self, node, take, mandatory: list[int], extend: int) -> dict[int, Want]:
         """The mandatory data blocks and, per run of them, the neighbours
         after the run that lie right after it in the source (so one range
-        covers them) while the run stays within `extend` bytes, or, with an
-        extension at all, up to the file's end once no more than `tail`
-        bytes are left of it."""
+        covers them) while the run stays within `extend` bytes."""
         must = set(mandatory)
         selected: dict[int, Want] = {}
         group_start = last_end = None
@@ -161,8 +158,7 @@ class Planner:
             if not extend or i + 1 in must:
                 continue
             j, added = i + 1, 0
-            while j < node.data.count and (added < extend // 512 or
-                                           (node.data.count - j) * BLOCK_SIZE <= self.tail):
+            while j < node.data.count and added < extend // 512:
                 w2 = take(DATA, j)
                 if w2 is None:
                     break
@@ -171,8 +167,7 @@ class Planner:
                         group_start = last_end = w2.offset
                     if not last_end <= w2.offset <= last_end + BLOCK_SIZE:
                         break
-                    if w2.offset + w2.size - group_start > extend and \
-                            (node.data.count - j) * BLOCK_SIZE > self.tail:
+                    if w2.offset + w2.size - group_start > extend:
                         break
                     last_end = w2.offset + w2.size
                 selected[j] = w2
