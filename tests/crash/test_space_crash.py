@@ -25,11 +25,30 @@ def _load():
 crash_space = _load()
 
 
+def _torn(fig) -> int:
+    return sum(v for k, v in fig.tears.items() if k != "nothing_to_tear")
+
+
+def _fresh(path):
+    path.mkdir()
+    return path
+
+
 def test_kill9_and_power_cuts_during_release_gc_and_compact_never_leave_a_wrong_block(tmp_path):
-    fig = crash_space.run(tmp_path, kills=30, seed=20261202, tear_rate=0.5)
+    fig = crash_space.run(_fresh(tmp_path / "run0"), kills=30, seed=20261202, tear_rate=0.5)
     assert fig.violations == [], "\n".join(fig.violations[:20])
     assert fig.rounds == 30
-    assert sum(v for k, v in fig.tears.items() if k != "nothing_to_tear") >= 1
+    # A tear needs a kill between a write and its sync; where kills land
+    # depends on the machine's speed, so another seed gets two more tries.
+    for extra in range(1, 3):
+        if _torn(fig):
+            break
+        more = crash_space.run(_fresh(tmp_path / f"run{extra}"), kills=30, seed=20261202 + extra,
+                               tear_rate=0.5)
+        assert more.violations == [], "\n".join(more.violations[:20])
+        for mode, n in more.tears.items():
+            fig.tears[mode] = fig.tears.get(mode, 0) + n
+    assert _torn(fig) >= 1, fig.tears
     # the run did real work of every kind, and left both present and absent blocks
     for op in ("evict", "refill", "plain", "gc"):
         assert fig.ops.get(op, 0) > 0, (op, fig.ops)
