@@ -291,20 +291,25 @@ def tls_server(image: str, tmp_path: Any) -> Iterator[tuple[str, str]]:
         yield srv.url.replace("http://", "https://", 1), cert
 
 
-def _fresh_trust(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
-    """The process-wide TLS contexts made again under `env`."""
+@pytest.fixture
+def fresh_trust(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """A function that makes the process-wide TLS contexts again under the
+    environment it is given; the contexts made under it go at teardown."""
     from incfs.sources import http
 
-    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    def under(**env: str) -> None:
+        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        http._ssl_context.cache_clear()
+
+    yield under
     http._ssl_context.cache_clear()
-    monkeypatch.setattr(http, "_ssl_context", http._ssl_context)
 
 
 def test_https_verifies_the_server_against_the_trusted_bundle(
-        tls_server: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        tls_server: tuple[str, str], fresh_trust: Callable[..., None]) -> None:
     url, cert = tls_server
 
     async def reads() -> None:
@@ -313,21 +318,21 @@ def test_https_verifies_the_server_against_the_trusted_bundle(
 
     from incfs.sources import http
 
-    _fresh_trust(monkeypatch, SSL_CERT_FILE=cert)
+    fresh_trust(SSL_CERT_FILE=cert)
     run(reads)
     assert http._ssl_context(True).cert_store_stats()["x509_ca"] == 1  # loaded at the handshake
-    _fresh_trust(monkeypatch)  # certifi's bundle: it does not know this certificate
+    fresh_trust()  # certifi's bundle: it does not know this certificate
     with pytest.raises(PermanentSourceError, match="certificate is not trusted.*self.signed"):
         run(reads)
 
 
 def test_plain_http_never_parses_the_ca_bundle(server: RangeServer,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               fresh_trust: Callable[..., None]) -> None:
     """Parsing it is ~15 ms of every mount's start; an http:// mount never
     needs it (the context waits for a handshake that never comes)."""
     from incfs.sources import http
 
-    _fresh_trust(monkeypatch)
+    fresh_trust()
 
     async def main() -> None:
         async with HttpSource(server.url, retry=FAST) as src:

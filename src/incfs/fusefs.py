@@ -32,6 +32,7 @@ from . import BLOCK_SIZE, ROOT_INO
 from .errors import IntegrityError
 from .fileids import FileIds
 from .format.index import damage
+from .format.records import file_type
 from .fuse import Attr, Connection, Context, Entry, FuseError, Listing, OpenFlag, Opened
 from .fuse import Operations, StatFs
 from .listings import Listings
@@ -288,11 +289,11 @@ class IncfsOperations(Operations):
         node = self.ns.stat(ino)
         if node is None:
             return None
-        if node.mode >> 12 & 0xF != d_type:
+        if file_type(node.mode) != d_type:
             # a name block's stored type (docs/format.md, DTYPES) is not its
             # inode's: the whole reply fails, as a damaged block would
             raise damage(f"inode {ino} is listed with type {d_type}, its record says "
-                         f"{node.mode >> 12 & 0xF}")
+                         f"{file_type(node.mode)}")
         return self._entry(node).pack()
 
     # --- files -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 from .blockmap import ABSENT, BlockMap, loaded_map
 from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, damage
 from .format.layout import LOG_START
-from .format.records import BlockKind
+from .format.records import BlockKind, file_type
 from .integrity.merkle import block_count
 from .namespace import Inode, Namespace, check_name
 
@@ -371,7 +371,7 @@ class IndexNamespace(Namespace):
         before the inode is served for that name (a lookup, a walk): a
         directory stored as a file would escape the one-parent check."""
         self.reader.read_one()
-        if self.reader.mode_of(child) >> 12 & 0xF != d_type:
+        if file_type(self.reader.mode_of(child)) != d_type:
             raise damage(f"directory {ino}: a name's stored type is not its inode's")
 
     def check_stored_types(self, ino: int, block: NameBlock) -> None:

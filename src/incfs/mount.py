@@ -465,11 +465,12 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         with open(log_path, "ab") as log_file:
-            proc = (_fork_background(config, args, read_end, log_file.fileno()) if fork else
-                    subprocess.Popen([sys.executable, "-m", _background_module(config), *args],
-                                     pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                     stdout=log_file, stderr=log_file,
-                                     start_new_session=True))
+            module, name = _background_entry(config)
+            proc = (_fork_background(module, name, args, read_end, log_file.fileno()) if fork
+                    else subprocess.Popen([sys.executable, "-m", module, *args],
+                                          pass_fds=(write_end,), stdin=subprocess.DEVNULL,
+                                          stdout=log_file, stderr=log_file,
+                                          start_new_session=True))
     finally:
         os.close(write_end)
     deadline = time.monotonic() + ready_timeout
@@ -495,17 +496,20 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
     raise IncfsError(f"mount daemon exited with status {proc.returncode} (log: {log_path})")
 
 
-def _background_module(config: MountConfig) -> str:
-    return "incfs.supervisor" if config.supervise else "incfs.mount"
+def _background_entry(config: MountConfig) -> tuple[str, str]:
+    """The module a background mount runs, and that process's name."""
+    from .forked import DAEMON_NAME, SUPERVISOR_NAME
+
+    return ("incfs.supervisor", SUPERVISOR_NAME) if config.supervise else \
+        ("incfs.mount", DAEMON_NAME)
 
 
-def _fork_background(config: MountConfig, args: list[str], read_end: int, log_fd: int):
-    """`python -m incfs.supervisor ARGS` (or incfs.mount), forked."""
-    from .forked import DAEMON_NAME, SUPERVISOR_NAME, fork_call
+def _fork_background(module: str, name: str, args: list[str], read_end: int, log_fd: int):
+    """`python -m MODULE ARGS`, forked."""
+    from .forked import fork_call
 
-    name = SUPERVISOR_NAME if config.supervise else DAEMON_NAME
-    return fork_call(_background_module(config), args, name=name, close=(read_end,),
-                     new_session=True, output=log_fd)
+    return fork_call(module, args, name=name, close=(read_end,), new_session=True,
+                     output=log_fd)
 
 
 def _read_line(fd: int, deadline: float) -> str | None:

@@ -16,7 +16,8 @@ from typing import Iterator, Mapping
 from . import ROOT_INO
 from .blockmap import BlockMap
 from .errors import os_error
-from .format.records import MAX_NAME, InodeEntry, InodeFlags, needs_inodes2, xattr_problem
+from .format.records import (MAX_NAME, InodeEntry, InodeFlags, file_type, needs_inodes2,
+                             xattr_problem)
 from .integrity.merkle import TreeGeometry, block_count
 
 
@@ -146,7 +147,7 @@ class Namespace:
         byte each) if at hand, else None."""
         items = list(node.children.items())
         children = [child for _, child in items]
-        types = bytes(stat.S_IFMT(self.stat(child).mode) >> 12 for child in children)
+        types = bytes(file_type(self.stat(child).mode) for child in children)
         return [name for name, _ in items], children, types, None
 
     def directory(self, ino: int) -> Inode:

@@ -33,7 +33,7 @@ from .format.index import (COMPAT_DTYPES, FLAG_POSIX, HEADER_SIZE, INODE_NLINK_A
                            encode_names, heap_blob, map_size, names_size, region_crc)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
 from .format.log import LogAppender
-from .format.records import BlockKind, InodeEntry, TreeKind, needs_inodes2
+from .format.records import BlockKind, InodeEntry, TreeKind, file_type, needs_inodes2
 from .integrity.merkle import TreeGeometry, block_count
 from .pack_blocks import Placements
 
@@ -122,7 +122,7 @@ class IndexWriter:
         self._append("inodes", encode_inode(e, nlink, parent, extent, count, hashes, heap,
                                             heap_len))
         self.last = e.ino
-        self.last_type = fmt >> 12
+        self.last_type = file_type(fmt)
 
     def name(self, child: int, parent: int, name: bytes) -> None:
         """`name` in directory `parent` is inode `child`; names must come in
@@ -149,7 +149,7 @@ class IndexWriter:
         f = self.files["inodes"]
         f.flush()
         (mode,) = struct.unpack("<I", os.pread(f.fileno(), 4, (ino - 1) * INODE_SIZE))
-        return stat.S_IFMT(mode) >> 12
+        return file_type(mode)
 
     def _reserve_names(self, ino: int, names: list[bytes]) -> tuple[int, int]:
         extent = self._reserve("names", names_size(names))

@@ -94,6 +94,11 @@ class InodeEntry:
     xattrs: Xattrs = ()
 
 
+def file_type(mode: int) -> int:
+    """A mode's file type as a d_type (its top four bits: DT_DIR is 4)."""
+    return stat.S_IFMT(mode) >> 12
+
+
 def needs_inodes2(e: InodeEntry) -> bool:
     """True when an INODES (1.0) record cannot hold this inode."""
     return bool(e.uid or e.gid or e.rdev or e.xattrs) or stat.S_IFMT(e.mode) not in V1_TYPES

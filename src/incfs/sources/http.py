@@ -25,7 +25,7 @@ import ssl
 import sys
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import trio
@@ -188,25 +188,25 @@ def transport_error(name: str, exc: httpx.HTTPError) -> SourceError:
     return TransientSourceError(detail)
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it, and so on (each once)."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
+
+
 def _in_chain(exc: BaseException, kind: type[E]) -> E | None:
     """The first exception of `kind` among `exc` and its causes."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((e for e in _causes(exc) if isinstance(e, kind)), None)
 
 
 def _reason(exc: BaseException) -> str:
     """The first message in `exc`'s chain: httpx often wraps a transport
     error (a TLS alert, a reset) in an exception with no text of its own."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if str(seen):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return ""
+    return next((str(e) for e in _causes(exc) if str(e)), "")
 
 
 def _content_length(response: httpx.Response) -> int | None:
