@@ -973,6 +973,8 @@ def _index_tree(root: Path) -> Path:
     (root / "b").mkdir()
     (root / "c").write_bytes(bytes(range(100)))
     (root / "d").write_bytes(os.urandom(9000))
+    # a zero block then a short raw one: a RUN map (the others are RAW)
+    (root / "e").write_bytes(bytes(4096) + b"tail")
     return root
 
 
@@ -1019,7 +1021,7 @@ def x_regions_overlap(d): _header(d, 52 + 1 * 24, "<Q", LOG_START)
 
 
 @index_case("open")
-def x_inode_count_lies(d): _header(d, 20, "<Q", 7)
+def x_inode_count_lies(d): _header(d, 20, "<Q", 8)
 
 
 @index_case("open")
@@ -1109,17 +1111,44 @@ def x_block_count_lies(d): struct.pack_into("<I", d, _rec(d, 6) + 56, 1)
 def x_block_map_outside_the_index(d): struct.pack_into("<Q", d, _rec(d, 6) + 48, 1 << 50)
 
 
-@index_case("access")
-def x_block_inside_the_superblock(d): struct.pack_into("<Q", d, _maps(d, 6), 8)
+# Block maps (format.maps): inode 6 (/d) has a RAW map, a head word
+# `base | kind << 56`; inode 7 (/e) a RUN map, the head then an info word a block.
+def _map_head(d: bytearray, ino: int, base: int, kind: int) -> None:
+    struct.pack_into("<Q", d, _maps(d, ino), base | kind << 56)
 
 
 @index_case("access")
-def x_block_past_the_payload(d): struct.pack_into("<Q", d, _maps(d, 6), 1 << 62)
+def x_block_inside_the_superblock(d): _map_head(d, 6, 8, 2)
+
+
+@index_case("access")
+def x_block_past_the_payload(d): _map_head(d, 6, 1 << 50, 2)
 
 
 @index_case("access")
 def x_stored_size_over_4096(d):
-    struct.pack_into("<H", d, _maps(d, 6) + 3 * 8, 0x1FFF)
+    struct.pack_into("<H", d, _maps(d, 7) + 8 + 2, 0x1FFF)
+
+
+@index_case("access")
+def x_block_map_of_unknown_kind(d): _map_head(d, 6, 4096, 7)
+
+
+@index_case("access")
+def x_full_map_with_a_base(d): _map_head(d, 3, 4096, 0)
+
+
+@index_case("access")
+def x_map_without_crcs_for_a_file_without_a_tree(d):
+    # only a hash tree may stand in for the CRCs a RAW or RUN map leaves out
+    struct.pack_into("<H", d, _rec(d, 6) + 4, 0)  # HAS_TREE cleared
+    struct.pack_into("<I", d, _rec(d, 6) + 60, 0)  # and no hash blocks
+
+
+@index_case("access")
+def x_map_kinds_bit_cleared(d):
+    # the heads and info words read as three columns of 14 bytes a block
+    _header(d, 16, "<I", 0)
 
 
 @index_case("access")
@@ -1239,8 +1268,8 @@ def test_mount_serves_a_damaged_index_as_eio_and_stays_up(tmp_path, index_image)
             with pytest.raises(OSError) as exc:
                 os.listdir(mnt / "a")
             assert exc.value.errno == errno.EIO
-        assert sorted(os.listdir(mnt)) == [".incfs", "a", "b", "c", "d"] or \
-            sorted(os.listdir(mnt)) == ["a", "b", "c", "d"]
+        assert sorted(os.listdir(mnt)) == [".incfs", "a", "b", "c", "d", "e"] or \
+            sorted(os.listdir(mnt)) == ["a", "b", "c", "d", "e"]
         assert (mnt / "c").read_bytes() == bytes(range(100))
         assert Client.connect(mnt).status()
     finally:

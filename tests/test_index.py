@@ -189,18 +189,79 @@ def test_many_inodes_in_little_memory(tmp_path):
         assert img.totals()["files"] == 20000
 
 
-def test_sizes_of_the_index(tmp_path):
-    """128 bytes per inode, 16 per name plus the name, 14 per block."""
-    src = tmp_path / "src"
+def _map_tree(src: Path) -> dict[str, bytes]:
+    """Files for each map kind (format.maps); returns their contents."""
     src.mkdir()
-    for f in range(10):
-        (src / f"f{f}").write_bytes(b"y" * 5000)
-    pack(src, tmp_path / "img")
+    noise = os.urandom(3 * 4096)
+    files = {
+        "raw": noise[:9000],  # raw blocks back to back: a head only (RAW)
+        "copy": noise[:9000],  # deduplicated onto "raw", in order: RAW too
+        "tiny": noise[:100],  # one short raw block: RAW, no hash map
+        "text": b"y" * 5000,  # two zstd blocks: RUN, 2 bytes a block
+        "gap": os.urandom(4096) + bytes(4096) + os.urandom(4096),  # a zero block: RUN
+        # deduplicated onto "raw"'s blocks 1 and 0: not back to back, FULL
+        "shuffled": noise[4096:8192] + noise[:4096],
+    }
+    for name, body in files.items():
+        (src / name).write_bytes(body)
+    return files
+
+
+def _map_bytes(image: Path) -> dict[str, int]:
+    """Each file's maps' size in bytes (data and hash), by name."""
+    data = image.read_bytes()
+    found = regions(data)
+    out = {}
+    with Image.open(image) as img:
+        files = sorted((n.ino, path) for path, n in img.ns.walk() if n.is_reg)
+    for k, (ino, path) in enumerate(files):
+        start = int.from_bytes(data[inode_at(data, ino) + 48:][:8], "little")
+        end = (int.from_bytes(data[inode_at(data, files[k + 1][0]) + 48:][:8], "little")
+               if k + 1 < len(files) else found["maps"][1])
+        out[os.fsdecode(path).rsplit("/", 1)[-1]] = end - start
+    return out
+
+
+def test_sizes_of_the_index(tmp_path):
+    """128 bytes per inode, 16 per name plus the name; block maps of the
+    kind the placement allows (docs/format.md, "Block map")."""
+    files = _map_tree(tmp_path / "src")
+    pack(tmp_path / "src", tmp_path / "img")
     found = regions((tmp_path / "img").read_bytes())
-    assert found["inodes"][1] == 11 * 128
-    assert found["names"][1] == 10 * 16 + 24  # 20 name bytes, 8-aligned
-    assert found["maps"][1] == 10 * (32 + 16)  # 2 data blocks, 1 hash block, 8-aligned
-    assert Path(tmp_path / "img").stat().st_size < 64 * 1024
+    assert found["inodes"][1] == 7 * 128
+    names = sum(map(len, files))
+    assert found["names"][1] == 6 * 16 + (names + 7) // 8 * 8
+    head = 8
+    assert _map_bytes(tmp_path / "img") == {
+        "raw": head + head, "copy": head + head, "tiny": head,
+        "text": head + 8 + head, "gap": head + 8 + head,
+        "shuffled": head + (14 * 2 + 7) // 8 * 8 + head,
+    }
+    with Image.open(tmp_path / "img") as img:
+        assert {os.fsdecode(path).lstrip("/"): img.read_range(n, 0, n.size)
+                for path, n in img.ns.walk() if n.is_reg} == files
+        assert verify_image(tmp_path / "img").ok
+
+
+def test_an_index_from_before_map_kinds_is_read(tmp_path, monkeypatch):
+    """Maps as three columns without a head (the bit clear): 14 bytes a
+    block, read as they always were."""
+    import incfs.pack
+    from incfs.pack_index import IndexWriter
+
+    class OldWriter(IndexWriter):
+        def __init__(self, tmpdir):
+            super().__init__(tmpdir, map_kinds=False)
+
+    files = _map_tree(tmp_path / "src")
+    monkeypatch.setattr(incfs.pack, "IndexWriter", OldWriter)
+    pack(tmp_path / "src", tmp_path / "img")
+    sizes = _map_bytes(tmp_path / "img")
+    assert sizes["raw"] == (14 * 3 + 7) // 8 * 8 + 16 and sizes["tiny"] == 16
+    with Image.open(tmp_path / "img") as img:
+        assert not img.index.header.incompat
+        assert {os.fsdecode(path).lstrip("/"): img.read_range(n, 0, n.size)
+                for path, n in img.ns.walk() if n.is_reg} == files
 
 
 def test_compaction_folds_the_log_into_a_fresh_index(small_tree, tmp_path, keys):

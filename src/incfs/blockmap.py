@@ -1,4 +1,5 @@
-"""Per-file block presence and location, kept compact: 14 bytes per block.
+"""Per-file block presence and location, kept compact: 14 bytes per block
+(10 for a map loaded from an index without CRCs).
 
 A 64 GiB image has 16M blocks, so this is the structure that decides the
 daemon's memory. Three parallel arrays, allocated on first use: the offset of
@@ -69,14 +70,16 @@ class BlockMap:
         infos = self._infos
         return infos.cells if isinstance(infos, _Column) else None
 
-    def get(self, index: int) -> tuple[int, int, int] | None:
-        """(offset, info, crc) of a present block, None for a hole."""
+    def get(self, index: int) -> tuple[int, int, int | None] | None:
+        """(offset, info, crc) of a present block, None for a hole (and for
+        the crc in a map loaded without CRCs)."""
         if self._infos is None or not 0 <= index < self.count:
             return None
         info = self._infos[index]
         if info == ABSENT:
             return None
-        return self._offsets[index], info, self._crcs[index]
+        crcs = self._crcs
+        return self._offsets[index], info, None if crcs is None else crcs[index]
 
     def arrays(self) -> tuple[array | None, array | None, array | None]:
         """The raw (offsets, infos, crcs) arrays, for the batched read path;
@@ -106,10 +109,17 @@ class BlockMap:
         if was_present:
             self._infos[index] = ABSENT  # readers see a hole while it changes
         self._offsets[index] = offset
-        self._crcs[index] = crc
+        self._set_crc(index, crc)
         self._infos[index] = info
         self.present += 0 if was_present else 1
         return True
+
+    def _set_crc(self, index: int, crc: int | None) -> None:
+        # A map loaded without CRCs (format.maps RUN and RAW) belongs to a
+        # file with a hash tree, which checks every block it serves: a CRC
+        # given for a block stored later has nowhere to go and is not needed.
+        if self._crcs is not None:
+            self._crcs[index] = crc
 
     def move(self, index: int, offset: int, info: int, crc: int) -> None:
         """Say that a present block's bytes now live elsewhere (the same
@@ -120,7 +130,7 @@ class BlockMap:
             cells[index] = (offset, info, crc)
             return
         self._offsets[index] = offset
-        self._crcs[index] = crc
+        self._set_crc(index, crc)
         self._infos[index] = info
 
     def forget(self, index: int) -> bool:
@@ -183,13 +193,16 @@ class BlockMap:
                 offset, info, crc = cells[i]
                 yield i, offset, info, crc
             return
+        crcs = self._crcs
         for i, info in enumerate(self._infos):
             if info != ABSENT:
-                yield i, self._offsets[i], info, self._crcs[i]
+                yield i, self._offsets[i], info, None if crcs is None else crcs[i]
 
 
-def loaded_map(count: int, offsets: array, infos: array, crcs: array) -> BlockMap:
-    """A dense map over columns read from an image index (ABSENT marks holes)."""
+def loaded_map(count: int, offsets: array, infos: array, crcs: array | None) -> BlockMap:
+    """A dense map over columns read from an image index (ABSENT marks
+    holes); `crcs` None for a map without them (its file's hash tree is
+    the check), whose entries then give None for a CRC."""
     bm = BlockMap(count)
     if count:
         bm._offsets, bm._crcs = offsets, crcs

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from itertools import islice
 from typing import Callable, Iterator
 
+from . import BLOCK_SIZE
 from .blockmap import ABSENT, BlockMap, loaded_map
 from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, damage
 from .format.layout import LOG_START
@@ -387,8 +388,13 @@ class IndexNamespace(Namespace):
 
     def _maps(self, node: Inode, rec: InodeRecord,
               local: bool) -> tuple[BlockMap, BlockMap | None]:
+        last = node.size - (rec.count - 1) * BLOCK_SIZE if rec.count else 0
         data, hashes = self.reader.map_columns(node.ino, rec.extent, rec.count,
-                                               rec.hash_count)
+                                               rec.hash_count, last, self.data_end)
+        if node.geometry is None and data[2] is None:
+            # only a hash tree may stand in for the CRCs
+            raise damage(f"file {node.ino}: block map without checksums for a file "
+                         "without a hash tree")
         data_map = self._checked(node.ino, data, rec.count, local)
         if node.geometry is None:
             return data_map, None

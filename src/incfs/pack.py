@@ -33,6 +33,7 @@ from . import BLOCK_SIZE, ROOT_INO, codec
 from .errors import UsageError
 from .format.layout import (MINOR_BASE, MINOR_INDEX, MINOR_POSIX, RECORD_HEADER_SIZE,
                             RecordType, Superblock, SuperFlags)
+from .format.maps import MapKind
 from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, InodeFlags,
                              TreeKind, block_info, encode_runs, place_block, xattr_problem)
 from .image import Image
@@ -93,7 +94,7 @@ class Sink(Protocol):
     numbered (in inode order), then each name that leads to it."""
 
     def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
-              subdirs: int) -> None: ...
+              subdirs: int, kinds: tuple[MapKind, MapKind] = ...) -> None: ...
 
     def name(self, child: int, parent: int, name: bytes) -> None: ...
 
@@ -245,7 +246,12 @@ class _Packer:
         """Number the next inode and hand it to the sink; `number` is its
         packed file's, `names` (directories) its children's, sorted."""
         ino = len(self.file_of_ino)
-        self.sink.inode(self._inode(ino, path, kept, number), parent, names, subdirs)
+        entry = self._inode(ino, path, kept, number)
+        if number is None:
+            self.sink.inode(entry, parent, names, subdirs)
+        else:  # its blocks are placed: their map's layout can be fixed
+            self.sink.inode(entry, parent, names, subdirs,
+                            self.placed.map_kinds(number, entry.size))
         self.file_of_ino.append(-1 if number is None else number)
         return ino
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from array import array
 from typing import Iterator
 
+from .format.maps import MapKind, choose_kind
 from .format.records import TreeKind
 
 SPOOLS = ("hash", "hot", "cold")
@@ -99,6 +100,22 @@ class Placements:
         if span is None or not 0 <= index < span[1] - span[0]:
             return None
         return self.at(span[0] + index)
+
+    def map_kinds(self, number: int, size: int) -> tuple[MapKind, MapKind]:
+        """The map kinds (format.maps) for file `number`'s data and hash
+        blocks as they are placed now; a block not placed yet (a profiled
+        one, laid out at the end) makes its map FULL."""
+        last = size - (self.hash_at[number] - self.data_at[number] - 1) * 4096
+        data = self._kind(self.data_at[number], self.hash_at[number], last)
+        return data, self._kind(self.hash_at[number], self.end_at[number], 4096)
+
+    def _kind(self, first: int, end: int, last: int) -> MapKind:
+        if first == end:
+            return MapKind.FULL  # no blocks: the map takes no bytes at all
+        codes = set(self.spool[first:end])
+        if len(codes) > 1 or _EMPTY in codes:
+            return MapKind.FULL  # offsets in different spools: no one base
+        return choose_kind(self.info[first:end], self.offset[first:end], last, True)
 
     def placed(self) -> Iterator[tuple[int, int, int, Where]]:
         """(ino, tree, index, where) of every placed block, in that order."""

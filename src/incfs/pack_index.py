@@ -22,6 +22,7 @@ import os
 import stat
 import struct
 import tempfile
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -29,8 +30,10 @@ from typing import BinaryIO
 from . import ROOT_INO
 from .blockmap import ABSENT
 from .format.index import (COMPAT_DTYPES, FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE,
-                           REGIONS, IndexHeader, Region, encode_inode, encode_map,
-                           encode_names, heap_blob, map_size, names_size, region_crc)
+                           REGIONS, IndexHeader, Region, encode_inode, encode_names,
+                           heap_blob, names_size, region_crc)
+from .format.maps import (INCOMPAT_MAP_KINDS, MapKind, columns_size, encode_columns, encode_map,
+                          map_size, run_offsets)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
 from .format.log import LogAppender
 from .format.records import BlockKind, InodeEntry, TreeKind, file_type, needs_inodes2
@@ -73,7 +76,10 @@ def _tree_counts(e: InodeEntry) -> tuple[int, int]:
 class IndexWriter:
     """Takes the laid-out tree inode by inode and writes the INDEX record."""
 
-    def __init__(self, tmpdir: Path):
+    def __init__(self, tmpdir: Path, map_kinds: bool = True):
+        # map_kinds False: maps as a writer before MAP_KINDS made them (the
+        # tests of reading old images use it)
+        self.map_kinds = map_kinds
         self.files: dict[str, BinaryIO] = {name: tempfile.TemporaryFile(dir=tmpdir)
                                            for name in REGIONS}
         self.length = dict.fromkeys(REGIONS, 0)  # bytes each region has (or has reserved)
@@ -83,6 +89,8 @@ class IndexWriter:
         self.extra_links: dict[int, int] = {}  # ino -> names beyond its first
         self.last = 0  # the inode numbered last, until its first name comes
         self.last_type = 0  # its file type (mode >> 12): the d_type of that name
+        # map kinds (data, hash) by inode number, 2 bytes an inode (0: FULL)
+        self.kinds = bytearray(2)
 
     def close(self) -> None:
         for f in self.files.values():
@@ -91,10 +99,12 @@ class IndexWriter:
     # --- while the packer numbers the tree ----------------------------------------
 
     def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
-              subdirs: int) -> None:
+              subdirs: int, kinds: tuple[MapKind, MapKind] = (MapKind.FULL, MapKind.FULL)
+              ) -> None:
         """Inode `e` (numbered next); a directory brings its children's names,
         sorted, and how many of them are directories; `parent` is its parent's
-        inode number (0 for the root)."""
+        inode number (0 for the root); a regular file its block maps' kinds
+        (`Placements.map_kinds`), which fix their sizes now."""
         if e.ino != self.count + 1:
             raise ValueError("an index needs inodes numbered 1..N in order")
         self.count = e.ino
@@ -109,7 +119,10 @@ class IndexWriter:
             parent = 0  # only a directory records its parent
         if fmt == stat.S_IFREG:
             count, hashes = _tree_counts(e)
-            extent = self._reserve("maps", map_size(count) + map_size(hashes))
+            if not int(e.flags) & 1:
+                kinds = (MapKind.FULL, MapKind.FULL)  # no tree: the CRCs are the check
+            extent = self._reserve("maps", self._map_size(kinds[0], count)
+                                   + self._map_size(kinds[1], hashes))
             self.regular += 1
             self.total_blocks += count + hashes
         elif fmt == stat.S_IFLNK:
@@ -121,8 +134,12 @@ class IndexWriter:
         self.posix = self.posix or needs_inodes2(e)
         self._append("inodes", encode_inode(e, nlink, parent, extent, count, hashes, heap,
                                             heap_len))
+        self.kinds += bytes(kinds) if fmt == stat.S_IFREG else b"\0\0"
         self.last = e.ino
         self.last_type = file_type(fmt)
+
+    def _map_size(self, kind: MapKind, blocks: int) -> int:
+        return map_size(kind, blocks) if self.map_kinds else columns_size(blocks)
 
     def name(self, child: int, parent: int, name: bytes) -> None:
         """`name` in directory `parent` is inode `child`; names must come in
@@ -185,7 +202,8 @@ class IndexWriter:
         self._patch_links()
         plan = _plan(app.end, self.length)
         base = {name: plan.payload + rel for name, rel in spool_rel.items()}
-        written = _write_maps(self.files["maps"], placed, base)
+        written = _write_maps(self.files["maps"], placed, base,
+                              self.kinds if self.map_kinds else None)
         if written != self.length["maps"]:
             raise ValueError("block maps differ from the sizes their files' inodes gave")
         regions, at = {}, plan.start
@@ -196,7 +214,8 @@ class IndexWriter:
             _copy(f, fd, at, length)
             at += length
         header = IndexHeader(self.count, self.total_blocks, self.regular,
-                             FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES)
+                             FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES,
+                             incompat=INCOMPAT_MAP_KINDS if self.map_kinds else 0)
         start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
         assert start == plan.start, (start, plan.start)
         if os.fstat(fd).st_size < app.end:
@@ -220,35 +239,25 @@ def _plan(record: int, length: dict[str, int]) -> IndexPlan:
     return IndexPlan(record, start, end, payload)
 
 
-def _write_maps(f: BinaryIO, placed: Placements, base: dict[str, int]) -> int:
-    """Every regular file's data map then hash map, in inode order; returns
-    the bytes written."""
+def _write_maps(f: BinaryIO, placed: Placements, base: dict[str, int],
+                kinds: bytes | None) -> int:
+    """Every regular file's data map then hash map, in inode order, each of
+    the kind its inode was given (None: as columns without a head, the
+    layout before MAP_KINDS); returns the bytes written."""
     written = 0
     for ino in placed.files():
         for tree in (TreeKind.DATA, TreeKind.HASH):
             first, end = placed.span(ino, tree)
-            if end - first == 1:  # most files: one block, 14 bytes (+2 of padding)
-                blob = _one_block(placed.at(first), base)
-            elif end > first:
-                blob = _many_blocks(placed, first, end, base)
-            else:
-                continue
-            f.write(blob)
-            written += len(blob)
+            if end > first:
+                kind = None if kinds is None else MapKind(kinds[2 * ino + tree])
+                blob = _encode_map(kind, placed, first, end, base)
+                f.write(blob)
+                written += len(blob)
     return written
 
 
-_ONE = struct.Struct("<QHIxx")
-
-
-def _one_block(where, base: dict[str, int]) -> bytes:
-    if where is None:
-        return _ONE.pack(0, ABSENT, 0)
-    spool, rel, info, crc = where
-    return _ONE.pack(0 if info >> 14 == BlockKind.ZERO else base[spool] + rel, info, crc)
-
-
-def _many_blocks(placed: Placements, first: int, end: int, base: dict[str, int]) -> bytes:
+def _encode_map(kind: MapKind | None, placed: Placements, first: int, end: int,
+                base: dict[str, int]) -> bytes:
     offsets, infos, crcs = [], [], []
     for slot in range(first, end):
         where = placed.at(slot)
@@ -259,7 +268,13 @@ def _many_blocks(placed: Placements, first: int, end: int, base: dict[str, int])
         offsets.append(0 if info >> 14 == BlockKind.ZERO else base[spool] + rel)
         infos.append(info)
         crcs.append(crc)
-    return encode_map(offsets, infos, crcs)
+    if kind is None:
+        return encode_columns(offsets, infos, crcs)
+    stored = [o for o, i in zip(offsets, infos) if i >> 14 != BlockKind.ZERO]
+    base_offset = stored[0] if stored else 0
+    if kind is not MapKind.FULL and list(run_offsets(base_offset, array("H", infos))) != offsets:
+        raise ValueError("blocks moved after their map's kind was fixed")
+    return encode_map(kind, base_offset, offsets, infos, crcs)
 
 
 def _copy(f, fd: int, offset: int, length: int) -> None:

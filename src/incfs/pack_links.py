@@ -52,8 +52,8 @@ class LogCollector:
         self.links = LinkTable()
 
     def inode(self, e: InodeEntry, parent: int, names: list[bytes] | None,
-              subdirs: int) -> None:
-        self.inodes.append(e)
+              subdirs: int, kinds: object = None) -> None:
+        self.inodes.append(e)  # a log has BLOCKS runs, not maps: `kinds` is not used
 
     def name(self, child: int, parent: int, name: bytes) -> None:
         self.links.append(child, parent, name)

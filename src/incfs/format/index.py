@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Iterator
 
+from .. import BLOCK_SIZE
 from ..errors import CorruptImage
+from .maps import (INCOMPAT_MAP_KINDS, Columns, MapDamage, columns_size, decode_columns,
+                   decode_map)
 from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
 
 log = logging.getLogger("incfs.index")
@@ -43,7 +46,9 @@ ALIGN = 8
 # it, takes the types from the records instead.
 COMPAT_DTYPES = 1
 COMPAT_KNOWN = COMPAT_DTYPES
-INCOMPAT_KNOWN = 0
+# MAP_KINDS: each block map starts with a head word naming its layout
+# (format.maps), so most maps hold 2 bytes a block or none instead of 14.
+INCOMPAT_KNOWN = INCOMPAT_MAP_KINDS
 FLAG_POSIX = 1  # some inode has owners, a device number or attributes
 
 REGIONS = ("inodes", "names", "maps", "heap")
@@ -359,28 +364,34 @@ class IndexReader:
 
     # --- block maps ---------------------------------------------------------------
 
-    def map_columns(self, ino: int, extent: int, count: int,
-                    hash_count: int) -> tuple[tuple[array, array, array], ...]:
-        """(offsets, infos, crcs) for the data blocks, then for the hash blocks."""
+    def map_columns(self, ino: int, extent: int, count: int, hash_count: int,
+                    last_size: int, data_end: int) -> tuple[Columns, Columns]:
+        """(offsets, infos, crcs) for the data blocks, then for the hash
+        blocks; `last_size` is the plain size of the last data block and
+        `data_end` where the image's (or a cache's source's) data ends."""
         maps = self.r["maps"]
-        size = map_size(count) + map_size(hash_count)
-        if extent % ALIGN or extent + size > maps.length:
+        if extent % ALIGN or extent > maps.length:
             raise damage(f"file {ino}: its block map lies outside the index")
-        at = maps.offset + extent
-        data = _columns(self.view, at, count)
-        hashes = _columns(self.view, at + map_size(count), hash_count)
+        if not self.header.incompat & INCOMPAT_MAP_KINDS:
+            return self._column_maps(ino, extent, count, hash_count)
+        at, room = maps.offset + extent, maps.length - extent
+        try:
+            data, used = decode_map(self.view, at, room, count, last_size, data_end)
+            hashes, _ = decode_map(self.view, at + used, room - used, hash_count, BLOCK_SIZE,
+                                   data_end)
+        except MapDamage as e:
+            raise damage(f"file {ino}: {e}") from None
         return data, hashes
 
-
-def _columns(view, at: int, n: int) -> tuple[array, array, array]:
-    offsets = array("Q", view[at:at + 8 * n])
-    infos = array("H", view[at + 8 * n:at + 10 * n])
-    crcs = array("I", view[at + 10 * n:at + 14 * n])
-    return offsets, infos, crcs
-
-
-def map_size(blocks: int) -> int:
-    return _aligned(14 * blocks)
+    def _column_maps(self, ino: int, extent: int, count: int,
+                     hash_count: int) -> tuple[Columns, Columns]:
+        """An index without MAP_KINDS: both maps as three columns."""
+        maps = self.r["maps"]
+        if extent + columns_size(count) + columns_size(hash_count) > maps.length:
+            raise damage(f"file {ino}: its block map lies outside the index")
+        at = maps.offset + extent
+        return (decode_columns(self.view, at, count),
+                decode_columns(self.view, at + columns_size(count), hash_count))
 
 
 def _aligned(n: int) -> int:
@@ -446,10 +457,4 @@ def encode_names(children: list[tuple[bytes, int, int]]) -> bytes:
         names.append(name)
         pos += len(name)
     blob = b"".join(table) + b"".join(names)
-    return blob + bytes(_aligned(len(blob)) - len(blob))
-
-
-def encode_map(offsets: list[int], infos: list[int], crcs: list[int]) -> bytes:
-    blob = (array("Q", offsets).tobytes() + array("H", infos).tobytes()
-            + array("I", crcs).tobytes())
     return blob + bytes(_aligned(len(blob)) - len(blob))

@@ -30,7 +30,7 @@ class Want:
     offset: int
     size: int  # stored bytes; 0 for an all-zero block (nothing to fetch)
     kind: BlockKind
-    crc: int
+    crc: int | None  # None: the source's map has no CRCs (the hash tree checks)
 
 
 @dataclass(slots=True)

@@ -167,10 +167,22 @@ def _copy_source_maps(src: Image, dst: Image, ino: int) -> None:
     runs = []
     for tree, bmap in ((TreeKind.DATA, maps[0]), (TreeKind.HASH, maps[1])):
         if bmap is not None:
-            runs += [BlockRun(ino, tree, i, offset, [(info, crc)])
+            runs += [BlockRun(ino, tree, i, offset, [(info, _source_crc(ino, crc))])
                      for i, offset, info, crc in bmap.entries()]
     if runs:
         dst._append(RecordType.SOURCE_BLOCKS, encode_runs(merge_runs(runs)))
+
+
+def _source_crc(ino: int, crc: int | None) -> int:
+    """SOURCE_BLOCKS records give each block's CRC; an index's compact maps
+    (format.maps RUN, RAW) hold none, and without the source's bytes there
+    is none to compute. Refused before anything is written: the cache stays
+    as it is and keeps working."""
+    if crc is None:
+        raise UsageError(f"cannot compact this cache: its tree changed since its index was "
+                         f"written, and the index gives no CRCs for file {ino}'s source blocks "
+                         "to carry over; it keeps working as it is")
+    return crc
 
 
 def _copy_blocks(src: Image, dst: Image, node, keep_plain: bool, result: CompactResult) -> None:
