@@ -210,6 +210,9 @@ class IncfsOperations(Operations):
         node = self._node(ino)
         if not node.is_dir:
             raise FuseError(errno.ENOTDIR)
+        encoded = self.ns.encoded_listing(node)
+        if encoded is not None:
+            return Listing.from_records(*encoded)
         return Listing(*self.ns.listing(node))
 
     def _parent_of(self, ino: int) -> int:

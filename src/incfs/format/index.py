@@ -320,11 +320,30 @@ class IndexReader:
         names = self._contiguous_names(base, count, table, lengths)
         if names is None:  # a writer other than ours may place names anywhere
             names = tuple(self.name_at(ino, base, i, count)[0] for i in range(count))
-        if children and not (1 <= min(children) and max(children) <= self.count):
-            raise damage(f"directory {ino}: a child is out of range")
+        self._check_range(ino, children)
         if self.stored_types:
             return NameBlock(names, children, bytes(table[5::DIRENT_SIZE]), lengths, True)
         return NameBlock(names, children, self.types_of(children), lengths)
+
+    def listed(self, ino: int, base: int, count: int) -> tuple[list[int], bytes]:
+        """A block's children and their file types (as NameBlock has them),
+        without its names; with types from the children's records, the
+        children are range-checked first (else the caller's to check)."""
+        table = memoryview(self.view)[base:base + count * DIRENT_SIZE]
+        children = table.cast("Q")[1::2].tolist()
+        if self.stored_types:
+            return children, bytes(table[5::DIRENT_SIZE])
+        self._check_range(ino, children)
+        return children, self.types_of(children)
+
+    def block_bytes(self, base: int) -> memoryview:
+        """From a name block's start to the end of the names region (its
+        names lie in there, if anywhere)."""
+        return memoryview(self.view)[base:self.r["names"].end]
+
+    def _check_range(self, ino: int, children: list[int]) -> None:
+        if children and not (1 <= min(children) and max(children) <= self.count):
+            raise damage(f"directory {ino}: a child is out of range")
 
     def _contiguous_names(self, base: int, count: int, table: memoryview,
                           lengths: bytes) -> tuple[bytes, ...] | None:
