@@ -189,6 +189,44 @@ def test_many_inodes_in_little_memory(tmp_path):
         assert img.totals()["files"] == 20000
 
 
+def test_many_subdirectories_are_checked_with_their_records_asked_for_at_once(tmp_path,
+                                                                            monkeypatch):
+    """A directory of 20 subdirectories (index_ns.PREFETCH_FROM or more):
+    their records are asked for at once before the parent check reads them
+    (up to the last inode, whose next page is past the table), and the check
+    still finds a subdirectory whose record names another parent."""
+    import errno
+    from incfs.format.index import IndexReader
+    from incfs.fuse import Listing
+    from incfs.index_ns import PREFETCH_FROM
+    asked: list[list[int]] = []
+    prefetch = IndexReader.prefetch
+    monkeypatch.setattr(IndexReader, "prefetch",
+                        lambda self, inos: (asked.append(list(inos)), prefetch(self, inos)))
+    src = tmp_path / "src"
+    for i in range(20):
+        (src / "many" / f"s{i:02d}").mkdir(parents=True)
+    assert 20 >= PREFETCH_FROM
+    pack(src, tmp_path / "img", compress="none")
+    data = bytearray((tmp_path / "img").read_bytes())
+    with Image.open(tmp_path / "img") as img:
+        node = img.ns.lookup(ROOT_INO, b"many")
+        listing = Listing.from_records(*img.ns.encoded_listing(node))
+        assert listing.types == bytes([stat.S_IFDIR >> 12]) * 20
+        assert max(listing.inos) == img.ns.reader.count  # the last record is prefetched too
+        assert asked == [listing.inos]
+        s07 = img.ns.lookup(node.ino, b"s07").ino
+    data[inode_at(data, s07) + 40:inode_at(data, s07) + 48] = ROOT_INO.to_bytes(8, "little")
+    assert fix_index(data)
+    (tmp_path / "bad.img").write_bytes(bytes(data))
+    for encoded in (True, False):
+        with Image.open(tmp_path / "bad.img") as img:
+            node = img.ns.lookup(ROOT_INO, b"many")
+            with pytest.raises(OSError, match="another parent") as exc:
+                img.ns.encoded_listing(node) if encoded else img.ns.listing(node)
+            assert exc.value.errno == errno.EIO
+
+
 def test_sizes_of_the_index(tmp_path):
     """128 bytes per inode, 16 per name plus the name, 14 per block."""
     src = tmp_path / "src"

@@ -31,6 +31,9 @@ from .integrity.merkle import block_count
 from .namespace import Inode, Namespace, check_name
 
 RECENT = 4096  # inodes kept strongly besides those in use and the pinned
+# subdirectories from which their records are asked for at once before the
+# parent check reads them (fewer: each fault's own read-around does as well)
+PREFETCH_FROM = 16
 # a directory's READDIR records, where each starts (8-byte units), and the
 # inode and file type of each entry (IndexNamespace.encoded_listing)
 EncodedListing = tuple[bytes, array, list[int], bytes]
@@ -391,6 +394,8 @@ class IndexNamespace(Namespace):
         the record the parent check reads anyway)."""
         subdirs = [c for c, t in zip(children, types) if t == _DIR_TYPE[0]]
         reader = self.reader
+        if len(subdirs) >= PREFETCH_FROM:
+            reader.prefetch(subdirs)  # one wait for the disk, not one per subdirectory
         if len(set(subdirs)) != len(subdirs) or any(
                 reader.parent_of(child) != ino for child in subdirs):
             raise damage(f"directory {ino}: a child directory has another parent")
