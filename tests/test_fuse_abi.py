@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from incfs.fuse import abi
 
@@ -85,3 +87,20 @@ def test_dirent_sizes_are_8_byte_aligned():
         for plus in (False, True):
             size = abi.dirent_size(n, plus)
             assert size % 8 == 0 and size >= n + (152 if plus else 24)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ino=st.integers(1, (1 << 64) - 1), mode=st.integers(0, 0xFFFFFFFF),
+       size=st.integers(0, (1 << 63) - 1), nlink=st.integers(0, 0xFFFFFFFF),
+       uid=st.integers(0, 0xFFFFFFFF), gid=st.integers(0, 0xFFFFFFFF),
+       rdev=st.integers(0, (1 << 64) - 1), time_ns=st.integers(0, (1 << 62)),
+       timeout=st.sampled_from([0.0, 1.5, 3600.0, 0.000000001]))
+def test_pack_entry_is_what_entry_packs(ino, mode, size, nlink, uid, gid, rdev, time_ns, timeout):
+    """READDIRPLUS packs its entries with pack_entry (no Attr or Entry made):
+    the same bytes as the objects'."""
+    from incfs.fuse import Attr, Entry
+    from incfs.fuse.ops import pack_entry
+    attr = Attr(ino=ino, mode=mode, size=size, nlink=nlink, uid=uid, gid=gid, rdev=rdev,
+                blksize=4096, atime_ns=time_ns, mtime_ns=time_ns, ctime_ns=time_ns)
+    assert pack_entry(ino, mode, size, nlink, uid, gid, rdev, time_ns, timeout) == \
+        Entry(attr, timeout, timeout).pack()

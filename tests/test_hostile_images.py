@@ -1253,6 +1253,53 @@ def test_the_untouched_index_image_is_fine(tmp_path, index_image):
     assert out["open"] is None and not out["read_errors"] and out["reads"] >= 5, out
 
 
+def _listings(path: Path, encoded: bool) -> tuple[dict[int, tuple], int]:
+    """Each directory's listing as a mount makes it: from the records the
+    encoder makes of its name block (incfs.block_dirents) when `encoded`
+    and it takes the block, else from the names decoded one by one; or the
+    error met, with its message. And how many came from the encoder."""
+    from incfs.fuse import Listing
+    out, from_encoder = {}, 0
+    with Image.open(path) as img:
+        ns = img.ns
+        for ino in range(1, ns.reader.count + 1):
+            try:
+                node = ns.inodes[ino]
+                if not node.is_dir:
+                    continue
+                got = ns.encoded_listing(node) if encoded else None
+                from_encoder += got is not None
+                listing = Listing.from_records(*got) if got else Listing(*ns.listing(node))
+                out[ino] = (listing.plain(0, 1 << 30).tobytes(), listing.inos, listing.types)
+            except OSError as e:
+                out[ino] = (_clean(e), str(e))
+    return out, from_encoder
+
+
+@pytest.mark.parametrize("encoder", ["native", "python"])
+@pytest.mark.parametrize("name", sorted(n for n, case in INDEX_CASES.items() if case[1] != "open"))
+def test_hostile_index_lists_the_same_from_its_name_blocks(tmp_path, index_image, name, encoder,
+                                                           monkeypatch):
+    """The encoder is a fast path: whatever an index's damage, every
+    directory lists the same through it as by decoding its names, or fails
+    with the same error, with the C encoder and with the Python one."""
+    from incfs import block_dirents
+    if encoder == "native" and block_dirents.NATIVE is None:
+        pytest.skip("incfs._block_dirents not built")
+    if encoder == "python":
+        monkeypatch.setattr(block_dirents, "_encode", block_dirents.encode_py)
+    path = _index_build(tmp_path, index_image, name)
+    assert _listings(path, encoded=True)[0] == _listings(path, encoded=False)[0]
+
+
+def test_an_untouched_index_lists_every_directory_from_the_encoder(tmp_path, index_image):
+    path = tmp_path / "fine.img"
+    path.write_bytes(index_image)
+    listings, from_encoder = _listings(path, encoded=True)
+    assert from_encoder == len(listings) == 3  # /, /a, /b
+    assert all(isinstance(got[0], bytes) for got in listings.values())
+
+
 @needs_fuse
 def test_mount_serves_a_damaged_index_as_eio_and_stays_up(tmp_path, index_image):
     """A directory whose names fail their check: listing it is EIO, the rest
@@ -1272,6 +1319,40 @@ def test_mount_serves_a_damaged_index_as_eio_and_stays_up(tmp_path, index_image)
             sorted(os.listdir(mnt)) == ["a", "b", "c", "d", "e"]
         assert (mnt / "c").read_bytes() == bytes(range(100))
         assert Client.connect(mnt).status()
+    finally:
+        umount(str(mnt))
+    assert not os.path.ismount(mnt)
+
+
+@needs_fuse
+@pytest.mark.parametrize("encoder", ["c", "python"])
+@pytest.mark.parametrize("name, where", [("unsorted_names", ""), ("empty_name", ""),
+                                         ("name_inside_the_table", ""),
+                                         ("child_is_the_root", "a"),
+                                         ("directory_into_itself", "a")])
+def test_mount_lists_a_damaged_name_block_as_eio(tmp_path, index_image, name, where, encoder,
+                                                 monkeypatch):
+    """Name blocks the encoder refuses, listed through the kernel: EIO
+    each time, by either encoder (the daemon's, as its status says), and
+    the daemon keeps answering."""
+    from incfs import block_dirents
+    from incfs.control import Client
+    from incfs.mount import MountConfig, mount_background, umount
+    if encoder == "c" and block_dirents.NATIVE is None:
+        pytest.skip("incfs._block_dirents not built")
+    if encoder == "python":
+        monkeypatch.setenv("INCFS_NO_NATIVE", "1")
+    path = _index_build(tmp_path, index_image, name)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mount_background(MountConfig(source=str(path), mountpoint=str(mnt), allow_unsigned=True))
+    try:
+        for _round in range(2):
+            with pytest.raises(OSError) as exc:
+                os.listdir(mnt / where)
+            assert exc.value.errno == errno.EIO
+        status = Client.connect(mnt).status()
+        assert status["fuse"]["listing_encoder"] == encoder
     finally:
         umount(str(mnt))
     assert not os.path.ismount(mnt)

@@ -189,6 +189,44 @@ def test_many_inodes_in_little_memory(tmp_path):
         assert img.totals()["files"] == 20000
 
 
+def test_many_subdirectories_are_checked_with_their_records_asked_for_at_once(tmp_path,
+                                                                            monkeypatch):
+    """A directory of 20 subdirectories (index_ns.PREFETCH_FROM or more):
+    their records are asked for at once before the parent check reads them
+    (up to the last inode, whose next page is past the table), and the check
+    still finds a subdirectory whose record names another parent."""
+    import errno
+    from incfs.format.index import IndexReader
+    from incfs.fuse import Listing
+    from incfs.index_ns import PREFETCH_FROM
+    asked: list[list[int]] = []
+    prefetch = IndexReader.prefetch
+    monkeypatch.setattr(IndexReader, "prefetch",
+                        lambda self, inos: (asked.append(list(inos)), prefetch(self, inos)))
+    src = tmp_path / "src"
+    for i in range(20):
+        (src / "many" / f"s{i:02d}").mkdir(parents=True)
+    assert 20 >= PREFETCH_FROM
+    pack(src, tmp_path / "img", compress="none")
+    data = bytearray((tmp_path / "img").read_bytes())
+    with Image.open(tmp_path / "img") as img:
+        node = img.ns.lookup(ROOT_INO, b"many")
+        listing = Listing.from_records(*img.ns.encoded_listing(node))
+        assert listing.types == bytes([stat.S_IFDIR >> 12]) * 20
+        assert max(listing.inos) == img.ns.reader.count  # the last record is prefetched too
+        assert asked == [listing.inos]
+        s07 = img.ns.lookup(node.ino, b"s07").ino
+    data[inode_at(data, s07) + 40:inode_at(data, s07) + 48] = ROOT_INO.to_bytes(8, "little")
+    assert fix_index(data)
+    (tmp_path / "bad.img").write_bytes(bytes(data))
+    for encoded in (True, False):
+        with Image.open(tmp_path / "bad.img") as img:
+            node = img.ns.lookup(ROOT_INO, b"many")
+            with pytest.raises(OSError, match="another parent") as exc:
+                img.ns.encoded_listing(node) if encoded else img.ns.listing(node)
+            assert exc.value.errno == errno.EIO
+
+
 def _map_tree(src: Path) -> dict[str, bytes]:
     """Files for each map kind (format.maps); returns their contents."""
     src.mkdir()
@@ -338,6 +376,12 @@ def test_a_listing_is_the_name_block_whatever_the_order_of_its_names(tmp_path):
     assert fix_index(data)
     (tmp_path / "reversed.img").write_bytes(bytes(data))
     assert _listing_of(tmp_path / "reversed.img", b"d") == (names, children, types, expected)
+    # the records made straight from a block (incfs.block_dirents) take
+    # names back to back only: the reversed block is listed name by name
+    for img_name, encoded in (("img", True), ("reversed.img", False)):
+        with Image.open(tmp_path / img_name) as img:
+            node = img.ns.lookup(ROOT_INO, b"d")
+            assert (img.ns.encoded_listing(node) is not None) == encoded
 
 
 def _without_stored_types(data: bytearray) -> None:
@@ -372,10 +416,13 @@ def _seen(mnt: Path) -> list[tuple]:
 
 
 @needs_fuse
-def test_images_with_and_without_stored_types_list_the_same(tmp_path):
+def test_images_with_and_without_stored_types_list_the_same(tmp_path, monkeypatch):
     """A packed index stores each name's d_type (DTYPES); an image written
     before (bit clear, bytes zero) still opens and lists the same types,
-    taken from the inode records, on a real mount."""
+    taken from the inode records, on a real mount; and so with either
+    encoder of listings."""
+    from incfs import block_dirents
+    from incfs.control import Client
     from incfs.format.index import COMPAT_DTYPES, IndexHeader
     from incfs.mount import MountConfig, mount_background, umount
     src = _listing_tree(tmp_path / "src")
@@ -387,17 +434,26 @@ def test_images_with_and_without_stored_types_list_the_same(tmp_path):
     (tmp_path / "old.img").write_bytes(bytes(data))
     with Image.open(tmp_path / "old.img") as img:
         assert not img.ns.reader.stored_types
-    seen = {}
-    for name in ("new", "old"):
-        mnt = tmp_path / f"mnt-{name}"
+    seen, encoders = {}, {}
+    # each image with the C encoder of name blocks and with the Python one
+    # (incfs.block_dirents; INCFS_NO_NATIVE: the daemon leaves the C one unused)
+    for name, encoder in (("new", "c"), ("old", "c"), ("new", "python"), ("old", "python")):
+        mnt = tmp_path / f"mnt-{name}-{encoder}"
         mnt.mkdir()
+        monkeypatch.setenv("INCFS_NO_NATIVE", "1" if encoder == "python" else "")
         mount_background(MountConfig(source=str(tmp_path / f"{name}.img"), mountpoint=str(mnt),
                                      allow_unsigned=True))
         try:
-            seen[name] = _seen(mnt)
+            seen[name, encoder] = _seen(mnt)
+            with Client.connect(mnt) as client:
+                encoders[name, encoder] = client.status()["fuse"]["listing_encoder"]
         finally:
             umount(str(mnt))
-    assert seen["new"] == seen["old"]
+    if block_dirents.NATIVE is None:
+        encoders["new", "c"] = encoders["old", "c"] = "c"  # not built: both were Python
+    assert all(got == encoder for (_name, encoder), got in encoders.items()), encoders
+    assert len({tuple(walk) for walk in seen.values()}) == 1, "the four walks differ"
+    seen["new"] = seen["new", "c"]
     kinds = {kind for *_, kind, _ino in seen["new"]}
     assert kinds == {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO}
     assert sorted(p for p, *_ in seen["new"]) == sorted(

@@ -35,6 +35,7 @@ from .format.index import damage
 from .format.records import file_type
 from .fuse import Attr, Connection, Context, Entry, FuseError, Listing, OpenFlag, Opened
 from .fuse import Operations, StatFs
+from .fuse.ops import pack_entry
 from .listings import Listings
 from .namespace import Inode
 from .service import ReaderGone, ReadTimedOut, Service, TailAbsent
@@ -111,18 +112,29 @@ class IncfsOperations(Operations):
         return node
 
     def _attr(self, node: Inode) -> Attr:
+        nlink, size, uid, gid = self._stat_values(node)
+        return Attr(ino=node.ino, mode=node.mode, size=size, nlink=nlink, uid=uid, gid=gid,
+                    rdev=node.rdev, blksize=BLOCK_SIZE, atime_ns=node.mtime_ns,
+                    mtime_ns=node.mtime_ns, ctime_ns=node.mtime_ns)
+
+    def _stat_values(self, node: Inode) -> tuple[int, int, int, int]:
+        """nlink, size, uid and gid as stat shows them."""
         if node.is_dir:
             nlink = node.nlink + (1 if node.parent else 2)
         else:
             nlink = max(node.nlink, 1)
         size = len(node.target) if node.target else node.size
         uid, gid = (node.uid, node.gid) if self.stored_owners else (self.uid, self.gid)
-        return Attr(ino=node.ino, mode=node.mode, size=size, nlink=nlink, uid=uid, gid=gid,
-                    rdev=node.rdev, blksize=BLOCK_SIZE, atime_ns=node.mtime_ns,
-                    mtime_ns=node.mtime_ns, ctime_ns=node.mtime_ns)
+        return nlink, size, uid, gid
 
     def _entry(self, node: Inode) -> Entry:
         return Entry(self._attr(node), CACHE_TIMEOUT, CACHE_TIMEOUT)
+
+    def _packed_entry(self, node: Inode) -> bytes:
+        """_entry(node).pack(), with no Attr or Entry made (READDIRPLUS)."""
+        nlink, size, uid, gid = self._stat_values(node)
+        return pack_entry(node.ino, node.mode, size, nlink, uid, gid, node.rdev, node.mtime_ns,
+                          CACHE_TIMEOUT, BLOCK_SIZE)
 
     def _special_entry(self, ino: int) -> Entry:
         if ino >= PLACEHOLDER_BASE:
@@ -210,6 +222,9 @@ class IncfsOperations(Operations):
         node = self._node(ino)
         if not node.is_dir:
             raise FuseError(errno.ENOTDIR)
+        encoded = self.ns.encoded_listing(node)
+        if encoded is not None:
+            return Listing.from_records(*encoded)
         return Listing(*self.ns.listing(node))
 
     def _parent_of(self, ino: int) -> int:
@@ -294,7 +309,7 @@ class IncfsOperations(Operations):
             # inode's: the whole reply fails, as a damaged block would
             raise damage(f"inode {ino} is listed with type {d_type}, its record says "
                          f"{file_type(node.mode)}")
-        return self._entry(node).pack()
+        return self._packed_entry(node)
 
     # --- files -------------------------------------------------------------------
 

@@ -15,15 +15,14 @@ access that met it.
 
 from __future__ import annotations
 
-import operator
 import stat
 import threading
 import weakref
 from collections import OrderedDict
-from itertools import islice
+from array import array
 from typing import Callable, Iterator
 
-from . import BLOCK_SIZE
+from . import BLOCK_SIZE, block_dirents
 from .blockmap import ABSENT, BlockMap, loaded_map
 from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, damage
 from .format.layout import LOG_START
@@ -32,6 +31,12 @@ from .integrity.merkle import block_count
 from .namespace import Inode, Namespace, check_name
 
 RECENT = 4096  # inodes kept strongly besides those in use and the pinned
+# subdirectories from which their records are asked for at once before the
+# parent check reads them (fewer: each fault's own read-around does as well)
+PREFETCH_FROM = 16
+# a directory's READDIR records, where each starts (8-byte units), and the
+# inode and file type of each entry (IndexNamespace.encoded_listing)
+EncodedListing = tuple[bytes, array, list[int], bytes]
 
 
 class IndexChildren:
@@ -65,6 +70,13 @@ class IndexChildren:
         block = self.ns.checked_block(self.ino, self.extent, self.count)
         self._base = self.reader.dir_base(self.ino, self.extent, self.count)
         return block
+
+    def encoded(self) -> EncodedListing | None:
+        """block() as READDIR records (see IndexNamespace.encoded_block)."""
+        got = self.ns.encoded_block(self.ino, self.extent, self.count)
+        if got is not None:
+            self._base = self.reader.dir_base(self.ino, self.extent, self.count)
+        return got
 
     def _base_get(self, name: bytes) -> int | None:
         if name in self.removed:
@@ -225,18 +237,6 @@ _LISTED_TYPES = bytes(t >> 12 for t in (*_TYPES, stat.S_IFLNK))
 _DIR_TYPE = bytes([stat.S_IFDIR >> 12])
 
 
-def _has_dot_names(names: tuple[bytes, ...], lengths: bytes) -> bool:
-    """Whether "." or ".." is among `names`: only names of 1 or 2 bytes are
-    looked at (found in `lengths`, one byte per name, by bytes.find)."""
-    for length in (1, 2):
-        at = lengths.find(length)
-        while at >= 0:
-            if names[at] in (b".", b".."):
-                return True
-            at = lengths.find(length, at + 1)
-    return False
-
-
 class IndexNamespace(Namespace):
     """A Namespace whose inodes come from an index (see the module doc).
     `local_maps`: the index's block maps describe this file's own blocks
@@ -274,6 +274,14 @@ class IndexNamespace(Namespace):
             block = children.block()
             return block.names, block.children, block.types, block.lengths
         return super().listing(node)
+
+    def encoded_listing(self, node: Inode) -> EncodedListing | None:
+        """As Namespace.encoded_listing: an unchanged directory's READDIR
+        records straight from its name block (encoded_block)."""
+        children = node.children
+        if isinstance(children, IndexChildren) and not children.changed:
+            return children.encoded()
+        return None
 
     def files_after(self, after: int, count: int) -> list[int]:
         """Regular files in inode order from the records' modes alone."""
@@ -330,41 +338,68 @@ class IndexNamespace(Namespace):
             self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
         return block
 
+    def encoded_block(self, ino: int, extent: int, count: int) -> EncodedListing | None:
+        """Directory `ino`'s name block as READDIR records (block_dirents),
+        checked the first time as `checked_block` checks: the names' screen
+        and order and children >= 2 in range are the encoder's (it answers
+        None unless they pass), the rest `_check_children`'s. None: a block
+        the encoder does not take (other layouts, or damage): `checked_block`
+        then lists it or raises what is wrong."""
+        reader = self.reader
+        base = reader.dir_base(ino, extent, count)
+        children, types = reader.listed(ino, base, count)
+        got = block_dirents.encode(reader.block_bytes(base), count, types, 2, reader.count)
+        if got is None:
+            return None
+        if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):
+            self._check_children(ino, children, types, reader.stored_types)
+            self._dirs_checked[ino >> 3] |= 1 << (ino & 7)
+        return got[0], got[1], children, types
+
     def _check_dir(self, ino: int, block: NameBlock) -> None:
         """Once per directory: names valid and strictly sorted (so the binary
         search is right), children in range and of a known type, and each
         child directory's parent is this one (so no directory has two names
         and none is its own ancestor). Whole-block operations, not a loop
         per name: a cold walk checks every directory it lists."""
-        names, children, lengths = block.names, block.children, block.lengths
-        joined = b"".join(names)
-        # a quick screen ("", "." and ".." are the names of 0 to 2 bytes);
-        # check_name says which name is bad
-        if b"/" in joined or b"\0" in joined or 0 in lengths or _has_dot_names(names, lengths):
+        names = block.names
+        # a quick screen; check_name says which name is bad
+        if block_dirents.maybe_bad_names(names, block.lengths):
             for name in names:
                 try:
                     check_name(name)
                 except OSError:
                     raise damage(f"directory {ino} holds a bad name {name[:40]!r}") from None
-        if not all(map(operator.lt, names, islice(names, 1, None))):
+        if not block_dirents.strictly_ascending(names):
             raise damage(f"directory {ino}: names not sorted or not unique")
-        if children and (min(children) < 2 or ino in children):
+        if block.children and min(block.children) < 2:
             raise damage(f"directory {ino}: a name refers to inode 1 or to itself")
-        if block.types.translate(None, _LISTED_TYPES):
-            raise damage(f"directory {ino}: a child has an unsupported file type")
-        if _DIR_TYPE in block.types:
-            self._check_subdirs(ino, block)
+        self._check_children(ino, block.children, block.types, block.stored_types)
 
-    def _check_subdirs(self, ino: int, block: NameBlock) -> None:
+    def _check_children(self, ino: int, children: list[int], types: bytes,
+                        stored_types: bool) -> None:
+        """_check_dir's checks of the children (all >= 2 already): none is
+        `ino`, each of a known type, each directory's parent is `ino`."""
+        if ino in children:
+            raise damage(f"directory {ino}: a name refers to inode 1 or to itself")
+        if types.translate(None, _LISTED_TYPES):
+            raise damage(f"directory {ino}: a child has an unsupported file type")
+        if _DIR_TYPE in types:
+            self._check_subdirs(ino, children, types, stored_types)
+
+    def _check_subdirs(self, ino: int, children: list[int], types: bytes,
+                       stored_types: bool) -> None:
         """Each child listed as a directory is one whose parent is `ino`;
         with stored types, its record must say directory too (one read of
         the record the parent check reads anyway)."""
-        subdirs = [c for c, t in zip(block.children, block.types) if t == _DIR_TYPE[0]]
+        subdirs = [c for c, t in zip(children, types) if t == _DIR_TYPE[0]]
         reader = self.reader
+        if len(subdirs) >= PREFETCH_FROM:
+            reader.prefetch(subdirs)  # one wait for the disk, not one per subdirectory
         if len(set(subdirs)) != len(subdirs) or any(
                 reader.parent_of(child) != ino for child in subdirs):
             raise damage(f"directory {ino}: a child directory has another parent")
-        if block.stored_types and any(not stat.S_ISDIR(reader.mode_of(c)) for c in subdirs):
+        if stored_types and any(not stat.S_ISDIR(reader.mode_of(c)) for c in subdirs):
             raise damage(f"directory {ino}: a name's stored type is not its inode's")
 
     def check_stored_type(self, ino: int, child: int, d_type: int) -> None:

@@ -150,6 +150,12 @@ class Namespace:
         types = bytes(file_type(self.stat(child).mode) for child in children)
         return [name for name, _ in items], children, types, None
 
+    def encoded_listing(self, node: Inode) -> tuple | None:
+        """A directory's READDIR records made already (records, where each
+        starts, inodes, types: incfs.fuse Listing.from_records), if this
+        namespace has them cheaper than `listing`; else None."""
+        return None
+
     def directory(self, ino: int) -> Inode:
         node = self.get(ino)
         if not node.is_dir:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import trio
 
-from . import BLOCK_SIZE, __version__
+from . import BLOCK_SIZE, __version__, block_dirents
 from .errors import BadBlock, IntegrityError
 from .format.records import TreeKind
 from .image import FillBlock, FillResult, Image, MissingBlock
@@ -293,6 +293,8 @@ class Service:
         return {
             "protocol": f"7.{conn.minor}",
             "io_mode": "passthrough" if self.passthrough is not None else "daemon",
+            # who turns name blocks into READDIR records (incfs.block_dirents)
+            "listing_encoder": "c" if block_dirents.NATIVE else "python",
             "notes": list(conn.notes),
             "requests": dict(session.counts),
             "errors": dict(session.errors),

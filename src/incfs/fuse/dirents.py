@@ -8,7 +8,9 @@ entry, and a loop per entry in Python costs more than the kernel's whole
 walk. A READDIR is then a slice of those bytes, as many whole records as
 fit the size the kernel asked for, starting at its offset. READDIRPLUS
 puts each entry's fuse_entry_out before its record, so it is made per
-entry, and only as far as the reply goes.
+entry, and only as far as the reply goes. A listing can also be made of
+records encoded elsewhere (`Listing.from_records`: incfs lists an index's
+directories straight from their name blocks).
 
 Offsets are entry numbers: the record of entry i says i + 1, so a
 telldir/seekdir (or a reply cut short) resumes at the entry after.
@@ -33,6 +35,22 @@ _DT_DIR = stat.S_IFDIR >> 12
 _FORMATS = tuple(f"QQII{n}s{_SIZES[n] - abi.DIRENT_HEAD.size - n}x" for n in range(256))
 
 
+def encode_records(names: Sequence[bytes], inos: Sequence[int], types: bytes,
+                   lengths: bytes) -> tuple[bytes, array]:
+    """The fuse_dirent records of a listing, and where each starts (then
+    the end of the last) in 8-byte units. `lengths`: each name's length as
+    a byte (it must be right: an "Ns" field pads or cuts a name to N)."""
+    count = len(names)
+    fields: list = [0] * (5 * count)
+    fields[0::5] = inos
+    fields[1::5] = range(1, count + 1)
+    fields[2::5] = lengths
+    fields[3::5] = types
+    fields[4::5] = names
+    data = struct.pack("=" + lengths.decode("latin-1").translate(_FORMATS), *fields)
+    return data, array("I", accumulate(lengths.translate(_UNITS), initial=0))
+
+
 class Listing:
     """One directory's entries: `names`, the inode each names and its file
     type (mode >> 12) as a byte in `types`, in the order they are listed."""
@@ -41,8 +59,7 @@ class Listing:
 
     def __init__(self, names: Sequence[bytes], inos: Sequence[int], types: bytes,
                  lengths: bytes | None = None):
-        """`lengths`: each name's length as a byte, when the caller has it
-        (it must be: an "Ns" field pads or cuts a name to N bytes)."""
+        """`lengths`: each name's length as a byte, when the caller has it."""
         count = len(names)
         if len(inos) != count or len(types) != count:
             raise ValueError("names, inodes and types differ in number")
@@ -50,15 +67,23 @@ class Listing:
             lengths = bytes(map(len, names))  # ValueError for a name over 255 bytes
         elif len(lengths) != count:
             raise ValueError("names and lengths differ in number")
-        fields: list = [0] * (5 * count)
-        fields[0::5] = inos
-        fields[1::5] = range(1, count + 1)
-        fields[2::5] = lengths
-        fields[3::5] = types
-        fields[4::5] = names
-        self._data = struct.pack("=" + lengths.decode("latin-1").translate(_FORMATS), *fields)
-        # where each record starts, and the end of the last, in 8-byte units
-        self._ends = array("I", accumulate(lengths.translate(_UNITS), initial=0))
+        self._set(*encode_records(names, inos, types, lengths), inos, types)
+
+    @classmethod
+    def from_records(cls, data: bytes, ends: array, inos: Sequence[int],
+                     types: bytes) -> "Listing":
+        """A listing whose records are made already (as `encode_records`
+        makes them: the record of entry i says ino inos[i], offset i + 1,
+        type types[i]), such as incfs.block_dirents makes from a name block."""
+        if len(ends) != len(inos) + 1 or len(types) != len(inos) or ends[-1] * 8 != len(data):
+            raise ValueError("records, inodes and types differ in number")
+        listing = cls.__new__(cls)
+        listing._set(data, ends, inos, types)
+        return listing
+
+    def _set(self, data: bytes, ends: array, inos: Sequence[int], types: bytes) -> None:
+        self._data = data
+        self._ends = ends  # where each record starts, and the end of the last, in 8-byte units
         self.inos = inos if isinstance(inos, list) else list(inos)
         self.types = bytes(types)
         self._dir_index: dict[int, int] | None = None

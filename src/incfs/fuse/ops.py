@@ -84,6 +84,18 @@ def _split(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * NS)
 
 
+def pack_entry(ino: int, mode: int, size: int, nlink: int, uid: int, gid: int, rdev: int,
+               time_ns: int, timeout: float, blksize: int = 4096) -> bytes:
+    """Entry(Attr(ino, mode, size, nlink, uid, gid, rdev, blksize, time_ns
+    as atime, mtime and ctime), timeout, timeout).pack(), without making
+    the two objects: a READDIRPLUS reply packs one per entry."""
+    whole, part = _split(timeout)
+    sec, nsec = divmod(time_ns, NS)
+    return abi.ENTRY_OUT.pack(ino, 0, whole, whole, part, part, ino, size, (size + 511) // 512,
+                              sec, sec, sec, nsec, nsec, nsec, mode, nlink, uid, gid,
+                              _encode_rdev(rdev), blksize, 0)
+
+
 def pack_attr_out(attr: Attr, timeout: float) -> bytes:
     av, avn = _split(timeout)
     return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + attr.pack()
