@@ -77,6 +77,46 @@ def _assert_same(mnt: Path, src: Path) -> None:
 
 # --- pure parts ---------------------------------------------------------------------------
 
+def test_the_rest_of_the_metadata_is_asked_for_before_the_first_answer_ends(tmp_path):
+    """Metadata past the first request: its ranges are asked for as soon as
+    the superblock is in, while the first answer still streams. The first
+    answer here stops after the superblock until a second read starts (it
+    would wait forever if the rest came only after it)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(600):  # ~100 KB of metadata, past the 64 KiB first request
+        (src / f"f{i:03d}").write_bytes(os.urandom(5000))
+    image = tmp_path / "img"
+    pack(src, image, compress="none")
+    whole = image.read_bytes()
+
+    async def fetch():
+        async with open_source(str(image)) as source:
+            rest_started = trio.Event()
+            plain_read = source.read
+
+            async def read(offset, length):
+                rest_started.set()
+                return await plain_read(offset, length)
+
+            async def read_prefix(offset, length, needed):
+                head = await plain_read(offset, length)
+                assert needed(head[:4096]) == len(meta_end_of(head))
+                await rest_started.wait()
+                return head
+
+            source.read, source.read_prefix = read, read_prefix
+            with trio.fail_after(10):
+                return await fetch_metadata(source, first_read=64 * 1024)
+
+    def meta_end_of(head: bytes) -> bytes:
+        from incfs.format.layout import Superblock
+        return whole[:Superblock.decode(head[:4096]).meta_end]
+
+    sb, meta = trio.run(fetch)
+    assert sb.meta_end > 64 * 1024 and meta == whole[:sb.meta_end]
+
+
 @pytest.mark.parametrize("index", [True, False], ids=["index", "log"])
 def test_cache_metadata_retypes_block_maps(tmp_path, index):
     """A log image's BLOCKS become SOURCE_BLOCKS; an indexed image's INDEX

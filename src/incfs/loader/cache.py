@@ -273,18 +273,84 @@ def _metadata_end(head: bytes) -> int | None:
 async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
                          meta_chunk: int = DEFAULTS.meta_chunk) -> tuple[Superblock, bytes]:
     """(superblock, bytes [0, meta_end)) of a packed image: one request when
-    the metadata fits in `first_read` bytes, else parallel ones for the rest."""
-    try:
-        head = await source.read_prefix(0, first_read, _metadata_end)
-    except RangeNotSatisfiableError:
-        size = await source.size()  # a small image: learnt from the refusal
-        head = await source.read(0, min(size, first_read))
+    the metadata fits in `first_read` bytes; else the rest in parallel
+    chunks, asked for as soon as the superblock has come in (a streaming
+    source), while the first response is still arriving."""
+    rest = _RestOfMetadata(source, first_read, meta_chunk)
+    first: list[bytes] = []
+
+    async def first_request() -> None:
+        try:
+            first.append(await source.read_prefix(0, first_read, rest.needed))
+        except RangeNotSatisfiableError:
+            size = await source.size()  # a small image: learnt from the refusal
+            first.append(await source.read(0, min(size, first_read)))
+        finally:
+            rest.first_done()
+
+    # errors come out as themselves, not in an exception group (callers
+    # handle SourceError), as Source.read_many does
+    await _both(first_request, rest.fetch)
+    head = first[0]
     sb = Superblock.decode(head[:SUPERBLOCK_SIZE])
     if not sb.flags & SuperFlags.PACKED or sb.meta_end <= LOG_START:
         raise UsageError(f"{source.name} is not a packed incfs image (made by `incfs pack`); "
                          "only packed images can be mounted from a source")
-    if sb.meta_end > len(head):
+    if len(head) == first_read:
+        head += rest.data
+    if sb.meta_end > len(head):  # a source that does not stream, or a short answer
         ranges = [(o, min(meta_chunk, sb.meta_end - o))
                   for o in range(len(head), sb.meta_end, meta_chunk)]
         head += b"".join(await source.read_many(ranges))
     return sb, head[:sb.meta_end]
+
+
+async def _both(*tasks) -> None:
+    """Run the tasks side by side; the first failure cancels the others and
+    is raised as itself."""
+    failures: list[Exception] = []
+
+    async def run(task, cancel: trio.CancelScope) -> None:
+        try:
+            await task()
+        except Exception as exc:
+            failures.append(exc)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for task in tasks:
+            nursery.start_soon(run, task, nursery.cancel_scope)
+    if failures:
+        raise failures[0]
+
+
+class _RestOfMetadata:
+    """The metadata past the first request, fetched beside it once the
+    superblock in its first bytes tells how much there is."""
+
+    def __init__(self, source: Source, first_read: int, meta_chunk: int):
+        self.source, self.first_read, self.meta_chunk = source, first_read, meta_chunk
+        self.data = b""
+        self._end: int | None = None
+        self._known = trio.Event()
+
+    def needed(self, head: bytes) -> int | None:
+        end = _metadata_end(head)
+        if end is not None and not self._known.is_set():
+            self._end = end
+            self._known.set()
+        return end
+
+    def first_done(self) -> None:
+        """The first request is over: if it never told the size, nothing
+        more is fetched here (fetch_metadata reads the rest after it)."""
+        self._known.set()
+
+    async def fetch(self) -> None:
+        await self._known.wait()
+        end = self._end
+        if end is None or end <= self.first_read or end >= 1 << 62:
+            return  # all in the first request, not known, or a damaged superblock
+        ranges = [(o, min(self.meta_chunk, end - o))
+                  for o in range(self.first_read, end, self.meta_chunk)]
+        self.data = b"".join(await self.source.read_many(ranges))

@@ -59,9 +59,13 @@ class LoaderConfig:
     # Absent bytes worth fetching to join two ranges into one request (a
     # round trip costs more than 32 KiB at the links we aim at).
     max_gap: int = 32 * KiB
-    # The first metadata request: holds the whole metadata of most images,
-    # so the tree is visible after one round trip.
-    first_read: int = 256 * KiB
+    # The first metadata request: the whole metadata of images up to ~300
+    # files (block maps take 16 bytes a file, format.maps), so the tree is
+    # visible after one round trip; bigger ones ask for the rest as soon as
+    # the superblock is in. Not larger: bytes asked past the metadata's end
+    # still cross the link after the reader stops (queues and proxies hold
+    # them), ~150 ms at 10 Mbit/s for 256 KiB (bench/link_rate.py startup).
+    first_read: int = 64 * KiB
     # Further metadata is fetched in parallel chunks of this size.
     meta_chunk: int = 4 * MiB
     # Seconds to ask an existing cache's source whether it still holds the
