@@ -4,7 +4,6 @@ what a tar input holds per entry."""
 
 from __future__ import annotations
 
-import io
 import random
 import stat
 import tarfile

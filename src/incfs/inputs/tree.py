@@ -45,6 +45,7 @@ LINK = 16  # a hard link: the inode is `Tree.links[node]`
 _RECORD = struct.Struct("<IIIqQ")
 _MIX = 0x9E3779B1  # spreads parent numbers over the hash table
 _FIRST_TABLE = 1 << 12
+_REHASH_SLICE = 1 << 16
 _DIR_CACHE_LIMIT = 1 << 16
 _KNOWN_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK)
@@ -203,14 +204,16 @@ class Tree:
     def _rehash(self, size: int) -> None:
         mask = size - 1
         self.table = table = array("i", [_NONE]) * size
-        chain = self.chain
-        flags = self.flags
-        buckets = [(h + p * _MIX) & mask for h, p in zip(self.hashes, self.parent)]
-        for node in range(1, len(buckets)):
-            if not flags[node] & DEAD:
-                bucket = buckets[node]
-                chain[node] = table[bucket]
-                table[bucket] = node
+        chain, flags, hashes, parent = self.chain, self.flags, self.hashes, self.parent
+        # buckets a slice at a time: a list of them all would be ~36 bytes a node
+        for start in range(1, len(flags), _REHASH_SLICE):
+            end = min(start + _REHASH_SLICE, len(flags))
+            buckets = [(h + p * _MIX) & mask
+                       for h, p in zip(hashes[start:end], parent[start:end])]
+            for node, bucket in enumerate(buckets, start):
+                if not flags[node] & DEAD:
+                    chain[node] = table[bucket]
+                    table[bucket] = node
 
     def _kill(self, node: int) -> None:
         """Take the name `node` out of the tree (its inode stays if a link names it)."""
