@@ -319,6 +319,7 @@ def main() -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    result = {"command": " ".join(sys.argv), **result}
     print("\n".join(summary(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -90,6 +90,7 @@ def main() -> int:
         result = run(args.files, scratch, args.rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    result = {"command": " ".join(sys.argv), **result}
     print("\n".join(summary(result)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -4,10 +4,15 @@ what a tar input holds per entry."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,7 @@ from incfs.inputs import Entry, Tree
 from incfs.inputs import tar_header
 from incfs.inputs.tree import ROOT
 from incfs.pack import pack
+from incfs.testing.smalltree import make_tree
 from test_inputs import T0, OciLayout, member, tar_bytes
 
 # --- the tree against a model ------------------------------------------------------
@@ -277,3 +283,42 @@ def test_tar_of_many_entries_packs_like_the_directory(tmp_path):
 def _image_walk(img: Image) -> list[tuple]:
     return [(p, n.ino, n.mode, n.mtime_ns // 10**9, n.file_id,  # a tar keeps seconds
              img.read_range(n, 0, n.size) if n.is_reg else b"") for p, n in img.ns.walk()]
+
+
+# --- the benches' tar stream and tar pack ------------------------------------------
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def test_bench_tar_stream_is_the_small_tree(tmp_path):
+    """bench/tarstream.py writes the tree `incfs.testing.smalltree` makes:
+    packed, the stream and the tree give the same names, modes and data."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tarstream
+    finally:
+        sys.path.remove(str(BENCH))
+    make_tree(str(tmp_path / "tree"), 3)
+    with open(tmp_path / "stream.tar", "wb") as f:
+        length = tarstream.write_tree(f, 3)
+    assert length == (tmp_path / "stream.tar").stat().st_size and length % 10240 == 0
+    pack(tmp_path / "tree", tmp_path / "tree.img")
+    pack(tmp_path / "stream.tar", tmp_path / "stream.img")
+    with Image.open(tmp_path / "tree.img") as a, Image.open(tmp_path / "stream.img") as b:
+        walked = [[(p, n.mode, n.file_id, a_or_b.read_range(n, 0, n.size) if n.is_reg else b"")
+                   for p, n in a_or_b.ns.walk()] for a_or_b in (a, b)]
+    assert walked[0] == walked[1] and len(walked[0]) == 3 * 1001 + 1
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("mksquashfs", "tar", "zstd")),
+                    reason="needs mksquashfs, tar and zstd")
+def test_bench_tar_pack_runs(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "tar_pack.py"), "--files", "2000",
+                           "--rounds", "1", "--scratch", str(tmp_path / "s"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"mksquashfs", "incfs dir", "incfs tar", "incfs tar.zst", "incfs stdin"}
+    assert all(r[0]["seconds"] > 0 and r[0]["peak_rss_kib"] > 0 for r in runs.values())
+    assert "time / mksquashfs" in proc.stdout and not (tmp_path / "s").exists()
