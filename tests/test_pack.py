@@ -303,23 +303,23 @@ def test_directory_pack_holds_only_the_open_listings(tmp_path, monkeypatch):
             (src / f"d{d}" / f"s{sub}").mkdir(parents=True)
             for f in range(20):
                 (src / f"d{d}" / f"s{sub}" / f"f{f}").write_bytes(b"%d" % f if f % 5 else b"")
-    nodes, most_open = [0], [0]
-    node_init, reserve = tree_mod.Node.__init__, pack_index.IndexWriter._reserve_names
+    trees, most_open = [0], [0]
+    tree_init, reserve = tree_mod.Tree.__init__, pack_index.IndexWriter._reserve_names
 
     def counting_init(self, *args, **kw):
-        nodes[0] += 1
-        node_init(self, *args, **kw)
+        trees[0] += 1
+        tree_init(self, *args, **kw)
 
     def watching_reserve(self, ino, names):
         out = reserve(self, ino, names)
         most_open[0] = max(most_open[0], len(self.open))
         return out
 
-    monkeypatch.setattr(tree_mod.Node, "__init__", counting_init)
+    monkeypatch.setattr(tree_mod.Tree, "__init__", counting_init)
     monkeypatch.setattr(pack_index.IndexWriter, "_reserve_names", watching_reserve)
     stats = pack(src, tmp_path / "out.img")
     assert stats.files == 6 * 3 * 20
-    assert nodes[0] <= 1  # the packer's empty tree, for inputs that need one
+    assert trees[0] == 0
     assert most_open[0] <= 3  # the root, a d*, an s*: the path's depth
     with Image.open(tmp_path / "out.img") as img:
         assert img.read_range(dict(img.ns.walk())[b"/d5/s2/f19"], 0, 9) == b"19"

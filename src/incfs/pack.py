@@ -37,7 +37,9 @@ from .format.maps import MapKind
 from .format.records import (MAX_SYMLINK, BlockKind, BlockRun, InodeEntry, InodeFlags,
                              TreeKind, block_info, encode_runs, place_block, xattr_problem)
 from .image import Image
-from .inputs import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, Tree, open_input
+from .inputs import (DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, Tree, TreeInput,
+                     open_input)
+from .inputs.tree import ROOT as ROOT_NODE
 from .integrity import merkle, signing
 from .pack_blocks import Placements
 from .pack_entries import compact, expand
@@ -108,9 +110,9 @@ class _Packer:
     handed to `sink` as they are numbered.
 
     A tar or OCI input builds the tree first (later entries win, hard links
-    name earlier entries) and numbers it when it is complete (`consume`,
-    `layout`). A directory is walked in inode order as it is listed
-    (`walk_listed`), with no tree."""
+    name earlier entries) and numbers it when it is complete (`consume` or
+    the input's own `build`, then `layout`). A directory is walked in inode
+    order as it is listed (`walk_listed`), with no tree."""
 
     def __init__(self, kind: BlockKind, progress: Progress | None, base: Image | None,
                  tmpdir: Path, profile: list[tuple[str, int]], sink: Sink):
@@ -118,11 +120,11 @@ class _Packer:
         self.progress = progress or (lambda n: None)
         self.stats = PackStats()
         self.sink = sink
-        self.tree = Tree()
         self.roots = bytearray()  # file number -> Merkle root, 32 bytes each
         self.file_of_ino = array("q", [-1])  # by inode number; -1: no packed file
         # a directory input's hard-linked files by first path: [kept entry, file number, ino]
         self.groups: dict[bytes, list] = {}
+        self.linked: dict[int, int] = {}  # a tree's hard-linked inode nodes -> inode number
         self.spools = {name: _Spool(tmpdir) for name in ("hash", "hot", "cold")}
         # where each block went, by file number; after `run`, by inode
         self.placed = Placements()
@@ -144,8 +146,13 @@ class _Packer:
         if isinstance(source, ListedInput):
             self.walk_listed(source)
         else:
-            self.consume(source)
-            self.layout()
+            tree = Tree(problem=_entry_problem)
+            if isinstance(source, TreeInput):
+                source.build(tree, self._pack_file)
+            else:
+                self.consume(source, tree)
+            self.stats.skipped.extend(source.notes)
+            self.layout(tree)
         self._place_hot()
         # files replaced by a later entry got no inode: their blocks stay
         # unreachable in the spools, as before
@@ -153,32 +160,58 @@ class _Packer:
 
     # --- a tree (tar, OCI, an image being compacted) ---------------------------
 
-    def consume(self, source: Input) -> None:
+    def consume(self, source: Input, tree: Tree) -> None:
+        """Each file's data is packed as the entry goes by: a tar stream is read once."""
         for entry in source.entries():
-            node, new = self.tree.add(entry)
+            node, new = tree.add(entry)
             if new and entry.is_reg:
-                node.key = self._pack_file(entry)
+                tree.key[node] = self._pack_file(entry)
             entry.data = None  # the opener holds the source open; not needed again
-            if node.entry is entry:  # (a hard link's node is its target's)
-                node.entry = _keep(entry, strip=True)
-        self.stats.skipped.extend(source.notes)
 
-    def layout(self) -> None:
-        """Number the tree's inodes, draining the tree as it is walked."""
-        for path, name, parent, node in self.tree.walk(drain=True):
-            if not node.ino:
-                names, subdirs = None, 0
-                if node.children is not None:
-                    names = sorted(node.children)
-                    subdirs = sum(c.children is not None for c in node.children.values())
-                node.ino = self._add_inode(path, node.entry, node.key,
-                                           parent.ino if parent else 0, names, subdirs)
-                node.entry = None  # in the inode now; a walk needs only the names
+    def layout(self, tree: Tree) -> None:
+        """Number the tree's inodes depth first, names in byte order; what
+        is held is the listings of the directories on the walk's path."""
+        stack = [self._enter_node(tree, b"", ROOT_NODE, 0)]
+        while stack:
+            parent, path, children = stack[-1]
+            if not children:
+                stack.pop()
+                continue
+            name, node = children.pop()
+            node = tree.inode(node)
+            child_path = path + b"/" + name if path else name
+            if tree.is_dir(node):
+                frame = self._enter_node(tree, child_path, node, parent)
+                stack.append(frame)
+                child = frame[0]
             else:
-                self.stats.hard_links += 1
-            if parent is not None:
-                self.sink.name(node.ino, parent.ino, name)
-        self.tree = Tree()  # the sink holds it all now: let it go
+                child = self._node_inode(tree, child_path, node, parent)
+            self.sink.name(child, parent, name)
+
+    def _enter_node(self, tree: Tree, path: bytes, node: int,
+                    parent: int) -> tuple[int, bytes, list[tuple[bytes, int]]]:
+        """Number directory `node`; returns its inode number, path and
+        children (last first, to be popped)."""
+        children = tree.children(node)
+        names = [name for name, _child in children]
+        subdirs = sum(tree.is_dir(child) for _name, child in children)
+        ino = self._add_inode(path, tree.entry(node), None, parent, names, subdirs)
+        children.reverse()
+        return ino, path, children
+
+    def _node_inode(self, tree: Tree, path: bytes, node: int, parent: int) -> int:
+        """A non-directory's inode number: a new one, or for an inode with
+        several names the one its first name in the walk got."""
+        linked = tree.is_linked(node)
+        if linked and node in self.linked:
+            self.stats.hard_links += 1
+            return self.linked[node]
+        key = tree.key[node]
+        ino = self._add_inode(path, tree.entry(node), key if key >= 0 else None, parent,
+                              None, 0)
+        if linked:
+            self.linked[node] = ino
+        return ino
 
     # --- a directory, walked in inode order ------------------------------------------
 
@@ -226,7 +259,7 @@ class _Packer:
         number = self._pack_file(e) if e.is_reg else None
         e.data = None
         if e.shared:
-            self.groups[e.path] = [_keep(e, strip=False), number, 0]
+            self.groups[e.path] = [_keep(e), number, 0]
         return number
 
     def _listed_inode(self, e: Entry, number: int | None, parent: int) -> int:
@@ -490,15 +523,12 @@ def _entry_problem(e: Entry) -> str | None:
     return None
 
 
-def _keep(e: Entry, strip: bool) -> Entry | bytes:
-    """An entry as it waits for its inode: a plain one packed into bytes,
-    one with a problem whole, so numbering reports it with its origin. With
-    `strip` (nothing else holds `e`) the rest drop path and origin: the walk
-    rebuilds the one and only an error message would use the other."""
+def _keep(e: Entry) -> Entry | bytes:
+    """A directory input's hard-linked entry as it waits for its inode: a
+    plain one packed into bytes, one with a problem whole, so numbering
+    reports it with its origin."""
     if _entry_problem(e) is not None:
         return e
-    if strip:
-        e.path, e.origin = b"", ""
     return compact(e)
 
 

@@ -1,9 +1,9 @@
-"""Entries as pack holds them between reading the input and laying out the
-tree: a plain entry (no symlink target, extended attributes, metadata or
-file id; already checked, so no origin is needed for messages) becomes 36
-bytes in one bytes object (69 with its header) instead of an Entry and its
-int objects (about 200 bytes), which at a million entries is most of pack's
-memory before layout."""
+"""A directory input's hard-linked entries as pack holds them until the walk
+meets their first name (a tar's or OCI's are records in `inputs.tree`): a
+plain entry (no symlink target, extended attributes, metadata or file id;
+already checked, so no origin is needed for messages) becomes 36 bytes in
+one bytes object (69 with its header) instead of an Entry and its int
+objects (about 200 bytes)."""
 
 from __future__ import annotations
 

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UsageError
-from .base import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, normalize
+from .base import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, TreeInput, normalize
 from .dir import DirInput
 from .oci import OciInput
 from .tar import TarInput
-from .tree import Node, Tree
+from .tree import Tree
 
 
 def open_input(spec: str | os.PathLike, *, stdin: BinaryIO | None = None,
                exclude: set[tuple[int, int]] | None = None,
-               max_entries: int = DEFAULT_MAX_ENTRIES) -> Input:
+               max_entries: int = DEFAULT_MAX_ENTRIES) -> Input | ListedInput | TreeInput:
     """SRC as given to `incfs pack`: a directory, a tar file (plain, .gz,
     .bz2, .xz, .zst, detected by content), "-" for a tar stream on stdin,
     or oci:DIR[:TAG]."""
@@ -41,5 +41,5 @@ def open_input(spec: str | os.PathLike, *, stdin: BinaryIO | None = None,
     raise UsageError(f"{path} is not a directory, a tar archive, '-' or oci:DIR[:TAG]")
 
 
-__all__ = ["open_input", "Entry", "Input", "ListedInput", "DirInput", "TarInput", "OciInput", "Tree",
-           "Node", "normalize", "DEFAULT_MAX_ENTRIES"]
+__all__ = ["open_input", "Entry", "Input", "ListedInput", "TreeInput", "DirInput", "TarInput",
+           "OciInput", "Tree", "normalize", "DEFAULT_MAX_ENTRIES"]

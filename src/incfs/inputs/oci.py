@@ -9,25 +9,25 @@ lower layers put in it. A whiteout for a name no lower layer has is ignored
 (it hides nothing; the pack summary lists it).
 
 Two passes over the layers: the first builds the merged tree from headers
-alone, the second reads the data of just the files that survive, so a file
-replaced or deleted by a later layer costs no space in the image.
+alone (pack's tree: `build` fills the one pack lays out), the second reads
+the data of just the files that survive, so a file replaced or deleted by a
+later layer costs no space in the image.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import platform
 import re
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable
 
 from ..errors import UsageError
 from .base import DEFAULT_MAX_ENTRIES, Entry, too_many
 from .tar import TarInput
-from .tree import Node, Tree
+from .tree import Tree
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -160,7 +160,8 @@ class OciInput:
             return manifests[0]
         raise UsageError(f"{self.spec}: no manifest for linux/{arch} in the image index")
 
-    def _layer_members(self, i: int):
+    def _layer_members(self, i: int, again: bool = False):
+        """Layer `i`'s members; `again` for the second pass (its notes were taken)."""
         layer = self.layers[i]
         name = f"{self.spec}: layer {i} ({layer['digest'][:19]})"
         path = self._blob_path(layer["digest"])
@@ -180,26 +181,31 @@ class OciInput:
             holder[0].finish()
         finally:
             tar.close()
-        self.notes.extend(tar.notes)
+        if not again:
+            self.notes.extend(tar.notes)
 
     # --- the merged tree ----------------------------------------------------------
 
-    def _merge(self) -> Tree:
-        tree = Tree()
+    def build(self, tree: Tree, pack_file: Callable[[Entry], int]) -> None:
+        """Merge the layers into `tree`, then pack the files that survive;
+        each surviving file's key becomes its file number."""
+        self._merge(tree)
+        self._file_data(tree, pack_file)
+
+    def _merge(self, tree: Tree) -> None:
+        """Headers only: a regular file's key is (layer, member ordinal),
+        where the second pass finds its data."""
         count = 0
         for i in range(len(self.layers)):
             for ordinal, (_m, entry) in enumerate(self._layer_members(i)):
                 count += 1
                 if count > self.max_entries:
                     raise too_many(self.spec, self.max_entries)
-                if entry is None:
+                if entry is None or self._whiteout(tree, entry, i):
                     continue
-                if self._whiteout(tree, entry, i):
-                    continue
-                node, new = tree.add(dataclasses.replace(entry, data=None), layer=i)
+                node, new = tree.add(entry, layer=i)
                 if new and entry.is_reg:
-                    node.key = (i, ordinal)
-        return tree
+                    tree.key[node] = i << 32 | ordinal
 
     def _whiteout(self, tree: Tree, entry: Entry, layer: int) -> bool:
         parent, _, base = entry.path.rpartition(b"/")
@@ -216,34 +222,18 @@ class OciInput:
                                   ", which no lower layer has (ignored)")
         return True
 
-    def entries(self) -> Iterator[Entry]:
-        tree = self._merge()
-        first: dict[int, bytes] = {}
-        wanted: dict[tuple[int, int], Node] = {}
-        for path, _name, _parent, node in tree.walk():
-            if id(node) not in first:
-                first[id(node)] = path
-                if node.key is not None:
-                    wanted[node.key] = node
-        yield from self._file_data(wanted, first)
-        yield from self._rest(tree, first)
-
-    def _file_data(self, wanted: dict, first: dict[int, bytes]) -> Iterator[Entry]:
-        layers = sorted({i for i, _k in wanted})
-        for i in layers:
-            for ordinal, (_m, entry) in enumerate(self._layer_members(i)):
-                node = wanted.pop((i, ordinal), None)
-                if node is not None:
-                    yield dataclasses.replace(node.entry, path=first[id(node)], data=entry.data)
-        if wanted:
+    def _file_data(self, tree: Tree, pack_file: Callable[[Entry], int]) -> None:
+        """The surviving files are nodes in the order they were added, so
+        their keys ascend: one pointer walks them beside the layers."""
+        wanted = tree.files()
+        at = 0
+        for i in sorted({tree.key[node] >> 32 for node in wanted}):
+            for ordinal, (_m, entry) in enumerate(self._layer_members(i, again=True)):
+                if at < len(wanted) and tree.key[wanted[at]] == i << 32 | ordinal:
+                    tree.key[wanted[at]] = pack_file(entry)
+                    at += 1
+        if at != len(wanted):
             raise UsageError(f"{self.spec}: a layer changed while it was read")
-
-    def _rest(self, tree: Tree, first: dict[int, bytes]) -> Iterator[Entry]:
-        for path, _name, _parent, node in tree.walk():
-            if first[id(node)] != path:
-                yield Entry(path, node.entry.mode, link=first[id(node)], origin=node.entry.origin)
-            elif node.key is None:
-                yield dataclasses.replace(node.entry, path=path)
 
 
 def _read_small(path: Path) -> bytes:

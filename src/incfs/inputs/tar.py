@@ -28,8 +28,10 @@ from typing import BinaryIO, Iterator
 import zstandard
 
 from ..errors import UsageError
-from .base import (DEFAULT_MAX_ENTRIES, READ_ERRORS, Entry, SafeReader, check_id, normalize,
-                   read_error, too_many)
+from ..namespace import check_name
+from . import tar_header
+from .base import (DEFAULT_MAX_ENTRIES, READ_ERRORS, Entry, SafeReader, bad_name, check_id,
+                   normalize, read_error, too_many)
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _TYPES = {tarfile.DIRTYPE: stat.S_IFDIR, tarfile.SYMTYPE: stat.S_IFLNK,
@@ -100,6 +102,10 @@ class _TarInfo(tarfile.TarInfo):
         finally:
             tf.incfs_depth = depth - 1
 
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        return tar_header.frombuf(cls, buf, encoding, errors)
+
     def _proc_pax(self, tf):
         self._bound()
         return super()._proc_pax(tf)
@@ -131,6 +137,11 @@ class TarInput:
         self.max_entries = max_entries
         self.notes: list[str] = []
         self._raw: BinaryIO | None = None
+        # the last member's directory, as named and as checked: an archive
+        # lists a directory's entries together, so most names need only
+        # their last part checked
+        self._dir_raw: bytes | None = None
+        self._dir = b""
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kw) -> "TarInput":
@@ -181,7 +192,7 @@ class TarInput:
 
     def _entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> Entry | None:
         origin = f"{self.name}: {m.name}"
-        path = normalize(m.name, origin)
+        path = self._normalize(m.name, origin)
         xattrs = pax_acls(m.pax_headers, origin, self.notes)
         xattrs.update(pax_xattrs(m.pax_headers, origin))  # raw values win over text ACLs
         e = Entry(path, 0, check_id(m.uid, origin), check_id(m.gid, origin),
@@ -203,6 +214,22 @@ class TarInput:
             self.notes.append(f"{origin}: tar entry type {m.type!r} is not a file")
             return None
         return e
+
+
+    def _normalize(self, name: str, origin: str) -> bytes:
+        """`normalize(name, origin)`, checking only the last part when the
+        directory is the last member's."""
+        raw = name.encode("utf-8", "surrogateescape")
+        up, _, last = raw.rpartition(b"/")
+        if up != self._dir_raw or last in (b"", b".", b"..") or raw.startswith(b"/"):
+            path = normalize(raw, origin)
+            self._dir_raw, self._dir = up, normalize(up, origin)
+            return path
+        try:
+            check_name(last)
+        except OSError as e:
+            raise bad_name(raw, origin, e) from None
+        return self._dir + b"/" + last if self._dir else last
 
 
 def _not_tar(name: str, e: BaseException) -> UsageError:

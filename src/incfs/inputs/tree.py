@@ -1,5 +1,5 @@
-"""The tree that entries build, with the rules for archives that are not a
-plain listing of a tree:
+"""The tree that an archive's entries build, with the rules for archives
+that are not a plain listing of a tree:
 
 * A later entry for a path replaces the earlier one ("later wins", as when
   tar extracts over what it extracted before). If both are directories the
@@ -13,97 +13,234 @@ plain listing of a tree:
 
 Layers (OCI) add whiteouts: `remove` a path, and `opaque` a directory,
 which drops what lower layers put in it.
+
+The tree is kept compact, for archives of millions of entries: a node is a
+number, its fields are slots in parallel arrays, names are one bytearray,
+children are found through a hash table of (parent, name) held in arrays,
+and a plain entry is a 28-byte record. That is about 90 bytes a node where
+a dict, a Node object and a name each were about 390.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import stat
-from typing import Iterator
+import struct
+from array import array
+from typing import Callable
 
 from ..errors import UsageError
 from .base import Entry, _show
 
+ROOT = 0
+_NONE = -1
+# flags, one byte a node
+DIR = 1  # a directory (never set on a hard link's name)
+DEAD = 2  # this name was replaced or removed (its inode may live on as a link's)
+WHOLE = 4  # the entry did not fit a record: it is in `Tree.whole`
+LINKED = 8  # an inode that hard links also name
+LINK = 16  # a hard link: the inode is `Tree.links[node]`
 
-class Node:
-    __slots__ = ("entry", "children", "layer", "key", "ino")
+# mode, uid, gid, mtime_ns, and the size of a regular file or a device's rdev
+_RECORD = struct.Struct("<IIIqQ")
+_MIX = 0x9E3779B1  # spreads parent numbers over the hash table
+_FIRST_TABLE = 1 << 12
+_REHASH_SLICE = 1 << 16
+_DIR_CACHE_LIMIT = 1 << 16
+_KNOWN_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                stat.S_IFIFO, stat.S_IFSOCK)
+_BLANK = bytes(_RECORD.size)
+_IMPLIED = _RECORD.pack(stat.S_IFDIR | 0o755, 0, 0, 0, 0)
 
-    def __init__(self, entry: Entry, layer: int = 0):
-        # pack swaps in a compact form (bytes) once it has read the entry
-        self.entry: Entry | bytes = entry
-        self.children: dict[bytes, Node] | None = {} if entry.is_dir else None
-        self.layer = layer  # which layer put it here (OCI)
-        self.key: object = None  # the input's or packer's handle on the content
-        self.ino = 0  # set when the image is laid out
-
-
-def implicit_dir(path: bytes) -> Entry:
-    return Entry(path, stat.S_IFDIR | 0o755, origin="(implied directory)")
+Problem = Callable[[Entry], "str | None"]
 
 
 class Tree:
-    def __init__(self) -> None:
-        self.root = Node(implicit_dir(b""))
+    """Nodes are numbers; the root is `ROOT`. A node is a name in a
+    directory; a hard link's name is a node of its own whose inode
+    (`inode`) is the node it links to."""
 
-    def add(self, e: Entry, layer: int = 0) -> tuple[Node, bool]:
-        """Put `e` in the tree; returns its node and whether it is new."""
+    def __init__(self, problem: Problem | None = None):
+        # `problem` says why an entry cannot become an inode; such an entry
+        # keeps its origin (pack names it in the error), others drop it
+        self.problem = problem
+        self.parent = array("i")
+        self.name_at = array("q")
+        self.name_len = array("H")
+        self.names = bytearray()
+        self.hashes = array("q")  # hash(name), to rehash without the names
+        self.chain = array("i")  # the next node in the same hash bucket
+        self.table = array("i", [_NONE]) * _FIRST_TABLE
+        self.first = array("i")  # a directory's newest child
+        self.sibling = array("i")  # the next older child of the same directory
+        self.flags = bytearray()
+        self.key = array("q")  # the input's or packer's handle on the content; -1
+        self.layer = array("i")  # which layer put it here (OCI)
+        self.records = bytearray()
+        self.whole: dict[int, Entry] = {}
+        self.links: dict[int, int] = {}
+        self.dirs: dict[bytes, int] = {}  # path -> directory node: most parents are found here
+        self._new(_NONE, b"", 0, DIR, _IMPLIED)
+
+    def __len__(self) -> int:
+        return len(self.flags)
+
+    # --- building ---------------------------------------------------------------
+
+    def add(self, e: Entry, layer: int = 0) -> tuple[int, bool]:
+        """Put `e` in the tree; returns its node (a hard link's: the inode it
+        names) and whether the node is new."""
         if not e.path:
             if not e.is_dir or e.link is not None:
                 raise UsageError(f"{e.origin}: the archive's root is not a directory")
-            self.root.entry, self.root.layer = e, layer
-            return self.root, False
-        parent, name = self._parent(e.path, layer, e.origin)
-        existing = parent.children.get(name)
+            self._store(ROOT, e)
+            self.layer[ROOT] = layer
+            return ROOT, False
+        up, _, name = e.path.rpartition(b"/")
+        parent = self._dir(up, layer, e.origin)
+        existing = self.child(parent, name)
         if e.link is not None:
-            target = self.lookup(e.link)
-            if target is None:
-                raise UsageError(f"{e.origin}: hard link to {_show(e.link)}, which is not "
-                                 "an earlier entry of the archive")
-            if target.children is not None:
-                raise UsageError(f"{e.origin}: hard link to a directory")
-            parent.children[name] = target
-            return target, False
-        if existing is not None and existing.children is not None and e.is_dir:
-            existing.entry, existing.layer = e, layer
+            return self._link(e, parent, name, existing, layer), False
+        if existing >= 0 and self.flags[existing] & (DIR | LINK) == DIR and e.is_dir:
+            self._store(existing, e)
+            self.layer[existing] = layer
             return existing, False
-        node = Node(e, layer)
-        parent.children[name] = node
-        return node, True
+        if existing >= 0:
+            self._kill(existing)
+        return self._new(parent, name, layer, DIR if e.is_dir else 0, e), True
 
-    def _parent(self, path: bytes, layer: int, origin: str) -> tuple[Node, bytes]:
-        *dirs, name = path.split(b"/")
-        cur = self.root
-        walked = b""
-        for part in dirs:
-            walked = walked + b"/" + part if walked else part
-            child = cur.children.get(part)
-            if child is None:
-                child = Node(implicit_dir(walked), layer)
-                cur.children[part] = child
-            elif child.children is None:
-                raise UsageError(f"{origin}: {_show(walked)} is not a directory")
-            cur = child
-        return cur, name
+    def _link(self, e: Entry, parent: int, name: bytes, existing: int, layer: int) -> int:
+        target = self.lookup(e.link)
+        if target < 0:
+            raise UsageError(f"{e.origin}: hard link to {_show(e.link)}, which is not "
+                             "an earlier entry of the archive")
+        if self.flags[target] & DIR:
+            raise UsageError(f"{e.origin}: hard link to a directory")
+        if existing >= 0:
+            self._kill(existing)
+        node = self._new(parent, name, layer, LINK, _BLANK)
+        self.links[node] = target
+        self.flags[target] |= LINKED
+        return target
 
-    def lookup(self, path: bytes) -> Node | None:
-        cur = self.root
-        for part in path.split(b"/") if path else ():
-            if cur.children is None:
-                return None
-            cur = cur.children.get(part)
-            if cur is None:
-                return None
-        return cur
+    def _dir(self, path: bytes, layer: int, origin: str) -> int:
+        """The directory at `path`, made (implied) where missing."""
+        node = self.dirs.get(path)
+        if node is not None:
+            return node
+        # up to the nearest directory already known, then down making what is missing
+        missing = []
+        up, node = path, ROOT
+        while up:
+            known = self.dirs.get(up)
+            if known is not None:
+                node = known
+                break
+            up, _, name = up.rpartition(b"/")
+            missing.append(name)
+        for name in reversed(missing):
+            up = up + b"/" + name if up else name
+            child = self.child(node, name)
+            if child < 0:
+                child = self._new(node, name, layer, DIR, _IMPLIED)
+            elif self.flags[child] & (DIR | LINK) != DIR:
+                raise UsageError(f"{origin}: {_show(up)} is not a directory")
+            if len(self.dirs) >= _DIR_CACHE_LIMIT:
+                self.dirs.clear()
+            self.dirs[up] = node = child
+        return node
+
+    def _new(self, parent: int, name: bytes, layer: int, flags: int,
+             e: Entry | bytes) -> int:
+        """A new node; `e` is its entry, or already its record."""
+        node = len(self.flags)
+        self.parent.append(parent)
+        self.name_at.append(len(self.names))
+        self.name_len.append(len(name))
+        self.names += name
+        h = hash(name)
+        self.hashes.append(h)
+        self.first.append(_NONE)
+        self.flags.append(flags)
+        self.key.append(_NONE)
+        self.layer.append(layer)
+        if isinstance(e, Entry):
+            record = _record(e)
+            if record is None:
+                self._keep_whole(node, e)
+                record = _BLANK
+            e = record
+        self.records += e
+        if parent == _NONE:  # the root: in no directory
+            self.chain.append(_NONE)
+            self.sibling.append(_NONE)
+            return node
+        bucket = (h + parent * _MIX) & (len(self.table) - 1)
+        self.chain.append(self.table[bucket])
+        self.table[bucket] = node
+        self.sibling.append(self.first[parent])
+        self.first[parent] = node
+        if node >= len(self.table):
+            self._rehash(4 * len(self.table))
+        return node
+
+    def _store(self, node: int, e: Entry) -> None:
+        """`e` replaces the entry of `node` (a directory listed again)."""
+        record = _record(e)
+        if record is None:
+            self._keep_whole(node, e)
+            return
+        at = node * _RECORD.size
+        self.records[at:at + _RECORD.size] = record
+        self.flags[node] &= ~WHOLE
+        self.whole.pop(node, None)
+
+    def _keep_whole(self, node: int, e: Entry) -> None:
+        keep_origin = self.problem is None or self.problem(e) is not None
+        self.whole[node] = dataclasses.replace(e, path=b"", data=None,
+                                               origin=e.origin if keep_origin else "")
+        self.flags[node] |= WHOLE
+
+    def _rehash(self, size: int) -> None:
+        mask = size - 1
+        self.table = table = array("i", [_NONE]) * size
+        chain, flags, hashes, parent = self.chain, self.flags, self.hashes, self.parent
+        # buckets a slice at a time: a list of them all would be ~36 bytes a node
+        for start in range(1, len(flags), _REHASH_SLICE):
+            end = min(start + _REHASH_SLICE, len(flags))
+            buckets = [(h + p * _MIX) & mask
+                       for h, p in zip(hashes[start:end], parent[start:end])]
+            for node, bucket in enumerate(buckets, start):
+                if not flags[node] & DEAD:
+                    chain[node] = table[bucket]
+                    table[bucket] = node
+
+    def _kill(self, node: int) -> None:
+        """Take the name `node` out of the tree (its inode stays if a link names it)."""
+        self.flags[node] |= DEAD
+        bucket = (self.hashes[node] + self.parent[node] * _MIX) & (len(self.table) - 1)
+        cur = self.table[bucket]
+        if cur == node:
+            self.table[bucket] = self.chain[node]
+        else:
+            while self.chain[cur] != node:
+                cur = self.chain[cur]
+            self.chain[cur] = self.chain[node]
+        if self.flags[node] & DIR:
+            self.dirs.clear()  # paths under it may be cached
+
+    # --- layers -------------------------------------------------------------------
 
     def remove(self, path: bytes, below_layer: int) -> bool:
         """Remove `path` if a layer below `below_layer` put it there."""
-        parent_path, _, name = path.rpartition(b"/")
-        parent = self.lookup(parent_path)
-        if parent is None or parent.children is None:
+        up, _, name = path.rpartition(b"/")
+        parent = self.lookup(up)
+        if parent < 0 or not self.flags[parent] & DIR:
             return False
-        node = parent.children.get(name)
-        if node is None or node.layer >= below_layer:
+        node = self.child(parent, name)
+        if node < 0 or self.layer[node] >= below_layer:
             return False
-        del parent.children[name]
+        self._kill(node)
         return True
 
     def opaque(self, path: bytes, layer: int) -> None:
@@ -111,30 +248,106 @@ class Tree:
         this layer put there stays (its own subdirectories are pruned the
         same way)."""
         node = self.lookup(path)
-        if node is None or node.children is None:
+        if node < 0 or not self.flags[node] & DIR:
             return
         stack = [node]
         while stack:
-            cur = stack.pop()
-            for name, child in list(cur.children.items()):
-                if child.layer < layer:
-                    del cur.children[name]
-                elif child.children is not None:
+            for child in self._live(stack.pop()):
+                if self.layer[child] < layer:
+                    self._kill(child)
+                elif self.flags[child] & DIR:
                     stack.append(child)
 
-    def walk(self, drain: bool = False) -> Iterator[tuple[bytes, bytes, Node | None, Node]]:
-        """(path, name, parent, node) depth first, names in byte order; the
-        root comes first with parent None. A hard-linked node comes once per
-        name. With `drain`, each directory is emptied once its children are
-        on the walk's stack, so the tree is freed as it is walked (pack's
-        layout: the tree and what is made from it are never both whole)."""
-        stack: list[tuple[bytes, bytes, Node | None, Node]] = [(b"", b"", None, self.root)]
+    # --- reading ----------------------------------------------------------------------
+
+    def child(self, parent: int, name: bytes) -> int:
+        """The node named `name` in directory `parent`, or -1."""
+        h = hash(name)
+        node = self.table[(h + parent * _MIX) & (len(self.table) - 1)]
+        while node >= 0:
+            if self.hashes[node] == h and self.parent[node] == parent and self.name(node) == name:
+                return node
+            node = self.chain[node]
+        return _NONE
+
+    def lookup(self, path: bytes) -> int:
+        """The inode at `path` (a hard link's target), or -1."""
+        node = ROOT
+        for part in path.split(b"/") if path else ():
+            if not self.flags[node] & DIR:
+                return _NONE
+            node = self.child(node, part)
+            if node < 0:
+                return _NONE
+            node = self.inode(node)
+        return node
+
+    def name(self, node: int) -> bytes:
+        at = self.name_at[node]
+        return bytes(self.names[at:at + self.name_len[node]])
+
+    def inode(self, node: int) -> int:
+        return self.links[node] if self.flags[node] & LINK else node
+
+    def is_dir(self, node: int) -> bool:
+        return bool(self.flags[node] & DIR)
+
+    def is_linked(self, node: int) -> bool:
+        return bool(self.flags[node] & LINKED)
+
+    def entry(self, node: int) -> Entry:
+        """The entry that made inode `node` (path and, unless it has a
+        problem, origin left out)."""
+        if self.flags[node] & WHOLE:
+            return self.whole[node]
+        mode, uid, gid, mtime_ns, extra = _RECORD.unpack_from(self.records, node * _RECORD.size)
+        if stat.S_ISREG(mode):
+            return Entry(b"", mode, uid, gid, mtime_ns, size=extra)
+        return Entry(b"", mode, uid, gid, mtime_ns, rdev=extra)
+
+    def children(self, node: int) -> list[tuple[bytes, int]]:
+        """(name, node) of directory `node`'s children, names in byte order."""
+        out = [(self.name(child), child) for child in self._live(node)]
+        out.sort()
+        return out
+
+    def _live(self, node: int) -> list[int]:
+        out = []
+        child = self.first[node]
+        while child >= 0:
+            if not self.flags[child] & DEAD:
+                out.append(child)
+            child = self.sibling[child]
+        return out
+
+    def files(self) -> array:
+        """Inodes of the tree's regular files that have a key, in node
+        order (the order they were added in)."""
+        reached = bytearray(len(self.flags))
+        stack = [ROOT]
         while stack:
-            path, name, parent, node = stack.pop()
-            yield path, name, parent, node
-            if node.children:
-                for child_name in sorted(node.children, reverse=True):
-                    child_path = path + b"/" + child_name if path else child_name
-                    stack.append((child_path, child_name, node, node.children[child_name]))
-                if drain:
-                    node.children = {}
+            for child in self._live(stack.pop()):
+                node = self.inode(child)
+                reached[node] = 1
+                if self.flags[node] & DIR:
+                    stack.append(node)
+        return array("i", (node for node in range(len(reached))
+                           if reached[node] and self.key[node] >= 0))
+
+
+def _record(e: Entry) -> bytes | None:
+    """A plain entry as a record; None for one that needs more (a symlink's
+    target, extended attributes, metadata, a file id, or numbers out of the
+    record's range)."""
+    if e.target or e.xattrs or e.metadata or e.file_id is not None or e.link is not None:
+        return None
+    fmt = stat.S_IFMT(e.mode)
+    if fmt not in _KNOWN_TYPES:
+        return None
+    extra = e.size if fmt == stat.S_IFREG else e.rdev
+    if (fmt == stat.S_IFREG and e.rdev) or (fmt != stat.S_IFREG and e.size):
+        return None
+    try:
+        return _RECORD.pack(e.mode, e.uid, e.gid, e.mtime_ns, extra)
+    except struct.error:
+        return None
