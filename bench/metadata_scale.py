@@ -319,11 +319,16 @@ def main() -> int:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"command": " ".join(sys.argv), **result}
-    print("\n".join(summary(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, summary, args.json)
     return 0
+
+
+def publish(result: dict, summarize, json_path: Path | None) -> None:
+    """Print a bench's summary and write its JSON, with the command that made it."""
+    result = {"command": " ".join(sys.argv), **result}
+    print("\n".join(summarize(result)))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

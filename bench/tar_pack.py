@@ -16,7 +16,6 @@ other work falls on all of them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metadata_scale import make_tree, measured  # noqa: E402
+from metadata_scale import make_tree, measured, publish  # noqa: E402
 
 MiB = 1 << 20
 
@@ -90,10 +89,7 @@ def main() -> int:
         result = run(args.files, scratch, args.rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    result = {"command": " ".join(sys.argv), **result}
-    print("\n".join(summary(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, summary, args.json)
     return 0
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import UsageError
-from .base import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, TreeInput, normalize
+from .base import DEFAULT_MAX_ENTRIES, Entry, Input, ListedInput, normalize
 from .dir import DirInput
 from .oci import OciInput
 from .tar import TarInput
-from .tree import Tree
+from .tree import Tree, TreeInput
 
 
 def open_input(spec: str | os.PathLike, *, stdin: BinaryIO | None = None,

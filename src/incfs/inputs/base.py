@@ -15,15 +15,12 @@ import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Protocol, runtime_checkable
+from typing import BinaryIO, Callable, Iterator, Protocol, runtime_checkable
 
 import zstandard
 
 from ..errors import UsageError
 from ..namespace import check_name
-
-if TYPE_CHECKING:
-    from .tree import Tree
 
 # Refuse archives with more entries than this (a "bomb" of tiny headers,
 # which compress to almost nothing, would otherwise grow memory unbounded).
@@ -90,20 +87,6 @@ class ListedInput(Protocol):
     def listing(self, rel: bytes) -> list[Entry]: ...
 
     def entries(self) -> Iterator[Entry]: ...
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class TreeInput(Protocol):
-    """An input that builds the tree itself (OCI: layers merged, whiteouts
-    applied) and hands pack the data of only the files that survive:
-    `pack_file(entry)` stores one and returns its file number, which goes in
-    the file's `tree.key`."""
-
-    notes: list[str]
-
-    def build(self, tree: "Tree", pack_file: Callable[[Entry], int]) -> None: ...
 
     def close(self) -> None: ...
 
@@ -187,4 +170,4 @@ def too_many(what: str, limit: int) -> UsageError:
                       "archive is real)")
 
 
-__all__ = ["Entry", "Input", "ListedInput", "TreeInput", "normalize", "SafeReader", "READ_ERRORS"]
+__all__ = ["Entry", "Input", "ListedInput", "normalize", "SafeReader", "READ_ERRORS"]

@@ -27,7 +27,7 @@ import dataclasses
 import stat
 import struct
 from array import array
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 from ..errors import UsageError
 from .base import Entry, _show
@@ -351,3 +351,17 @@ def _record(e: Entry) -> bytes | None:
         return _RECORD.pack(e.mode, e.uid, e.gid, e.mtime_ns, extra)
     except struct.error:
         return None
+
+
+@runtime_checkable
+class TreeInput(Protocol):
+    """An input that builds the tree itself (OCI: layers merged, whiteouts
+    applied) and hands pack the data of only the files that survive:
+    `pack_file(entry)` stores one and returns its file number, which goes in
+    the file's `tree.key`."""
+
+    notes: list[str]
+
+    def build(self, tree: Tree, pack_file: Callable[[Entry], int]) -> None: ...
+
+    def close(self) -> None: ...
