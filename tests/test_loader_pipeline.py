@@ -262,3 +262,45 @@ def test_a_read_refused_for_its_absent_tail_has_that_tail_fetched_at_once(tmp_pa
         # not read from offset 0 and not sequential: only the refused
         # read's tail can have started readahead jobs
         assert status(mnt)["loader"]["readahead_jobs"] > before
+
+
+def test_a_read_is_served_once_its_blocks_are_in_not_its_whole_range(tmp_path):
+    """A miss fetches 1 MiB here (amplify), but the read of the first block
+    returns while the proxy still holds the rest of that range: blocks are
+    verified and stored as the body streams in (loader.arrivals). Released,
+    the rest arrives, and every block stored is right."""
+    from incfs.serve import RangeServer
+    from incfs.testing.faultproxy import FaultProxy
+
+    from test_loader_util import ReadThread
+
+    data = random.Random(6).randbytes(4 * MiB)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(data)
+    image = tmp_path / "app.img"
+    pack(src, image, compress="none")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with RangeServer(image) as server:
+        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        with FaultProxy((host, int(port))) as proxy:
+            config = MountConfig(source=proxy.url("/" + image.name), mountpoint=str(mnt),
+                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                                 prefetch="none", amplify=MiB, read_timeout=None)
+            with mounted(config) as root:
+                # past the metadata (64 KiB asked) and a 128 KiB first read,
+                # short of the 1 MiB range: a connection stops mid-body there
+                proxy.hold_after(512 * 1024)
+                reader = ReadThread(root / "big.bin", 0, BLOCK_SIZE)
+                reader.start()
+                reader.join(30)
+                served_while_held, held = not reader.is_alive(), proxy.held
+                proxy.release_held()
+                reader.join(60)
+                assert held >= 1, "the range was not held: nothing tested"
+                assert served_while_held, "the read waited for the whole range"
+                assert reader.error is None and reader.result == data[:BLOCK_SIZE]
+                assert (root / "big.bin").read_bytes() == data
+                assert status(root)["loader"]["crc_failures"] == 0
+    assert_cache_clean(tmp_path / "cache.img")

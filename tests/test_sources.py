@@ -342,6 +342,146 @@ def test_plain_http_never_parses_the_ca_bundle(server: RangeServer,
     assert http._ssl_context(True).cert_store_stats()["x509_ca"] == 0
 
 
+# -- connections opened early (incfs.preconnect, sources.early_http) -----------
+
+
+@pytest.fixture
+def early(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, int], list[int]]]:
+    """open_early in this process, then adopted by it (as a mount's daemon
+    adopts what mount_background opened): returns the descriptors."""
+    from incfs import preconnect
+
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                 "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+    def open_and_adopt(url: str, count: int) -> list[int]:
+        env, fds = preconnect.open_early(url, count)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        preconnect.adopt()
+        return fds
+
+    yield open_and_adopt
+    preconnect.discard()
+
+
+def _proxy_to(server: RangeServer):
+    from incfs.testing.faultproxy import FaultProxy
+
+    host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    return FaultProxy((host, int(port)))
+
+
+def test_requests_go_over_the_connections_opened_early(
+        server: RangeServer, early: Callable[[str, int], list[int]]) -> None:
+    """Two reads at once take the two early connections: the proxy sees no
+    third one (httpx's pool really uses them: see early_http.EarlyTransport)."""
+    from incfs import preconnect
+
+    with _proxy_to(server) as proxy:
+        url = proxy.url("/" + server.url.rsplit("/", 1)[1])
+        early(url, 2)
+
+        async def main() -> None:
+            async with HttpSource(url, retry=FAST) as src:
+                assert src.preconnected == 2
+                got: dict[int, bytes] = {}
+
+                async def one(offset: int) -> None:
+                    got[offset] = await src.read(offset, 70000)
+
+                async with trio.open_nursery() as nursery:
+                    for offset in (0, 500000):
+                        nursery.start_soon(one, offset)
+                assert got == {o: DATA[o:o + 70000] for o in (0, 500000)}
+                await check_reads(src)
+
+        run(main)
+        assert proxy.connections == 2
+        assert preconnect.available("127.0.0.1", proxy.port) == 0
+
+
+def test_an_early_connection_carries_tls(tls_server: tuple[str, str],
+                                         fresh_trust: Callable[..., None],
+                                         early: Callable[[str, int], list[int]]) -> None:
+    url, cert = tls_server
+    fresh_trust(SSL_CERT_FILE=cert)
+    early(url, 1)
+
+    async def main() -> None:
+        async with HttpSource(url, retry=FAST) as src:
+            assert src.preconnected == 1
+            await check_reads(src)
+
+    run(main)
+
+
+def test_a_stale_or_failed_early_connection_gives_way_to_a_normal_one(
+        server: RangeServer, early: Callable[[str, int], list[int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from incfs import preconnect
+
+    host_port = server.url.split("//", 1)[1].split("/", 1)[0]
+    early(f"http://{host_port}/", 1)
+    monkeypatch.setattr(preconnect, "MAX_AGE", -1.0)  # every one is too old now
+
+    async def main() -> None:
+        async with HttpSource(server.url, retry=FAST) as src:
+            await check_reads(src)
+
+    run(main)
+    refused = f"http://127.0.0.1:{free_port()}/x"
+    monkeypatch.setattr(preconnect, "MAX_AGE", 10.0)
+    early(refused, 1)  # its handshake fails: a normal connect says why
+
+    async def fails() -> None:
+        async with HttpSource(refused, retry=FAST) as src:
+            await src.read(0, 1)
+
+    with pytest.raises(TransientSourceError, match="refused|connect"):
+        run(fails)
+
+
+def test_nothing_is_opened_early_through_a_proxy_or_for_other_schemes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from incfs import preconnect
+
+    assert preconnect.open_early("s3://bucket/key", 4) == ({}, [])
+    assert preconnect.open_early("/some/path.img", 4) == ({}, [])
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert preconnect.open_early("https://127.0.0.1:1/x", 4) == ({}, [])
+
+
+def test_only_tcp_sockets_named_by_the_variable_are_adopted(
+        server: RangeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable names our parent's descriptors; a number that is now a
+    pipe, or nothing, is left alone. hand_over closes the parent's copies."""
+    from incfs import preconnect
+
+    read_end, write_end = os.pipe()
+    closed = os.dup(read_end)
+    os.close(closed)
+    try:
+        monkeypatch.setenv(preconnect.ENV, f"127.0.0.1 80 0 {read_end},{closed}")
+        preconnect.adopt()
+        assert preconnect.ENV not in os.environ
+        assert preconnect.available("127.0.0.1", 80) == 0
+        os.fstat(read_end)  # still ours, untouched
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    host_port = server.url.split("//", 1)[1].split("/", 1)[0]
+    env, fds = preconnect.open_early(f"http://{host_port}/", 2)
+    assert len(fds) == 2
+    monkeypatch.setenv(preconnect.ENV, env[preconnect.ENV])
+    preconnect.hand_over()
+    assert preconnect.ENV not in os.environ
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_http_many_concurrent_ranges(server: RangeServer) -> None:
     rng = random.Random(7)
     ranges = []

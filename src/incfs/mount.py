@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kmount
+from . import kmount, preconnect
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
 from .rundir import runtime_dir
@@ -463,16 +463,28 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
     args = [json.dumps(asdict(config)), str(write_end)]
     log_path = runtime_dir(config.mountpoint).parent / "daemon.log"
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the source's TCP handshakes run while the daemon starts (incfs.preconnect)
+    early_env, early = (preconnect.open_early(config.source, DEFAULTS.warm_connections)
+                        if _loads(config) else ({}, []))
     try:
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
-            proc = (_fork_background(module, name, args, read_end, log_file.fileno()) if fork
-                    else subprocess.Popen([sys.executable, "-m", module, *args],
-                                          pass_fds=(write_end,), stdin=subprocess.DEVNULL,
-                                          stdout=log_file, stderr=log_file,
-                                          start_new_session=True))
+            if fork:
+                os.environ.update(early_env)  # the forked child's, not ours
+                try:
+                    proc = _fork_background(module, name, args, read_end, log_file.fileno())
+                finally:
+                    for key in early_env:
+                        os.environ.pop(key, None)
+            else:
+                proc = subprocess.Popen([sys.executable, "-m", module, *args],
+                                        pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
+                                        stdout=log_file, stderr=log_file,
+                                        start_new_session=True,
+                                        env={**os.environ, **early_env} if early_env else None)
     finally:
         os.close(write_end)
+        preconnect.close_fds(early)
     deadline = time.monotonic() + ready_timeout
     try:
         line = _read_line(read_end, deadline)

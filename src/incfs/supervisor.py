@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import preconnect
 from .forked import DAEMON_NAME, SUPERVISOR_NAME, Forked, fork_call, process_name, set_name
 from .rundir import runtime_dir
 
@@ -73,6 +74,7 @@ class Supervisor:
                 "--handover", str(theirs.fileno())]
         self.daemon = fork_call("incfs.mount", args, name=DAEMON_NAME, close=(ours.fileno(),))
         theirs.close()
+        preconnect.hand_over()  # the early connections are the daemon's now
         if self.ready_fd is not None:
             os.close(self.ready_fd)
             self.ready_fd = None

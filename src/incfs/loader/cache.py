@@ -123,10 +123,13 @@ async def _fetch_warming(source: Source, settings: LoaderConfig) -> tuple[Superb
         with contextlib.suppress(SourceError, CorruptImage):
             await source.read(0, SUPERBLOCK_SIZE)
 
+    # connections opened before the daemon started need no warming
+    # (incfs.preconnect): asking for a superblock on them only costs link time
+    warmups = 0 if getattr(source, "preconnected", 0) else settings.warm_connections - 1
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch)
-            for _ in range(settings.warm_connections - 1):
+            for _ in range(warmups):
                 nursery.start_soon(warm)
     except BaseExceptionGroup as group:  # fetch's own error: the warm-ups keep theirs
         raise group.exceptions[0] from None

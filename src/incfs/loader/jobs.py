@@ -11,7 +11,6 @@ import errno
 import logging
 import random
 import time
-import zlib
 
 import trio
 
@@ -19,6 +18,7 @@ from ..errors import CorruptImage, IntegrityError
 from ..format.records import TreeKind
 from ..image import FillBlock
 from ..sources import MirroredSource, ObjectChangedError, SourceError, TransientSourceError
+from .arrivals import Arrivals, Arrived
 from .plan import DATA, HASH, Job, Range, Want, parents_needed, plan_ranges
 from .schedule import PREFETCH, READ, READAHEAD
 
@@ -117,12 +117,78 @@ class JobRunner:
         if not wants:
             return
         ranges = plan_ranges(wants, self._max_len(job), self.cfg.max_gap)
-        got, bad = await self._fetch(job, ranges)
+        arrivals = Arrivals(ranges, self._damaged)
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._store_arrivals, node, job, arrivals)
+            try:
+                await self._fetch(job, ranges, arrivals=arrivals)
+            except Exception as e:  # raised below as itself, not in a group
+                error = e
+            finally:
+                arrivals.close()
+        if error is not None:
+            raise error
+        got = [(a.want, a.data, a.origin) for a in arrivals.got
+               if (a.want.tree, a.want.index) not in arrivals.handled]
         zero = [(w, b"", None) for w in wants if not w.size]
         failed = await self._store(node, job, got + zero)
-        failed.update(bad)
+        failed.update({key: arrivals.origin_of(key) for key in arrivals.bad})
+        failed.update(arrivals.early_failed())
         if failed:
             await self._refetch(node, job, wants, failed)
+
+    async def _store_arrivals(self, node, job: Job, arrivals: Arrivals) -> None:
+        """Store blocks as they arrive while a read waits for the job, so
+        that it is served as soon as the blocks it needs are in, not when the
+        whole range is. A block is stored early only when it can be verified
+        now (its hash blocks are present); the rest waits for `_store`. While
+        nobody waits (readahead, prefetch), blocks are stored once, at the end:
+        fewer, bigger fills."""
+        queued: list[Arrived] = []
+        early = True
+        while batch := await arrivals.take():
+            queued += batch
+            if not early or not self._wanted(job):
+                continue
+            try:
+                queued = await self._fill_verifiable(node, job, arrivals, queued)
+            except Exception:  # e.g. a full disk: `_store` meets it again and says so
+                log.debug("storing arrived blocks of inode %d early failed", job.ino,
+                          exc_info=True)
+                early = False
+
+    async def _fill_verifiable(self, node, job: Job, arrivals: Arrivals,
+                               queued: list[Arrived]) -> list[Arrived]:
+        """Fill the queued blocks that can be verified now, hash blocks level
+        by level from the top (each level makes the next verifiable), then
+        data blocks; return the others."""
+        tree = HASH
+        while True:
+            ready = [a for a in queued if a.want.tree == tree and self._verifiable(node, a.want)]
+            if ready:
+                group = [(a.want, a.data, a.origin) for a in ready
+                         if not self._present(node, tree, a.want.index)]
+                if group:
+                    arrivals.failed_early.update(await self._fill(node, job, tree, group))
+                arrivals.handled.update((a.want.tree, a.want.index) for a in ready)
+                taken = {id(a) for a in ready}
+                queued = [a for a in queued if id(a) not in taken]
+            if tree == DATA:
+                return queued
+            if not ready:
+                tree = DATA
+
+    def _verifiable(self, node, want: Want) -> bool:
+        """Whether every hash block `want` is checked with is present."""
+        hashes = node.hashes
+        return all(hashes.is_present(s)
+                   for s in parents_needed(node, want.tree, (want.index,)))
+
+    def _damaged(self, want: Want) -> None:
+        """A fetched block's bytes failed its CRC (see Arrivals)."""
+        self.stats["crc_failures"] += 1
+        self.image.counters["verify_failures"] += 1
 
     def _max_len(self, job: Job) -> int:
         """Longest range of one request: `request_max` for reads and
@@ -181,35 +247,41 @@ class JobRunner:
             return READ
         return READAHEAD if job.readahead else PREFETCH
 
-    async def _fetch(self, job: Job, ranges: list[Range], avoid: set[int] | None = None):
-        """Read ranges in parallel (one request slot each). Returns ([(want,
-        stored bytes, origin mirror)], {(tree, index): origin} of blocks whose
-        bytes fail their CRC). Raises the first SourceError."""
-        got: list[tuple[Want, bytes, int | None]] = []
-        bad: dict[tuple[int, int], int | None] = {}
+    async def _fetch(self, job: Job, ranges: list[Range], avoid: set[int] | None = None, *,
+                     arrivals: Arrivals | None = None):
+        """Read ranges in parallel (one request slot each), their blocks
+        going to `arrivals` (a new one unless given: then streamed, see
+        `_store_arrivals`). Returns ([(want, stored bytes, origin mirror)],
+        {(tree, index): origin} of blocks whose bytes fail their CRC).
+        Raises the first SourceError."""
+        streamed = arrivals is not None
+        arrivals = arrivals or Arrivals(ranges, self._damaged)
         errors: list[BaseException] = []
 
-        async def one(r: Range, cancel: trio.CancelScope) -> None:
+        async def one(i: int, r: Range, cancel: trio.CancelScope) -> None:
             try:
-                data, origin = await self._fetch_range(job, r, avoid)
+                progress = arrivals.progress(i) if streamed else None
+                data, origin = await self._fetch_range(job, r, avoid, progress)
             except Exception as e:
                 errors.append(e)
                 cancel.cancel()
                 return
-            self._check_crcs(r, data, origin, got, bad)
+            arrivals.finish(i, data, origin)
 
         async with trio.open_nursery() as nursery:
-            for r in ranges:
-                nursery.start_soon(one, r, nursery.cancel_scope)
+            for i, r in enumerate(ranges):
+                nursery.start_soon(one, i, r, nursery.cancel_scope)
         if errors:
             raise errors[0]
-        return got, bad
+        return ([(a.want, a.data, a.origin) for a in arrivals.got],
+                {key: arrivals.origin_of(key) for key in arrivals.bad})
 
-    async def _fetch_range(self, job: Job, r: Range, avoid):
+    async def _fetch_range(self, job: Job, r: Range, avoid, progress=None):
         level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),
                                          nbytes=r.length)
         try:
-            data, origin = await self._timed(self._read(r.offset, r.length, avoid), r.length)
+            data, origin = await self._timed(self._read(r.offset, r.length, avoid, progress),
+                                             r.length)
         finally:
             self.slots.release_slot(level, r.length)
         self.stats["requests"] += 1
@@ -234,24 +306,14 @@ class JobRunner:
         with a margin, at least two requests, at most the budget."""
         return self.link.depth(2 * self.cfg.request_max, self.cfg.inflight_budget)
 
-    def _check_crcs(self, r: Range, data: bytes, origin, got, bad) -> None:
-        for w in r.wants:
-            start = w.offset - r.offset
-            stored = data[start:start + w.size]
-            if w.crc is not None and zlib.crc32(stored) != w.crc:
-                # damaged on the way: never stored; fetched again
-                bad[(w.tree, w.index)] = origin
-                self.stats["crc_failures"] += 1
-                self.image.counters["verify_failures"] += 1
-            else:
-                got.append((w, stored, origin))
-
-    async def _read(self, offset: int, length: int, avoid: set[int] | None):
+    async def _read(self, offset: int, length: int, avoid: set[int] | None, progress=None):
         src = self.source
         if isinstance(src, MirroredSource):
             if avoid and len(avoid) < len(src.mirrors):
                 return await src.read_from_other(offset, length, sorted(avoid))
-            return await src.read_with_origin(offset, length)
+            return await src.read_with_origin(offset, length, progress=progress)
+        if progress is not None:
+            return await src.read_streaming(offset, length, progress), None
         return await src.read(offset, length), None
 
     async def _store(self, node, job: Job, items) -> dict[tuple[int, int], int | None]:

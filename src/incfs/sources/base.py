@@ -162,6 +162,18 @@ class Source(abc.ABC):
         size before the superblock is in); this default reads all `length`."""
         return await self.read(offset, length)
 
+    async def read_streaming(self, offset: int, length: int,
+                             progress: Callable[[bytes | bytearray], None]) -> bytes:
+        """Like `read`; `progress(body)` is called with the bytes of the range
+        received so far each time more come in, so a caller can use its first
+        blocks before the last arrive. A retry starts the body again from
+        its first byte. `body` may grow after the call: copy what you keep.
+        This default (for backends that do not stream) calls it once, with
+        all of the range."""
+        data = await self.read(offset, length)
+        progress(data)
+        return data
+
     async def read_many(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read several `(offset, length)` ranges concurrently; results are in
         the order asked. The first failure cancels the remaining reads and is

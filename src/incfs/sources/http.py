@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import trio
 
 from incfs.errors import UsageError
+from incfs import preconnect
 from incfs.sources.base import (
     AccessDeniedError,
     NotFoundError,
@@ -214,6 +215,20 @@ def _content_length(response: httpx.Response) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
+def _early_connections(url: httpx.URL) -> int:
+    """How many connections to the URL's host our parent opened early
+    (incfs.preconnect); they are this process's from now on."""
+    preconnect.adopt()
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return preconnect.available(url.host, port)
+
+
+def _early_transport(verify: bool | str, http2: bool, limits: httpx.Limits) -> Any:
+    from .early_http import EarlyTransport  # only when there are early connections
+
+    return EarlyTransport(ssl_context=_ssl_context(verify), http2=http2, limits=limits)
+
+
 class HttpSource(Source):
     """Byte ranges of one object behind an http:// or https:// URL.
 
@@ -270,16 +285,19 @@ class HttpSource(Source):
         self.url = url
         self.retry = retry or RetryPolicy()
         self.check_validators = check_validators
+        limits = httpx.Limits(max_connections=max_connections,
+                              max_keepalive_connections=max_connections, keepalive_expiry=30.0)
+        http2 = http2 and _speaks_http2(url)
+        self.preconnected = _early_connections(parsed)
         self._client = httpx.AsyncClient(
-            http2=http2 and _speaks_http2(url),
+            http2=http2,
             follow_redirects=True,
             max_redirects=10,
             verify=_ssl_context(verify),
             headers={"Accept-Encoding": "identity", **dict(headers or {})},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
-                                keepalive_expiry=30.0),
+            limits=limits,
+            transport=_early_transport(verify, http2, limits) if self.preconnected else None,
         )
         self._limiter = trio.CapacityLimiter(max_connections)
         self._size: int | None = None
@@ -345,11 +363,13 @@ class HttpSource(Source):
                 raise transport_error(self.name, exc) from exc
 
     async def _read_exact(self, response: httpx.Response, length: int,
-                          needed: Callable[[bytes], int | None] | None = None) -> bytes:
+                          needed: Callable[[bytes], int | None] | None = None,
+                          progress: Callable[[bytearray], None] | None = None) -> bytes:
         """Read the raw body, which must be exactly `length` bytes; with
         `needed` (see Source.read_prefix), stop once that many are in. The
         rest is dropped with its connection: draining it would cost link
-        time the mount's first reads want (200 ms for 256 KiB at 10 Mbit/s)."""
+        time the mount's first reads want (200 ms for 256 KiB at 10 Mbit/s).
+        `progress` sees the body so far after each piece (read_streaming)."""
         buf = bytearray()
         want: int | None = None
         async for chunk in response.aiter_raw():
@@ -357,6 +377,8 @@ class HttpSource(Source):
             if len(buf) > length:
                 raise PermanentSourceError(
                     f"{self.name}: body is longer than the {length} bytes asked")
+            if progress is not None:
+                progress(buf)
             if needed is not None and want is None:
                 want = needed(bytes(buf))
             if want is not None and len(buf) >= want:
@@ -367,7 +389,8 @@ class HttpSource(Source):
         return bytes(buf)
 
     async def _handle_range(self, response: httpx.Response, offset: int, length: int,
-                            needed: Callable[[bytes], int | None] | None = None) -> bytes:
+                            needed: Callable[[bytes], int | None] | None = None,
+                            progress: Callable[[bytearray], None] | None = None) -> bytes:
         end = offset + length - 1
         status = response.status_code
         if status == 206:
@@ -404,7 +427,7 @@ class HttpSource(Source):
         if declared is not None and declared != length:
             error = TransientSourceError if declared < length else PermanentSourceError
             raise error(f"{self.name}: Content-Length {declared} for a {length}-byte range")
-        return await self._read_exact(response, length, needed)
+        return await self._read_exact(response, length, needed, progress)
 
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes at `offset`, retried per `self.retry`."""
@@ -414,8 +437,15 @@ class HttpSource(Source):
                           needed: Callable[[bytes], int | None]) -> bytes:
         return await self._read(offset, length, needed)
 
+    async def read_streaming(self, offset: int, length: int,
+                             progress: Callable[[bytes | bytearray], None]) -> bytes:
+        # the status line and headers are checked before any of the body
+        # is shown (a range of another object never reaches `progress`)
+        return await self._read(offset, length, None, progress)
+
     async def _read(self, offset: int, length: int,
-                    needed: Callable[[bytes], int | None] | None) -> bytes:
+                    needed: Callable[[bytes], int | None] | None,
+                    progress: Callable[[bytearray], None] | None = None) -> bytes:
         check_range(offset, length)
         if length == 0:
             return b""
@@ -424,7 +454,7 @@ class HttpSource(Source):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
 
         async def handle(response: httpx.Response) -> bytes:
-            return await self._handle_range(response, offset, length, needed)
+            return await self._handle_range(response, offset, length, needed, progress)
 
         async def attempt() -> bytes:
             return await self._send("GET", headers, handle)

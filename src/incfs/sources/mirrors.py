@@ -19,7 +19,7 @@ same bytes elsewhere; the bad mirror is demoted (put in cooldown) by default.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,9 +238,12 @@ class MirroredSource(Source):
         return error
 
     async def read_with_origin(
-        self, offset: int, length: int, *, avoid: AvoidSpec = None
+        self, offset: int, length: int, *, avoid: AvoidSpec = None,
+        progress: Callable[[bytes | bytearray], None] | None = None,
     ) -> tuple[bytes, int]:
-        """Like `read`, also returning the index of the mirror that served it."""
+        """Like `read`, also returning the index of the mirror that served it.
+        With `progress`, the body streams as in `read_streaming` (a fail-over
+        to another mirror starts it again)."""
         check_range(offset, length)
         exclude = self.mirror_indexes(avoid)
         check_within(self.name, offset, length, await self.size())
@@ -248,6 +251,8 @@ class MirroredSource(Source):
 
         async def op(mirror: Mirror) -> bytes:
             await self._check_size(mirror)
+            if progress is not None:
+                return await mirror.source.read_streaming(offset, length, progress)
             return await mirror.source.read(offset, length)
 
         data, mirror = await self._with_failover(op, exclude)
@@ -258,6 +263,11 @@ class MirroredSource(Source):
         """Exactly `length` bytes at `offset` from the best available mirror,
         never from the mirrors in `avoid`."""
         data, _ = await self.read_with_origin(offset, length, avoid=avoid)
+        return data
+
+    async def read_streaming(self, offset: int, length: int,
+                             progress: Callable[[bytes | bytearray], None]) -> bytes:
+        data, _ = await self.read_with_origin(offset, length, progress=progress)
         return data
 
     async def read_from_other(

@@ -120,9 +120,11 @@ class FaultProxy:
       connection, to emulate the TCP handshake round trip of a real link.
     * ``refuse`` -- accept new connections and close them at once.
 
-    Faults (``reset_after``, ``truncate_after``, ``corrupt_at``) take a
-    ``count``: how many times they fire before disarming (``None`` = on every
-    connection).  ``stall()`` freezes all forwarding until ``unstall()``.
+    Faults (``reset_after``, ``truncate_after``, ``corrupt_at``,
+    ``hold_after``) take a ``count``: how many times they fire before
+    disarming (``None`` = on every connection).  ``stall()`` freezes all
+    forwarding until ``unstall()``; ``hold_after`` freezes one connection
+    part-way through a response until ``release_held()``.
 
     Counters: ``bytes_up``, ``bytes_down`` (delivered), ``connections``
     (accepted), ``active_connections``, ``refused``, ``upstream_failures``,
@@ -148,7 +150,10 @@ class FaultProxy:
         self.connect_delay = connect_delay
         self.refuse = False
         self._listen = listen
-        self._faults: dict[str, _Fault | None] = {"reset": None, "truncate": None, "corrupt": None}
+        self._faults: dict[str, _Fault | None] = {"reset": None, "truncate": None, "corrupt": None,
+                                                  "hold": None}
+        self._released = asyncio.Event()
+        self.held = 0  # connections holding their downstream bytes right now
         self._buckets: dict[Direction, _TokenBucket] = {"up": _TokenBucket(), "down": _TokenBucket()}
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -244,12 +249,25 @@ class FaultProxy:
         """Invert all bits of the downstream byte at ``offset``."""
         self._arm("corrupt", offset, count)
 
+    def hold_after(self, nbytes: int, count: int | None = None) -> None:
+        """Stop forwarding downstream on a connection once ``nbytes`` have
+        been delivered on it, until ``release_held()``: the client has the
+        first part of a response and waits for the rest (the test of a
+        reader served before its whole range is in)."""
+        self._in_loop(self._released.clear)
+        self._arm("hold", nbytes, count)
+
+    def release_held(self) -> None:
+        """Let held connections go on (and later holds pass at once)."""
+        self._in_loop(self._released.set)
+
     def clear_faults(self) -> None:
-        """Disarm reset/truncate/corrupt and unstall.  ``refuse`` is left alone."""
+        """Disarm every fault, unstall and release held connections.  ``refuse`` is left alone."""
         def clear() -> None:
             for kind in self._faults:
                 self._faults[kind] = None
             self._flowing.set()
+            self._released.set()
 
         self._in_loop(clear)
 
@@ -439,6 +457,7 @@ class FaultProxy:
                 return
             mode: _CloseMode | None = None
             if direction == "down":
+                data = await self._hold_at(conn, dst, data)
                 data, mode = self._apply_faults(conn, data)
             await self._send(dst, data, conn, direction)
             if mode is not None:
@@ -464,6 +483,22 @@ class FaultProxy:
             view = view[len(piece):]
 
     # ---------------------------------------------------------------- faults
+    async def _hold_at(self, conn: _Conn, dst: socket.socket, data: bytes) -> bytes:
+        """Deliver ``data`` up to an armed hold's offset, then wait to be
+        released; return what is still to send."""
+        hold = self._faults["hold"]
+        end = conn.down_pos + len(data)
+        if hold is None or end < hold.offset or not self._fire("hold"):
+            return data
+        cut = max(0, hold.offset - conn.down_pos)
+        await self._send(dst, data[:cut], conn, "down")
+        self.held += 1
+        try:
+            await self._released.wait()
+        finally:
+            self.held -= 1
+        return data[cut:]
+
     def _apply_faults(self, conn: _Conn, data: bytes) -> tuple[bytes, _CloseMode | None]:
         """Return the part of ``data`` to deliver and the close mode, if any."""
         start, end = conn.down_pos, conn.down_pos + len(data)

@@ -1,0 +1,162 @@
+"""TCP connections to an http(s) source, opened at a mount's first instant.
+
+A mount's daemon spends ~150 ms importing trio, httpx and its own modules
+before it can send the metadata request, and only then would it start the
+TCP handshake: one round trip (100 ms on a 100 ms link) that could have run
+during the imports. So `mount_background` opens the connections itself,
+before it starts the daemon, with non-blocking `connect()` calls (stdlib
+`socket` only: this module imports nothing heavy), and passes them down,
+their descriptors named in an environment variable. The daemon's HTTP
+client (`sources.http`, `sources.early_http`) takes one whenever it would open a connection to the
+same host and port (`take`); one still connecting is waited for, one that
+failed or is older than `MAX_AGE` is dropped for a normal connect.
+
+Only plain TCP is opened early; a TLS handshake still runs in the client
+(it needs the trust store, which is loaded at the first handshake). Nothing
+is opened when a proxy is configured for the URL (httpx would go through
+the proxy, not to the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import time
+from urllib.parse import urlsplit
+
+ENV = "INCFS_PRECONNECTED"
+# Seconds a connection opened early is worth taking: the daemon takes them
+# within a second of its start; an idle one much older may have been closed
+# by the server (nginx's keepalive_timeout is 75 s; a request on a closed
+# one fails and is retried, which costs more than a fresh connect).
+MAX_AGE = 10.0
+
+# host, port -> [(fd, opened at (time.time()))], filled by `adopt`
+_adopted: dict[tuple[str, int], list[tuple[int, float]]] = {}
+
+
+def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:
+    """Start `count` connections to the host of an http(s) `url`. Returns the
+    environment entry naming them and their descriptors (for pass_fds),
+    or ({}, []) when none could be started; the caller closes its copies
+    once the child has them."""
+    target = _target(url)
+    if target is None or count < 1:
+        return {}, []
+    host, port = target
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return {}, []  # the daemon's own connect says what is wrong
+    fds = []
+    for _ in range(count):
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
+            sock.close()
+            break
+        fds.append(sock.detach())
+    if not fds:
+        return {}, []
+    return {ENV: f"{host} {port} {time.time():.3f} {','.join(map(str, fds))}"}, fds
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def hand_over() -> None:
+    """After forking the process that adopts them: close this process's
+    copies of the connections the variable names, and drop the variable
+    (a later child must not take descriptors that are no longer these)."""
+    value = os.environ.pop(ENV, None)
+    if value:
+        with contextlib.suppress(ValueError):
+            close_fds([int(fd) for fd in value.rsplit(" ", 1)[-1].split(",")])
+
+
+def adopt() -> None:
+    """Take the connections our parent opened (see ENV) into this process's
+    pool, once; the variable is removed, so no child of ours sees it."""
+    value = os.environ.pop(ENV, None)
+    if not value:
+        return
+    try:
+        host, port, opened, fds = value.split(" ")
+        key, at = (host, int(port)), float(opened)
+        descriptors = [int(fd) for fd in fds.split(",")]
+    except ValueError:
+        return
+    for fd in descriptors:
+        if _is_tcp_socket(fd):
+            _adopted.setdefault(key, []).append((fd, at))
+
+
+def take(host: str, port: int) -> socket.socket | None:
+    """A connection opened early to host:port (connected, or still
+    connecting), or None. Older ones than MAX_AGE are closed, not given."""
+    pool = _adopted.get((host.lower(), port))
+    while pool:
+        fd, at = pool.pop(0)
+        if time.time() - at > MAX_AGE:
+            close_fds([fd])
+            continue
+        return socket.socket(fileno=fd)
+    return None
+
+
+def available(host: str, port: int) -> int:
+    """Connections opened early to host:port not taken yet."""
+    return len(_adopted.get((host.lower(), port), ()))
+
+
+def discard() -> None:
+    """Close every connection nobody took."""
+    for pool in _adopted.values():
+        close_fds([fd for fd, _ in pool])
+        pool.clear()
+
+
+def _target(url: str) -> tuple[str, int] | None:
+    """(host, port) to connect to for `url`, or None: not http(s), or a
+    proxy would carry the request."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if _proxy_configured(parts.scheme):
+        return None
+    return parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def _proxy_configured(scheme: str) -> bool:
+    """Whether the environment names a proxy httpx may use for `scheme`
+    (NO_PROXY is not weighed: when in doubt, open nothing early)."""
+    names = {f"{scheme}_proxy", "all_proxy"}
+    return any(value for key, value in os.environ.items() if key.lower() in names)
+
+
+def _is_tcp_socket(fd: int) -> bool:
+    """Whether `fd` is (still) a TCP socket: the variable names descriptors
+    of our parent's; never adopt anything else that has the number now."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
+                                                                  socket.AF_INET6)
+    finally:
+        sock.detach()
