@@ -304,3 +304,51 @@ def test_a_read_is_served_once_its_blocks_are_in_not_its_whole_range(tmp_path):
                 assert (root / "big.bin").read_bytes() == data
                 assert status(root)["loader"]["crc_failures"] == 0
     assert_cache_clean(tmp_path / "cache.img")
+
+
+def test_sequential_prefetch_brings_whole_files_not_their_hash_trees_first(tmp_path):
+    """Hash trees lie first in the source, a few KiB per file; fetched
+    first, one job per file, they took a round trip each before any data
+    came. Now a file's hash blocks come with its data: under a bandwidth cap
+    that lets one prefetch job start and no second, that one job leaves a
+    whole file here (hash-tree-first left none)."""
+    files = {f"f{i:02d}.bin": random.Random(i).randbytes(64 * 1024) for i in range(12)}
+    make_tree(tmp_path / "src", files)
+    (tmp_path / "www").mkdir()
+    pack(tmp_path / "src", tmp_path / "www" / "app.img", compress="none")
+    (tmp_path / "mnt").mkdir()
+    with Nginx(tmp_path / "www") as nginx:
+        config = MountConfig(source=nginx.url("app.img"), mountpoint=str(tmp_path / "mnt"),
+                             cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                             prefetch="sequential", bandwidth=1.0)  # one job, then debt
+        with mounted(config) as mnt:
+            incomplete = mnt / ".incfs" / "incomplete"
+
+            def one_whole_file() -> bool:
+                return len(os.listdir(incomplete)) == len(files) - 1
+
+            from test_loader_util import wait_for
+
+            wait_for(one_whole_file, 30, what="the first prefetch job to bring a whole file")
+            assert status(mnt)["loader"]["crc_failures"] == 0
+    assert_cache_clean(tmp_path / "cache.img")
+
+
+def test_a_miss_near_the_end_of_a_file_takes_its_tail_in_the_same_request(tmp_path):
+    """400 KiB: more than `amplify` (256 KiB), less than amplify + miss_tail.
+    The first read's request brings the whole file: reading the rest asks
+    the source for nothing more (before, its tail cost a second request)."""
+    data = random.Random(7).randbytes(400 * 1024)
+    with _big_file_mounted(tmp_path, data) as mnt:
+        with open(mnt / "big.bin", "rb") as f:
+            assert f.read(BLOCK_SIZE) == data[:BLOCK_SIZE]
+        from test_loader_util import wait_for
+
+        def first_job_done() -> bool:  # status is written when a job ends
+            loader = status(mnt)["loader"]
+            return loader["requests"] > 0 and loader["inflight_bytes"] == 0
+
+        wait_for(first_job_done, 30, what="the first request to finish")
+        requests = status(mnt)["loader"]["requests"]
+        assert (mnt / "big.bin").read_bytes() == data
+        assert status(mnt)["loader"]["requests"] == requests

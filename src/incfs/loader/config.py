@@ -28,6 +28,12 @@ class LoaderConfig:
     # needs: one round trip brings the neighbours a reader wants next, while a
     # random 4 KiB reader pays for at most 64 blocks (bounded amplification).
     amplify: int = 256 * KiB
+    # ... and the rest of its file too when no more than this is left past
+    # that: a program reading a 300-500 KiB file whole then makes one
+    # request, not a second round trip for the tail (100 ms a file at
+    # 100 ms RTT). Blocks are stored as they stream in (loader/arrivals.py),
+    # so the first read does not wait for the tail.
+    miss_tail: int = 256 * KiB
     # Source requests in flight at once: enough to fill a 100 Mbit/s x 100 ms
     # link with 256 KiB..1 MiB ranges, few enough for a small HTTP server.
     max_inflight: int = 16

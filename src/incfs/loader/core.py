@@ -379,11 +379,21 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             self.slots.changed.notify()
         for ino, (data, hashes) in by_ino.items():
             for part, part_hashes in self._read_parts(sorted(data), hashes):
-                job = self._plan(ino, part, part_hashes, extend=self.cfg.amplify,
+                job = self._plan(ino, part, part_hashes, extend=self._miss_extent(ino, part),
                                  prefetch=False)
                 if job is not None:
                     self.stats["pending_jobs"] += 1
                     self._nursery.start_soon(self._run_job, job)
+
+    def _miss_extent(self, ino: int, blocks: list[int]) -> int:
+        """Bytes of source range a miss at `blocks` may take: `amplify`, or
+        through the end of the file when at most `miss_tail` more is left."""
+        amplify = self.cfg.amplify
+        node = self.image.ns.inodes.get(ino)
+        if not blocks or node is None or node.data is None:
+            return amplify
+        left = (node.data.count - blocks[0]) * BLOCK_SIZE
+        return left if amplify < left <= amplify + self.cfg.miss_tail else amplify
 
     def _read_parts(self, data: list[int], hashes: list[int]):
         """Blocks reads wait for, in jobs of at most `request_max` bytes of
