@@ -283,6 +283,32 @@ def test_posix_metadata_is_served_as_stored(tmp_path, posix_tree, incfs):
             open(m.path / "dev" / "null", "rb")
 
 
+def test_copy_tools_take_only_the_images_xattrs(tmp_path, posix_tree, incfs):
+    """incfs's own user.incfs.* attributes are readable by name but not
+    listed, so `cp -a` and `tar --xattrs` out of a mount carry exactly the
+    attributes the image holds (ACLs and capabilities included)."""
+    import tarfile
+    img = tmp_path / "posix.img"
+    incfs("pack", str(posix_tree), str(img))
+    copy, archive = tmp_path / "copy", tmp_path / "out.tar"
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        assert os.getxattr(m.path / "doc.txt", "user.incfs.file_id")  # there, by name
+        subprocess.run(["cp", "-a", str(m.path), str(copy)], check=True)
+        subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--format=posix", "-C",
+                        str(m.path), "-cf", str(archive), "."], check=True, capture_output=True)
+    for path in source_entries(posix_tree):
+        rel = os.fsdecode(path[1:])
+        assert xattrs_of(copy / rel) == xattrs_of(posix_tree / rel), rel
+    with tarfile.open(archive) as tf:
+        for ti in tf.getmembers():
+            if ti.islnk():
+                continue  # a hard link's attributes are its first name's
+            names = {k.removeprefix("SCHILY.xattr.") for k in ti.pax_headers
+                     if k.startswith("SCHILY.xattr.")}
+            want = {os.fsdecode(n) for n in xattrs_of(posix_tree / ti.name)}
+            assert names == want, ti.name
+
+
 @needs_passthrough
 def test_a_file_that_arrives_whole_is_expanded_before_its_next_open(empty_mount):
     m = empty_mount
