@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,40 @@ def test_normal_user_mounts_reads_status_umounts(normal_user, workdir, mode):
         # the runtime directory (under /tmp without XDG_RUNTIME_DIR) is gone too
         key = hashlib.sha256(os.path.realpath(mnt).encode()).hexdigest()[:16]
         assert not (Path(f"/tmp/incfs-{normal_user.uid}") / key).exists()
+
+
+def _owners_in(user, mnt: Path) -> dict[str, tuple[int, int]]:
+    """(uid, gid) of each entry as the user's own `stat` sees it."""
+    out = user.run("find", mnt, "-mindepth", "1", "-printf", r"%P %U %G\n").stdout
+    return {path: (int(uid), int(gid)) for path, uid, gid in
+            (line.split() for line in out.splitlines())}
+
+
+def test_normal_users_mount_maps_owners_unless_told_otherwise(normal_user, workdir):
+    """An image root packed with other owners: the user's mount shows every
+    entry as the user's (auto), or as stored with --owners stored."""
+    src = workdir / "owned"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "shadow").write_bytes(b"root:*:19000::::::\n")
+    (src / "home").mkdir()
+    os.symlink("../etc/shadow", src / "home" / "link")
+    stored = {"etc": (0, 0), "etc/shadow": (0, 42), "home": (1000, 1000),
+              "home/link": (5, 6)}
+    for rel, (uid, gid) in stored.items():
+        os.lchown(src / rel, uid, gid)
+    image = workdir / "owned.img"
+    subprocess.run([sys.executable, "-m", "incfs.cli", "pack", str(src), str(image)],
+                   check=True, capture_output=True)
+    os.chown(image, normal_user.uid, normal_user.gid)
+    mine = (normal_user.uid, normal_user.gid)
+    for option, want in (([], {rel: mine for rel in stored}), (["--owners", "stored"], stored)):
+        mnt = normal_user.make_dir(workdir / f"mnt{len(option)}")
+        with dev_fuse_mode(0o666):
+            normal_user.run("incfs", "mount", image, mnt, "--allow-unsigned", *option)
+            try:
+                assert _owners_in(normal_user, mnt) == want, option
+            finally:
+                normal_user.run("incfs", "umount", mnt)
 
 
 def test_normal_user_at_0600_gets_a_clear_error(normal_user, workdir):
