@@ -110,6 +110,47 @@ def test_normal_users_mount_maps_owners_unless_told_otherwise(normal_user, workd
                 normal_user.run("incfs", "umount", mnt)
 
 
+# each listed name and what reading it gives: the value, or the errno's name
+_LIST_AND_READ = """
+import errno, json, os, sys
+def read(path, name):
+    try:
+        return os.getxattr(path, name, follow_symlinks=False).hex()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+print(json.dumps({p: {n: read(p, n) for n in os.listxattr(p, follow_symlinks=False)}
+                  for p in sys.argv[1:]}))
+"""
+
+
+def test_trusted_xattrs_are_listed_to_admins_only(normal_user, workdir, posix_tree):
+    """As on ext4: on root's mount (allow_other) a normal user is not shown
+    trusted.* names, which the kernel would not let it read (ENODATA), so
+    no listed name reads as missing. Root is shown them all."""
+    from conftest import xattrs_of
+    from mounting import mounted
+    image = workdir / "posix.img"
+    subprocess.run([sys.executable, "-m", "incfs.cli", "pack", str(posix_tree), str(image)],
+                   check=True, capture_output=True)
+    with mounted(workdir, str(image), name="mnt-root", allow_unsigned=True) as m:
+        paths = [m.path / "doc.txt", m.path / "link", m.path / "bin" / "ping"]
+        seen = json.loads(normal_user.run("python", "-c", _LIST_AND_READ, *paths).stdout)
+        for path in paths:
+            stored = xattrs_of(posix_tree / path.relative_to(m.path))
+            assert xattrs_of(path) == stored  # root: all of them
+            shown = seen[str(path)]
+            assert set(shown) == {os.fsdecode(n) for n in stored
+                                  if not n.startswith(b"trusted.")}, path
+            assert "ENODATA" not in shown.values(), (path, shown)
+            # readable ones come back as stored (doc.txt's ACL gives others
+            # no read: EACCES, as on the tree)
+            assert all(v == stored[os.fsencode(n)].hex() for n, v in shown.items()
+                       if v != "EACCES"), path
+        assert seen[str(paths[2])]["security.capability"] == \
+            xattrs_of(paths[2])[b"security.capability"].hex()
+        assert any(n.startswith(b"trusted.") for n in xattrs_of(paths[0]))
+
+
 def test_normal_user_at_0600_gets_a_clear_error(normal_user, workdir):
     """/dev/fuse at 0600 (root only): incfs calls fusermount3 itself, but
     fusermount3 opens /dev/fuse with the user's fsuid, so the machine's
