@@ -570,6 +570,70 @@ def test_oci_whiteouts_of_dot_names_hide_nothing(tmp_path):
         assert {b"/etc", b"/etc/os-release", b"/etc/gone", b"/usr/bin/tool"} <= set(nodes)
 
 
+def _nested_index(layout: OciLayout, platforms: dict[str, list[bytes]],
+                  docker: bool = False) -> None:
+    """index.json -> an image index (or Docker manifest list) with one
+    manifest per architecture, as `skopeo copy --all` writes it; with
+    `docker`, Docker's media types throughout (a `docker save` converted)."""
+    kind = "application/vnd.docker" if docker else "application/vnd.oci"
+    layer_type = ("application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
+                  else "application/vnd.oci.image.layer.v1.tar+gzip")
+    manifest_type = (f"{kind}.distribution.manifest.v2+json" if docker
+                     else f"{kind}.image.manifest.v1+json")
+    entries = []
+    for arch, layers in platforms.items():
+        config = layout.blob(json.dumps({"architecture": arch, "os": "linux"}).encode())
+        manifest = {"schemaVersion": 2, "mediaType": manifest_type,
+                    "config": dict(config, mediaType=f"{kind}.container.image.v1+json"),
+                    "layers": [dict(layout.blob(gzip.compress(raw)), mediaType=layer_type)
+                               for raw in layers]}
+        entries.append(dict(layout.blob(json.dumps(manifest).encode()), mediaType=manifest_type,
+                            platform={"architecture": arch, "os": "linux"}))
+    list_type = (f"{kind}.distribution.manifest.list.v2+json" if docker
+                 else f"{kind}.image.index.v1+json")
+    inner = layout.blob(json.dumps({"schemaVersion": 2, "mediaType": list_type,
+                                    "manifests": entries}).encode())
+    (layout.root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(inner, mediaType=list_type,
+             annotations={"org.opencontainers.image.ref.name": "multi"})]}))
+
+
+@pytest.mark.parametrize("docker", [False, True], ids=["oci", "docker"])
+def test_oci_image_index_picks_this_machines_architecture(tmp_path, docker):
+    from incfs.inputs.oci import _ARCH
+    import platform
+    ours = _ARCH.get(platform.machine(), platform.machine())
+    other = "s390x" if ours != "s390x" else "arm64"
+    layout = OciLayout(tmp_path / "oci")
+    _nested_index(layout, {other: [tar_bytes([member("arch", data=other.encode())])],
+                           ours: [tar_bytes([member("arch", data=ours.encode())])]}, docker)
+    pack(f"oci:{layout.root}:multi", tmp_path / "x.img")
+    with Image.open(tmp_path / "x.img") as img:
+        assert img.read_range(img.ns.lookup(1, b"arch"), 0, 99) == ours.encode()
+    layout = OciLayout(tmp_path / "oci-other")
+    _nested_index(layout, {other: [tar_bytes([member("a")])], "mips": [tar_bytes([])]}, docker)
+    with pytest.raises(UsageError, match=f"no manifest for linux/{ours}"):
+        pack(f"oci:{layout.root}:multi", tmp_path / "y.img")
+
+
+def test_oci_descriptor_fields_of_the_wrong_json_type_are_usage_errors(tmp_path):
+    """annotations or platform that are not objects match no tag or
+    platform: a clear error, not an internal one."""
+    layout = OciLayout(tmp_path / "oci")
+    _nested_index(layout, {"s390x": [tar_bytes([])], "arm64": [tar_bytes([])]})
+    outer = json.loads((layout.root / "index.json").read_text())
+    inner_path = layout.root / "blobs" / "sha256" / outer["manifests"][0]["digest"][7:]
+    inner = json.loads(inner_path.read_bytes())
+    for entry in inner["manifests"]:
+        entry["platform"] = "linux"
+    outer["manifests"][0].update(layout.blob(json.dumps(inner).encode()), annotations=["multi"])
+    (layout.root / "index.json").write_text(json.dumps(outer))
+    with pytest.raises(UsageError, match="no image tagged 'multi'"):
+        pack(f"oci:{layout.root}:multi", tmp_path / "x.img")
+    with pytest.raises(UsageError, match="no manifest for linux/"):
+        pack(f"oci:{layout.root}", tmp_path / "x.img")
+
+
 def test_oci_bad_layouts(tmp_path):
     with pytest.raises(UsageError, match="not an OCI image layout"):
         pack(f"oci:{tmp_path}", tmp_path / "x.img")
