@@ -6,9 +6,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -307,6 +309,36 @@ def test_copy_tools_take_only_the_images_xattrs(tmp_path, posix_tree, incfs):
                      if k.startswith("SCHILY.xattr.")}
             want = {os.fsdecode(n) for n in xattrs_of(posix_tree / ti.name)}
             assert names == want, ti.name
+
+
+def test_the_images_acls_decide_access(tmp_path, incfs):
+    """POSIX_ACL is negotiated, so the kernel checks a stored access ACL:
+    user:1234:r-- lets uid 1234 read a 0640 root:root file, others not."""
+    from conftest import ACL
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "doc").write_bytes(b"for 1234\n")
+    os.chmod(src / "doc", 0o640)
+    try:
+        os.setxattr(src / "doc", "system.posix_acl_access", ACL)
+    except OSError as e:
+        pytest.skip(f"kernel feature missing: POSIX ACLs on the file system under {tmp_path}: "
+                    f"{e.strerror}")
+    img = tmp_path / "acl.img"
+    incfs("pack", str(src), str(img))
+    base = Path(tempfile.mkdtemp(prefix="incfs-acl-"))  # others must reach the mount
+    os.chmod(base, 0o755)
+    try:
+        with mounted(base, str(img), allow_unsigned=True) as m:
+            def cat_as(uid: int) -> subprocess.CompletedProcess:
+                return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                       "--clear-groups", "cat", str(m.path / "doc")],
+                                      capture_output=True)
+            assert cat_as(1234).stdout == b"for 1234\n"
+            denied = cat_as(1235)
+            assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_passthrough
