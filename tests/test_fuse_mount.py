@@ -6,9 +6,11 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -281,6 +283,62 @@ def test_posix_metadata_is_served_as_stored(tmp_path, posix_tree, incfs):
         assert os.lstat(m.path / "tmp").st_uid == os.getuid()
         with pytest.raises(PermissionError):  # nodev by default
             open(m.path / "dev" / "null", "rb")
+
+
+def test_copy_tools_take_only_the_images_xattrs(tmp_path, posix_tree, incfs):
+    """incfs's own user.incfs.* attributes are readable by name but not
+    listed, so `cp -a` and `tar --xattrs` out of a mount carry exactly the
+    attributes the image holds (ACLs and capabilities included)."""
+    import tarfile
+    img = tmp_path / "posix.img"
+    incfs("pack", str(posix_tree), str(img))
+    copy, archive = tmp_path / "copy", tmp_path / "out.tar"
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        assert os.getxattr(m.path / "doc.txt", "user.incfs.file_id")  # there, by name
+        subprocess.run(["cp", "-a", str(m.path), str(copy)], check=True)
+        subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--format=posix", "-C",
+                        str(m.path), "-cf", str(archive), "."], check=True, capture_output=True)
+    for path in source_entries(posix_tree):
+        rel = os.fsdecode(path[1:])
+        assert xattrs_of(copy / rel) == xattrs_of(posix_tree / rel), rel
+    with tarfile.open(archive) as tf:
+        for ti in tf.getmembers():
+            if ti.islnk():
+                continue  # a hard link's attributes are its first name's
+            names = {k.removeprefix("SCHILY.xattr.") for k in ti.pax_headers
+                     if k.startswith("SCHILY.xattr.")}
+            want = {os.fsdecode(n) for n in xattrs_of(posix_tree / ti.name)}
+            assert names == want, ti.name
+
+
+def test_the_images_acls_decide_access(tmp_path, incfs):
+    """POSIX_ACL is negotiated, so the kernel checks a stored access ACL:
+    user:1234:r-- lets uid 1234 read a 0640 root:root file, others not."""
+    from conftest import ACL
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "doc").write_bytes(b"for 1234\n")
+    os.chmod(src / "doc", 0o640)
+    try:
+        os.setxattr(src / "doc", "system.posix_acl_access", ACL)
+    except OSError as e:
+        pytest.skip(f"kernel feature missing: POSIX ACLs on the file system under {tmp_path}: "
+                    f"{e.strerror}")
+    img = tmp_path / "acl.img"
+    incfs("pack", str(src), str(img))
+    base = Path(tempfile.mkdtemp(prefix="incfs-acl-"))  # others must reach the mount
+    os.chmod(base, 0o755)
+    try:
+        with mounted(base, str(img), allow_unsigned=True) as m:
+            def cat_as(uid: int) -> subprocess.CompletedProcess:
+                return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}",
+                                       "--clear-groups", "cat", str(m.path / "doc")],
+                                      capture_output=True)
+            assert cat_as(1234).stdout == b"for 1234\n"
+            denied = cat_as(1235)
+            assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_passthrough

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,52 @@ def test_a_tampered_signed_index_fails_its_signature(small_tree, tmp_path, keys)
     assert fix_index(data)
     image.write_bytes(bytes(data))
     with Image.open(image) as img:
+        with pytest.raises(IntegrityError, match="differ from what was signed"):
+            img.verify_signature(signing.load_public(pub))
+    assert verify_image(image, pub).exit_code == 1
+
+
+def _flip_last_heap_byte(data: bytearray, record: int) -> None:
+    """The last byte of an inode's heap blob: its last xattr's value."""
+    heap, heap_len = struct.unpack_from("<QI", data, record + 64)
+    data[regions(data)["heap"][0] + heap + heap_len - 1] ^= 1
+
+
+# (path, what the edit does to that inode's 128-byte record, what it changes)
+_POSIX_EDITS = {
+    "uid": ("/doc.txt", lambda d, r: struct.pack_into("<I", d, r + 24, 1),
+            lambda n: n.uid),
+    "gid": ("/bin/chage", lambda d, r: struct.pack_into("<I", d, r + 28, 0),
+            lambda n: n.gid),
+    "setuid": ("/bin/su", lambda d, r: struct.pack_into("<I", d, r, stat.S_IFREG | 0o755),
+               lambda n: n.mode),
+    "rdev": ("/dev/sda", lambda d, r: struct.pack_into("<Q", d, r + 48, os.makedev(8, 1)),
+             lambda n: n.rdev),
+    "user xattr": ("/doc.txt", _flip_last_heap_byte, lambda n: dict(n.xattrs)),
+    "capability": ("/bin/ping", _flip_last_heap_byte, lambda n: dict(n.xattrs)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(_POSIX_EDITS))
+def test_a_signed_index_covers_owners_modes_devices_and_xattrs(posix_tree, tmp_path, keys,
+                                                                what):
+    """One owner, mode bit, device number or xattr value changed in the
+    index with every CRC fixed: the image still opens and serves the new
+    value (no structural check catches it), so only the signature can tell,
+    and it does."""
+    path, edit, field = _POSIX_EDITS[what]
+    priv, pub = keys("ed25519")
+    image = tmp_path / "posix.img"
+    pack(posix_tree, image, sign_key=priv)
+    with Image.open(image) as img:
+        node = dict(img.ns.walk())[path.encode()]
+        ino, before = node.ino, field(node)
+    data = bytearray(image.read_bytes())
+    edit(data, inode_at(data, ino))
+    assert fix_index(data)
+    image.write_bytes(bytes(data))
+    with Image.open(image) as img:
+        assert field(img.ns.get(ino)) != before
         with pytest.raises(IntegrityError, match="differ from what was signed"):
             img.verify_signature(signing.load_public(pub))
     assert verify_image(image, pub).exit_code == 1

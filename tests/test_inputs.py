@@ -73,7 +73,16 @@ def sample_members():
         member(long_dir + "/" + "f" * 200, data=b"long name\n", uid=70000, gid=4000000000),
         member("big", data=os.urandom(3 * 4096 + 5)),
         member("precise", data=b"", pax_headers={"mtime": "1700000000.123456789"}),
+        # GNU keeps these in ././@LongLink members ('K' for a long target)
+        member("etc/passwd-", tarfile.LNKTYPE, linkname="etc/passwd"),
+        member("long-target", tarfile.SYMTYPE, linkname="../" + "t" * 250),
     ]
+
+
+def _check_links(nodes: dict) -> None:
+    passwd = nodes[b"/etc/passwd"]
+    assert nodes[b"/etc/passwd-"].ino == passwd.ino and passwd.nlink == 2
+    assert nodes[b"/long-target"].target == b"../" + b"t" * 250
 
 
 def _by_path(img: Image) -> dict[bytes, object]:
@@ -104,6 +113,7 @@ def _check_sample(img: Image) -> None:
     assert nodes[b"/precise"].mtime_ns == 1_700_000_000_123_456_789
     assert nodes[b"/etc/passwd"].mtime_ns == T0 * 10**9
     assert img.read_range(nodes[b"/usr/bin/chage"], 0, 1 << 20) == b"\x7fELF" * 1000
+    _check_links(nodes)
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
@@ -125,6 +135,7 @@ def test_tar_round_trip(tmp_path, fmt, compress):
             nodes = _by_path(img)
             assert nodes[b"/dev/null"].rdev == os.makedev(1, 3)
             assert any(p.endswith(b"f" * 200) for p in nodes)
+            _check_links(nodes)
     assert verify_image(image).exit_code == 0
 
 
@@ -528,6 +539,99 @@ def test_oci_replaced_layer_is_refused(tmp_path):
     with pytest.raises(UsageError, match="layer 0 .*does not match its digest"):
         pack(f"oci:{layout.root}:latest", tmp_path / "x.img")
     assert not (tmp_path / "x.img").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([member("../escape", data=b"x")], "leaves the archive"),
+    ([member("/etc/evil", data=b"x")], "absolute path"),
+    ([member("a", tarfile.LNKTYPE, linkname="../../etc/passwd")], "leaves the archive"),
+], ids=["dot-dot", "absolute", "hard link outside"])
+def test_oci_layer_with_a_bad_entry_is_refused(tmp_path, bad, message):
+    """A layer's entries obey the tar rules; the error names the layer."""
+    layout = OciLayout(tmp_path / "oci")
+    layout.image(_layers()[:1] + [tar_bytes(bad)])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UsageError, match=f"layer 1 .*{message}"):
+        pack(f"oci:{layout.root}:latest", out / "x.img")
+    assert list(out.iterdir()) == []
+
+
+def test_oci_whiteouts_of_dot_names_hide_nothing(tmp_path):
+    """`.wh...`, `.wh..` and a bare `.wh.` name no entry: each is ignored
+    and noted, and never removes the directory it sits in or its parent."""
+    layout = OciLayout(tmp_path / "oci")
+    layout.image(_layers()[:1] + [tar_bytes([member("etc/.wh..."), member("etc/.wh.."),
+                                             member("etc/.wh.")])])
+    stats = pack(f"oci:{layout.root}:latest", tmp_path / "x.img")
+    assert len([n for n in stats.skipped if "which no lower layer has" in n]) == 3
+    with Image.open(tmp_path / "x.img") as img:
+        nodes = _by_path(img)
+        assert {b"/etc", b"/etc/os-release", b"/etc/gone", b"/usr/bin/tool"} <= set(nodes)
+
+
+def _nested_index(layout: OciLayout, platforms: dict[str, list[bytes]],
+                  docker: bool = False) -> None:
+    """index.json -> an image index (or Docker manifest list) with one
+    manifest per architecture, as `skopeo copy --all` writes it; with
+    `docker`, Docker's media types throughout (a `docker save` converted)."""
+    kind = "application/vnd.docker" if docker else "application/vnd.oci"
+    layer_type = ("application/vnd.docker.image.rootfs.diff.tar.gzip" if docker
+                  else "application/vnd.oci.image.layer.v1.tar+gzip")
+    manifest_type = (f"{kind}.distribution.manifest.v2+json" if docker
+                     else f"{kind}.image.manifest.v1+json")
+    entries = []
+    for arch, layers in platforms.items():
+        config = layout.blob(json.dumps({"architecture": arch, "os": "linux"}).encode())
+        manifest = {"schemaVersion": 2, "mediaType": manifest_type,
+                    "config": dict(config, mediaType=f"{kind}.container.image.v1+json"),
+                    "layers": [dict(layout.blob(gzip.compress(raw)), mediaType=layer_type)
+                               for raw in layers]}
+        entries.append(dict(layout.blob(json.dumps(manifest).encode()), mediaType=manifest_type,
+                            platform={"architecture": arch, "os": "linux"}))
+    list_type = (f"{kind}.distribution.manifest.list.v2+json" if docker
+                 else f"{kind}.image.index.v1+json")
+    inner = layout.blob(json.dumps({"schemaVersion": 2, "mediaType": list_type,
+                                    "manifests": entries}).encode())
+    (layout.root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        dict(inner, mediaType=list_type,
+             annotations={"org.opencontainers.image.ref.name": "multi"})]}))
+
+
+@pytest.mark.parametrize("docker", [False, True], ids=["oci", "docker"])
+def test_oci_image_index_picks_this_machines_architecture(tmp_path, docker):
+    from incfs.inputs.oci import _ARCH
+    import platform
+    ours = _ARCH.get(platform.machine(), platform.machine())
+    other = "s390x" if ours != "s390x" else "arm64"
+    layout = OciLayout(tmp_path / "oci")
+    _nested_index(layout, {other: [tar_bytes([member("arch", data=other.encode())])],
+                           ours: [tar_bytes([member("arch", data=ours.encode())])]}, docker)
+    pack(f"oci:{layout.root}:multi", tmp_path / "x.img")
+    with Image.open(tmp_path / "x.img") as img:
+        assert img.read_range(img.ns.lookup(1, b"arch"), 0, 99) == ours.encode()
+    layout = OciLayout(tmp_path / "oci-other")
+    _nested_index(layout, {other: [tar_bytes([member("a")])], "mips": [tar_bytes([])]}, docker)
+    with pytest.raises(UsageError, match=f"no manifest for linux/{ours}"):
+        pack(f"oci:{layout.root}:multi", tmp_path / "y.img")
+
+
+def test_oci_descriptor_fields_of_the_wrong_json_type_are_usage_errors(tmp_path):
+    """annotations or platform that are not objects match no tag or
+    platform: a clear error, not an internal one."""
+    layout = OciLayout(tmp_path / "oci")
+    _nested_index(layout, {"s390x": [tar_bytes([])], "arm64": [tar_bytes([])]})
+    outer = json.loads((layout.root / "index.json").read_text())
+    inner_path = layout.root / "blobs" / "sha256" / outer["manifests"][0]["digest"][7:]
+    inner = json.loads(inner_path.read_bytes())
+    for entry in inner["manifests"]:
+        entry["platform"] = "linux"
+    outer["manifests"][0].update(layout.blob(json.dumps(inner).encode()), annotations=["multi"])
+    (layout.root / "index.json").write_text(json.dumps(outer))
+    with pytest.raises(UsageError, match="no image tagged 'multi'"):
+        pack(f"oci:{layout.root}:multi", tmp_path / "x.img")
+    with pytest.raises(UsageError, match="no manifest for linux/"):
+        pack(f"oci:{layout.root}", tmp_path / "x.img")
 
 
 def test_oci_bad_layouts(tmp_path):

@@ -236,6 +236,11 @@ def test_million_files(tmp_path, capsys):
     assert opened["sample"] == "file 999/900\n"
     # format 1.2: the index answers; opening and one lookup built a handful of inodes
     assert opened["minor"] == 2 and opened["built"] < 10
+    # issue 11's memory bounds: pack <= 256 MiB; the daemon's budget, 64 MiB +
+    # 64 B an inode (+ 16 B a block, none here), checked on an open and one
+    # read (the mounted walks: bench/metadata_scale.py, with the times)
+    assert packed["peak_rss_kib"] <= 256 * 1024, packed
+    assert opened["peak_rss_kib"] * 1024 <= 64 * MiB + 64 * opened["inodes"], opened
     size = image.stat().st_size
     with capsys.disabled():
         print(f"\n[1M files] create {created:.1f} s; pack {packed['seconds']:.1f} s, "

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,81 @@ def test_normal_user_mounts_reads_status_umounts(normal_user, workdir, mode):
         # the runtime directory (under /tmp without XDG_RUNTIME_DIR) is gone too
         key = hashlib.sha256(os.path.realpath(mnt).encode()).hexdigest()[:16]
         assert not (Path(f"/tmp/incfs-{normal_user.uid}") / key).exists()
+
+
+def _owners_in(user, mnt: Path) -> dict[str, tuple[int, int]]:
+    """(uid, gid) of each entry as the user's own `stat` sees it."""
+    out = user.run("find", mnt, "-mindepth", "1", "-printf", r"%P %U %G\n").stdout
+    return {path: (int(uid), int(gid)) for path, uid, gid in
+            (line.split() for line in out.splitlines())}
+
+
+def test_normal_users_mount_maps_owners_unless_told_otherwise(normal_user, workdir):
+    """An image root packed with other owners: the user's mount shows every
+    entry as the user's (auto), or as stored with --owners stored."""
+    src = workdir / "owned"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "shadow").write_bytes(b"root:*:19000::::::\n")
+    (src / "home").mkdir()
+    os.symlink("../etc/shadow", src / "home" / "link")
+    stored = {"etc": (0, 0), "etc/shadow": (0, 42), "home": (1000, 1000),
+              "home/link": (5, 6)}
+    for rel, (uid, gid) in stored.items():
+        os.lchown(src / rel, uid, gid)
+    image = workdir / "owned.img"
+    subprocess.run([sys.executable, "-m", "incfs.cli", "pack", str(src), str(image)],
+                   check=True, capture_output=True)
+    os.chown(image, normal_user.uid, normal_user.gid)
+    mine = (normal_user.uid, normal_user.gid)
+    for option, want in (([], {rel: mine for rel in stored}), (["--owners", "stored"], stored)):
+        mnt = normal_user.make_dir(workdir / f"mnt{len(option)}")
+        with dev_fuse_mode(0o666):
+            normal_user.run("incfs", "mount", image, mnt, "--allow-unsigned", *option)
+            try:
+                assert _owners_in(normal_user, mnt) == want, option
+            finally:
+                normal_user.run("incfs", "umount", mnt)
+
+
+# each listed name and what reading it gives: the value, or the errno's name
+_LIST_AND_READ = """
+import errno, json, os, sys
+def read(path, name):
+    try:
+        return os.getxattr(path, name, follow_symlinks=False).hex()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+print(json.dumps({p: {n: read(p, n) for n in os.listxattr(p, follow_symlinks=False)}
+                  for p in sys.argv[1:]}))
+"""
+
+
+def test_trusted_xattrs_are_listed_to_admins_only(normal_user, workdir, posix_tree):
+    """As on ext4: on root's mount (allow_other) a normal user is not shown
+    trusted.* names, which the kernel would not let it read (ENODATA), so
+    no listed name reads as missing. Root is shown them all."""
+    from conftest import xattrs_of
+    from mounting import mounted
+    image = workdir / "posix.img"
+    subprocess.run([sys.executable, "-m", "incfs.cli", "pack", str(posix_tree), str(image)],
+                   check=True, capture_output=True)
+    with mounted(workdir, str(image), name="mnt-root", allow_unsigned=True) as m:
+        paths = [m.path / "doc.txt", m.path / "link", m.path / "bin" / "ping"]
+        seen = json.loads(normal_user.run("python", "-c", _LIST_AND_READ, *paths).stdout)
+        for path in paths:
+            stored = xattrs_of(posix_tree / path.relative_to(m.path))
+            assert xattrs_of(path) == stored  # root: all of them
+            shown = seen[str(path)]
+            assert set(shown) == {os.fsdecode(n) for n in stored
+                                  if not n.startswith(b"trusted.")}, path
+            assert "ENODATA" not in shown.values(), (path, shown)
+            # readable ones come back as stored (doc.txt's ACL gives others
+            # no read: EACCES, as on the tree)
+            assert all(v == stored[os.fsencode(n)].hex() for n, v in shown.items()
+                       if v != "EACCES"), path
+        assert seen[str(paths[2])]["security.capability"] == \
+            xattrs_of(paths[2])[b"security.capability"].hex()
+        assert any(n.startswith(b"trusted.") for n in xattrs_of(paths[0]))
 
 
 def test_normal_user_at_0600_gets_a_clear_error(normal_user, workdir):

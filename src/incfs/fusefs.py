@@ -63,6 +63,23 @@ INCFS_XATTRS = (b"user.incfs.file_id", b"user.incfs.metadata", b"user.incfs.veri
                 b"user.incfs.blocks", b"user.incfs.io")
 
 
+TRUSTED_PREFIX = b"trusted."
+CAP_SYS_ADMIN = 21
+
+
+def caller_is_admin(ctx: Context) -> bool:
+    """Whether the caller has CAP_SYS_ADMIN (its effective set, from /proc);
+    uid 0 when its status cannot be read (it exited, another pid namespace)."""
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return ctx.uid == 0
+
+
 def _special_type(ino: int) -> int:
     """The d_type of an entry of `.incfs` or its directories."""
     if ino >= PLACEHOLDER_BASE:
@@ -411,7 +428,13 @@ class IncfsOperations(Operations):
         copy just what the image holds."""
         if ino >= SPECIAL_BASE:
             return []
-        return sorted(self._node(ino).xattrs)
+        names = sorted(self._node(ino).xattrs)
+        # The kernel lets only CAP_SYS_ADMIN read trusted.* (ENODATA to
+        # others) and ext4 lists them to no one else: do the same, so a
+        # normal user's getfattr -d or cp -a neither sees nor trips on them.
+        if any(n.startswith(TRUSTED_PREFIX) for n in names) and not caller_is_admin(ctx):
+            names = [n for n in names if not n.startswith(TRUSTED_PREFIX)]
+        return names
 
     def getxattr(self, ino: int, name: bytes, ctx: Context) -> bytes:
         if ino >= SPECIAL_BASE:

@@ -137,9 +137,9 @@ class OciInput:
             raise UsageError(f"{self.spec}: {where} lists no images")
         descs = [m for m in manifests if isinstance(m, dict)]
         if self.tag is not None:
-            found = [m for m in descs if (m.get("annotations") or {}).get(REF_NAME) == self.tag]
+            found = [m for m in descs if _field(m, "annotations").get(REF_NAME) == self.tag]
             if not found:
-                tags = sorted(str((m.get("annotations") or {}).get(REF_NAME)) for m in descs)
+                tags = sorted(str(_field(m, "annotations").get(REF_NAME)) for m in descs)
                 raise UsageError(f"{self.spec}: no image tagged {self.tag!r} (tags: "
                                  f"{', '.join(tags)[:200]})")
             return found[0]
@@ -153,7 +153,7 @@ class OciInput:
             raise UsageError(f"{self.spec}: the image index lists no manifests")
         arch = _ARCH.get(platform.machine(), platform.machine())
         for m in manifests:
-            plat = m.get("platform") or {} if isinstance(m, dict) else {}
+            plat = _field(m, "platform")
             if plat.get("os") == "linux" and plat.get("architecture") == arch:
                 return m
         if len(manifests) == 1 and isinstance(manifests[0], dict):
@@ -234,6 +234,14 @@ class OciInput:
                     at += 1
         if at != len(wanted):
             raise UsageError(f"{self.spec}: a layer changed while it was read")
+
+
+def _field(desc: object, name: str) -> dict:
+    """A descriptor's object-valued field (annotations, platform), or {}
+    when the descriptor or the field is not a JSON object: such a field
+    matches no tag or platform instead of failing as an internal error."""
+    value = desc.get(name) if isinstance(desc, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def _read_small(path: Path) -> bytes:
