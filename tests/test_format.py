@@ -61,6 +61,18 @@ def test_superblock_version_and_regions():
         Superblock.decode(b"INCFSIMG")
 
 
+def test_superblock_flags_this_version_does_not_know_are_refused():
+    """Every superblock flag changes how the image is read: one from a
+    newer writer is refused with a message saying so, not ignored."""
+    known = Superblock(uuid=bytes(16), flags=SuperFlags.PACKED | SuperFlags.CACHE)
+    assert Superblock.decode(known.encode()) == known
+    raw = bytearray(known.encode())
+    struct.pack_into("<H", raw, 14, int(known.flags) | 0x8)
+    struct.pack_into("<I", raw, 64, zlib.crc32(bytes(raw[:64])))  # a valid checksum
+    with pytest.raises(CorruptImage, match="flags 0x8 are not known.*newer"):
+        Superblock.decode(bytes(raw))
+
+
 # --- record header ----------------------------------------------------------------
 
 def test_record_header_layout():

@@ -90,6 +90,9 @@ class SuperFlags(enum.IntFlag):
     CACHE = 2  # a local cache of a remote image: holds SOURCE_BLOCKS
 
 
+_KNOWN_FLAGS = int(SuperFlags.PACKED | SuperFlags.CACHE)
+
+
 @dataclass(frozen=True)
 class Superblock:
     uuid: bytes
@@ -126,6 +129,13 @@ class Superblock:
             raise CorruptImage(f"unsupported format version {major}.{minor}")
         if shift != 12 or hash_alg != HASH_SHA256:
             raise CorruptImage("unsupported block size or hash algorithm")
+        unknown = flags & ~_KNOWN_FLAGS
+        if unknown:
+            # every superblock flag changes how the rest is read: an image
+            # with one this version does not know is refused, not misread
+            # (the index has compatible features of its own, format/index.py)
+            raise CorruptImage(f"superblock flags 0x{unknown:x} are not known to this "
+                               "version of incfs; a newer one wrote this image")
         # The payload must end inside the file pack wrote (all four are 0 in
         # an image that was never packed).
         if not (meta_end <= data_start <= data_end <= packed_size):
