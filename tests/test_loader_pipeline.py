@@ -352,3 +352,31 @@ def test_a_miss_near_the_end_of_a_file_takes_its_tail_in_the_same_request(tmp_pa
         requests = status(mnt)["loader"]["requests"]
         assert (mnt / "big.bin").read_bytes() == data
         assert status(mnt)["loader"]["requests"] == requests
+
+
+def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_path):
+    """A program reading where prefetch is fetching (the first file) does
+    not stop it; one reading 30 MiB further on does (loader/core._note_miss):
+    prefetch starts nothing for `prefetch_yield` seconds, so that read does
+    not share the link with four prefetch jobs."""
+    from incfs.serve import RangeServer
+    from incfs.testing.faultproxy import FaultProxy
+
+    files = {f"f{i:02d}.bin": random.Random(i).randbytes(MiB) for i in range(40)}
+    make_tree(tmp_path / "src", files)
+    image = tmp_path / "app.img"
+    pack(tmp_path / "src", image, compress="none")
+    (tmp_path / "mnt").mkdir()
+    with RangeServer(image) as server:
+        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        with FaultProxy((host, int(port)), rate_down=4_000_000) as proxy:  # ~10 s for all
+            config = MountConfig(source=proxy.url("/" + image.name),
+                                 mountpoint=str(tmp_path / "mnt"),
+                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                                 prefetch="sequential", read_timeout=60)
+            with mounted(config) as mnt:
+                assert (mnt / "f00.bin").read_bytes() == files["f00.bin"]
+                assert status(mnt)["loader"]["prefetch"]["yields"] == 0
+                assert (mnt / "f39.bin").read_bytes() == files["f39.bin"]
+                assert status(mnt)["loader"]["prefetch"]["yields"] >= 1
+    assert_cache_clean(tmp_path / "cache.img")

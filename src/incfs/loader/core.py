@@ -97,6 +97,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.info = dict(getattr(self.image, "cache_info", None) or {})
         self.prefetch_running = 0
         self.prefetch_pause_until = 0.0
+        self.prefetch_yield_until = 0.0  # a read missed elsewhere (_note_miss)
+        self.prefetch_at: int | None = None  # source offset prefetch fetches next
         self.prefetch_backoff = 1.0
         self.stopped = False  # the source changed: fetch nothing more
         self._stored_mark = -1
@@ -111,7 +113,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                       "crc_failures": 0, "bytes_refused": 0,
                       "refetches": 0, "blocks_failed": 0, "blocks_fetched": 0,
                       "blocks_reused": 0, "bytes_reused": 0, "pending_jobs": 0,
-                      "readahead_jobs": 0, "prefetch_blocks": 0, "prefetch_bytes": 0}
+                      "readahead_jobs": 0, "prefetch_blocks": 0, "prefetch_bytes": 0,
+                      "prefetch_yields": 0}
         self.last_error: str | None = None
         self.state = self.info.get("state", "starting")
         self.prefetch_state = "off" if cfg.prefetch == "none" else "waiting"
@@ -339,7 +342,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             "bandwidth": self.bucket.rate if self.bucket else None,
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,
                          "blocks": self.stats["prefetch_blocks"],
-                         "bytes": self.stats["prefetch_bytes"]},
+                         "bytes": self.stats["prefetch_bytes"],
+                         "yields": self.stats["prefetch_yields"]},
             "base": self.info.get("base"),
             "last_error": self.last_error,
             **{k: v for k, v in self.stats.items() if not k.startswith("prefetch_")},
@@ -383,7 +387,18 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                                  prefetch=False)
                 if job is not None:
                     self.stats["pending_jobs"] += 1
+                    self._note_miss(job)
                     self._nursery.start_soon(self._run_job, job)
+
+    def _note_miss(self, job: Job) -> None:
+        """A read missed: prefetch yields the link for `prefetch_yield`
+        seconds unless the miss is near where it is fetching."""
+        at = self.prefetch_at
+        offsets = [w.offset for w in job.wants if w.size and w.tree != HASH]
+        if at is None or not offsets or abs(min(offsets) - at) <= self.cfg.prefetch_near:
+            return
+        self.stats["prefetch_yields"] += 1
+        self.prefetch_yield_until = time.monotonic() + self.cfg.prefetch_yield
 
     def _miss_extent(self, ino: int, blocks: list[int]) -> int:
         """Bytes of source range a miss at `blocks` may take: `amplify`, or

@@ -159,6 +159,8 @@ class PrefetchMixin:
         data jobs, which take the hash blocks they need beside their data
         (Planner.plan); a later pass fetches any that are left."""
         runs = await trio.to_thread.run_sync(source_runs, self.image.source_maps)
+        if runs and self.prefetch_at is None:
+            self.prefetch_at = runs[0][0]  # reads near the start are on its way
         batch = PrefetchBatch(self.cfg.prefetch_chunk)
         for _offset, ino, tree, first, count in runs:
             if self.stopped:
@@ -202,13 +204,13 @@ class PrefetchMixin:
     async def _prefetch_gate(self) -> None:
         """Wait until prefetch may start a job: fewer than `prefetch_slots`
         prefetch jobs running, no read's request running or waiting for a
-        slot, no readahead waiting, no pause after errors, and the bandwidth
-        cap's debt repaid. Blocks are claimed only after this, so a read
+        slot, no readahead waiting, no pause after errors or a read's miss
+        elsewhere (core._note_miss), and the bandwidth cap's debt repaid. Blocks are claimed only after this, so a read
         never waits behind a prefetch job that has not started. Returns at
         once when fetching stopped (the callers then launch nothing)."""
         await trio.lowlevel.checkpoint()
         while not self.stopped:
-            pause = self.prefetch_pause_until - time.monotonic()
+            pause = max(self.prefetch_pause_until, self.prefetch_yield_until) - time.monotonic()
             if pause > 0:
                 await trio.sleep(pause)
             elif self.bucket is not None and self.bucket.in_debt:
@@ -223,6 +225,9 @@ class PrefetchMixin:
             self._release(job, list(job.keys))
             return
         job.background = True
+        ends = [w.offset + w.size for w in job.wants if w.size]
+        if ends:
+            self.prefetch_at = max(ends)
         if self.bucket is not None:
             # charged now, not when its requests go out: the gate must see
             # the debt before it lets the next job start
