@@ -62,14 +62,16 @@ class LoaderConfig:
     request_max: int = 1 * MiB
     # Background prefetch jobs gather this much source range each.
     prefetch_chunk: int = 1 * MiB
-    # Seconds prefetch starts no new job after a read missed far from where
-    # prefetch is fetching (further than `prefetch_near`): a program reading
-    # here and there (the "touch 10%" case) then has the link to itself, not
-    # a fifth of it beside four prefetch jobs; one that reads what prefetch
-    # brings next (loading a whole model, cp -r) misses near it and is not
-    # slowed. Long enough to span the gap between a program's reads.
+    # Seconds prefetch starts no new job after a read missed further than
+    # `prefetch_near` bytes of source from where prefetch is fetching: a
+    # program reading here and there (the "touch 10%" case) then has the
+    # link to itself, not a fifth of it beside four prefetch jobs (at 100 ms
+    # / 10 Mbit/s such a program took 3x as long); one that reads what
+    # prefetch brings next (loading a whole model, cp -r) misses within a
+    # job or two of it and is not slowed. Long enough to span the gap
+    # between a program's reads of one file and the next.
     prefetch_yield: float = 1.0
-    prefetch_near: int = 8 * MiB
+    prefetch_near: int = 2 * MiB
     # Absent bytes worth fetching to join two ranges into one request (a
     # round trip costs more than 32 KiB at the links we aim at).
     max_gap: int = 32 * KiB

@@ -98,6 +98,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.prefetch_running = 0
         self.prefetch_pause_until = 0.0
         self.prefetch_yield_until = 0.0  # a read missed elsewhere (_note_miss)
+        self.far_reads = 0  # jobs of such misses running
         self.prefetch_at: int | None = None  # source offset prefetch fetches next
         self.prefetch_backoff = 1.0
         self.stopped = False  # the source changed: fetch nothing more
@@ -391,14 +392,26 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     self._nursery.start_soon(self._run_job, job)
 
     def _note_miss(self, job: Job) -> None:
-        """A read missed: prefetch yields the link for `prefetch_yield`
-        seconds unless the miss is near where it is fetching."""
+        """A read missed: unless that is near where prefetch is fetching,
+        prefetch yields the link while the job runs and `prefetch_yield`
+        seconds after (`yield_after`): the program's next read comes then."""
         at = self.prefetch_at
         offsets = [w.offset for w in job.wants if w.size and w.tree != HASH]
         if at is None or not offsets or abs(min(offsets) - at) <= self.cfg.prefetch_near:
             return
+        job.far = True
+        self.far_reads += 1
         self.stats["prefetch_yields"] += 1
-        self.prefetch_yield_until = time.monotonic() + self.cfg.prefetch_yield
+
+    def yield_after(self, job: Job) -> None:
+        """A job ends: if it was a far miss, prefetch starts nothing for
+        `prefetch_yield` seconds more (the gate waits while any runs)."""
+        if job.far:
+            job.far = False
+            self.far_reads -= 1
+            until = time.monotonic() + self.cfg.prefetch_yield
+            self.prefetch_yield_until = max(self.prefetch_yield_until, until)
+            self.slots.changed.notify()
 
     def _miss_extent(self, ino: int, blocks: list[int]) -> int:
         """Bytes of source range a miss at `blocks` may take: `amplify`, or

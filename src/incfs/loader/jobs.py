@@ -70,6 +70,7 @@ class JobRunner:
                     self._give_up(job, f"cannot store fetched blocks: {e}")
                     return
         finally:
+            self.yield_after(job)
             if self.stopped:
                 self._fail_stopped_job(job)
             self._release(job, list(job.keys))

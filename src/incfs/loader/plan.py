@@ -51,6 +51,7 @@ class Job:
     background: bool = False  # counted in Loader.prefetch_running
     readahead: bool = False  # ahead of a sequential reader (schedule.READAHEAD)
     held: int = 0  # bytes of in-flight budget held until what was fetched is stored
+    far: bool = False  # a read's miss away from prefetch: it yields while this runs
 
     @property
     def nbytes(self) -> int:

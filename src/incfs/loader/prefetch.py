@@ -199,7 +199,7 @@ class PrefetchMixin:
     def _prefetch_may_start(self) -> bool:
         s = self.slots
         return (self.prefetch_running < self.cfg.prefetch_slots and not s.waiting[READ]
-                and not s.busy[READ] and not s.waiting[READAHEAD])
+                and not s.busy[READ] and not s.waiting[READAHEAD] and not self.far_reads)
 
     async def _prefetch_gate(self) -> None:
         """Wait until prefetch may start a job: fewer than `prefetch_slots`
