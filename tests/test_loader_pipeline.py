@@ -378,5 +378,14 @@ def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_pat
                 assert (mnt / "f00.bin").read_bytes() == files["f00.bin"]
                 assert status(mnt)["loader"]["prefetch"]["yields"] == 0
                 assert (mnt / "f39.bin").read_bytes() == files["f39.bin"]
-                assert status(mnt)["loader"]["prefetch"]["yields"] >= 1
+                prefetch = status(mnt)["loader"]["prefetch"]
+                assert prefetch["yields"] >= 1
+                assert prefetch["width"] == 1  # narrow again after a far miss
+                from test_loader_util import wait_for
+
+                # and wider as its jobs end with no far miss meanwhile
+                def widened() -> bool:
+                    return status(mnt)["loader"]["prefetch"]["width"] == DEFAULTS.prefetch_slots
+
+                wait_for(widened, 30, what="prefetch to widen")
     assert_cache_clean(tmp_path / "cache.img")

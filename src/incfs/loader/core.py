@@ -99,6 +99,12 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.prefetch_pause_until = 0.0
         self.prefetch_yield_until = 0.0  # a read missed elsewhere (_note_miss)
         self.far_reads = 0  # jobs of such misses running
+        # prefetch jobs that may run at once: one at first and after a far
+        # miss, twice as many each time a job ends with no far miss meanwhile (up
+        # to prefetch_slots): jobs started before a program's first read
+        # cannot be called back, so prefetch starts narrow
+        self.prefetch_width = 1
+        self.far_misses = 0
         self.prefetch_at: int | None = None  # source offset prefetch fetches next
         self.prefetch_backoff = 1.0
         self.stopped = False  # the source changed: fetch nothing more
@@ -344,7 +350,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,
                          "blocks": self.stats["prefetch_blocks"],
                          "bytes": self.stats["prefetch_bytes"],
-                         "yields": self.stats["prefetch_yields"]},
+                         "yields": self.stats["prefetch_yields"],
+                         "width": self.prefetch_width},
             "base": self.info.get("base"),
             "last_error": self.last_error,
             **{k: v for k, v in self.stats.items() if not k.startswith("prefetch_")},
@@ -401,6 +408,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             return
         job.far = True
         self.far_reads += 1
+        self.far_misses += 1
+        self.prefetch_width = 1
         self.stats["prefetch_yields"] += 1
 
     def yield_after(self, job: Job) -> None:

@@ -77,7 +77,14 @@ class JobRunner:
             self._update_status()
             if job.background:
                 self.prefetch_running -= 1
+                self._widen_prefetch(job)
                 self.slots.changed.notify()
+
+    def _widen_prefetch(self, job: Job) -> None:
+        """A prefetch job ended: twice as many may run at once if no read missed
+        far from prefetch while it ran (see Loader.prefetch_width)."""
+        if self.far_misses == job.far_mark:
+            self.prefetch_width = min(self.cfg.prefetch_slots, self.prefetch_width * 2)
 
     def _pause_prefetch(self, job: Job, seconds: float) -> None:
         if job.background:

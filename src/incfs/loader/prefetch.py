@@ -198,12 +198,12 @@ class PrefetchMixin:
 
     def _prefetch_may_start(self) -> bool:
         s = self.slots
-        return (self.prefetch_running < self.cfg.prefetch_slots and not s.waiting[READ]
+        return (self.prefetch_running < self.prefetch_width and not s.waiting[READ]
                 and not s.busy[READ] and not s.waiting[READAHEAD] and not self.far_reads)
 
     async def _prefetch_gate(self) -> None:
-        """Wait until prefetch may start a job: fewer than `prefetch_slots`
-        prefetch jobs running, no read's request running or waiting for a
+        """Wait until prefetch may start a job: fewer than `prefetch_width`
+        (at most `prefetch_slots`) prefetch jobs running, no read's request running or waiting for a
         slot, no readahead waiting, no pause after errors or a read's miss
         elsewhere (core._note_miss), and the bandwidth cap's debt repaid. Blocks are claimed only after this, so a read
         never waits behind a prefetch job that has not started. Returns at
@@ -225,6 +225,7 @@ class PrefetchMixin:
             self._release(job, list(job.keys))
             return
         job.background = True
+        job.far_mark = self.far_misses
         ends = [w.offset + w.size for w in job.wants if w.size]
         if ends:
             self.prefetch_at = max(ends)
