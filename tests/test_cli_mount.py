@@ -73,6 +73,11 @@ def test_mount_http_status_profile_umount(served_image):
             assert key in status
         assert status["files"] == 2 and status["signed"] is True
         assert 0 < status["blocks_present"] < status["blocks_total"]
+        # the command opened the source's connections before forking the
+        # daemon (incfs.preconnect), and the daemon got them
+        from incfs.loader.config import DEFAULTS
+
+        assert status["loader"]["sources"][0]["early_connections"] == DEFAULTS.warm_connections
         assert "blocks" in incfs("status", mnt).stdout
         incfs("profile", "record", mnt, tmp / "p.json")
         profile = json.loads((tmp / "p.json").read_text())

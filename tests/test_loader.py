@@ -220,6 +220,32 @@ def test_source_runs_follow_the_data_region(tmp_path):
 
 # --- mounts ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("supervise", [True, False])
+def test_the_daemon_gets_the_connections_mount_background_opened(tmp_path, served, supervise):
+    """mount_background opens the source's TCP connections before the daemon
+    starts (incfs.preconnect); they reach the daemon's HTTP source through
+    the supervisor's fork (or straight, unsupervised) and carry its requests."""
+    from incfs.loader.config import DEFAULTS
+
+    root, nginx = served
+    src = _random_tree(tmp_path / "src", big=MiB)
+    pack(src, root / "app.img", compress="zstd")
+    with mounted(_config(tmp_path, nginx.url("app.img"), prefetch="none",
+                         supervise=supervise)) as mnt:
+        _assert_same(mnt, src)
+        loader = status(mnt)["loader"]
+        assert loader["sources"][0]["early_connections"] == DEFAULTS.warm_connections
+        assert loader["errors"] == 0 and status(mnt)["reads_failed"] == 0
+    assert preconnect_env_is_ours_only()
+
+
+def preconnect_env_is_ours_only() -> bool:
+    """The caller's environment never gets the variable (only the child's)."""
+    from incfs import preconnect
+
+    return preconnect.ENV not in os.environ
+
+
 def test_mount_from_http_nginx_signed(tmp_path, served, keys):
     root, nginx = served
     src = _random_tree(tmp_path / "src")

@@ -78,13 +78,16 @@ class SourceStats:
     requests: requests sent to the backend (HEADs included; for a mirror set,
               logical reads); bytes: payload bytes delivered to callers;
     errors:   failed attempts; retries: attempts beyond the first (for a mirror
-              set, also fail-overs to another mirror).
+              set, also fail-overs to another mirror);
+    early_connections: connections opened before this process started that
+              the source was given (incfs.preconnect; http(s) only).
     """
 
     requests: int = 0
     bytes: int = 0
     errors: int = 0
     retries: int = 0
+    early_connections: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """A snapshot suitable for JSON or log lines."""

@@ -289,6 +289,7 @@ class HttpSource(Source):
                               max_keepalive_connections=max_connections, keepalive_expiry=30.0)
         http2 = http2 and _speaks_http2(url)
         self.preconnected = _early_connections(parsed)
+        self.stats.early_connections = self.preconnected
         self._client = httpx.AsyncClient(
             http2=http2,
             follow_redirects=True,
