@@ -7,9 +7,10 @@ during the imports. So `mount_background` opens the connections itself,
 before it starts the daemon, with non-blocking `connect()` calls (stdlib
 `socket` only: this module imports nothing heavy), and passes them down,
 their descriptors named in an environment variable. The daemon's HTTP
-client (`sources.http`, `sources.early_http`) takes one whenever it would open a connection to the
-same host and port (`take`); one still connecting is waited for, one that
-failed or is older than `MAX_AGE` is dropped for a normal connect.
+client (`sources.http`, `sources.early_http`) takes one whenever it would
+open a connection to the same host and port (`take`); one still connecting
+is waited for, one that failed or is older than `MAX_AGE` is dropped for a
+normal connect.
 
 Only plain TCP is opened early; a TLS handshake still runs in the client
 (it needs the trust store, which is loaded at the first handshake). Nothing

@@ -25,13 +25,15 @@ from .plan import Range, Want
 
 @dataclass(slots=True)
 class Arrived:
-    """One block's fetched bytes; `origin` is the mirror that sent them,
-    known once its range is in (None before, or without mirrors)."""
+    """One block's fetched bytes, and the range (request) they came in."""
 
     want: Want
     data: bytes
     range_index: int
-    origin: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.want.tree, self.want.index
 
 
 class Arrivals:
@@ -53,11 +55,10 @@ class Arrivals:
         self._changed = trio.Event()
         self.closed = False
         self.origins: dict[int, int | None] = {}  # range index -> mirror, once finished
-        self._range_of: dict[tuple[int, int], int] = {}  # (tree, index) -> range index
         # kept by the early storer: blocks it took (stored, or found present)
-        # and those of them the image refused
+        # and, by range index, those of them the image refused
         self.handled: set[tuple[int, int]] = set()
-        self.failed_early: set[tuple[int, int]] = set()
+        self.failed_early: dict[tuple[int, int], int] = {}
 
     def progress(self, i: int) -> Callable[[bytes | bytearray], None]:
         def arrived(body: bytes | bytearray) -> None:
@@ -65,27 +66,29 @@ class Arrivals:
         return arrived
 
     def finish(self, i: int, data: bytes, origin: int | None) -> None:
-        """Range i is in whole."""
+        """Range i is in whole, from mirror `origin`."""
         self._advance(i, data)
         self.origins[i] = origin
-        for item in self.got:
-            if item.range_index == i:
-                item.origin = origin
+
+    def entry(self, item: Arrived) -> tuple[Want, bytes, int | None]:
+        """(want, bytes, origin mirror) of a block, as the loader stores it
+        (the origin is None until its range is in)."""
+        return item.want, item.data, self.origins.get(item.range_index)
 
     def close(self) -> None:
         """No more bytes will come: wake the early storer to let it end."""
         self.closed = True
         self._changed.set()
 
-    def origin_of(self, key: tuple[int, int]) -> int | None:
-        """The mirror that sent block `key` (None: unknown, or no mirrors)."""
-        i = self.bad.get(key, self._range_of.get(key))
-        return None if i is None else self.origins.get(i)
+    def damaged(self) -> dict[tuple[int, int], int | None]:
+        """Blocks whose bytes failed their CRC, with the mirror that sent
+        each (to avoid it when they are fetched again)."""
+        return {key: self.origins.get(i) for key, i in self.bad.items()}
 
     def early_failed(self) -> dict[tuple[int, int], int | None]:
         """Blocks the early storer handed in that the image refused, with
-        the mirror that sent each (to avoid it when they are fetched again)."""
-        return {key: self.origin_of(key) for key in self.failed_early}
+        the mirror that sent each."""
+        return {key: self.origins.get(i) for key, i in self.failed_early.items()}
 
     async def take(self) -> list[Arrived]:
         """Wait until blocks are queued (or the fetch is over); take them.
@@ -106,7 +109,8 @@ class Arrivals:
             start = w.offset - r.offset
             if start + w.size > len(body):
                 break  # not all in yet; a retry's body also restarts here
-            data = bytes(body[start:start + w.size])
+            # one copy (a slice of a bytearray would be a second)
+            data = bytes(memoryview(body)[start:start + w.size])
             k += 1
             if w.crc is not None and zlib.crc32(data) != w.crc:
                 # damaged on the way: never stored; fetched again
@@ -114,7 +118,6 @@ class Arrivals:
                 self._on_damage(w)
                 continue
             item = Arrived(w, data, i)
-            self._range_of[(w.tree, w.index)] = i
             self.got.append(item)
             self._queue.append(item)
             added = True

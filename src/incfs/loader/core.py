@@ -104,7 +104,6 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         # to prefetch_slots): jobs started before a program's first read
         # cannot be called back, so prefetch starts narrow
         self.prefetch_width = 1
-        self.far_misses = 0
         self.prefetch_at: int | None = None  # source offset prefetch fetches next
         self.prefetch_backoff = 1.0
         self.stopped = False  # the source changed: fetch nothing more
@@ -401,18 +400,17 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
     def _note_miss(self, job: Job) -> None:
         """A read missed: unless that is near where prefetch is fetching,
         prefetch yields the link while the job runs and `prefetch_yield`
-        seconds after (`yield_after`): the program's next read comes then."""
+        seconds after (`_yield_after`): the program's next read comes then."""
         at = self.prefetch_at
         offsets = [w.offset for w in job.wants if w.size and w.tree != HASH]
         if at is None or not offsets or abs(min(offsets) - at) <= self.cfg.prefetch_near:
             return
         job.far = True
         self.far_reads += 1
-        self.far_misses += 1
         self.prefetch_width = 1
-        self.stats["prefetch_yields"] += 1
+        self.stats["prefetch_yields"] += 1  # also the far-miss count of Job.far_mark
 
-    def yield_after(self, job: Job) -> None:
+    def _yield_after(self, job: Job) -> None:
         """A job ends: if it was a far miss, prefetch starts nothing for
         `prefetch_yield` seconds more (the gate waits while any runs)."""
         if job.far:

@@ -70,7 +70,7 @@ class JobRunner:
                     self._give_up(job, f"cannot store fetched blocks: {e}")
                     return
         finally:
-            self.yield_after(job)
+            self._yield_after(job)
             if self.stopped:
                 self._fail_stopped_job(job)
             self._release(job, list(job.keys))
@@ -83,7 +83,7 @@ class JobRunner:
     def _widen_prefetch(self, job: Job) -> None:
         """A prefetch job ended: twice as many may run at once if no read missed
         far from prefetch while it ran (see Loader.prefetch_width)."""
-        if self.far_misses == job.far_mark:
+        if self.stats["prefetch_yields"] == job.far_mark:
             self.prefetch_width = min(self.cfg.prefetch_slots, self.prefetch_width * 2)
 
     def _pause_prefetch(self, job: Job, seconds: float) -> None:
@@ -137,11 +137,10 @@ class JobRunner:
                 arrivals.close()
         if error is not None:
             raise error
-        got = [(a.want, a.data, a.origin) for a in arrivals.got
-               if (a.want.tree, a.want.index) not in arrivals.handled]
+        got = [arrivals.entry(a) for a in arrivals.got if a.key not in arrivals.handled]
         zero = [(w, b"", None) for w in wants if not w.size]
         failed = await self._store(node, job, got + zero)
-        failed.update({key: arrivals.origin_of(key) for key in arrivals.bad})
+        failed.update(arrivals.damaged())
         failed.update(arrivals.early_failed())
         if failed:
             await self._refetch(node, job, wants, failed)
@@ -175,11 +174,12 @@ class JobRunner:
         while True:
             ready = [a for a in queued if a.want.tree == tree and self._verifiable(node, a.want)]
             if ready:
-                group = [(a.want, a.data, a.origin) for a in ready
-                         if not self._present(node, tree, a.want.index)]
+                group = [a for a in ready if not self._present(node, tree, a.want.index)]
                 if group:
-                    arrivals.failed_early.update(await self._fill(node, job, tree, group))
-                arrivals.handled.update((a.want.tree, a.want.index) for a in ready)
+                    refused = await self._fill(node, job, tree, [arrivals.entry(a) for a in group])
+                    arrivals.failed_early.update({a.key: a.range_index for a in group
+                                                  if a.key in refused})
+                arrivals.handled.update(a.key for a in ready)
                 taken = {id(a) for a in ready}
                 queued = [a for a in queued if id(a) not in taken]
             if tree == DATA:
@@ -281,8 +281,7 @@ class JobRunner:
                 nursery.start_soon(one, i, r, nursery.cancel_scope)
         if errors:
             raise errors[0]
-        return ([(a.want, a.data, a.origin) for a in arrivals.got],
-                {key: arrivals.origin_of(key) for key in arrivals.bad})
+        return [arrivals.entry(a) for a in arrivals.got], arrivals.damaged()
 
     async def _fetch_range(self, job: Job, r: Range, avoid, progress=None):
         level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),

@@ -52,7 +52,7 @@ class Job:
     readahead: bool = False  # ahead of a sequential reader (schedule.READAHEAD)
     held: int = 0  # bytes of in-flight budget held until what was fetched is stored
     far: bool = False  # a read's miss away from prefetch: it yields while this runs
-    far_mark: int = 0  # prefetch jobs: Loader.far_misses when it started
+    far_mark: int = 0  # prefetch jobs: the loader's far-miss count when it started
 
     @property
     def nbytes(self) -> int:

@@ -203,10 +203,11 @@ class PrefetchMixin:
 
     async def _prefetch_gate(self) -> None:
         """Wait until prefetch may start a job: fewer than `prefetch_width`
-        (at most `prefetch_slots`) prefetch jobs running, no read's request running or waiting for a
-        slot, no readahead waiting, no pause after errors or a read's miss
-        elsewhere (core._note_miss), and the bandwidth cap's debt repaid. Blocks are claimed only after this, so a read
-        never waits behind a prefetch job that has not started. Returns at
+        (at most `prefetch_slots`) prefetch jobs running, no read's request
+        running or waiting for a slot, no readahead waiting, no pause after
+        errors or a read's miss elsewhere (core._note_miss), and the
+        bandwidth cap's debt repaid. Blocks are claimed only after this, so a
+        read never waits behind a prefetch job that has not started. Returns at
         once when fetching stopped (the callers then launch nothing)."""
         await trio.lowlevel.checkpoint()
         while not self.stopped:
@@ -225,7 +226,7 @@ class PrefetchMixin:
             self._release(job, list(job.keys))
             return
         job.background = True
-        job.far_mark = self.far_misses
+        job.far_mark = self.stats["prefetch_yields"]
         ends = [w.offset + w.size for w in job.wants if w.size]
         if ends:
             self.prefetch_at = max(ends)

@@ -288,8 +288,7 @@ class HttpSource(Source):
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections, keepalive_expiry=30.0)
         http2 = http2 and _speaks_http2(url)
-        self.preconnected = _early_connections(parsed)
-        self.stats.early_connections = self.preconnected
+        self.stats.early_connections = _early_connections(parsed)
         self._client = httpx.AsyncClient(
             http2=http2,
             follow_redirects=True,
@@ -305,6 +304,11 @@ class HttpSource(Source):
         self._size_lock = trio.Lock()
         self._etag: str | None = None
         self._last_modified: str | None = None
+
+    @property
+    def preconnected(self) -> int:
+        """Connections our parent opened early that this source was given."""
+        return self.stats.early_connections
 
     # -- identity -----------------------------------------------------------
 
