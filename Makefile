@@ -10,7 +10,7 @@ APT_PKGS  := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
              fsverity nginx-light erofs-utils sqlite3 fio squashfuse iproute2 kmod \
              curl tar util-linux
 # peers only the benchmarks compare against
-BENCH_APT := squashfs-tools rclone httpfs2 debootstrap
+BENCH_APT := squashfs-tools rclone httpfs2 debootstrap attr
 
 .PHONY: setup demo test bench bench-quick bench-debian clean install-helpers uninstall-helpers \
         install-systemd uninstall-systemd
@@ -89,7 +89,7 @@ demo: setup
 test: setup
 	@$(BIN)/python -m pytest -q tests
 
-$(STAMPS)/bench: $(STAMPS)/venv
+$(STAMPS)/bench: $(STAMPS)/venv Makefile
 	@missing=$$(for p in $(BENCH_APT); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -111,7 +111,8 @@ def main() -> int:
     mountpoint.mkdir(exist_ok=True)
     results: dict[str, dict[str, dict[str, float]]] = {}
     with mounted(image, mountpoint):
-        problems = fidelity.compare(str(root), str(mountpoint))
+        problems = (fidelity.compare(str(root), str(mountpoint))
+                    + fidelity.tool_differences(str(root), str(mountpoint)))
         diff = fidelity.diff_r(str(root), str(mountpoint))
         print(f"mount vs tree: {len(problems)} differences in metadata, xattrs, links or "
               f"bytes; diff -r {'clean' if not diff else 'differs'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -95,9 +96,36 @@ def diff_r(tree: str, mount: str) -> str:
     return done.stdout + done.stderr
 
 
+def _listing(root: str, argv: list[str]) -> list[str]:
+    """`argv` run on every entry under `root` (find -exec, as a user would),
+    its output with `root` taken out of each line, sorted."""
+    done = subprocess.run(["find", root, "-exec", *argv, "{}", "+"], capture_output=True)
+    text = done.stdout.decode(errors="surrogateescape").replace(root, "ROOT")
+    return sorted(line for line in text.splitlines() if line)
+
+
+def tool_differences(tree: str, mount: str) -> list[str]:
+    """The literal tools of the issue on both sides: `stat -c '%n %u %g %a %t
+    %T %F'` and `getfattr -h -d -m - -e hex` (package attr) of every entry;
+    the lines that differ. getfattr missing: one line saying so."""
+    out = []
+    argv = {"stat": ["stat", "-c", "%n %u %g %a %t %T %F"],
+            "getfattr": ["getfattr", "-h", "-d", "-m", "-", "-e", "hex", "--absolute-names"]}
+    for tool, command in argv.items():
+        if shutil.which(tool) is None:
+            package = "attr" if tool == "getfattr" else "coreutils"
+            out.append(f"{tool}: not installed (apt-get install {package})")
+            continue
+        a, b = _listing(tree, command), _listing(mount, command)
+        if a != b:
+            extra = sorted(set(a) ^ set(b))
+            out += [f"{tool}: {line}" for line in extra[:20]] or [f"{tool}: line order differs"]
+    return out
+
+
 def main() -> int:
     tree, mount = sys.argv[1], sys.argv[2]
-    problems = compare(tree, mount)
+    problems = compare(tree, mount) + tool_differences(tree, mount)
     diff = diff_r(tree, mount)
     for p in problems[:40]:
         print(p)

@@ -1008,8 +1008,27 @@ def x_unknown_incompatible_feature(d): _header(d, 16, "<I", 1 << 7)
 def x_unknown_compatible_feature(d): _header(d, 12, "<I", 1 << 3)
 
 
+# the whole index is one chunk here, and open reads the root's record from
+# it; damage in a chunk open does not read fails only the reads of it
+# (test_index.py, test_a_damaged_index_chunk_fails_only_the_reads_of_it)
 @index_case("open", fixed=False)
-def x_region_crc_wrong(d): d[_names(d, 1)] ^= 1
+def x_chunk_digest_wrong(d): d[_names(d, 1)] ^= 1
+
+
+@index_case("open")
+def x_chunks_bit_cleared(d): _header(d, 16, "<I", 1)  # the table read as a longer header
+
+
+@index_case("open")
+def x_chunk_shift_too_small(d): _header(d, 152, "<I", 3)
+
+
+@index_case("open")
+def x_chunk_shift_2_to_40(d): _header(d, 152, "<I", 40)
+
+
+@index_case("open")
+def x_chunk_count_lies(d): _header(d, 156, "<I", 1 << 30)
 
 
 @index_case("open")
@@ -1148,7 +1167,7 @@ def x_map_without_crcs_for_a_file_without_a_tree(d):
 @index_case("access")
 def x_map_kinds_bit_cleared(d):
     # the heads and info words read as three columns of 14 bytes a block
-    _header(d, 16, "<I", 0)
+    _header(d, 16, "<I", 2)  # CHUNKS alone
 
 
 @index_case("access")

@@ -4,6 +4,7 @@ from it. Hostile indexes are in test_hostile_images.py."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -134,11 +135,84 @@ def test_fills_over_an_index_survive_reopening(tmp_path):
         assert again.read_block(node, 1) == (src / "a.bin").read_bytes()[4096:8192]
 
 
-def test_a_damaged_index_is_refused_at_open(small_tree, tmp_path):
+def _wide_tree(root: Path, files: int = 600) -> Path:
+    """Enough files for an inode table of several 16 KiB chunks."""
+    root.mkdir(parents=True)
+    for i in range(files):
+        (root / f"f{i:04d}").write_bytes(b"x%d" % i)
+    return root
+
+
+def _chunk_of(img: Image, ino: int) -> int:
+    check = img.index.check
+    return (img.index.r["inodes"].offset + (ino - 1) * 128 - check.base) >> check.shift
+
+
+def test_a_damaged_index_chunk_fails_only_the_reads_of_it(tmp_path, keys, caplog):
+    """A flipped byte (no digest fixed) in the inode table's third chunk: the
+    image opens, and its signature verifies, without reading that chunk;
+    every read of it fails with EIO and a log line, the rest serves on, and
+    `incfs verify` names the chunk."""
+    priv, pub = keys("ed25519")
+    image = tmp_path / "img"
+    pack(_wide_tree(tmp_path / "src"), image, sign_key=priv)
+    with Image.open(image) as img:
+        assert img.index.header.chunk_shift == 14 and len(img.index.check.state) >= 4
+        victim = next(n for n in range(2, 601) if _chunk_of(img, n) == 2)
+        healthy = next(n for n in range(2, 601) if _chunk_of(img, n) == 1)
+    data = bytearray(image.read_bytes())
+    data[inode_at(data, victim) + 16] ^= 1  # an mtime bit
+    image.write_bytes(bytes(data))
+    with Image.open(image) as img:
+        img.verify_signature(signing.load_public(pub))  # the table is what is signed
+        assert img.ns.stat(healthy) is not None
+        for _ in range(2):  # known bad: the second read fails without hashing again
+            with pytest.raises(OSError) as err:
+                img.ns.stat(victim)
+            assert err.value.errno == errno.EIO
+        assert img.index.check.bad == 1
+        assert img.ns.stat(healthy) is not None
+    assert "index chunk 2" in caplog.text and "does not match its digest" in caplog.text
+    report = verify_image(image, pub)
+    assert report.exit_code == 1
+    assert any("index chunk 2 " in p.message for p in report.problems), report.problems
+
+
+def test_an_index_chunk_table_that_does_not_fit_is_refused(small_tree, tmp_path):
     image = tmp_path / "img"
     pack(small_tree, image)
     data = bytearray(image.read_bytes())
-    data[inode_at(data, 2) + 16] ^= 1  # an mtime bit, CRC not fixed
+    from incfs.format.index import HEADER_SIZE
+    from incfs.format.layout import LOG_START, RECORD_HEADER_SIZE
+    struct.pack_into("<I", data, LOG_START + RECORD_HEADER_SIZE + HEADER_SIZE + 4, 7)
+    assert fix_index(data)
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImage, match="index chunk table does not match"):
+        Image.open(image)
+
+
+def test_an_index_from_before_chunks_is_read_and_checked_at_open(tmp_path, monkeypatch):
+    """An index with a CRC per region (the CHUNKS bit clear): read as it
+    always was, and a flipped byte refuses the image at open."""
+    import incfs.pack
+    from incfs.format.index_chunks import INCOMPAT_CHUNKS
+    from incfs.pack_index import IndexWriter
+
+    class OldWriter(IndexWriter):
+        def __init__(self, tmpdir):
+            super().__init__(tmpdir, chunks=False)
+
+    monkeypatch.setattr(incfs.pack, "IndexWriter", OldWriter)
+    image = tmp_path / "img"
+    pack(_wide_tree(tmp_path / "src", 300), image)
+    with Image.open(image) as img:
+        assert not img.index.header.incompat & INCOMPAT_CHUNKS
+        assert img.index.header.digests is None
+        assert sorted(p for p, n in img.ns.walk() if n.is_reg) == sorted(
+            b"/f%04d" % i for i in range(300))
+        assert verify_image(image).ok
+    data = bytearray(image.read_bytes())
+    data[inode_at(data, 200) + 16] ^= 1  # an mtime bit, CRC not fixed
     image.write_bytes(bytes(data))
     with pytest.raises(CorruptImage, match="index region inodes checksum mismatch"):
         Image.open(image)
@@ -332,6 +406,7 @@ def test_an_index_from_before_map_kinds_is_read(tmp_path, monkeypatch):
     """Maps as three columns without a head (the bit clear): 14 bytes a
     block, read as they always were."""
     import incfs.pack
+    from incfs.format.maps import INCOMPAT_MAP_KINDS
     from incfs.pack_index import IndexWriter
 
     class OldWriter(IndexWriter):
@@ -344,7 +419,7 @@ def test_an_index_from_before_map_kinds_is_read(tmp_path, monkeypatch):
     sizes = _map_bytes(tmp_path / "img")
     assert sizes["raw"] == (14 * 3 + 7) // 8 * 8 + 16 and sizes["tiny"] == 16
     with Image.open(tmp_path / "img") as img:
-        assert not img.index.header.incompat
+        assert not img.index.header.incompat & INCOMPAT_MAP_KINDS
         assert {os.fsdecode(path).lstrip("/"): img.read_range(n, 0, n.size)
                 for path, n in img.ns.walk() if n.is_reg} == files
 
@@ -470,13 +545,13 @@ def test_images_with_and_without_stored_types_list_the_same(tmp_path, monkeypatc
     encoder of listings."""
     from incfs import block_dirents
     from incfs.control import Client
-    from incfs.format.index import COMPAT_DTYPES, IndexHeader
+    from incfs.format.index import COMPAT_DTYPES
     from incfs.mount import MountConfig, mount_background, umount
     src = _listing_tree(tmp_path / "src")
     os.mkfifo(src / "fifo")
     pack(src, tmp_path / "new.img", compress="none")
     data = bytearray((tmp_path / "new.img").read_bytes())
-    assert IndexHeader.decode(bytes(data[4096 + 32:4096 + 32 + 152])).compat & COMPAT_DTYPES
+    assert int.from_bytes(data[4096 + 32 + 12:][:4], "little") & COMPAT_DTYPES
     _without_stored_types(data)
     (tmp_path / "old.img").write_bytes(bytes(data))
     with Image.open(tmp_path / "old.img") as img:

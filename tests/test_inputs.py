@@ -614,6 +614,14 @@ def test_oci_image_index_picks_this_machines_architecture(tmp_path, docker):
     _nested_index(layout, {other: [tar_bytes([member("a")])], "mips": [tar_bytes([])]}, docker)
     with pytest.raises(UsageError, match=f"no manifest for linux/{ours}"):
         pack(f"oci:{layout.root}:multi", tmp_path / "y.img")
+    # one manifest, for another machine: packed as it is, and pack says so
+    layout = OciLayout(tmp_path / "oci-one")
+    _nested_index(layout, {other: [tar_bytes([member("arch", data=other.encode())])]}, docker)
+    stats = pack(f"oci:{layout.root}:multi", tmp_path / "z.img")
+    assert any(f"only manifest is for linux/{other}, not this machine's linux/{ours}" in n
+               for n in stats.skipped), stats.skipped
+    with Image.open(tmp_path / "z.img") as img:
+        assert img.read_range(img.ns.lookup(1, b"arch"), 0, 99) == other.encode()
 
 
 def test_oci_descriptor_fields_of_the_wrong_json_type_are_usage_errors(tmp_path):

@@ -348,7 +348,7 @@ class IndexNamespace(Namespace):
         reader = self.reader
         base = reader.dir_base(ino, extent, count)
         children, types = reader.listed(ino, base, count)
-        got = block_dirents.encode(reader.block_bytes(base), count, types, 2, reader.count)
+        got = block_dirents.encode(reader.block_bytes(base, count), count, types, 2, reader.count)
         if got is None:
             return None
         if not self._dirs_checked[ino >> 3] & (1 << (ino & 7)):

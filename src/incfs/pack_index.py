@@ -32,6 +32,8 @@ from .blockmap import ABSENT
 from .format.index import (COMPAT_DTYPES, FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE,
                            REGIONS, IndexHeader, Region, encode_inode, encode_names,
                            heap_blob, names_size, region_crc)
+from .format.index_chunks import (DESCRIPTOR_SIZE, DIGEST_SIZE, INCOMPAT_CHUNKS, chunk_count,
+                                  chunk_shift, digest)
 from .format.maps import (INCOMPAT_MAP_KINDS, MapKind, columns_size, encode_columns, encode_map,
                           map_size, run_offsets)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
@@ -76,10 +78,11 @@ def _tree_counts(e: InodeEntry) -> tuple[int, int]:
 class IndexWriter:
     """Takes the laid-out tree inode by inode and writes the INDEX record."""
 
-    def __init__(self, tmpdir: Path, map_kinds: bool = True):
-        # map_kinds False: maps as a writer before MAP_KINDS made them (the
-        # tests of reading old images use it)
+    def __init__(self, tmpdir: Path, map_kinds: bool = True, chunks: bool = True):
+        # map_kinds / chunks False: maps / a region CRC as a writer before
+        # MAP_KINDS / CHUNKS made them (the tests of reading old images)
         self.map_kinds = map_kinds
+        self.chunks = chunks
         self.files: dict[str, BinaryIO] = {name: tempfile.TemporaryFile(dir=tmpdir)
                                            for name in REGIONS}
         self.length = dict.fromkeys(REGIONS, 0)  # bytes each region has (or has reserved)
@@ -200,7 +203,10 @@ class IndexWriter:
         if self.open:
             raise ValueError("directories left without all their names")
         self._patch_links()
-        plan = _plan(app.end, self.length)
+        span = sum(self.length.values())
+        shift = chunk_shift(span) if self.chunks else 0
+        table = DESCRIPTOR_SIZE + DIGEST_SIZE * chunk_count(span, shift) if self.chunks else 0
+        plan = _plan(app.end, self.length, table)
         base = {name: plan.payload + rel for name, rel in spool_rel.items()}
         written = _write_maps(self.files["maps"], placed, base,
                               self.kinds if self.map_kinds else None)
@@ -210,12 +216,17 @@ class IndexWriter:
         for name in REGIONS:
             f, length = self.files[name], self.length[name]
             f.flush()
-            regions[name] = Region(at, length, region_crc(f.fileno(), 0, length))
+            crc = 0 if self.chunks else region_crc(f.fileno(), 0, length)
+            regions[name] = Region(at, length, crc)
             _copy(f, fd, at, length)
             at += length
+        incompat = (INCOMPAT_MAP_KINDS if self.map_kinds else 0) | (
+            INCOMPAT_CHUNKS if self.chunks else 0)
         header = IndexHeader(self.count, self.total_blocks, self.regular,
                              FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES,
-                             incompat=INCOMPAT_MAP_KINDS if self.map_kinds else 0)
+                             incompat=incompat, chunk_shift=shift,
+                             digests=_chunk_digests(fd, plan.start, plan.end, shift)
+                             if self.chunks else None)
         start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
         assert start == plan.start, (start, plan.start)
         if os.fstat(fd).st_size < app.end:
@@ -232,8 +243,18 @@ class IndexWriter:
             os.pwrite(f.fileno(), struct.pack("<I", nlink + extra), at)
 
 
-def _plan(record: int, length: dict[str, int]) -> IndexPlan:
-    start = record + _aligned(RECORD_HEADER_SIZE + HEADER_SIZE)
+def _chunk_digests(fd: int, start: int, end: int, shift: int) -> bytes:
+    """The regions' chunk digests, read back from the image (the page cache
+    has them: they were just written)."""
+    size, out = 1 << shift, []
+    for at in range(start, end, size):
+        out.append(digest(os.pread(fd, min(size, end - at), at)))
+    return b"".join(out)
+
+
+def _plan(record: int, length: dict[str, int], table: int) -> IndexPlan:
+    """`table`: the bytes of the chunk table after the index header."""
+    start = record + _aligned(RECORD_HEADER_SIZE + HEADER_SIZE + table)
     end = start + sum(length.values())
     payload = (end + SIGNATURE_ROOM + 2 * RECORD_HEADER_SIZE + 4095) // 4096 * 4096
     return IndexPlan(record, start, end, payload)

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage
+from .index_chunks import INCOMPAT_CHUNKS, ChunkCheck, decode_table, encode_table
 from .maps import (INCOMPAT_MAP_KINDS, Columns, MapDamage, columns_size, decode_columns,
                    decode_map)
 from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
@@ -48,7 +49,10 @@ COMPAT_DTYPES = 1
 COMPAT_KNOWN = COMPAT_DTYPES
 # MAP_KINDS: each block map starts with a head word naming its layout
 # (format.maps), so most maps hold 2 bytes a block or none instead of 14.
-INCOMPAT_KNOWN = INCOMPAT_MAP_KINDS
+# CHUNKS: the header is followed by a SHA-256 per chunk of the regions
+# (format.index_chunks), checked as each chunk is first read, instead of a
+# CRC per region checked at open.
+INCOMPAT_KNOWN = INCOMPAT_MAP_KINDS | INCOMPAT_CHUNKS
 FLAG_POSIX = 1  # some inode has owners, a device number or attributes
 
 REGIONS = ("inodes", "names", "maps", "heap")
@@ -70,6 +74,7 @@ _STAT = struct.Struct("<I4xQqIII4xQQI")
 _DIRENT = struct.Struct("<IBBxxQ")
 assert _DIRENT.size == DIRENT_SIZE
 _XATTR = struct.Struct("<BI")
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
 _FLAGS = (InodeFlags(0), InodeFlags.HAS_TREE)  # made once: enum calls are slow
@@ -108,6 +113,13 @@ class IndexHeader:
     regions: dict[str, Region]
     compat: int = 0
     incompat: int = 0
+    chunk_shift: int = 0  # with CHUNKS: chunks of 2^chunk_shift bytes
+    digests: bytes | None = None  # with CHUNKS: their SHA-256s, back to back
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Where the regions start and end: what the chunks cover."""
+        return self.regions["inodes"].offset, self.regions["heap"].end
 
     def encode(self) -> bytes:
         out = _HEAD.pack(MAGIC, VERSION, INODE_SIZE, self.compat, self.incompat,
@@ -115,14 +127,17 @@ class IndexHeader:
         for name in REGIONS:
             r = self.regions[name]
             out += _REGION.pack(r.offset, r.length, r.crc, 0)
-        return out + struct.pack("<I", zlib.crc32(out))
+        out += struct.pack("<I", zlib.crc32(out))
+        if self.digests is None:
+            return out
+        return out + encode_table(self.chunk_shift, self.digests)
 
     @classmethod
     def decode(cls, body: bytes) -> "IndexHeader":
-        if len(body) != HEADER_SIZE:
+        if len(body) < HEADER_SIZE:
             raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
         (crc,) = struct.unpack_from("<I", body, HEADER_SIZE - 4)
-        if zlib.crc32(body[:-4]) != crc:
+        if zlib.crc32(body[:HEADER_SIZE - 4]) != crc:
             raise CorruptImage("index header checksum mismatch")
         (magic, version, inode_size, compat, incompat, count, total, files, flags,
          _) = _HEAD.unpack_from(body)
@@ -136,7 +151,14 @@ class IndexHeader:
         for i, name in enumerate(REGIONS):
             off, length, rcrc, _ = _REGION.unpack_from(body, _HEAD.size + i * _REGION.size)
             regions[name] = Region(off, length, rcrc)
-        return cls(count, total, files, flags, regions, compat, incompat)
+        head = cls(count, total, files, flags, regions, compat, incompat)
+        if not incompat & INCOMPAT_CHUNKS:
+            if len(body) != HEADER_SIZE:
+                raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
+            return head
+        first, end = head.span
+        shift, digests = decode_table(body[HEADER_SIZE:], max(0, end - first))
+        return cls(count, total, files, flags, regions, compat, incompat, shift, digests)
 
     def check_layout(self, start: int, end: int) -> None:
         """The regions must lie in order inside [start, end), 8-aligned and
@@ -155,9 +177,12 @@ class IndexHeader:
 
 
 def check_crcs(header: IndexHeader, fd: int) -> None:
-    """Refuse the image when a region's bytes do not match their CRC. Read
-    with pread, not through the mapping: the pages read stay out of the
-    daemon's resident set until a request needs them."""
+    """Refuse the image when a region's bytes do not match their CRC (an
+    index without CHUNKS: one with them is checked chunk by chunk as it is
+    read). Read with pread, not through the mapping: the pages read stay out
+    of the daemon's resident set until a request needs them."""
+    if header.digests is not None:
+        return
     for name in REGIONS:
         r = header.regions[name]
         if region_crc(fd, r.offset, r.length) != r.crc:
@@ -205,8 +230,14 @@ class InodeRecord:
     hash_count: int  # files: hash-tree blocks
 
 
+# Without CHUNKS the whole index is one "chunk", taken as good (its region
+# CRCs were checked at open), so the readers' checks cost the same test.
+_UNCHUNKED_SHIFT = 62
+
+
 class IndexReader:
-    """Random access to an index held in `view` (an mmap of the image)."""
+    """Random access to an index held in `view` (an mmap of the image).
+    Every read of index bytes first has `check` vouch for their chunks."""
 
     def __init__(self, view, header: IndexHeader):
         self.view = view
@@ -215,6 +246,24 @@ class IndexReader:
         self.r = header.regions
         self.reads = 0  # since the mapping was last trimmed
         self.stored_types = bool(header.compat & COMPAT_DTYPES)
+        first, end = header.span
+        shift = header.chunk_shift if header.digests is not None else _UNCHUNKED_SHIFT
+        self.check = ChunkCheck(view, first, end, shift, header.digests, damage)
+        self._table = first
+        self._chunk_state = self.check.state
+        self._records_shift = shift - 7  # inode n's chunk: (n - 1) >> this
+        assert 1 << 7 == INODE_SIZE
+
+    def _record(self, ino: int) -> int:
+        """Where inode `ino`'s record is, range- and chunk-checked (a record
+        never straddles two chunks: both are multiples of 128 bytes from
+        the inode table's start)."""
+        if not 1 <= ino <= self.count:
+            raise damage(f"inode {ino} is out of range")
+        chunk = (ino - 1) >> self._records_shift
+        if self._chunk_state[chunk] != 1:
+            self.check.verify(chunk)
+        return self._table + (ino - 1) * INODE_SIZE
 
     def read_one(self, n: int = 1) -> None:
         """Count `n` inode reads; every TRIM_EVERY, drop the mapping's pages
@@ -231,11 +280,9 @@ class IndexReader:
     # --- inodes ---------------------------------------------------------------
 
     def inode(self, ino: int) -> InodeRecord:
-        if not 1 <= ino <= self.count:
-            raise damage(f"inode {ino} is out of range")
         (mode, flags, xcount, size, mtime, uid, gid, nlink, meta_len, reserved, parent, extent,
          count, hcount, heap, heap_len, reserved2, file_id,
-         root) = _INODE.unpack_from(self.view, self.r["inodes"].offset + (ino - 1) * INODE_SIZE)
+         root) = _INODE.unpack_from(self.view, self._record(ino))
         if reserved or reserved2 or flags & ~int(InodeFlags.HAS_TREE):
             raise damage(f"inode {ino} has reserved bits set")
         meta, target, xattrs = self._heap(ino, heap, heap_len, meta_len, mode, count, xcount)
@@ -247,18 +294,14 @@ class IndexReader:
     def stat_fields(self, ino: int) -> tuple:
         """(mode, size, mtime_ns, uid, gid, nlink, parent, extent, count): what
         a stat answer needs, in one unpack and without the heap."""
-        if not 1 <= ino <= self.count:
-            raise damage(f"inode {ino} is out of range")
-        return _STAT.unpack_from(self.view, self.r["inodes"].offset + (ino - 1) * INODE_SIZE)
+        return _STAT.unpack_from(self.view, self._record(ino))
 
     def parent_of(self, ino: int) -> int:
         """Only the parent field (checking a directory's children needs no more)."""
-        return struct.unpack_from("<Q", self.view,
-                                  self.r["inodes"].offset + (ino - 1) * INODE_SIZE + 40)[0]
+        return _U64.unpack_from(self.view, self._record(ino) + 40)[0]
 
     def mode_of(self, ino: int) -> int:
-        return struct.unpack_from("<I", self.view,
-                                  self.r["inodes"].offset + (ino - 1) * INODE_SIZE)[0]
+        return _U32.unpack_from(self.view, self._record(ino))[0]
 
     def prefetch(self, inos: list[int]) -> None:
         """Ask the kernel to read these inodes' records in, all at once and
@@ -285,6 +328,7 @@ class IndexReader:
             if meta_len or target_len or xcount:
                 raise damage(f"inode {ino}: heap bytes out of range")
             return b"", b"", ()
+        self.check.span(heap.offset + off, heap.offset + off + length)
         blob = bytes(self.view[heap.offset + off:heap.offset + off + length])
         meta, target = blob[:meta_len], blob[meta_len:meta_len + target_len]
         if meta_len + target_len > length:
@@ -296,7 +340,9 @@ class IndexReader:
 
     def _dirent(self, base: int, i: int) -> tuple[int, int, int]:
         """(name_off, name_len, child) of entry `i` (its d_type: stored_type)."""
-        off, length, _d_type, child = _DIRENT.unpack_from(self.view, base + i * DIRENT_SIZE)
+        at = base + i * DIRENT_SIZE
+        self.check.span(at, at + DIRENT_SIZE)
+        off, length, _d_type, child = _DIRENT.unpack_from(self.view, at)
         return off, length, child
 
     def dir_base(self, ino: int, extent: int, count: int) -> int:
@@ -311,6 +357,7 @@ class IndexReader:
         start = base + off
         if off < count * DIRENT_SIZE or start + length > self.r["names"].end:
             raise damage(f"directory {ino}: a name lies outside the index")
+        self.check.span(start, start + length)
         return bytes(self.view[start:start + length]), child
 
     def find(self, ino: int, base: int, count: int, name: bytes) -> tuple[int, int] | None:
@@ -334,7 +381,7 @@ class IndexReader:
     def name_block(self, ino: int, base: int, count: int) -> NameBlock:
         """A directory's whole name block decoded at once, with each child's
         file type. Bounds are checked, nothing else (see IndexNamespace)."""
-        table = memoryview(self.view)[base:base + count * DIRENT_SIZE]
+        table = self._table_of(base, count)
         children = table.cast("Q")[1::2].tolist()
         lengths = bytes(table[4::DIRENT_SIZE])
         names = self._contiguous_names(base, count, table, lengths)
@@ -349,17 +396,27 @@ class IndexReader:
         """A block's children and their file types (as NameBlock has them),
         without its names; with types from the children's records, the
         children are range-checked first (else the caller's to check)."""
-        table = memoryview(self.view)[base:base + count * DIRENT_SIZE]
+        table = self._table_of(base, count)
         children = table.cast("Q")[1::2].tolist()
         if self.stored_types:
             return children, bytes(table[5::DIRENT_SIZE])
         self._check_range(ino, children)
         return children, self.types_of(children)
 
-    def block_bytes(self, base: int) -> memoryview:
-        """From a name block's start to the end of the names region (its
-        names lie in there, if anywhere)."""
-        return memoryview(self.view)[base:self.r["names"].end]
+    def block_bytes(self, base: int, count: int) -> memoryview:
+        """A name block's table and the names after it, as `encode_names`
+        writes them (back to back: their lengths say how far), cut at the
+        end of the names region; checked against their chunks."""
+        lengths = self._table_of(base, count)[4::DIRENT_SIZE]
+        end = min(base + count * DIRENT_SIZE + sum(bytes(lengths)), self.r["names"].end)
+        self.check.span(base, end)
+        return memoryview(self.view)[base:end]
+
+    def _table_of(self, base: int, count: int) -> memoryview:
+        """A name block's entry table (`dir_base` checked its bounds)."""
+        end = base + count * DIRENT_SIZE
+        self.check.span(base, end)
+        return memoryview(self.view)[base:end]
 
     def _check_range(self, ino: int, children: list[int]) -> None:
         if children and not (1 <= min(children) and max(children) <= self.count):
@@ -375,26 +432,28 @@ class IndexReader:
         start = base + ends[0]
         if base + ends[-1] > self.r["names"].end:
             return None  # name_at says which one lies outside
+        self.check.span(start, base + ends[-1])
         view = memoryview(self.view)[start:base + ends[-1]]
         return struct.unpack(lengths.decode("latin-1").translate(_NAME_FORMATS), view)
 
     def stored_type(self, base: int, i: int) -> int:
         """Entry `i`'s d_type as its name block has it (COMPAT_DTYPES)."""
-        return self.view[base + i * DIRENT_SIZE + 5]
+        at = base + i * DIRENT_SIZE
+        self.check.span(at, at + DIRENT_SIZE)
+        return self.view[at + 5]
 
     def types_of(self, inos: list[int]) -> bytes:
         """The file type (mode >> 12) of each inode, one byte each: the
         d_type of a listing. Sibling files usually have consecutive numbers,
         whose modes one strided slice reads."""
         self.read_one(len(inos))
-        table = self.r["inodes"].offset
         if inos and inos == list(range(inos[0], inos[0] + len(inos))):
-            first = table + (inos[0] - 1) * INODE_SIZE + 1  # the mode's second byte
-            return bytes(memoryview(self.view)[first:first + len(inos) * INODE_SIZE:INODE_SIZE]
+            first = self._record(inos[0])
+            end = self._record(inos[-1]) + INODE_SIZE
+            self.check.span(first, end)
+            return bytes(memoryview(self.view)[first + 1:end:INODE_SIZE]  # modes' second bytes
                          ).translate(_HIGH_NIBBLE)
-        modes = memoryview(self.view)[table:table + self.count * INODE_SIZE].cast("I")
-        step = INODE_SIZE // 4
-        return bytes([modes[(ino - 1) * step] >> 12 & 0xF for ino in inos])
+        return bytes([self.mode_of(ino) >> 12 & 0xF for ino in inos])
 
     # --- block maps ---------------------------------------------------------------
 
@@ -411,10 +470,14 @@ class IndexReader:
         at, room = maps.offset + extent, maps.length - extent
         try:
             data, used = decode_map(self.view, at, room, count, last_size, data_end)
-            hashes, _ = decode_map(self.view, at + used, room - used, hash_count, BLOCK_SIZE,
-                                   data_end)
+            hashes, hash_used = decode_map(self.view, at + used, room - used, hash_count,
+                                           BLOCK_SIZE, data_end)
         except MapDamage as e:
+            self.check.span(at, at + min(room, 8))  # a damaged chunk, if it is one, says so
             raise damage(f"file {ino}: {e}") from None
+        # decoded first (decode_map is bounds-safe on any bytes), checked
+        # before use: only the map knows its own length
+        self.check.span(at, at + used + hash_used)
         return data, hashes
 
     def _column_maps(self, ino: int, extent: int, count: int,
@@ -424,6 +487,7 @@ class IndexReader:
         if extent + columns_size(count) + columns_size(hash_count) > maps.length:
             raise damage(f"file {ino}: its block map lies outside the index")
         at = maps.offset + extent
+        self.check.span(at, at + columns_size(count) + columns_size(hash_count))
         return (decode_columns(self.view, at, count),
                 decode_columns(self.view, at + columns_size(count), hash_count))
 

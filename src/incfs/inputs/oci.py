@@ -157,6 +157,14 @@ class OciInput:
             if plat.get("os") == "linux" and plat.get("architecture") == arch:
                 return m
         if len(manifests) == 1 and isinstance(manifests[0], dict):
+            # an image made for one platform: pack it as it is (packing for
+            # another machine is a use), but say so in pack's notes
+            plat = _field(manifests[0], "platform")
+            if plat:
+                self.notes.append(f"{self.spec}: the image index's only manifest is for "
+                                  f"{str(plat.get('os'))[:40]}/"
+                                  f"{str(plat.get('architecture'))[:40]}, not this machine's "
+                                  f"linux/{arch}; packed as it is")
             return manifests[0]
         raise UsageError(f"{self.spec}: no manifest for linux/{arch} in the image index")
 

@@ -7,13 +7,14 @@ import struct
 import zlib
 
 from ..format.index import _HEAD, _REGION, HEADER_SIZE, INODE_SIZE, REGIONS
+from ..format.index_chunks import DESCRIPTOR_SIZE, DIGEST_SIZE, INCOMPAT_CHUNKS, digest
 from ..format.layout import LOG_START, RECORD_HEADER_SIZE, RecordHeader, RecordType
 
 
 def regions(image: bytes | bytearray) -> dict[str, tuple[int, int]] | None:
     """(offset, length) of each index region, or None without an index."""
     header = RecordHeader.decode(bytes(image[LOG_START:LOG_START + RECORD_HEADER_SIZE]))
-    if header is None or header.type != RecordType.INDEX or header.body_len != HEADER_SIZE:
+    if header is None or header.type != RecordType.INDEX or header.body_len < HEADER_SIZE:
         return None
     body = LOG_START + RECORD_HEADER_SIZE
     out = {}
@@ -29,13 +30,16 @@ def inode_at(image: bytes | bytearray, ino: int) -> int:
 
 
 def fix_index(image: bytearray) -> bool:
-    """Recompute every region CRC, the header CRC and the INDEX record's CRC
-    (regions that point outside the file keep their CRC). False without an
-    index."""
+    """Recompute every region CRC (or with CHUNKS every chunk digest the
+    table has room for), the header CRC and the INDEX record's CRC (regions
+    that point outside the file keep their CRC). False without an index."""
     found = regions(image)
     if found is None:
         return False
     body = LOG_START + RECORD_HEADER_SIZE
+    (incompat,) = struct.unpack_from("<I", image, body + 16)
+    if incompat & INCOMPAT_CHUNKS:
+        _fix_digests(image, found, body)
     for i, name in enumerate(REGIONS):
         off, length = found[name]
         if off + length <= len(image):
@@ -44,8 +48,28 @@ def fix_index(image: bytearray) -> bool:
     struct.pack_into("<I", image, body + HEADER_SIZE - 4,
                      zlib.crc32(bytes(image[body:body + HEADER_SIZE - 4])))
     header = RecordHeader.decode(bytes(image[LOG_START:body]))
-    image[LOG_START:body] = header.encode(bytes(image[body:body + HEADER_SIZE]))
+    image[LOG_START:body] = header.encode(bytes(image[body:body + header.body_len]))
     return True
+
+
+def _fix_digests(image: bytearray, found: dict[str, tuple[int, int]], body: int) -> None:
+    """Each chunk's digest, for the chunks the table lists and the file holds."""
+    header = RecordHeader.decode(bytes(image[LOG_START:body]))
+    table = body + HEADER_SIZE
+    if header.body_len < HEADER_SIZE + DESCRIPTOR_SIZE:
+        return
+    shift, count = struct.unpack_from("<II", image, table)
+    if not 0 < shift < 40:
+        return
+    start, end = found["inodes"][0], found["heap"][0] + found["heap"][1]
+    end = min(end, len(image))
+    room = (header.body_len - HEADER_SIZE - DESCRIPTOR_SIZE) // DIGEST_SIZE
+    for c in range(min(count, room)):
+        at = start + (c << shift)
+        if at >= end:
+            break
+        slot = table + DESCRIPTOR_SIZE + c * DIGEST_SIZE
+        image[slot:slot + DIGEST_SIZE] = digest(bytes(image[at:min(at + (1 << shift), end)]))
 
 
 def set_header_field(image: bytearray, offset: int, fmt: str, value: int) -> None:
