@@ -245,7 +245,7 @@ class Image(Fills, VerifiedReads):
         # would otherwise wait on one page fault after another. The pages
         # land in the page cache, not in our resident set.
         self._index_map.madvise(mmap.MADV_WILLNEED)
-        self.index = IndexReader(self._index_map, head)
+        self.index = IndexReader(self._index_map, head, self.fd)
         if not stat.S_ISDIR(self.index.mode_of(ROOT_INO)):
             raise CorruptImage("the index's root (inode 1) is not a directory")
         cache = bool(self.superblock.flags & SuperFlags.CACHE)

@@ -236,10 +236,10 @@ _UNCHUNKED_SHIFT = 62
 
 
 class IndexReader:
-    """Random access to an index held in `view` (an mmap of the image).
-    Every read of index bytes first has `check` vouch for their chunks."""
+    """Random access to an index held in `view` (an mmap of the image file
+    `fd`). Every read of index bytes first has `check` vouch for their chunks."""
 
-    def __init__(self, view, header: IndexHeader):
+    def __init__(self, view, header: IndexHeader, fd: int):
         self.view = view
         self.header = header
         self.count = header.inode_count
@@ -248,7 +248,7 @@ class IndexReader:
         self.stored_types = bool(header.compat & COMPAT_DTYPES)
         first, end = header.span
         shift = header.chunk_shift if header.digests is not None else _UNCHUNKED_SHIFT
-        self.check = ChunkCheck(view, first, end, shift, header.digests, damage)
+        self.check = ChunkCheck(fd, first, end, shift, header.digests, damage)
         self._table = first
         self._chunk_state = self.check.state
         self._records_shift = shift - 7  # inode n's chunk: (n - 1) >> this
