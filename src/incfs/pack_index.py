@@ -225,7 +225,7 @@ class IndexWriter:
         header = IndexHeader(self.count, self.total_blocks, self.regular,
                              FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES,
                              incompat=incompat, chunk_shift=shift,
-                             digests=_chunk_digests(fd, plan.start, plan.end, shift)
+                             digests=memoryview(_chunk_digests(fd, plan.start, plan.end, shift))
                              if self.chunks else None)
         start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
         assert start == plan.start, (start, plan.start)

@@ -114,7 +114,7 @@ class IndexHeader:
     compat: int = 0
     incompat: int = 0
     chunk_shift: int = 0  # with CHUNKS: chunks of 2^chunk_shift bytes
-    digests: bytes | None = None  # with CHUNKS: their SHA-256s, back to back
+    digests: memoryview | None = None  # with CHUNKS: their SHA-256s, back to back
 
     @property
     def span(self) -> tuple[int, int]:
@@ -157,7 +157,7 @@ class IndexHeader:
                 raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
             return head
         first, end = head.span
-        shift, digests = decode_table(body[HEADER_SIZE:], max(0, end - first))
+        shift, digests = decode_table(memoryview(body)[HEADER_SIZE:], max(0, end - first))
         return cls(count, total, files, flags, regions, compat, incompat, shift, digests)
 
     def check_layout(self, start: int, end: int) -> None:
