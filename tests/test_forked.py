@@ -52,3 +52,82 @@ def test_a_name_is_cut_to_what_the_kernel_keeps(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_text().split()[0] == "incfs-a-very-lo"
     assert process_name(os.getpid()) is not None
     assert process_name(child.pid) is None  # reaped
+
+
+# --- incfs.early_fork: the `incfs mount` command's child, forked first thing --------------------
+
+def test_an_early_child_runs_its_orders_with_the_fds_at_the_parents_numbers(
+        tmp_path: Path) -> None:
+    from incfs import early_fork
+
+    early_fork.start(["mount", "SRC", "MNT"])
+    child = early_fork.take()
+    assert child is not None and early_fork.take() is None
+    r, w = os.pipe()
+    out, log = tmp_path / "out", tmp_path / "log"
+    try:
+        with open(log, "wb") as f:
+            forked = child.run("forked_child", ["3", str(out), "0", str(w)], name="incfs-early",
+                               new_session=True, output=f.fileno(), fds=(w,),
+                               env={"INCFS_TEST_EARLY": "given"})
+        os.close(w)
+        assert forked.wait() == 3
+        assert os.read(r, 100) == b"given"  # through the fd number the arguments named
+    finally:
+        os.close(r)
+    assert out.read_text() == "incfs-early True\n"
+    assert log.read_text() == "to stdout\n"
+    assert "INCFS_TEST_EARLY" not in os.environ
+
+
+def test_an_early_child_without_orders_exits_quietly() -> None:
+    from incfs import early_fork
+
+    early_fork.start(["mount", "SRC", "MNT"])
+    child = early_fork.take()
+    assert child is not None
+    child.sock.close()
+    _, status = os.waitpid(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("argv", [["mount", "--foreground", "S", "M"], ["mount", "--help"],
+                                  ["status", "M"], []])
+def test_no_early_child_unless_a_background_mount(argv: list[str]) -> None:
+    from incfs import early_fork
+
+    early_fork.start(argv)
+    assert early_fork.take() is None
+
+
+def test_a_mount_command_that_fails_early_ends_with_its_output_and_leaves_no_child(
+        tmp_path: Path) -> None:
+    """--key with --allow-unsigned is refused before anything is mounted:
+    the command's output ends when it does (the early child holds none of
+    its stdio) and the child goes once the command has."""
+    import sys
+    key = tmp_path / "k"
+    key.write_text("x")
+    marker = str(tmp_path / "mnt-marker")
+    done = subprocess.run([str(Path(sys.executable).with_name("incfs")), "mount", "--key",
+                           str(key), "--allow-unsigned", "src.img", marker],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "exclude each other" in done.stderr
+
+    def left() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            pids.append(int(entry))
+                except OSError:
+                    pass
+        return pids
+
+    import time
+    deadline = time.monotonic() + 20
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left() == []
