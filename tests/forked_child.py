@@ -6,11 +6,7 @@ import time
 
 
 def main(args: list[str]) -> int:
-    """With a 4th argument, an fd: write $INCFS_TEST_EARLY to it."""
     code, out, pause = int(args[0]), args[1], float(args[2])
-    if len(args) > 3:
-        os.write(int(args[3]), os.environ.get("INCFS_TEST_EARLY", "-").encode())
-        os.close(int(args[3]))
     with open("/proc/self/comm") as f:
         name = f.read().strip()
     with open(out, "w") as f:

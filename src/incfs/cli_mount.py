@@ -182,9 +182,6 @@ def register(main: click.Group) -> None:
                              cache_size=cache_size,
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
-            from . import early_fork
-
-            early_fork.discard()  # none is forked for --foreground; be sure
             raise SystemExit(run_foreground(config))
         mount_background(config, fork=True)  # this process runs no thread: see incfs.forked
         click.echo(f"incfs: mounted {source} on {mountpoint}")

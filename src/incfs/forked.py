@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 from importlib import import_module
-from typing import NoReturn
 
 # Process names (/proc/PID/comm, at most 15 bytes): `incfs restart` signals
 # only a process named so, never a stranger that reuses a stale pid.
@@ -84,14 +83,6 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
     pid = os.fork()
     if pid:
         return Forked(pid)
-    run_child(module, args, name=name, close=close, new_session=new_session, output=output)
-
-
-def run_child(module: str, args: list[str], *, name: str, close: tuple[int, ...] = (),
-              new_session: bool = False, output: int | None = None) -> NoReturn:
-    """The child's side of `fork_call` (and of incfs.early_fork's child,
-    forked before it knew what to run): become the child, run
-    `MODULE.main(ARGS)`, exit with what it returns."""
     code = 1
     try:
         _become_child(name, close, new_session, output)

@@ -470,8 +470,12 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
             if fork:
-                proc = _fork_background(module, name, args, read_end, log_file.fileno(),
-                                        (write_end, *early), early_env)
+                os.environ.update(early_env)  # the forked child's, not ours
+                try:
+                    proc = _fork_background(module, name, args, read_end, log_file.fileno())
+                finally:
+                    for key in early_env:
+                        os.environ.pop(key, None)
             else:
                 proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                         pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
@@ -512,25 +516,12 @@ def _background_entry(config: MountConfig) -> tuple[str, str]:
         ("incfs.mount", DAEMON_NAME)
 
 
-def _fork_background(module: str, name: str, args: list[str], read_end: int, log_fd: int,
-                     fds: tuple[int, ...], env: dict[str, str]):
-    """`python -m MODULE ARGS`, forked, with `env` added to its environment
-    and `fds` open in it: by the child the `incfs mount` command forked
-    first thing (incfs.early_fork), if there is one, else now."""
-    from . import early_fork
+def _fork_background(module: str, name: str, args: list[str], read_end: int, log_fd: int):
+    """`python -m MODULE ARGS`, forked."""
     from .forked import fork_call
 
-    early = early_fork.take()
-    if early is not None:
-        return early.run(module, args, name=name, new_session=True, output=log_fd, fds=fds,
-                         env=env)
-    os.environ.update(env)  # the forked child's, not ours
-    try:
-        return fork_call(module, args, name=name, close=(read_end,), new_session=True,
-                         output=log_fd)
-    finally:
-        for key in env:
-            os.environ.pop(key, None)
+    return fork_call(module, args, name=name, close=(read_end,), new_session=True,
+                     output=log_fd)
 
 
 def _read_line(fd: int, deadline: float) -> str | None:
