@@ -233,8 +233,15 @@ def real_images(small_tree, keys, tmp_path_factory) -> dict[str, bytes]:
         img.fill(ino, [FillBlock(0, b"later")])
         img.unlink(ROOT_INO, b"later")
         img.link(ino, ROOT_INO, b"again")
+    wide_tree = base / "wide-tree"  # an index of many 4 KiB chunks (format/index_chunks.py)
+    for d in range(6):
+        (wide_tree / f"d{d}").mkdir(parents=True)
+        for i in range(60):
+            (wide_tree / f"d{d}" / f"file-{i:03d}").write_bytes(b"w%d-%d" % (d, i))
+    wide = base / "wide.img"
+    pack(wide_tree, wide, compress="zstd", sign_key=keys("ed25519")[0])
     return _Images(packed=packed.read_bytes(), log=log.read_bytes(), live=live.read_bytes(),
-                   grown=grown.read_bytes())
+                   grown=grown.read_bytes(), wide=wide.read_bytes())
 
 
 def _records_of(data: bytes) -> list[tuple[int, RecordHeader]]:
@@ -253,9 +260,16 @@ def mutated_images(draw, images: dict[str, bytes]) -> bytes:
     data = bytearray(images[draw(st.sampled_from(sorted(images)))])
     recs = [(o, h) for o, h in _records_of(bytes(data)) if h.body_len]
     how = draw(st.sampled_from(["body", "body", "flip", "truncate", "append", "index",
-                                "index"]))
+                                "index", "chunk"]))
     found = index_regions(data)
-    if how == "index" and found:
+    if how == "chunk" and found:
+        # change index bytes and leave the chunk digests as they are: the
+        # access that reads such a chunk must fail cleanly (EIO)
+        start, end = found["inodes"][0], found["heap"][0] + found["heap"][1]
+        for pos, bit in draw(st.lists(st.tuples(u32, st.integers(0, 7)), min_size=1,
+                                      max_size=4)):
+            data[start + pos % (end - start)] ^= 1 << bit
+    elif how == "index" and found:
         # change bytes inside the index regions and fix every CRC: only the
         # index's own checks stand between this and the namespace
         start, end = found["inodes"][0], found["heap"][0] + found["heap"][1]
