@@ -101,7 +101,8 @@ def test_inspect_human(cli_image, keys):
     out = proc.stdout
     for needle in ("Format", "incfs 1.2", "packed", "UUID", "Contents", "20 files",
                    "Blocks", "complete", "Stored", "lz4", "zero", "Signature", "ed25519",
-                   "Recovery", "clean", "Tree (", "/names/\\xff\\xfe-not-utf8",
+                   "Recovery", "clean", "Index", "chunks of 4096 bytes", "map_kinds",
+                   "Tree (", "/names/\\xff\\xfe-not-utf8",
                    "/links/sym-rel -> ../one", "with space [and] {brackets}"):
         assert needle in out, needle
     with Image.open(image) as img:
@@ -123,6 +124,10 @@ def test_inspect_json(cli_image, small_tree):
     assert info["counts"]["directories"] == kinds.count(stat.S_IFDIR) + 1  # and the root
     assert info["counts"]["symlinks"] == kinds.count(stat.S_IFLNK)
     assert info["blocks"]["present"] == info["blocks"]["total"] > 0 and info["complete"]
+    index = info["index"]
+    assert index["inodes"] == info["counts"]["inodes"] and index["chunk_size"] == 4096
+    assert index["chunks"] == (index["bytes"] + 4095) // 4096
+    assert index["features"] == ["dtypes", "map_kinds", "chunks"]
     mix = info["compression"]
     assert mix["lz4"]["blocks"] > 0 and mix["zero"]["blocks"] > 0
     assert mix["zero"]["stored_bytes"] == 0 and mix["zstd"]["blocks"] == 0

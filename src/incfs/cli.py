@@ -278,6 +278,12 @@ def _print_description(info: dict) -> None:
     mix = ", ".join(f"{k} {v['blocks']} ({_human(v['stored_bytes'])})"
                     for k, v in info["compression"].items() if v["blocks"])
     grid.add_row("Stored", f"{_human(info['stored_bytes'])}: {mix or 'no blocks'}")
+    index = info["index"]
+    if index:
+        chunks = (f", checked in {index['chunks']} chunks of {index['chunk_size']} bytes"
+                  if index["chunks"] else ", region CRCs checked at open")
+        grid.add_row("Index", f"{index['inodes']} inodes in {_human(index['bytes'])}{chunks}; "
+                              f"features: {', '.join(index['features']) or 'none'}")
     sig = info["signature"]
     if sig:
         match = "root matches the namespace" if sig["root_matches_namespace"] \

@@ -559,6 +559,25 @@ class _Ticker:
 
 # --- inspect -------------------------------------------------------------------
 
+def _describe_index(img: Image) -> dict | None:
+    """The compact index's size, features and chunks (None: a log image)."""
+    if img.index is None:
+        return None
+    from .format.index import COMPAT_DTYPES
+    from .format.index_chunks import INCOMPAT_CHUNKS
+    from .format.maps import INCOMPAT_MAP_KINDS
+
+    head, check = img.index.header, img.index.check
+    names = [name for bit, name, word in ((COMPAT_DTYPES, "dtypes", head.compat),
+                                          (INCOMPAT_MAP_KINDS, "map_kinds", head.incompat),
+                                          (INCOMPAT_CHUNKS, "chunks", head.incompat))
+             if word & bit]
+    chunked = head.digests is not None
+    return {"inodes": head.inode_count, "bytes": check.end - check.base, "features": names,
+            "chunk_size": 1 << check.shift if chunked else None,
+            "chunks": len(check.state) if chunked else None}
+
+
 def describe_image(path: str | os.PathLike, max_entries: int = 100) -> dict:
     """A machine-readable summary of an image: superblock, counts, blocks,
     stored bytes, compression mix, signature, recovery report and the first
@@ -637,6 +656,7 @@ def describe_image(path: str | os.PathLike, max_entries: int = 100) -> dict:
                 "blocks_beyond_log": img.blocks_beyond_log,
                 "clean": not scan.dropped_bytes,
             },
+            "index": _describe_index(img),
             "entries_total": entries_total,
             "tree": tree,
             "tree_truncated": entries_total > len(tree),
