@@ -1032,6 +1032,22 @@ def x_chunk_count_lies(d): _header(d, 156, "<I", 1 << 30)
 
 
 @index_case("open")
+def x_chunk_table_outside_the_record(d): _header(d, 160, "<Q", 1 << 40)
+
+
+@index_case("open")
+def x_chunk_table_over_the_regions(d):
+    from incfs.testing.index_edit import regions
+    _header(d, 160, "<Q", regions(d)["inodes"][0])
+
+
+@index_case("open", fixed=False)
+def x_chunk_table_piece_wrong(d):
+    table = struct.unpack_from("<Q", d, LOG_START + RECORD_HEADER_SIZE + 160)[0]
+    d[table] ^= 1  # chunk 0's digest: the body's piece digest no longer matches
+
+
+@index_case("open")
 def x_region_outside_the_record(d): _header(d, 52 + 2 * 24 + 8, "<Q", 1 << 40)
 
 

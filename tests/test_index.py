@@ -157,7 +157,7 @@ def test_a_damaged_index_chunk_fails_only_the_reads_of_it(tmp_path, keys, caplog
     image = tmp_path / "img"
     pack(_wide_tree(tmp_path / "src"), image, sign_key=priv)
     with Image.open(image) as img:
-        assert img.index.header.chunk_shift == 12 and len(img.index.check.state) >= 4
+        assert img.index.header.chunks.shift == 12 and len(img.index.check.state) >= 4
         victim = next(n for n in range(2, 601) if _chunk_of(img, n) == 2)
         healthy = next(n for n in range(2, 601) if _chunk_of(img, n) == 1)
     data = bytearray(image.read_bytes())
@@ -176,6 +176,43 @@ def test_a_damaged_index_chunk_fails_only_the_reads_of_it(tmp_path, keys, caplog
     report = verify_image(image, pub)
     assert report.exit_code == 1
     assert any("index chunk 2 " in p.message for p in report.problems), report.problems
+
+
+def test_a_damaged_chunk_table_piece_fails_the_chunks_it_lists(tmp_path, caplog):
+    """The body holds a digest per 4 KiB of chunk table (128 chunks), so
+    opening reads no table at all; a flipped table byte fails the reads of
+    the chunks its piece lists, and only those."""
+    from incfs.format.index import HEADER_SIZE
+    from incfs.format.index_chunks import DESCRIPTOR_SIZE
+    from incfs.format.layout import LOG_START, RECORD_HEADER_SIZE, RecordHeader
+    image = tmp_path / "img"
+    pack(_wide_tree(tmp_path / "src", 5000), image)  # 5,001 records: over 156 chunks
+    data = bytearray(image.read_bytes())
+    with Image.open(image) as img:
+        table = img.index.header.chunks
+        pieces = (table.count + 127) // 128
+        assert pieces >= 2 and len(table.pieces) == 32 * pieces
+        header = RecordHeader.decode(bytes(data[LOG_START:LOG_START + RECORD_HEADER_SIZE]))
+        assert header.body_len == HEADER_SIZE + DESCRIPTOR_SIZE + 32 * pieces
+        victim = next(n for n in range(2, 5002) if _chunk_of(img, n) == 130)
+        neighbour = next(n for n in range(2, 5002) if _chunk_of(img, n) == 140)
+        healthy = next(n for n in range(2, 5002) if _chunk_of(img, n) == 100)
+        assert img.index.check.pieces == {0: img.index.check.pieces[0]}  # the root's, at open
+        offset = table.offset
+    data[offset + 130 * 32] ^= 1  # chunk 130's digest, in the table's second piece
+    image.write_bytes(bytes(data))
+    with Image.open(image) as img:
+        assert img.ns.stat(healthy) is not None
+        with pytest.raises(OSError) as err:
+            img.ns.stat(victim)
+        assert err.value.errno == errno.EIO and "chunk table piece 1" in str(err.value)
+        with pytest.raises(OSError):
+            img.ns.stat(neighbour)  # listed by the same piece
+        assert img.ns.stat(healthy) is not None
+    report = verify_image(image)
+    assert report.exit_code == 1
+    assert any("index chunk 130 " in p.message for p in report.problems)
+    assert not any("index chunk 100 " in p.message for p in report.problems)
 
 
 def test_an_index_chunk_table_that_does_not_fit_is_refused(small_tree, tmp_path):
@@ -207,7 +244,7 @@ def test_an_index_from_before_chunks_is_read_and_checked_at_open(tmp_path, monke
     pack(_wide_tree(tmp_path / "src", 300), image)
     with Image.open(image) as img:
         assert not img.index.header.incompat & INCOMPAT_CHUNKS
-        assert img.index.header.digests is None
+        assert img.index.header.chunks is None
         assert sorted(p for p, n in img.ns.walk() if n.is_reg) == sorted(
             b"/f%04d" % i for i in range(300))
         assert verify_image(image).ok

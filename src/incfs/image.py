@@ -381,7 +381,7 @@ class Image(Fills, VerifiedReads):
         image opens in time independent of its size."""
         if self._index_root is None:
             head = self.index.header
-            if head.digests is not None:
+            if head.chunks is not None:
                 self._index_root = hashlib.sha256(b"incfs index root v2\0" + self.superblock.uuid
                                                   + self._index_body).digest()
                 return self._index_root

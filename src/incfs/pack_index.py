@@ -32,8 +32,8 @@ from .blockmap import ABSENT
 from .format.index import (COMPAT_DTYPES, FLAG_POSIX, HEADER_SIZE, INODE_NLINK_AT, INODE_SIZE,
                            REGIONS, IndexHeader, Region, encode_inode, encode_names,
                            heap_blob, names_size, region_crc)
-from .format.index_chunks import (DESCRIPTOR_SIZE, DIGEST_SIZE, INCOMPAT_CHUNKS, chunk_count,
-                                  chunk_shift, digest)
+from .format.index_chunks import (DIGEST_SIZE, INCOMPAT_CHUNKS, ChunkTable, chunk_count,
+                                  chunk_shift, digest, piece_digests)
 from .format.maps import (INCOMPAT_MAP_KINDS, MapKind, columns_size, encode_columns, encode_map,
                           map_size, run_offsets)
 from .format.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RecordType
@@ -53,7 +53,8 @@ class IndexPlan:
 
     record: int  # offset of the INDEX record
     start: int  # its first region byte
-    end: int  # just past its last region byte
+    table: int  # where its chunk table goes (CHUNKS), after the regions
+    end: int  # just past its last byte
     payload: int
 
 
@@ -204,9 +205,10 @@ class IndexWriter:
             raise ValueError("directories left without all their names")
         self._patch_links()
         span = sum(self.length.values())
-        shift = chunk_shift(span) if self.chunks else 0
-        table = DESCRIPTOR_SIZE + DIGEST_SIZE * chunk_count(span, shift) if self.chunks else 0
-        plan = _plan(app.end, self.length, table)
+        shift = chunk_shift(span)
+        count = chunk_count(span, shift) if self.chunks else 0
+        plan = _plan(app.end, span, ChunkTable.body_size(count) if self.chunks else 0,
+                     count * DIGEST_SIZE)
         base = {name: plan.payload + rel for name, rel in spool_rel.items()}
         written = _write_maps(self.files["maps"], placed, base,
                               self.kinds if self.map_kinds else None)
@@ -220,13 +222,16 @@ class IndexWriter:
             regions[name] = Region(at, length, crc)
             _copy(f, fd, at, length)
             at += length
+        chunks = None
+        if self.chunks:
+            digests = _chunk_digests(fd, plan.start, plan.start + span, shift)
+            os.pwrite(fd, digests, plan.table)
+            chunks = ChunkTable(shift, count, plan.table, piece_digests(digests))
         incompat = (INCOMPAT_MAP_KINDS if self.map_kinds else 0) | (
             INCOMPAT_CHUNKS if self.chunks else 0)
         header = IndexHeader(self.count, self.total_blocks, self.regular,
                              FLAG_POSIX if self.posix else 0, regions, compat=COMPAT_DTYPES,
-                             incompat=incompat, chunk_shift=shift,
-                             digests=memoryview(_chunk_digests(fd, plan.start, plan.end, shift))
-                             if self.chunks else None)
+                             incompat=incompat, chunks=chunks)
         start = app.begin_record(RecordType.INDEX, header.encode(), plan.end - plan.start)
         assert start == plan.start, (start, plan.start)
         if os.fstat(fd).st_size < app.end:
@@ -252,12 +257,15 @@ def _chunk_digests(fd: int, start: int, end: int, shift: int) -> bytes:
     return b"".join(out)
 
 
-def _plan(record: int, length: dict[str, int], table: int) -> IndexPlan:
-    """`table`: the bytes of the chunk table after the index header."""
-    start = record + _aligned(RECORD_HEADER_SIZE + HEADER_SIZE + table)
-    end = start + sum(length.values())
+def _plan(record: int, span: int, tail: int, table: int) -> IndexPlan:
+    """`span`: the regions' bytes; `tail`: the body's bytes after the index
+    header (the chunk descriptor and piece digests); `table`: the chunk
+    table's bytes, which follow the regions."""
+    start = record + _aligned(RECORD_HEADER_SIZE + HEADER_SIZE + tail)
+    table_at = _aligned(start + span)
+    end = table_at + table if table else start + span
     payload = (end + SIGNATURE_ROOM + 2 * RECORD_HEADER_SIZE + 4095) // 4096 * 4096
-    return IndexPlan(record, start, end, payload)
+    return IndexPlan(record, start, table_at, end, payload)
 
 
 def _write_maps(f: BinaryIO, placed: Placements, base: dict[str, int],

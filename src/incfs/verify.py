@@ -572,7 +572,7 @@ def _describe_index(img: Image) -> dict | None:
                                           (INCOMPAT_MAP_KINDS, "map_kinds", head.incompat),
                                           (INCOMPAT_CHUNKS, "chunks", head.incompat))
              if word & bit]
-    chunked = head.digests is not None
+    chunked = head.chunks is not None
     return {"inodes": head.inode_count, "bytes": check.end - check.base, "features": names,
             "chunk_size": 1 << check.shift if chunked else None,
             "chunks": len(check.state) if chunked else None}

@@ -2,8 +2,11 @@
 per-directory name blocks, per-file block maps and a heap, read on demand.
 
 An INDEX record (a critical type, so older readers refuse the image) carries
-a small header as its CRC-covered body; the four regions follow it as the
-record's payload. `docs/format.md` describes every byte; keep them in step.
+a small header (and the chunk descriptor, format.index_chunks) as its
+CRC-covered body; the four regions follow it as the record's payload, then
+the chunk table. Every read of index bytes is checked against its chunk's
+digest first (`IndexReader.check`). `docs/format.md` describes every byte;
+keep them in step.
 
 This module only encodes and decodes bytes: what the bytes mean to a live
 namespace (the overlay of later records, the caches) is `incfs.index_ns`.
@@ -27,7 +30,7 @@ from typing import Iterator
 
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage
-from .index_chunks import INCOMPAT_CHUNKS, ChunkCheck, decode_table, encode_table
+from .index_chunks import INCOMPAT_CHUNKS, ChunkCheck, ChunkTable
 from .maps import (INCOMPAT_MAP_KINDS, Columns, MapDamage, columns_size, decode_columns,
                    decode_map)
 from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
@@ -113,8 +116,7 @@ class IndexHeader:
     regions: dict[str, Region]
     compat: int = 0
     incompat: int = 0
-    chunk_shift: int = 0  # with CHUNKS: chunks of 2^chunk_shift bytes
-    digests: memoryview | None = None  # with CHUNKS: their SHA-256s, back to back
+    chunks: ChunkTable | None = None  # with CHUNKS: the chunks and their table
 
     @property
     def span(self) -> tuple[int, int]:
@@ -128,9 +130,7 @@ class IndexHeader:
             r = self.regions[name]
             out += _REGION.pack(r.offset, r.length, r.crc, 0)
         out += struct.pack("<I", zlib.crc32(out))
-        if self.digests is None:
-            return out
-        return out + encode_table(self.chunk_shift, self.digests)
+        return out + self.chunks.encode() if self.chunks is not None else out
 
     @classmethod
     def decode(cls, body: bytes) -> "IndexHeader":
@@ -157,12 +157,13 @@ class IndexHeader:
                 raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
             return head
         first, end = head.span
-        shift, digests = decode_table(memoryview(body)[HEADER_SIZE:], max(0, end - first))
-        return cls(count, total, files, flags, regions, compat, incompat, shift, digests)
+        chunks = ChunkTable.decode(memoryview(body)[HEADER_SIZE:], max(0, end - first))
+        return cls(count, total, files, flags, regions, compat, incompat, chunks)
 
     def check_layout(self, start: int, end: int) -> None:
         """The regions must lie in order inside [start, end), 8-aligned and
-        apart, and the inode table must hold exactly inode_count records."""
+        apart, then the chunk table (with CHUNKS), and the inode table must
+        hold exactly inode_count records."""
         cursor = start
         for name in REGIONS:
             r = self.regions[name]
@@ -170,6 +171,8 @@ class IndexHeader:
                 raise CorruptImage(f"index region {name} lies outside the index record "
                                    "or overlaps another")
             cursor = r.end
+        if self.chunks is not None:
+            self.chunks.check_place(cursor, end)
         if self.regions["inodes"].length != self.inode_count * INODE_SIZE:
             raise CorruptImage("index inode table does not match its inode count")
         if self.inode_count < 1:
@@ -181,7 +184,7 @@ def check_crcs(header: IndexHeader, fd: int) -> None:
     index without CHUNKS: one with them is checked chunk by chunk as it is
     read). Read with pread, not through the mapping: the pages read stay out
     of the daemon's resident set until a request needs them."""
-    if header.digests is not None:
+    if header.chunks is not None:
         return
     for name in REGIONS:
         r = header.regions[name]
@@ -230,11 +233,6 @@ class InodeRecord:
     hash_count: int  # files: hash-tree blocks
 
 
-# Without CHUNKS the whole index is one "chunk", taken as good (its region
-# CRCs were checked at open), so the readers' checks cost the same test.
-_UNCHUNKED_SHIFT = 62
-
-
 class IndexReader:
     """Random access to an index held in `view` (an mmap of the image file
     `fd`). Every read of index bytes first has `check` vouch for their chunks."""
@@ -247,8 +245,10 @@ class IndexReader:
         self.reads = 0  # since the mapping was last trimmed
         self.stored_types = bool(header.compat & COMPAT_DTYPES)
         first, end = header.span
-        shift = header.chunk_shift if header.digests is not None else _UNCHUNKED_SHIFT
-        self.check = ChunkCheck(fd, first, end, shift, header.digests, damage)
+        # without CHUNKS the whole index is one chunk, taken as good (its
+        # region CRCs were checked at open): the readers' checks cost the same
+        self.check = ChunkCheck(fd, first, end, header.chunks, damage)
+        shift = self.check.shift
         self._table = first
         self._chunk_state = self.check.state
         self._records_shift = shift - 7  # inode n's chunk: (n - 1) >> this

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 from ..format.index import _HEAD, _REGION, HEADER_SIZE, INODE_SIZE, REGIONS
-from ..format.index_chunks import DESCRIPTOR_SIZE, DIGEST_SIZE, INCOMPAT_CHUNKS, digest
+from ..format.index_chunks import DESCRIPTOR_SIZE, DIGEST_SIZE, INCOMPAT_CHUNKS, PIECE_SIZE, digest
 from ..format.layout import LOG_START, RECORD_HEADER_SIZE, RecordHeader, RecordType
 
 
@@ -53,23 +53,28 @@ def fix_index(image: bytearray) -> bool:
 
 
 def _fix_digests(image: bytearray, found: dict[str, tuple[int, int]], body: int) -> None:
-    """Each chunk's digest, for the chunks the table lists and the file holds."""
+    """Each chunk's digest into the chunk table and each table piece's into
+    the body, for the chunks the table lists and the file holds."""
     header = RecordHeader.decode(bytes(image[LOG_START:body]))
-    table = body + HEADER_SIZE
+    tail = body + HEADER_SIZE
     if header.body_len < HEADER_SIZE + DESCRIPTOR_SIZE:
         return
-    shift, count = struct.unpack_from("<II", image, table)
-    if not 0 < shift < 40:
+    shift, count, table = struct.unpack_from("<IIQ", image, tail)
+    if not 0 < shift < 40 or table >= len(image):
         return
     start, end = found["inodes"][0], found["heap"][0] + found["heap"][1]
     end = min(end, len(image))
-    room = (header.body_len - HEADER_SIZE - DESCRIPTOR_SIZE) // DIGEST_SIZE
-    for c in range(min(count, room)):
-        at = start + (c << shift)
-        if at >= end:
+    for c in range(count):
+        at, slot = start + (c << shift), table + c * DIGEST_SIZE
+        if at >= end or slot + DIGEST_SIZE > len(image):
             break
-        slot = table + DESCRIPTOR_SIZE + c * DIGEST_SIZE
         image[slot:slot + DIGEST_SIZE] = digest(bytes(image[at:min(at + (1 << shift), end)]))
+    room = (header.body_len - HEADER_SIZE - DESCRIPTOR_SIZE) // DIGEST_SIZE
+    length = min(count * DIGEST_SIZE, len(image) - table)
+    for p in range(min(room, (length + PIECE_SIZE - 1) // PIECE_SIZE)):
+        piece = bytes(image[table + p * PIECE_SIZE:table + min((p + 1) * PIECE_SIZE, length)])
+        slot = tail + DESCRIPTOR_SIZE + p * DIGEST_SIZE
+        image[slot:slot + DIGEST_SIZE] = digest(piece)
 
 
 def set_header_field(image: bytearray, offset: int, fmt: str, value: int) -> None:
