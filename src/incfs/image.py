@@ -376,9 +376,10 @@ class Image(Fills, VerifiedReads):
 
     def index_root(self) -> bytes:
         """SHA-256 over the index header and every byte of its regions; with
-        CHUNKS, over the header and its chunk digests (each chunk is checked
-        against its digest before any of its bytes is used), so a signed
-        image opens in time independent of its size."""
+        CHUNKS, over the record body only (the header and the digests of the
+        chunk table's pieces: every chunk is checked through them before any
+        of its bytes is used), so a signed image opens in time independent
+        of its size."""
         if self._index_root is None:
             head = self.index.header
             if head.chunks is not None:

@@ -30,7 +30,7 @@ from typing import Iterator
 
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage
-from .index_chunks import INCOMPAT_CHUNKS, ChunkCheck, ChunkTable
+from .index_chunks import GOOD, INCOMPAT_CHUNKS, ChunkCheck, ChunkTable
 from .maps import (INCOMPAT_MAP_KINDS, Columns, MapDamage, columns_size, decode_columns,
                    decode_map)
 from .records import MAX_METADATA, MAX_NAME, MAX_SYMLINK, InodeEntry, InodeFlags, Xattrs
@@ -52,9 +52,9 @@ COMPAT_DTYPES = 1
 COMPAT_KNOWN = COMPAT_DTYPES
 # MAP_KINDS: each block map starts with a head word naming its layout
 # (format.maps), so most maps hold 2 bytes a block or none instead of 14.
-# CHUNKS: the header is followed by a SHA-256 per chunk of the regions
-# (format.index_chunks), checked as each chunk is first read, instead of a
-# CRC per region checked at open.
+# CHUNKS: a SHA-256 per 4 KiB chunk of the regions (format.index_chunks),
+# checked as each chunk is first read, instead of a CRC per region checked
+# at open: the chunk table follows the regions, the header its descriptor.
 INCOMPAT_KNOWN = INCOMPAT_MAP_KINDS | INCOMPAT_CHUNKS
 FLAG_POSIX = 1  # some inode has owners, a device number or attributes
 
@@ -261,7 +261,7 @@ class IndexReader:
         if not 1 <= ino <= self.count:
             raise damage(f"inode {ino} is out of range")
         chunk = (ino - 1) >> self._records_shift
-        if self._chunk_state[chunk] != 1:
+        if self._chunk_state[chunk] != GOOD:
             self.check.verify(chunk)
         return self._table + (ino - 1) * INODE_SIZE
 

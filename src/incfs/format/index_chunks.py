@@ -42,7 +42,7 @@ MAX_CHUNKS = 1 << 24  # pack widens the chunks past this (a 64 GiB index)
 PIECE_SIZE = 4096  # table bytes under one digest in the body: 128 chunk digests
 _DESCRIPTOR = struct.Struct("<IIQ")  # shift, chunk count, table offset (absolute)
 DESCRIPTOR_SIZE = _DESCRIPTOR.size
-_UNCHECKED, _GOOD, _BAD = 0, 1, 2
+_UNCHECKED, GOOD, _BAD = 0, 1, 2  # a chunk's state (ChunkCheck.state)
 
 
 def chunk_shift(span: int) -> int:
@@ -126,7 +126,7 @@ class ChunkCheck:
         self.shift = table.shift if table else unchunked_shift
         self.damage = damage
         count = table.count if table else chunk_count(end - base, self.shift)
-        self.state = bytearray([_UNCHECKED if table else _GOOD]) * count
+        self.state = bytearray([_UNCHECKED if table else GOOD]) * count
         self.pieces: dict[int, bytes] = {}  # table pieces checked against the body
         self.bad = 0  # chunks found damaged
 
@@ -139,13 +139,13 @@ class ChunkCheck:
         if start < base or stop > self.end:  # a caller's bounds check missed it
             raise self.damage(f"a read of bytes {start}..{stop} lies outside the index")
         for c in range((start - base) >> shift, ((stop - 1 - base) >> shift) + 1):
-            if state[c] != _GOOD:
+            if state[c] != GOOD:
                 self.verify(c)
 
     def verify(self, c: int) -> None:
         """Hash chunk `c` unless known; raise `damage` if it is damaged."""
         state = self.state[c]
-        if state == _GOOD:
+        if state == GOOD:
             return
         if state == _UNCHECKED:
             at = self.base + (c << self.shift)
@@ -155,7 +155,7 @@ class ChunkCheck:
             # own touches are trimmed (IndexReader.read_one)
             got = digest(os.pread(self.fd, min(at + (1 << self.shift), self.end) - at, at))
             if got == self._digest_of(c):
-                self.state[c] = _GOOD
+                self.state[c] = GOOD
                 return
             self.state[c] = _BAD
             self.bad += 1
