@@ -386,7 +386,11 @@ class FaultProxy:
         sock = socket.socket(family, type_, proto)
         try:
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, addr), _CONNECT_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns the
+            # result and drops a cancel that lands as the connect completes,
+            # and close() then waited forever for that connection's task
+            async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                await loop.sock_connect(sock, addr)
             _nodelay(sock)
         except BaseException:
             sock.close()
