@@ -298,10 +298,9 @@ def _check_index_chunks(img: Image, report: VerifyReport) -> None:
         return
     check = img.index.check
     for c in check.all():
-        start = check.base + (c << check.shift)
-        report.add(Problem(INTEGRITY, f"index chunk {c} (bytes {start}.."
-                                      f"{min(start + (1 << check.shift), check.end)} of the "
-                                      "image) does not match its digest"))
+        start, stop = check.bounds(c)
+        report.add(Problem(INTEGRITY, f"index chunk {c} (bytes {start}..{stop} of the image) "
+                                      "does not match its digest"))
 
 
 def _check_log(img: Image, report: VerifyReport) -> None:

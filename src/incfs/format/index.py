@@ -24,7 +24,7 @@ import os
 import struct
 import zlib
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Iterator
 
@@ -157,8 +157,8 @@ class IndexHeader:
                 raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
             return head
         first, end = head.span
-        chunks = ChunkTable.decode(memoryview(body)[HEADER_SIZE:], max(0, end - first))
-        return cls(count, total, files, flags, regions, compat, incompat, chunks)
+        return replace(head, chunks=ChunkTable.decode(memoryview(body)[HEADER_SIZE:],
+                                                      max(0, end - first)))
 
     def check_layout(self, start: int, end: int) -> None:
         """The regions must lie in order inside [start, end), 8-aligned and
