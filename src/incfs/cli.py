@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, startup
 from .errors import CorruptImage, IncfsError, IntegrityError
 
 EXIT_OK, EXIT_INTEGRITY, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -90,6 +90,8 @@ class IncfsGroup(click.Group):
 @click.version_option(__version__, prog_name="incfs")
 def main() -> None:
     """incfs: a lazily loaded, read-only, integrity-verified file system."""
+    if click.get_current_context().invoked_subcommand != "mount":
+        startup.imports_done()  # a mount's daemon does, once it has imported what it serves with
 
 
 def _stderr_console():
@@ -389,5 +391,4 @@ _register_space_commands(main)
 
 
 if __name__ == "__main__":
-    main()
-
+    startup.run(main)

@@ -10,6 +10,7 @@ import time
 
 import click
 
+from . import startup
 from .loader.config import DEFAULTS
 from .statusfile import read_status
 
@@ -185,6 +186,7 @@ def register(main: click.Group) -> None:
             raise SystemExit(run_foreground(config))
         mount_background(config, fork=True)  # this process runs no thread: see incfs.forked
         click.echo(f"incfs: mounted {source} on {mountpoint}")
+        startup.leave_at_once()
 
     @main.command("umount")
     @click.argument("mountpoint", type=click.Path(file_okay=False))

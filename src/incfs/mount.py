@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kmount, preconnect
+from . import kmount, preconnect, startup
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
 from .rundir import runtime_dir
@@ -389,6 +389,7 @@ async def _open_and_serve(config: MountConfig, ready, succession: Succession | N
         backing = await open_backing(config)
     finally:
         await trio.to_thread.run_sync(importer.join)
+        startup.imports_done()
     try:
         return await serve(config, backing.image, ready, succession, backing.source)
     finally:
@@ -668,6 +669,7 @@ def main(argv: list[str]) -> int:
                                 restarts=int(state["restarts"]))
     from .forked import DAEMON_NAME, set_name
 
+    startup.importing()  # until _open_and_serve has imported what serving needs
     set_name(DAEMON_NAME)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_foreground(config, ready_fd, succession)

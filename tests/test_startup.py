@@ -1,0 +1,93 @@
+"""incfs.startup: the collector paused while a process imports, and the
+mount command's exit without the interpreter's teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_leave_at_once_skips_teardown_but_flushes_output():
+    proc = _python("""
+        import atexit, sys
+        from incfs import startup
+        atexit.register(print, "teardown")
+        def main():
+            sys.stdout.write("mounted")  # buffered: the exit must flush it
+            startup.leave_at_once()
+            sys.exit(0)
+        startup.run(main)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "mounted"
+
+
+def test_a_failed_command_exits_as_usual():
+    proc = _python("""
+        import atexit, sys
+        from incfs import startup
+        atexit.register(print, "teardown")
+        def main():
+            startup.leave_at_once()
+            sys.exit(2)
+        startup.run(main)
+    """)
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == "teardown"
+
+
+def test_without_the_request_the_interpreter_ends_as_usual():
+    proc = _python("""
+        import atexit
+        from incfs import startup
+        atexit.register(print, "teardown")
+        startup.run(lambda: None)
+    """)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == "teardown"
+
+
+def test_collector_paused_while_importing_then_frozen_and_back():
+    proc = _python("""
+        import gc, os
+        from incfs import startup
+        startup.importing()
+        paused = gc.isenabled()
+        if os.fork() == 0:  # a forked child (the supervisor, the daemon) inherits the pause
+            startup.imports_done()
+            os._exit(0 if gc.isenabled() and gc.get_freeze_count() > 0 else 1)
+        _, status = os.wait()
+        startup.imports_done()
+        print(paused, gc.isenabled(), gc.get_freeze_count() > 0, os.waitstatus_to_exitcode(status))
+    """)
+    assert proc.stdout.split() == ["False", "True", "True", "0"], proc.stderr
+
+
+def test_a_collector_it_did_not_pause_is_left_alone():
+    proc = _python("""
+        import gc
+        from incfs import startup
+        gc.disable()  # an embedding program's own choice
+        startup.imports_done()
+        print(gc.isenabled(), gc.get_freeze_count())
+    """)
+    assert proc.stdout.split() == ["False", "0"], proc.stderr
+
+
+def test_commands_other_than_mount_run_with_the_collector_on(tmp_path):
+    proc = _python(f"""
+        import gc
+        from click.testing import CliRunner
+        from incfs import startup
+        from incfs.cli import main
+        startup.importing()
+        result = CliRunner().invoke(main, ["keygen", {str(tmp_path / "k")!r}])
+        print(result.exit_code, gc.isenabled())
+    """)
+    assert proc.stdout.split() == ["0", "True"], proc.stderr
