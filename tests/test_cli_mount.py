@@ -78,6 +78,12 @@ def test_mount_http_status_profile_umount(served_image):
         from incfs.loader.config import DEFAULTS
 
         assert status["loader"]["sources"][0]["early_connections"] == DEFAULTS.warm_connections
+        if os.geteuid() == 0:  # the readahead window is root's to set
+            from incfs.mount import READAHEAD_LOADING_KB
+
+            dev = os.stat(mnt).st_dev
+            bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+            assert int(bdi.read_text()) == READAHEAD_LOADING_KB  # still loading: 1 MiB
         assert "blocks" in incfs("status", mnt).stdout
         incfs("profile", "record", mnt, tmp / "p.json")
         profile = json.loads((tmp / "p.json").read_text())

@@ -345,6 +345,16 @@ def run(*cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, timeout=120, **kw)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the readahead window is root's to set")
+def test_readahead_window_set_for_a_complete_image(packed_mount):
+    """(A mount still loading gets the smaller window: tests/test_cli_mount.py.)"""
+    from incfs.mount import READAHEAD_COMPLETE_KB
+
+    dev = os.stat(packed_mount[1].path).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) == READAHEAD_COMPLETE_KB
+
+
 def test_unmodified_tools_on_a_packed_image(packed_mount, tmp_path):
     src, m = packed_mount
     mp = m.path

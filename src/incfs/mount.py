@@ -255,7 +255,7 @@ async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: 
             rundir / "passthrough", succession.resume_fd is not None,
             config.mountpoint)
     readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
-    await trio.to_thread.run_sync(_tune_readahead, config.mountpoint, readahead)
+    _tune_readahead(config.mountpoint, readahead)
     if ready:
         ready()
 
@@ -318,11 +318,15 @@ def _tune_readahead(mountpoint: str, kb: int) -> None:
     """Set the mount's readahead window (root only; best effort): large when
     every block is local (the daemon is CPU-bound, and more requests in flight
     keep both cores busy), 1 MiB while loading (each readahead request past
-    what a program needs would be fetched over the network)."""
+    what a program needs would be fetched over the network). The device
+    number comes from the mount table, not a stat() of the mount point: that
+    would be served by this daemon's own loop (so a worker thread, a few ms of
+    a mount's start), and holds the mount busy for an unmount meanwhile."""
+    entry = kmount.mount_at(mountpoint)
+    if entry is None or not entry.is_fuse:
+        return
     try:
-        dev = os.stat(mountpoint).st_dev
-        path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
-        path.write_text(str(kb))
+        Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb").write_text(str(kb))
     except OSError:
         pass
 

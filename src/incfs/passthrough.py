@@ -98,7 +98,7 @@ class Passthrough:
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         self = cls(session, service, plain_directory(service.image.path))
         self.markers = markers
-        await trio.to_thread.run_sync(self._prepare_directory, resumed)
+        self._prepare_directory(resumed)  # a few local mkdirs: a thread's start costs more
         if resumed:
             await trio.to_thread.run_sync(self._take_over, mountpoint)
         service.passthrough = self
