@@ -97,20 +97,13 @@ class Backing:
 
 async def open_backing(config: MountConfig) -> Backing:
     """The backing image for a mount, checked against the key policy."""
-    from .image import Image
-    from .loader import default_cache, open_cache
+    from .loader import open_cache
 
     source = None
-    if config.source == "empty":
-        path = Path(config.cache) if config.cache else default_cache(config)
-        image = Image.open(path, writable=True) if path.exists() else Image.create(path)
-    elif _loads(config):
-        image, source = await open_cache(config)  # the built-in loader owns caches of sources
+    if _loads(config):  # the built-in loader owns caches of sources
+        image, source = await open_cache(config)
     else:
-        path = Path(config.source)
-        if not path.exists():
-            raise UsageError(f"{path}: no such image")
-        image = Image.open(path, writable=os.access(path, os.W_OK))
+        image = _open_local(config)
     try:
         check_trust(image, config)
         check_cache_size(image, config)
@@ -120,6 +113,20 @@ async def open_backing(config: MountConfig) -> Backing:
             await source.aclose()
         raise
     return Backing(image, source)
+
+
+def _open_local(config: MountConfig) -> Image:
+    """An empty mount's backing image (made if need be), or a local image."""
+    from .image import Image
+    from .loader import default_cache
+
+    if config.source == "empty":
+        path = Path(config.cache) if config.cache else default_cache(config)
+        return Image.open(path, writable=True) if path.exists() else Image.create(path)
+    path = Path(config.source)
+    if not path.exists():
+        raise UsageError(f"{path}: no such image")
+    return Image.open(path, writable=os.access(path, os.W_OK))
 
 
 def check_cache_size(image: Image, config: MountConfig) -> None:
@@ -367,21 +374,24 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None,
 
 
 def _import_opening(config: MountConfig) -> None:
-    """What opening the backing image needs, imported before it starts: the
-    rest is imported while it runs (_open_and_serve), and the two threads
-    then never import one package at once."""
-    from . import image, loader, sources  # noqa: F401
-
+    """What opening the backing image needs first, imported before it
+    starts; the rest is imported while it runs (_open_and_serve). A mount of
+    a source needs only the source's client to send its metadata request:
+    the image code (~28 ms) loads while that is on the wire."""
     if _loads(config):
+        from . import sources
         from .loader import cache  # noqa: F401
+
         sources.preload([config.source, *(config.mirrors or [])])
+    else:
+        from . import image  # noqa: F401
 
 
 async def _open_and_serve(config: MountConfig, ready, succession: Succession | None) -> bool:
     """Open the backing image, then serve it. For a remote source the
     metadata is on the wire for one to three round trips while a worker
-    thread imports what serving needs (~20 ms here): time that would
-    otherwise add to every mount's start."""
+    thread imports the image code and what serving needs (~40 ms here):
+    time that would otherwise add to every mount's start."""
     import threading
 
     import trio
@@ -401,7 +411,12 @@ async def _open_and_serve(config: MountConfig, ready, succession: Succession | N
 
 
 def _import_serving(loading: bool) -> None:
-    """The modules serve() (and the loader, if one runs) use, loaded ahead."""
+    """The modules serve() (and the loader, if one runs) use, loaded ahead;
+    the image code first, which a new cache wants as soon as its metadata is
+    in. (The loop's thread may meanwhile import a module this one is
+    loading: it waits for it, as imports do; the package has no import
+    cycle that could make that a deadlock.)"""
+    from . import image  # noqa: F401
     from . import fuse, fusefs, metrics_http, passthrough, service  # noqa: F401
     from .control import server  # noqa: F401
 

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,12 +31,14 @@ from ..errors import CorruptImage, UsageError
 from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader,
                              RecordType, Superblock, SuperFlags)
 from ..format.log import scan_log
-from ..image import Image
 from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
 from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .remote import open_loader_source
+
+if TYPE_CHECKING:  # imported when a cache is opened: a mount's metadata request goes first
+    from ..image import Image
 
 log = logging.getLogger("incfs.loader")
 
@@ -156,6 +159,8 @@ def _attach(image: Image, info: dict, old: Path) -> None:
 
 
 def _open_existing(path: Path) -> Image:
+    from ..image import Image
+
     image = Image.open(path, writable=True)
     if not image.superblock.flags & SuperFlags.CACHE:
         image.close()
@@ -192,6 +197,8 @@ def write_cache(path: Path, sb: Superblock, meta: bytes) -> Image:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    from ..image import Image
+
     image = Image.open(path, writable=True)
     image.durable = False
     return image
