@@ -22,6 +22,10 @@ from incfs.integrity import signing
 
 MiB = 1 << 20
 INCFS = Path(sys.executable).with_name("incfs")
+# Mount commands start their daemons cold here, as each test expects of its
+# own processes; tests/test_warm.py turns the warm process (incfs.warm) on
+# for the commands it runs, in a runtime directory of its own.
+os.environ["INCFS_WARM"] = "0"
 ALGORITHMS = ["ed25519", "ecdsa-p256", "rsa"]
 
 

@@ -50,7 +50,8 @@ class NormalUser:
         """A clean environment, as after a login (no PYTHONPATH, no root HOME)."""
         return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name,
                 "PATH": f"{self.venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-                "LANG": "C.UTF-8"}
+                "LANG": "C.UTF-8",
+                "INCFS_WARM": "0"}  # no warm process left behind by the tests (see conftest)
 
     def run(self, *args, check: bool = True, timeout: float = 120,
             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:

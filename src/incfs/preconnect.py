@@ -39,12 +39,38 @@ MAX_AGE = 10.0
 _adopted: dict[tuple[str, int], list[tuple[int, float]]] = {}
 
 
+# Opened by `open_at_start` before the command line was parsed: (host, port),
+# then what open_early returned for them.
+_at_start: tuple[tuple[str, int], tuple[dict[str, str], list[int]]] | None = None
+
+
+def open_at_start(argv: list[str], count: int) -> None:
+    """At the `incfs` program's first instant, before it imports and parses
+    (~60 ms): if `argv` is a background `mount` whose URLs all name one
+    host, start its connections now; `open_early` then hands these out.
+    A guess (the parser has not run): what it opens for nothing, a wrong
+    host among the arguments, is closed when the mount opens its own."""
+    global _at_start
+    if not argv or argv[0] != "mount" or {"--foreground", "--help", "-h"} & set(argv):
+        return
+    urls = [arg for arg in argv[1:] if arg[:8].lower().startswith(("http://", "https://"))]
+    targets = {_target(url) for url in urls}
+    if len(targets) == 1 and None not in targets:
+        _at_start = (targets.pop(), open_early(urls[0], count))
+
+
 def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:
-    """Start `count` connections to the host of an http(s) `url`. Returns the
-    environment entry naming them and their descriptors (for pass_fds),
-    or ({}, []) when none could be started; the caller closes its copies
-    once the child has them."""
+    """Start `count` connections to the host of an http(s) `url` (or take
+    those `open_at_start` opened for it). Returns the environment entry
+    naming them and their descriptors (for pass_fds), or ({}, []) when none
+    could be started; the caller closes its copies once the child has them."""
+    global _at_start
     target = _target(url)
+    if _at_start is not None:
+        (opened_for, early), _at_start = _at_start, None
+        if opened_for == target and early[1]:
+            return early
+        close_fds(early[1])
     if target is None or count < 1:
         return {}, []
     host, port = target
@@ -81,6 +107,15 @@ def hand_over() -> None:
     if value:
         with contextlib.suppress(ValueError):
             close_fds([int(fd) for fd in value.rsplit(" ", 1)[-1].split(",")])
+
+
+def renumber(fds: list[int]) -> None:
+    """The connections the variable names are now `fds` in this process
+    (they came by SCM_RIGHTS: incfs.warm), in the same order."""
+    value = os.environ.pop(ENV, None)
+    if value and fds:
+        host, port, opened, _ = value.split(" ")
+        os.environ[ENV] = f"{host} {port} {opened} {','.join(map(str, fds))}"
 
 
 def adopt() -> None:

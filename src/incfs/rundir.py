@@ -9,7 +9,12 @@ import os
 from pathlib import Path
 
 
-def runtime_dir(mountpoint: str) -> Path:
+def runtime_base() -> Path:
+    """This user's directory of them (the warm process's socket lives here too)."""
     base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else "/tmp")
+    return Path(base) / f"incfs-{os.geteuid()}"
+
+
+def runtime_dir(mountpoint: str) -> Path:
     key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
-    return Path(base) / f"incfs-{os.geteuid()}" / key
+    return runtime_base() / key

@@ -46,6 +46,7 @@ class Service:
         self.fuse = None  # the FUSE session (incfs.fuse.Session) once mounted
         self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
         self.supervised = False
+        self.warm_start = False  # forked by the warm process (incfs.warm)
         self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
         self.space = None  # incfs.space.cap.CacheCap under --cache-size
         self.on_missing: Callable[[], None] = lambda: None
@@ -278,6 +279,7 @@ class Service:
             "uptime_s": round(time.time() - self.started, 3),
             "pid": os.getpid(),
             "restarts": self.restarts,
+            "warm_start": self.warm_start,
             "supervisor_pid": os.getppid() if self.supervised else None,
             "version": __version__,
             "fuse": self._fuse_status(),

@@ -1,0 +1,169 @@
+"""incfs.warm: the warm process a mount command leaves behind, and the
+mounts it starts for the next commands (only when nothing would differ
+from a cold start)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from incfs import warm
+from incfs.forked import process_name
+from incfs.pack import pack
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+INCFS = [sys.executable, "-m", "incfs.cli"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The commands' environment: warm processes on, in a runtime directory
+    of this test's own (so its warm process is this test's alone)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    environment = {**os.environ, "INCFS_WARM": "1", "XDG_RUNTIME_DIR": str(run_dir)}
+    yield environment
+    _stop(environment)
+
+
+def _stop(environment: dict) -> None:
+    pid_file = Path(environment["XDG_RUNTIME_DIR"]) / f"incfs-{os.geteuid()}" / "warm.pid"
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    if process_name(pid) == warm.NAME:
+        os.kill(pid, 15)
+
+
+def _sock(environment: dict) -> Path:
+    return Path(environment["XDG_RUNTIME_DIR"]) / f"incfs-{os.geteuid()}" / "warm.sock"
+
+
+def _wait_warm(environment: dict, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            try:
+                s.connect(str(_sock(environment)))
+                return
+            except OSError:
+                time.sleep(0.05)
+    raise AssertionError("no warm process answered")
+
+
+def _incfs(environment: dict, *args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run(INCFS + [str(a) for a in args], env=environment, capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+@pytest.fixture
+def image(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello from a warm start\n")
+    (src / "big.bin").write_bytes(os.urandom(300_000))
+    pack(src, tmp_path / "app.img")
+    return src, tmp_path / "app.img"
+
+
+def _mount(environment: dict, image: Path, mnt: Path) -> dict:
+    """Mount a copy of `image` (one image serves one mount at a time)."""
+    mnt.mkdir()
+    copy = mnt.with_suffix(".img")
+    shutil.copyfile(image, copy)
+    _incfs(environment, "mount", copy, mnt, "--allow-unsigned")
+    return json.loads(_incfs(environment, "status", mnt, "--json").stdout)
+
+
+def test_second_mount_is_started_warm_and_serves(env, image, tmp_path):
+    src, img = image
+    first = _mount(env, img, tmp_path / "m1")
+    try:
+        assert first["warm_start"] is False  # nothing was warm yet
+        _wait_warm(env)
+        second = _mount(env, img, tmp_path / "m2")
+        try:
+            assert second["warm_start"] is True
+            assert (tmp_path / "m2" / "hello.txt").read_text() == "hello from a warm start\n"
+            assert (tmp_path / "m2" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+            assert second["supervisor_pid"] and second["pid"] != first["pid"]
+            # as a cold start makes them: the supervisor leads a session of its own
+            assert os.getsid(second["pid"]) == second["supervisor_pid"]
+        finally:
+            _incfs(env, "umount", tmp_path / "m2")
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")
+    assert not os.path.ismount(tmp_path / "m2")
+
+
+def test_commands_with_the_warm_process_off_start_cold(env, image, tmp_path):
+    _, img = image
+    first = _mount(env, img, tmp_path / "m1")
+    try:
+        _wait_warm(env)
+        second = _mount({**env, "INCFS_WARM": "0"}, img, tmp_path / "m2")
+        assert second["warm_start"] is False
+        _incfs(env, "umount", tmp_path / "m2")
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")
+    assert first["warm_start"] is False
+
+
+def test_orders_of_another_fingerprint_are_refused_and_it_serves_on(env, image, tmp_path):
+    _, img = image
+    _mount(env, img, tmp_path / "m1")
+    try:
+        _wait_warm(env)
+        r, w = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(str(_sock(env)))
+                orders = {"fingerprint": "not this one", "module": "incfs.mount"}
+                socket.send_fds(s, [json.dumps(orders).encode()], [w, w])
+                assert json.loads(s.recv(4096)) == {}  # no pid: start cold
+        finally:
+            os.close(r)
+            os.close(w)
+        second = _mount(env, img, tmp_path / "m2")  # still there, and serving
+        assert second["warm_start"] is True
+        _incfs(env, "umount", tmp_path / "m2")
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")
+
+
+def test_a_command_in_another_mount_namespace_has_another_fingerprint(env):
+    """(Its mount would be made there: a warm process outside it must not.)"""
+    code = "from incfs import warm; print(warm.fingerprint())"
+    here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout
+    there = subprocess.run(["unshare", "-m", sys.executable, "-c", code], capture_output=True,
+                           text=True, check=True).stdout
+    assert here == again
+    assert here != there
+
+
+def test_a_dead_warm_process_means_a_cold_start(env, image, tmp_path):
+    _, img = image
+    _mount(env, img, tmp_path / "m1")
+    try:
+        _wait_warm(env)
+        _stop(env)
+        deadline = time.monotonic() + 10
+        while _sock(env).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _mount(env, img, tmp_path / "m2")
+        assert second["warm_start"] is False
+        _incfs(env, "umount", tmp_path / "m2")
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")
