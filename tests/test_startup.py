@@ -3,6 +3,7 @@ mount command's exit without the interpreter's teardown."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,33 @@ def test_commands_other_than_mount_run_with_the_collector_on(tmp_path):
         print(result.exit_code, gc.isenabled())
     """)
     assert proc.stdout.split() == ["0", "True"], proc.stderr
+
+
+def test_mount_command_connections_open_before_parsing_and_are_handed_out():
+    from incfs import preconnect
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/app.img"
+        preconnect.open_at_start(["mount", "--prefetch", "none", url, "/mnt"], 2)
+        env, fds = preconnect.open_early(url, 2)  # what mount_background asks for
+        try:
+            assert len(fds) == 2 and env[preconnect.ENV].endswith(",".join(map(str, fds)))
+            server.settimeout(5)
+            server.accept()[0].close()  # they were connecting before open_early was called
+            again_env, again = preconnect.open_early(url, 2)  # handed out once only
+            preconnect.close_fds(again)
+            assert again and again != fds
+        finally:
+            preconnect.close_fds(fds)
+
+
+def test_no_early_connections_for_a_guess_that_could_be_wrong():
+    from incfs import preconnect
+
+    for argv in (["mount", "http://a.example/x", "--mirror", "http://b.example/x", "/m"],
+                 ["mount", "--foreground", "http://a.example/x", "/m"],
+                 ["status", "http://a.example/x"], ["mount", "image.img", "/m"]):
+        preconnect.open_at_start(argv, 2)
+        assert preconnect._at_start is None, argv
