@@ -6,6 +6,8 @@ Approaches (each from empty caches, each repetition from scratch):
   download     curl the whole incfs image, then mount it locally and run
                (the reference: time = download + run, the same run's download)
   incfs        incfs mounted from the URL (built-in loader, prefetch none)
+  incfs-command  the same with the `incfs mount` command, the warm process on
+               (incfs.warm: after a run's first mount, started warm)
   incfs-prefetch  the same with incfs's default, --prefetch sequential (the
                whole image is fetched in the background, in source order,
                while reads jump the queue: more bytes on the wire when a
@@ -28,6 +30,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -201,6 +204,37 @@ class IncfsPrefetch(IncfsLazy):
     prefetch = "sequential"
 
 
+class IncfsCommand(IncfsLazy):
+    """The `incfs mount` command as a user types it, with the warm process
+    on (incfs.warm, the default): the first mount of a run starts cold and
+    leaves the warm process behind, later ones are started by it (each run's
+    status says which: `warm_start`)."""
+    name, label = "incfs-command", "incfs mount command (warm process)"
+
+    @contextlib.contextmanager
+    def mounted(self, url_base, what, mnt, work):
+        from incfs.mount import umount
+        from systems import read_status
+        cache = work / "lazy-cache.img"
+        cache.unlink(missing_ok=True)
+        clean_mountpoint(str(mnt))
+        done = subprocess.run([str(Path(sys.executable).with_name("incfs")), "mount",
+                               "--allow-unsigned", "--prefetch", self.prefetch, "--cache",
+                               str(cache), f"{url_base}{what}.img", str(mnt)],
+                              capture_output=True, text=True, env={**os.environ, "INCFS_WARM": "1"})
+        if done.returncode:
+            raise Unavailable(f"remote mount failed: {_one_line(done.stderr)}")
+        try:
+            yield mnt
+            self.last_status = read_status(mnt)
+        finally:
+            try:
+                umount(str(mnt), timeout=30)
+            except OSError:
+                fuse_umount(str(mnt))
+            cache.unlink(missing_ok=True)
+
+
 class Rclone(Approach):
     name, label = "rclone", "rclone mount (http)"
     cache_mode = "off"
@@ -349,8 +383,8 @@ def run_lazy(links: list[Link], build_tree: Callable[[int], LazyTree], default_s
 
     out: dict = {}
     why = missing_feature()
-    all_approaches: list[Approach] = [IncfsLazy(), IncfsPrefetch(), Rclone(), RcloneFull(),
-                                       Httpfs2()]
+    all_approaches: list[Approach] = [IncfsLazy(), IncfsPrefetch(), IncfsCommand(), Rclone(),
+                                       RcloneFull(), Httpfs2()]
     approaches = [a for a in all_approaches if not approaches_wanted or a.name in approaches_wanted]
     for a in approaches:
         try:
