@@ -175,19 +175,23 @@ class IncfsLazy(Approach):
     def __init__(self) -> None:
         self.last_status: dict = {}
 
+    def start(self, url: str, mnt: Path, cache: Path) -> None:
+        """Mount `url` at `mnt` with its cache at `cache`, as this approach does."""
+        from incfs.mount import MountConfig, mount_background
+        try:
+            mount_background(MountConfig(source=url, mountpoint=str(mnt), cache=str(cache),
+                                         allow_unsigned=True, prefetch=self.prefetch))
+        except Exception as e:
+            raise Unavailable(f"remote mount failed: {_one_line(e)}{_daemon_log_tail(mnt)}") from None
+
     @contextlib.contextmanager
     def mounted(self, url_base, what, mnt, work):
-        from incfs.mount import MountConfig, mount_background, umount
+        from incfs.mount import umount
         from systems import read_status
         cache = work / "lazy-cache.img"
         cache.unlink(missing_ok=True)
         clean_mountpoint(str(mnt))
-        try:
-            mount_background(MountConfig(source=f"{url_base}{what}.img", mountpoint=str(mnt),
-                                         cache=str(cache), allow_unsigned=True,
-                                         prefetch=self.prefetch))
-        except Exception as e:
-            raise Unavailable(f"remote mount failed: {_one_line(e)}{_daemon_log_tail(mnt)}") from None
+        self.start(f"{url_base}{what}.img", mnt, cache)
         try:
             yield mnt
             self.last_status = read_status(mnt)
@@ -211,28 +215,13 @@ class IncfsCommand(IncfsLazy):
     status says which: `warm_start`)."""
     name, label = "incfs-command", "incfs mount command (warm process)"
 
-    @contextlib.contextmanager
-    def mounted(self, url_base, what, mnt, work):
-        from incfs.mount import umount
-        from systems import read_status
-        cache = work / "lazy-cache.img"
-        cache.unlink(missing_ok=True)
-        clean_mountpoint(str(mnt))
+    def start(self, url: str, mnt: Path, cache: Path) -> None:
         done = subprocess.run([str(Path(sys.executable).with_name("incfs")), "mount",
                                "--allow-unsigned", "--prefetch", self.prefetch, "--cache",
-                               str(cache), f"{url_base}{what}.img", str(mnt)],
+                               str(cache), url, str(mnt)],
                               capture_output=True, text=True, env={**os.environ, "INCFS_WARM": "1"})
         if done.returncode:
             raise Unavailable(f"remote mount failed: {_one_line(done.stderr)}")
-        try:
-            yield mnt
-            self.last_status = read_status(mnt)
-        finally:
-            try:
-                umount(str(mnt), timeout=30)
-            except OSError:
-                fuse_umount(str(mnt))
-            cache.unlink(missing_ok=True)
 
 
 class Rclone(Approach):
