@@ -167,3 +167,28 @@ def test_a_dead_warm_process_means_a_cold_start(env, image, tmp_path):
         _incfs(env, "umount", tmp_path / "m2")
     finally:
         _incfs(env, "umount", tmp_path / "m1")
+
+
+def test_a_wedged_warm_process_is_killed_and_the_mount_starts_cold(env, image, tmp_path):
+    """It has the orders and never answers (stopped): no cold mount beside
+    one it might still make, so it goes first."""
+    _, img = image
+    _mount(env, img, tmp_path / "m1")
+    try:
+        _wait_warm(env)
+        pid = int((_sock(env).parent / "warm.pid").read_text())
+        os.kill(pid, 19)  # SIGSTOP
+        second = _mount(env, img, tmp_path / "m2")
+        assert second["warm_start"] is False
+        deadline = time.monotonic() + 10
+        while process_name(pid) == warm.NAME and time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
+        assert state in ("gone", "Z")  # killed (a zombie until its parent, init, reaps it)
+        _incfs(env, "umount", tmp_path / "m2")
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")

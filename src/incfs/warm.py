@@ -21,8 +21,10 @@ between two commands comes with the orders and is applied in the child:
 the environment, the working directory, the umask, resource limits and
 niceness. The orders' file descriptors (the ready pipe, the log, the early
 connections) come by SCM_RIGHTS. A command that is not served, for any
-reason (no warm process, another fingerprint, a refusal, no answer within
-`ANSWER_TIMEOUT`), starts its mount cold, as before.
+reason (no warm process, another fingerprint, a refusal, no connection
+within `ANSWER_TIMEOUT`), starts its mount cold, as before. One that sent
+its orders and got no answer within `STARTING_TIMEOUT` kills the warm
+process first (it might still act on them), then starts cold.
 
 The warm process ends after `IDLE` seconds with no orders, or as soon as its
 own fingerprint no longer matches (its code was upgraded under it). Only the
@@ -61,7 +63,11 @@ IDLE = 600.0
 # its mount cold: the answer takes a fork (a few ms); one that takes longer
 # is wedged, and a cold start costs only ~150 ms more.
 ANSWER_TIMEOUT = 1.0
+# Seconds it may take, once it has the orders, to say it started them: a
+# fork. One that has not answered by then is stopped or wedged.
+STARTING_TIMEOUT = 10.0
 _MAX_ORDERS = 1 << 20  # bytes: the configuration and the environment
+_ENTRIES = ("incfs.supervisor", "incfs.mount")  # what orders may start (mount._background_entry)
 _RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
 
 
@@ -123,10 +129,29 @@ def start(module: str, name: str, config_json: str, ready_fd: int, log_fd: int,
                       "umask": _umask(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
                       "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS]}
             socket.send_fds(sock, [json.dumps(orders).encode()], [ready_fd, log_fd, *early_fds])
-            answer = json.loads(sock.recv(4096) or b"{}")
+            sock.settimeout(STARTING_TIMEOUT)
+            try:
+                answer = json.loads(sock.recv(4096) or b"{}")
+            except TimeoutError:
+                # It has our orders and may yet act on them: no cold start
+                # beside a mount it might still make. It is killed first.
+                _kill_warm()
+                return None
     except (OSError, ValueError):
         return None
     return Started(int(answer["pid"])) if answer.get("pid") else None
+
+
+def _kill_warm() -> None:
+    """SIGKILL this user's warm process and the child starting a mount for
+    it (its process group), wedged: they never answered."""
+    try:
+        pid = int(_path("warm.pid").read_text())
+    except (OSError, ValueError):
+        return
+    if process_name(pid) == NAME:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _umask() -> int:
@@ -293,7 +318,8 @@ def _serve_one(conn: socket.socket, own: tuple[int, ...], mine: str) -> bool:
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         message, fds, _, _ = socket.recv_fds(conn, _MAX_ORDERS, 3 + 64)
         orders = json.loads(message)
-        if uid != os.getuid() or orders.get("fingerprint") != mine or len(fds) < 2:
+        if (uid != os.getuid() or orders.get("fingerprint") != mine or len(fds) < 2
+                or orders.get("module") not in _ENTRIES):
             conn.send(b"{}")
             return fingerprint() == mine  # else the code it runs is not on disk any more
         pid = os.fork()
