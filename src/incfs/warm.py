@@ -145,13 +145,7 @@ def start(module: str, name: str, config_json: str, ready_fd: int, log_fd: int,
 def _kill_warm() -> None:
     """SIGKILL this user's warm process and the child starting a mount for
     it (its process group), wedged: they never answered."""
-    try:
-        pid = int(_path("warm.pid").read_text())
-    except (OSError, ValueError):
-        return
-    if process_name(pid) == NAME:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
+    _signal_warm(os.killpg, signal.SIGKILL)
 
 
 def _umask() -> int:
@@ -187,13 +181,19 @@ def _answers() -> bool:
 
 def stop() -> None:
     """End this user's warm process, if there is one."""
+    _signal_warm(os.kill, signal.SIGTERM)
+
+
+def _signal_warm(send, signum: int) -> None:
+    """`send(pid, signum)` to this user's warm process, if `warm.pid` names
+    one (never a stranger that reuses a stale pid: it bears the name)."""
     try:
         pid = int(_path("warm.pid").read_text())
     except (OSError, ValueError):
         return
     if process_name(pid) == NAME:
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)
+            send(pid, signum)
 
 
 # --- the fingerprint -----------------------------------------------------------------
