@@ -311,14 +311,10 @@ def _time_startup(config: MountConfig, how: str) -> dict:
 
 def _wait_warm(timeout: float = 30.0) -> None:
     """Until the warm process the first command left behind answers."""
-    import socket
-
-    path = runtime_dir("/").parent / "warm.sock"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-            if sock.connect_ex(str(path)) == 0:
-                return
+        if warm.answers():
+            return
         time.sleep(0.05)
     print("note: no warm process answered", file=sys.stderr)
 

@@ -28,6 +28,9 @@ from importlib import import_module
 # only a process named so, never a stranger that reuses a stale pid.
 SUPERVISOR_NAME = "incfs-supervise"
 DAEMON_NAME = "incfs-daemon"
+# In the environment of a supervisor the warm process forked (incfs.warm),
+# until its first daemon has taken it (status: "warm_start").
+WARM_STARTED_ENV = "INCFS_WARM_STARTED"
 
 
 class Forked:

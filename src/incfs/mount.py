@@ -698,12 +698,12 @@ def main(argv: list[str]) -> int:
         state = json.loads(argv[4])
         succession = Succession(resume_fd=int(argv[3]), connection=state["connection"],
                                 restarts=int(state["restarts"]))
-    from .forked import DAEMON_NAME, set_name
+    from .forked import DAEMON_NAME, WARM_STARTED_ENV, set_name
 
     startup.importing()  # until _open_and_serve has imported what serving needs
     set_name(DAEMON_NAME)
     succession = succession or Succession()
-    succession.warm = os.environ.pop(warm.STARTED_ENV, None) is not None
+    succession.warm = os.environ.pop(WARM_STARTED_ENV, None) is not None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_foreground(config, ready_fd, succession)
 

@@ -25,7 +25,7 @@ of the next mount's daemon altogether):
   user waits for the prompt for nothing: the command has nothing left open
   that needs closing, so only stdout and stderr are flushed.
 
-Only the program does this: `incfs.cli.main` run in-process (click's test
+The console script (incfs.console) does this: `incfs.cli.main` run in-process (click's test
 runner, an embedding program) keeps the interpreter's usual behaviour.
 """
 
@@ -39,18 +39,6 @@ from typing import NoReturn
 
 _leave_at_once = False
 _paused = False  # the collector is off because importing() turned it off
-
-
-def program() -> NoReturn:
-    """The `incfs` console script."""
-    importing()
-    from . import preconnect
-    from .loader.config import DEFAULTS
-
-    preconnect.open_at_start(sys.argv[1:], DEFAULTS.warm_connections)
-    from .cli import main
-
-    run(main)
 
 
 def run(main: Callable[[], object]) -> NoReturn:

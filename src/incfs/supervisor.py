@@ -40,8 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import preconnect, startup, warm
-from .forked import DAEMON_NAME, SUPERVISOR_NAME, Forked, fork_call, process_name, set_name
+from . import preconnect, startup
+from .forked import (DAEMON_NAME, SUPERVISOR_NAME, WARM_STARTED_ENV, Forked, fork_call,
+                     process_name, set_name)
 from .rundir import runtime_dir
 
 log = logging.getLogger("incfs.supervisor")
@@ -273,7 +274,7 @@ def main(argv: list[str]) -> int:
     if code is not None:
         return code
     startup.imports_done()  # forked from the mount command with the collector off
-    os.environ.pop(warm.STARTED_ENV, None)  # later daemons start afresh: cold
+    os.environ.pop(WARM_STARTED_ENV, None)  # later daemons start afresh: cold
     pid_file = supervisor_pid_file(rundir)
     pid_file.write_text(f"{os.getpid()}\n")
     try:

@@ -50,11 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from . import preconnect, rundir
-from .forked import fork_call, process_name, set_name
+from .forked import WARM_STARTED_ENV, fork_call, process_name, set_name
 
 NAME = "incfs-warm"  # its /proc/PID/comm: `stop` signals only a process so named
 ENV = "INCFS_WARM"  # "0": no warm process is used or left behind
-STARTED_ENV = "INCFS_WARM_STARTED"  # set for a supervisor it started (status shows "warm")
 # Seconds the warm process waits for orders before it ends: a user mounting
 # a few images in a row (a build, a container start) finds it; an idle one
 # does not keep its ~60 MB for long.
@@ -93,12 +92,6 @@ class Started:
             self._pidfd: int | None = os.pidfd_open(pid)
         except OSError:  # already gone
             self._pidfd, self.returncode = None, 1
-
-    def poll(self) -> int | None:
-        if self.returncode is None and self._pidfd is not None:
-            if select.select([self._pidfd], [], [], 0)[0]:
-                self._ended()
-        return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None and self._pidfd is not None:
@@ -158,7 +151,7 @@ def leave_behind() -> None:
     """Start a warm process for the next mount, unless one is serving (or
     starting), or they are off. Called by the mount command, which forks
     it; the new process detaches and imports while the mount serves."""
-    if not enabled() or _answers():
+    if not enabled() or answers():
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -170,7 +163,8 @@ def leave_behind() -> None:
             os._exit(code)
 
 
-def _answers() -> bool:
+def answers() -> bool:
+    """Whether this user's warm process takes connections."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         try:
             sock.connect(str(_path("warm.sock")))
@@ -348,7 +342,7 @@ def _start_in_child(conn: socket.socket, own: tuple[int, ...], orders: dict[str,
         os.setpriority(os.PRIO_PROCESS, 0, orders["nice"])
         os.environ.clear()
         os.environ.update(orders["environ"])
-        os.environ[STARTED_ENV] = "1"
+        os.environ[WARM_STARTED_ENV] = "1"
         preconnect.renumber(early)
         child = fork_call(orders["module"], [orders["config"], str(ready_fd)],
                           name=orders["name"], new_session=True,
