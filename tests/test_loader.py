@@ -26,6 +26,7 @@ from incfs.format.records import BlockKind
 from incfs.image import Image
 from incfs.loader import (Want, cache_metadata, fetch_metadata, plan_ranges, retype_record,
                           source_runs, write_cache)
+from incfs.loader.prefetch import source_runs_in_slices
 from incfs.mount import MountConfig
 from incfs.pack import pack
 from incfs.serve import RangeServer
@@ -216,6 +217,27 @@ def test_source_runs_follow_the_data_region(tmp_path):
         assert all(sb.data_start <= o < sb.data_end for o in offsets)
         covered = sum(r[4] for r in runs)
         assert covered == sum(d.count + (h.count if h else 0) for d, h in maps.values())
+        # worked out in the loop a slice at a time, the runs are the same
+        checkpoints = 0
+
+        async def sliced():
+            nonlocal checkpoints
+
+            async def count_checkpoints():
+                nonlocal checkpoints
+                while True:
+                    await trio.lowlevel.checkpoint()
+                    checkpoints += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(count_checkpoints)
+                await trio.lowlevel.checkpoint()
+                got = await source_runs_in_slices(maps, slice_blocks=8)
+                nursery.cancel_scope.cancel()
+            return got
+
+        assert trio.run(sliced) == runs
+        assert checkpoints >= 2  # other tasks ran between the slices
 
 
 # --- mounts ----------------------------------------------------------------------------------

@@ -122,3 +122,46 @@ def test_no_early_connections_for_a_guess_that_could_be_wrong():
                  ["status", "http://a.example/x"], ["mount", "image.img", "/m"]):
         preconnect.open_at_start(argv, 2)
         assert preconnect._at_start is None, argv
+
+
+def test_the_program_opens_connections_before_importing_anything_costly():
+    """incfs.console, incfs.startup and incfs.preconnect load nothing that
+    costs time before the first SYN: no typing, socket, urllib.parse, and no
+    idna codec (which getaddrinfo of a str host imports, with re)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/app.img"
+        proc = _python(f"""
+            import sys
+            before = set(sys.modules)
+            import incfs.console
+            from incfs import preconnect
+            preconnect.open_at_start(["mount", {url!r}, "/mnt"])
+            assert preconnect._at_start is not None
+            print(" ".join(sorted(set(sys.modules) - before)))
+        """)
+        assert proc.returncode == 0, proc.stderr
+        loaded = set(proc.stdout.split())
+        assert {"incfs.console", "incfs.preconnect", "_socket"} <= loaded
+        assert not {"typing", "socket", "urllib.parse", "re", "encodings.idna",
+                    "dataclasses", "incfs.cli"} & loaded, loaded
+
+
+def test_the_early_url_reading_agrees_with_urlsplit():
+    from urllib.parse import urlsplit
+
+    from incfs import preconnect
+
+    for url in ("http://127.0.0.1:8080/app.img", "https://Mirror.Example.org/a/b?x=1#f",
+                "http://user:pw@host.example:81/p", "http://[::1]:9000/x", "HTTP://h/",
+                "http://h:/x", "http://a@b@c.example/x", "https://h.example?q", "http://h#frag",
+                "http://under_score.example/"):
+        parts = urlsplit(url)
+        expected = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        assert preconnect._target(url) == expected, url
+    # what it does not read (urlsplit may, or refuses), it opens nothing for
+    for url in ("ftp://h/x", "http://h:99999/x", "http://h:8a/x", "http://[::1/x",
+                "http://[::1]x/", "http://ex%41mple.org/", "http://bücher.example/",
+                "http:///x", "s3://bucket/key", "http://h:\u0662/x"):
+        assert preconnect._target(url) is None, url

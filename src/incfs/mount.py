@@ -265,6 +265,7 @@ async def _when_connected(session: fuse.Session, ops: IncfsOperations, service: 
             config.mountpoint)
     readahead = READAHEAD_COMPLETE_KB if service.status()["complete"] else READAHEAD_LOADING_KB
     _tune_readahead(config.mountpoint, readahead)
+    service.ready.set()
     if ready:
         ready()
 
@@ -404,7 +405,8 @@ async def _open_and_serve(config: MountConfig, ready, succession: Succession | N
     try:
         backing = await open_backing(config)
     finally:
-        await trio.to_thread.run_sync(importer.join)
+        if importer.is_alive():  # done long since, mostly: no thread hop (~3 ms) then
+            await trio.to_thread.run_sync(importer.join)
         startup.imports_done()
     try:
         return await serve(config, backing.image, ready, succession, backing.source)

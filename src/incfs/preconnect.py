@@ -16,19 +16,39 @@ Only plain TCP is opened early; a TLS handshake still runs in the client
 (it needs the trust store, which is loaded at the first handshake). Nothing
 is opened when a proxy is configured for the URL (httpx would go through
 the proxy, not to the host).
+
+This module runs first in the `incfs` program, before anything else is
+imported (`open_at_start`), so it imports only what costs nothing: the C
+`_socket` module, not `socket` (14 ms here: enum, selectors), and no
+`urllib.parse` (11 ms: re, ipaddress) or `typing`. Each millisecond spent
+before the SYN is sent is a millisecond later that the tree is visible.
+What the daemon does with the connections (`adopt`, `take`) imports
+`socket` when it runs: the daemon has it loaded by then.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _socket
 import errno
 import os
-import socket
-import stat
 import time
-from urllib.parse import urlsplit
+
+TYPE_CHECKING = False  # typing is not imported (see above); type checkers take this as True
+if TYPE_CHECKING:
+    import socket
 
 ENV = "INCFS_PRECONNECTED"
+# Connections a mount opens early, and the loader keeps warm: the first
+# misses of a mount's programs (several files at once) each find one with
+# its handshake done. LoaderConfig.warm_connections takes its default here
+# (the program opens them before it could import the config's module).
+CONNECTIONS = 4
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# What a host name or an IPv4 address may hold; an IPv6 literal is hex
+# digits and colons. Anything else (percent escapes, non-ASCII names, zone
+# ids) gets no early connection: httpx may read it otherwise than we do.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 # Seconds a connection opened early is worth taking: the daemon takes them
 # within a second of its start; an idle one much older may have been closed
 # by the server (nginx's keepalive_timeout is 75 s; a request on a closed
@@ -44,7 +64,7 @@ _adopted: dict[tuple[str, int], list[tuple[int, float]]] = {}
 _at_start: tuple[tuple[str, int], tuple[dict[str, str], list[int]]] | None = None
 
 
-def open_at_start(argv: list[str], count: int) -> None:
+def open_at_start(argv: list[str], count: int = CONNECTIONS) -> None:
     """At the `incfs` program's first instant, before it imports and parses
     (~60 ms): if `argv` is a background `mount` whose URLs all name one
     host, start its connections now; `open_early` then hands these out.
@@ -75,15 +95,18 @@ def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:
         return {}, []
     host, port = target
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)[0]
+        # the host as bytes: a str would be encoded with the "idna" codec,
+        # whose import (re, unicodedata, stringprep) took 9-15 ms here. It is
+        # ASCII (`_target` takes no other), so the bytes are the same.
+        family, kind, proto, _, address = _socket.getaddrinfo(
+            host.encode("ascii"), port, 0, _socket.SOCK_STREAM)[0]
     except OSError:
         return {}, []  # the daemon's own connect says what is wrong
     fds = []
     for _ in range(count):
-        sock = socket.socket(family, kind, proto)
+        sock = _socket.socket(family, kind, proto)
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
             sock.close()
             break
@@ -95,8 +118,10 @@ def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:
 
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
+        try:
             os.close(fd)
+        except OSError:
+            pass
 
 
 def hand_over() -> None:
@@ -105,8 +130,10 @@ def hand_over() -> None:
     (a later child must not take descriptors that are no longer these)."""
     value = os.environ.pop(ENV, None)
     if value:
-        with contextlib.suppress(ValueError):
+        try:
             close_fds([int(fd) for fd in value.rsplit(" ", 1)[-1].split(",")])
+        except ValueError:
+            pass
 
 
 def renumber(fds: list[int]) -> None:
@@ -138,6 +165,8 @@ def adopt() -> None:
 def take(host: str, port: int) -> socket.socket | None:
     """A connection opened early to host:port (connected, or still
     connecting), or None. Older ones than MAX_AGE are closed, not given."""
+    import socket
+
     pool = _adopted.get((host.lower(), port))
     while pool:
         fd, at = pool.pop(0)
@@ -161,18 +190,34 @@ def discard() -> None:
 
 
 def _target(url: str) -> tuple[str, int] | None:
-    """(host, port) to connect to for `url`, or None: not http(s), or a
-    proxy would carry the request."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
+    """(host, port) to connect to for `url`, or None: not http(s), a host
+    this strict reading does not accept, or a proxy would carry the request.
+    Read as urllib.parse.urlsplit reads it (tests/test_startup.py compares
+    them), without importing it."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in _DEFAULT_PORTS:
         return None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    authority = rest
+    for end in "/?#":
+        authority = authority.partition(end)[0]
+    authority = authority.rpartition("@")[2]  # user:password@ is not the host
+    if authority.startswith("["):
+        host, bracket, after = authority[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            return None
+        port_text, allowed = after[1:], _IPV6_CHARS
+    else:
+        host, _, port_text = authority.partition(":")
+        allowed = _NAME_CHARS
+    if not host or not allowed.issuperset(host):
         return None
-    if _proxy_configured(parts.scheme):
+    if port_text and not (port_text.isascii() and port_text.isdigit()
+                          and int(port_text) < 65536):
         return None
-    return parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+    if _proxy_configured(scheme):
+        return None
+    return host.lower(), int(port_text) if port_text else _DEFAULT_PORTS[scheme]
 
 
 def _proxy_configured(scheme: str) -> bool:
@@ -185,6 +230,9 @@ def _proxy_configured(scheme: str) -> bool:
 def _is_tcp_socket(fd: int) -> bool:
     """Whether `fd` is (still) a TCP socket: the variable names descriptors
     of our parent's; never adopt anything else that has the number now."""
+    import socket
+    import stat
+
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
             return False

@@ -47,6 +47,9 @@ class Service:
         self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
         self.supervised = False
         self.warm_start = False  # forked by the warm process (incfs.warm)
+        # Set once the mount has reported ready: work that can wait (and would
+        # take the GIL from the mount's start) waits for it.
+        self.ready = trio.Event()
         self.passthrough = None  # incfs.passthrough.Passthrough when the kernel allows it
         self.space = None  # incfs.space.cap.CacheCap under --cache-size
         self.on_missing: Callable[[], None] = lambda: None

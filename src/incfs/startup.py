@@ -34,8 +34,11 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from collections.abc import Callable
-from typing import NoReturn
+
+TYPE_CHECKING = False  # imported before the first SYN (incfs.console): no typing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 _leave_at_once = False
 _paused = False  # the collector is off because importing() turned it off

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .. import preconnect
 from ..errors import UsageError
 
 KiB = 1024
@@ -106,8 +107,9 @@ class LoaderConfig:
     # Blocks looked up per batch when copying blocks from an older image.
     reuse_batch: int = 1024
     # Connections opened at start (each reads the superblock) so first misses
-    # do not pay for handshakes.
-    warm_connections: int = 4
+    # do not pay for handshakes; the `incfs` program opens them before it
+    # could import this module, hence the value's home in incfs.preconnect.
+    warm_connections: int = preconnect.CONNECTIONS
     # Cap on the cache file's allocated bytes (--cache-size; None: no cap).
     # A capped cache holds a working set, not the image: no background
     # prefetch (it would only push out what readers use; incfs.space.cap).
