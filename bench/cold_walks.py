@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import clean_mountpoint, drop_caches, sys_mount, sys_umount  # noqa: E402
 
-WALKS = {"ls": ["ls", "-R"], "find": ["find"]}
+# ls-l: `ls -lR`, which asks every file for its security.selinux attribute
+WALKS = {"ls": ["ls", "-R"], "ls-l": ["ls", "-lR"], "find": ["find"]}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

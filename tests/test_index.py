@@ -618,3 +618,34 @@ def test_images_with_and_without_stored_types_list_the_same(tmp_path, monkeypatc
     assert sorted(p for p, *_ in seen["new"]) == sorted(
         os.path.relpath(os.path.join(top, n), src)
         for top, dirs, files in os.walk(src) for n in dirs + files)
+
+
+def test_getxattr_of_a_file_without_xattrs_builds_no_inode(posix_tree, tmp_path):
+    """`ls -l` asks every file for security.selinux: a file whose record
+    stores no attributes is answered ENODATA from the record alone (no inode
+    built), one that stores some from its inode, and incfs's own names
+    still answer for either."""
+    from incfs.fuse.ops import Context, FuseError
+    from incfs.fusefs import IncfsOperations
+    from incfs.service import Service
+
+    pack(posix_tree, tmp_path / "img", compress="none")
+    with Image.open(tmp_path / "img") as img:
+        ns = img.ns
+        assert isinstance(ns, IndexNamespace)
+        ops = IncfsOperations(Service(img, None), str(tmp_path / "ctl.sock"))
+        ctx = Context(0, 0, os.getpid(), 1)
+        root = ns.inodes[ROOT_INO]
+        bin_dir = ns.inodes[root.children[b"bin"]]
+        su, ping = bin_dir.children[b"su"], bin_dir.children[b"ping"]
+        del bin_dir, root
+        assert su not in ns.inodes.live and ping not in ns.inodes.live
+        with pytest.raises(FuseError) as no_data:
+            ops.getxattr(su, b"security.selinux", ctx)
+        assert no_data.value.errno == errno.ENODATA
+        assert su not in ns.inodes.live  # answered from the record
+        with pytest.raises(FuseError):
+            ops.getxattr(ping, b"security.selinux", ctx)
+        assert ops.getxattr(ping, b"security.capability", ctx) == \
+            os.getxattr(posix_tree / "bin" / "ping", "security.capability")
+        assert ops.getxattr(su, b"user.incfs.blocks", ctx) == b"1/1"

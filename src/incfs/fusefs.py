@@ -439,6 +439,8 @@ class IncfsOperations(Operations):
     def getxattr(self, ino: int, name: bytes, ctx: Context) -> bytes:
         if ino >= SPECIAL_BASE:
             raise FuseError(errno.ENODATA)
+        if name not in INCFS_XATTRS and not self.ns.may_have_xattrs(ino):
+            raise FuseError(errno.ENODATA)
         node = self._node(ino)
         stored = node.xattrs.get(name)
         if stored is not None:

@@ -266,6 +266,19 @@ class IndexNamespace(Namespace):
         self.reader.read_one()
         return IndexStat(ino, self.reader.stat_fields(ino))
 
+    def may_have_xattrs(self, ino: int) -> bool:
+        """As Namespace.may_have_xattrs, from the record's count when no
+        inode is built: `ls -l` asks every file for security.selinux, and
+        building each inode (its block maps decoded) cost ~22 us of the
+        ~85 us each of those requests took here."""
+        node = self.inodes.pinned.get(ino) or self.inodes.live.get(ino)
+        if node is not None:
+            return bool(node.xattrs)
+        if not 1 <= ino <= self.reader.count:
+            return True  # not ours to answer: the full path says ENOENT
+        self.reader.read_one()
+        return self.reader.xattr_count(ino) > 0
+
     def listing(self, node: Inode) -> tuple:
         """As Namespace.listing; a directory as the index has it, in one
         decode of its name block (no inode built, no stat per name)."""

@@ -141,6 +141,12 @@ class Namespace:
         """What a stat answer needs of `ino` (the inode itself here), or None."""
         return self.inodes.get(ino)
 
+    def may_have_xattrs(self, ino: int) -> bool:
+        """False only when `ino` surely stores no extended attributes (then
+        a getxattr needs no inode built); True when it may, or is unknown."""
+        node = self.inodes.get(ino)
+        return node is None or bool(node.xattrs)
+
     def listing(self, node: Inode) -> tuple[list[bytes], list[int], bytes, bytes | None]:
         """A directory's names, the inode each names, its file type (mode >>
         12, one byte each) in a stable order, and the names' lengths (one

@@ -77,7 +77,7 @@ _STAT = struct.Struct("<I4xQqIII4xQQI")
 _DIRENT = struct.Struct("<IBBxxQ")
 assert _DIRENT.size == DIRENT_SIZE
 _XATTR = struct.Struct("<BI")
-_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 
 _FLAGS = (InodeFlags(0), InodeFlags.HAS_TREE)  # made once: enum calls are slow
@@ -302,6 +302,10 @@ class IndexReader:
 
     def mode_of(self, ino: int) -> int:
         return _U32.unpack_from(self.view, self._record(ino))[0]
+
+    def xattr_count(self, ino: int) -> int:
+        """Only the record's attribute count (after mode and flags)."""
+        return _U16.unpack_from(self.view, self._record(ino) + 6)[0]
 
     def prefetch(self, inos: list[int]) -> None:
         """Ask the kernel to read these inodes' records in, all at once and
