@@ -11,7 +11,6 @@ mount point: stat() of a FUSE mount whose daemon hangs hangs too.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -33,14 +32,29 @@ SYS_MOVE_MOUNT = 429
 
 FUSECTL = "/sys/fs/fuse/connections"
 
-# dlopen(NULL): the process's own symbols, libc among them. find_library("c")
-# would run `ldconfig -p` in a subprocess at every daemon start.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_LIBC = None
+
+
+def _libc():
+    """libc through ctypes, loaded at the first call: importing ctypes takes
+    ~2.5 ms, which the `incfs mount` command (it only reads the mount table)
+    would pay before its mount starts. dlopen(NULL): the process's own
+    symbols, libc among them; find_library("c") would run `ldconfig -p` in a
+    subprocess."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.syscall.restype = ctypes.c_long
+        _LIBC = lib
+    return _LIBC
 
 
 def _check(rc: int, what: str) -> int:
     if rc < 0:
+        import ctypes
+
         code = ctypes.get_errno()
         raise OSError(code, f"{what} failed: {os.strerror(code)}")
     return rc
@@ -49,7 +63,9 @@ def _check(rc: int, what: str) -> int:
 def mount(source: str, target: str, fstype: str, flags: int = 0,
           data: str | None = None) -> None:
     """mount(2); raises OSError with the errno."""
-    _check(_libc.mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype),
+    import ctypes
+
+    _check(_libc().mount(os.fsencode(source), os.fsencode(target), os.fsencode(fstype),
                        ctypes.c_ulong(flags), os.fsencode(data) if data else None),
            f"mount -t {fstype} {source} {target}")
 
@@ -60,14 +76,18 @@ MNT_DETACH = 2
 
 def umount2(target: str, flags: int = 0) -> None:
     """umount2(2) without mount(8) (no umount.<type> helper runs)."""
-    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
+    import ctypes
+
+    _check(_libc().umount2(os.fsencode(target), ctypes.c_int(flags)), f"umount {target}")
 
 
 def open_tree_clone(path: str) -> int:
     """A file descriptor holding a detached copy of the mount at `path` (the
     same superblock: for FUSE, the same connection), to attach again later
     with `move_mount_to`. Closing the fd dissolves the copy."""
-    return _check(_libc.syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
+    import ctypes
+
+    return _check(_libc().syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD),
                                 os.fsencode(path),
                                 ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
                   f"open_tree {path}")
@@ -75,7 +95,9 @@ def open_tree_clone(path: str) -> int:
 
 def move_mount_to(fd: int, target: str) -> None:
     """Attach the detached mount held by `fd` at `target`."""
-    _check(_libc.syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
+    import ctypes
+
+    _check(_libc().syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
                          ctypes.c_int(AT_FDCWD), os.fsencode(target),
                          ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
            f"move_mount {target}")

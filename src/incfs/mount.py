@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -438,6 +437,8 @@ def remove_runtime_dir(mountpoint: str, *, leftovers: bool = False) -> None:
         for name in ("pid", "control.sock", "supervisor.pid"):
             with contextlib.suppress(OSError):
                 (rundir / name).unlink()
+    import shutil  # not at the top: with bz2 and lzma, ~4 ms of every mount command's start
+
     shutil.rmtree(rundir / "passthrough", ignore_errors=True)  # markers: this connection's
     with contextlib.suppress(OSError):
         rundir.rmdir()
