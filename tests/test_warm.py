@@ -162,6 +162,8 @@ def test_a_dead_warm_process_means_a_cold_start(env, image, tmp_path):
         deadline = time.monotonic() + 10
         while _sock(env).exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # it leaves nothing behind: no socket to refuse, no pid file to trust
+        assert not _sock(env).exists() and not (_sock(env).parent / "warm.pid").exists()
         second = _mount(env, img, tmp_path / "m2")
         assert second["warm_start"] is False
         _incfs(env, "umount", tmp_path / "m2")

@@ -280,6 +280,10 @@ def _become_warm() -> int:
     listener.listen(8)
     _path("warm.pid").write_text(f"{os.getpid()}\n")
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # `warm.stop()` and `incfs` upgrades send SIGTERM: leave through the
+    # finally below, so no socket or pid file outlives this process (the
+    # mounts it forked reset SIGTERM: incfs.forked.fork_call)
+    signal.signal(signal.SIGTERM, _leave)
     try:
         while select.select([listener], [], [], IDLE)[0]:
             conn, _ = listener.accept()
@@ -290,6 +294,10 @@ def _become_warm() -> int:
         sock_path.unlink(missing_ok=True)
         _path("warm.pid").unlink(missing_ok=True)
     return 0
+
+
+def _leave(signum: int, frame) -> None:
+    raise SystemExit(0)
 
 
 def _import_daemon() -> None:
