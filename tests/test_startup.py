@@ -148,6 +148,28 @@ def test_the_program_opens_connections_before_importing_anything_costly():
                     "dataclasses", "incfs.cli"} & loaded, loaded
 
 
+def test_the_command_reaches_the_warm_process_before_importing_anything_costly(tmp_path):
+    """incfs.warm_client (the fingerprint, the socket's path, the attempt)
+    adds nothing costly either: a warm mount's command hands itself over
+    ~20 ms into its start. With no warm process it says so (None)."""
+    proc = _python(f"""
+        import os, sys
+        os.environ["XDG_RUNTIME_DIR"] = {str(tmp_path)!r}
+        before = set(sys.modules)
+        import incfs.console
+        from incfs import warm_client
+        print(warm_client.run_in_warm(["incfs", "mount", "http://h.example/x", "/mnt"]))
+        print(" ".join(sorted(set(sys.modules) - before)))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    status, loaded = proc.stdout.splitlines()
+    assert status == "None"
+    loaded = set(loaded.split())
+    assert {"incfs.warm_client", "incfs.fingerprint", "incfs.rundir"} <= loaded
+    assert not {"typing", "socket", "json", "pathlib", "hashlib", "re", "signal",
+                "dataclasses", "incfs.cli", "click"} & loaded, loaded
+
+
 def test_the_early_url_reading_agrees_with_urlsplit():
     from urllib.parse import urlsplit
 

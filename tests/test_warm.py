@@ -5,8 +5,10 @@ from a cold start)."""
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from incfs.forked import process_name
 from incfs.pack import pack
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-INCFS = [sys.executable, "-m", "incfs.cli"]
+# the console script: a command reaches the warm process only through it (incfs.console)
+INCFS = [str(Path(sys.executable).with_name("incfs"))]
 
 
 @pytest.fixture
@@ -105,6 +108,77 @@ def test_second_mount_is_started_warm_and_serves(env, image, tmp_path):
     assert not os.path.ismount(tmp_path / "m2")
 
 
+def test_the_warm_process_runs_the_command_where_it_was_typed(env, image, tmp_path):
+    """Its working directory (a relative mount point), its output and its
+    exit status are the command's own."""
+    _, img = image
+    _mount(env, img, tmp_path / "m1")
+    try:
+        _wait_warm(env)
+        (tmp_path / "m2").mkdir()
+        shutil.copyfile(img, tmp_path / "m2.img")
+        done = subprocess.run(INCFS + ["mount", "m2.img", "m2", "--allow-unsigned"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "incfs: mounted m2.img on m2\n"
+        assert json.loads(_incfs(env, "status", tmp_path / "m2", "--json").stdout)["warm_start"]
+        assert (tmp_path / "m2" / "hello.txt").read_text() == "hello from a warm start\n"
+        _incfs(env, "umount", tmp_path / "m2")
+        # a failure reads the same as a cold one's: message and exit status
+        failed = [_incfs(e, "mount", tmp_path / "m2.img", tmp_path / "m1", "--allow-unsigned",
+                         check=False)
+                  for e in (env, {**env, "INCFS_WARM": "0"})]
+        assert failed[0].returncode == failed[1].returncode == 2
+        assert failed[0].stderr == failed[1].stderr
+        assert "is already a mount point" in failed[0].stderr
+    finally:
+        _incfs(env, "umount", tmp_path / "m1")
+
+
+def test_a_command_run_warm_is_interrupted_by_its_own_ctrl_c(env, image, tmp_path):
+    """^C reaches the command, which is in the terminal's process group; the
+    warm process's child running it is not, so the command passes it on."""
+    _, img = image
+    _mount(env, img, tmp_path / "m1")
+    held = []
+    with socket.socket() as server:  # takes connections, never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/app.img"
+        try:
+            _wait_warm(env)
+            (tmp_path / "m2").mkdir()
+            command = subprocess.Popen(INCFS + ["mount", "--allow-unsigned", url, tmp_path / "m2"],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, preexec_fn=_default_sigint)
+            server.settimeout(30)
+            held.append(server.accept()[0])  # it has started
+            _wait_for_a_child_of_the_warm_process(env)  # and handed itself over
+            command.send_signal(signal.SIGINT)
+            _, err = command.communicate(timeout=30)
+            assert command.returncode == 130, err
+            assert err.strip() == "incfs: error: interrupted"  # (click puts a newline first)
+        finally:
+            for conn in held:
+                conn.close()
+            _incfs(env, "umount", tmp_path / "m1")
+
+
+def _wait_for_a_child_of_the_warm_process(environment: dict, timeout: float = 30.0) -> None:
+    pid = int((_sock(environment).parent / "warm.pid").read_text())
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + timeout
+    while not children.read_text().split():
+        assert time.monotonic() < deadline, "the warm process started no command"
+        time.sleep(0.01)
+
+
+def _default_sigint() -> None:
+    """(A shell's background job ignores SIGINT; Python then never sees it.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_commands_with_the_warm_process_off_start_cold(env, image, tmp_path):
     _, img = image
     first = _mount(env, img, tmp_path / "m1")
@@ -127,9 +201,9 @@ def test_orders_of_another_fingerprint_are_refused_and_it_serves_on(env, image, 
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
                 s.connect(str(_sock(env)))
-                orders = {"fingerprint": "not this one", "module": "incfs.mount"}
-                socket.send_fds(s, [json.dumps(orders).encode()], [w, w])
-                assert json.loads(s.recv(4096)) == {}  # no pid: start cold
+                command = {"fingerprint": "not this one", "argv": ["incfs", "mount"]}
+                socket.send_fds(s, [marshal.dumps(command)], [w, w, w])
+                assert marshal.loads(s.recv(4096)) == {}  # no pid: start cold
         finally:
             os.close(r)
             os.close(w)
@@ -142,7 +216,7 @@ def test_orders_of_another_fingerprint_are_refused_and_it_serves_on(env, image, 
 
 def test_a_command_in_another_mount_namespace_has_another_fingerprint(env):
     """(Its mount would be made there: a warm process outside it must not.)"""
-    code = "from incfs import warm; print(warm.fingerprint())"
+    code = "from incfs.fingerprint import fingerprint; print(fingerprint())"
     here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -185,6 +185,9 @@ def register(main: click.Group) -> None:
         if foreground:
             raise SystemExit(run_foreground(config))
         mount_background(config, fork=True)  # this process runs no thread: see incfs.forked
+        from . import warm
+
+        warm.leave_behind(main)  # for the next command, unless one is there (incfs.warm)
         click.echo(f"incfs: mounted {source} on {mountpoint}")
         startup.leave_at_once()
 

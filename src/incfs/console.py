@@ -1,13 +1,14 @@
 """The `incfs` console script (pyproject's entry point).
 
 Its own module because of what must come before the command line's
-modules load: the collector paused (incfs.startup) and a background
-mount's connections opened (incfs.preconnect.open_at_start). Until they
-are, only modules that cost nothing to import may load: this one,
-incfs.startup and incfs.preconnect import no more than the interpreter
-has already loaded, and `_socket`. Nothing
-imports this module, so the command line can import incfs.startup
-without a circle.
+modules load: the collector paused (incfs.startup), a background mount's
+connections opened (incfs.preconnect.open_at_start), and the whole command
+handed to the warm process when one serves it (incfs.warm_client). Until
+then only modules that cost nothing to import may load: this one,
+incfs.startup, incfs.preconnect and incfs.warm_client (with what it
+imports) load no more than the interpreter has already loaded and the C
+modules `_socket`, `marshal`, `resource` and `struct`. Nothing imports this
+module, so the command line can import incfs.startup without a circle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ if TYPE_CHECKING:
 def program() -> NoReturn:
     startup.importing()
     preconnect.open_at_start(sys.argv[1:])
+    if startup.background_mount(sys.argv[1:]):
+        from . import warm_client
+
+        status = warm_client.run_in_warm(sys.argv)  # None: not served, run it here
+        if status is not None:
+            startup.leave(status)
     from .cli import main
 
     startup.run(main)

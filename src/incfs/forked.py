@@ -33,6 +33,16 @@ DAEMON_NAME = "incfs-daemon"
 WARM_STARTED_ENV = "INCFS_WARM_STARTED"
 
 
+# Descriptors of this process no child forked by `fork_call` may keep (the
+# warm process's connection to the command it runs: incfs.warm).
+_not_for_children: list[int] = []
+
+
+def keep_from_children(fd: int) -> None:
+    """`fd` stays this process's: children forked from now on close it."""
+    _not_for_children.append(fd)
+
+
 class Forked:
     """A forked child: what callers of a Popen use of it."""
 
@@ -109,8 +119,9 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
 
 def _become_child(name: str, close: tuple[int, ...], new_session: bool,
                   output: int | None) -> None:
-    for fd in close:
+    for fd in (*close, *_not_for_children):
         os.close(fd)
+    _not_for_children.clear()  # (those numbers may name other files in this child)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)

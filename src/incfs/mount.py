@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kmount, preconnect, startup, warm
+from . import kmount, preconnect, startup
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
 from .rundir import runtime_dir
@@ -479,10 +479,7 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
 
     With `fork` the supervisor (or the daemon) is forked from this process
     rather than started afresh, which saves ~25 ms: for the `incfs mount`
-    command, not for programs that may run threads (see incfs.forked). It
-    is forked by this user's warm process instead when that one serves
-    this process (incfs.warm: ~150 ms less), and a mount started cold
-    leaves one behind.
+    command, not for programs that may run threads (see incfs.forked).
     A daemon that has not said READY (or why not) within `ready_timeout`
     seconds is killed, its half-made mount (if any) detached, and the mount
     fails with an error naming the log."""
@@ -499,10 +496,8 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
             if fork:
-                proc = (warm.start(module, name, args[0], write_end, log_file.fileno(),
-                                   early_env, early)
-                        or _fork_background(module, name, args, read_end, log_file.fileno(),
-                                            early_env))
+                proc = _fork_background(module, name, args, read_end, log_file.fileno(),
+                                        early_env)
             else:
                 proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                         pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
@@ -518,8 +513,6 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
     finally:
         os.close(read_end)
     if line == "READY":
-        if fork and not isinstance(proc, warm.Started):
-            warm.leave_behind()
         return
     if line is None:
         _kill_daemon(proc, config.mountpoint)

@@ -33,6 +33,8 @@ import errno
 import os
 import time
 
+from .startup import background_mount
+
 TYPE_CHECKING = False  # typing is not imported (see above); type checkers take this as True
 if TYPE_CHECKING:
     import socket
@@ -71,12 +73,35 @@ def open_at_start(argv: list[str], count: int = CONNECTIONS) -> None:
     A guess (the parser has not run): what it opens for nothing, a wrong
     host among the arguments, is closed when the mount opens its own."""
     global _at_start
-    if not argv or argv[0] != "mount" or {"--foreground", "--help", "-h"} & set(argv):
+    if not background_mount(argv):
         return
     urls = [arg for arg in argv[1:] if arg[:8].lower().startswith(("http://", "https://"))]
     targets = {_target(url) for url in urls}
     if len(targets) == 1 and None not in targets:
         _at_start = (targets.pop(), open_early(urls[0], count))
+
+
+def at_start() -> tuple[tuple[str, int], str, list[int]] | None:
+    """What `open_at_start` opened, for a command that hands itself to the
+    warm process (incfs.warm_client): the (host, port), the environment
+    entry's value and the descriptors. They stay this process's until
+    `received` has been called in the one that took them."""
+    if _at_start is None or not _at_start[1][1]:
+        return None
+    target, (env, fds) = _at_start
+    return target, env[ENV], fds
+
+
+def received(target: tuple[str, int], value: str, fds: list[int]) -> None:
+    """In the process that runs a command for another (incfs.warm): the
+    connections that command's `open_at_start` opened came as `fds`
+    (SCM_RIGHTS), for `open_early` to hand out as if opened here."""
+    global _at_start
+    if not fds:
+        return
+    host, port, opened, _ = value.split(" ")
+    renamed = f"{host} {port} {opened} {','.join(map(str, fds))}"
+    _at_start = ((target[0], target[1]), ({ENV: renamed}, fds))
 
 
 def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:
@@ -134,15 +159,6 @@ def hand_over() -> None:
             close_fds([int(fd) for fd in value.rsplit(" ", 1)[-1].split(",")])
         except ValueError:
             pass
-
-
-def renumber(fds: list[int]) -> None:
-    """The connections the variable names are now `fds` in this process
-    (they came by SCM_RIGHTS: incfs.warm), in the same order."""
-    value = os.environ.pop(ENV, None)
-    if value and fds:
-        host, port, opened, _ = value.split(" ")
-        os.environ[ENV] = f"{host} {port} {opened} {','.join(map(str, fds))}"
 
 
 def adopt() -> None:

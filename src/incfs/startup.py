@@ -44,6 +44,15 @@ _leave_at_once = False
 _paused = False  # the collector is off because importing() turned it off
 
 
+def background_mount(argv: list[str]) -> bool:
+    """Whether the command line `argv` (without the program's name) looks
+    like `incfs mount` without --foreground: the command whose start is
+    tuned (its connections opened first, incfs.preconnect; the whole command
+    run by the warm process, incfs.warm_client). A guess made before the
+    parser runs: a wrong one only costs what the tuning does."""
+    return bool(argv) and argv[0] == "mount" and not {"--foreground", "--help", "-h"} & set(argv)
+
+
 def run(main: Callable[[], object]) -> NoReturn:
     """Run the command line's `main`, then exit (at once, if the command
     asked for it and succeeded)."""

@@ -1,0 +1,184 @@
+"""An `incfs mount` command handed whole to the warm process (incfs.warm).
+
+The command's own start was most of what a warm mount still cost: before it
+could hand the warm process a mount's orders it had imported click, our
+command line and the mount code and parsed its arguments, ~60-70 ms on this
+machine, on the way to a tree that should be visible ~150 ms after a round
+trip. The warm process has all of that imported. So the console script
+(incfs.console), once it has opened the source's connections, sends the warm
+process its whole command instead: the arguments, the environment, the
+working directory, umask, limits and niceness, and by SCM_RIGHTS its stdin,
+stdout and stderr and the early connections. The warm process forks a
+child that takes on those conditions and runs the command line as this
+process would have, writing to our terminal; this process waits for its
+exit status and exits with it. Only `mount` without `--foreground` comes
+here (incfs.startup.background_mount).
+
+Whatever refuses (no warm process, another fingerprint, descriptors that
+cannot be passed, no connection within ANSWER_TIMEOUT) leaves the command
+to run here, cold, as before. One that took the command and did not say it
+started it within STARTING_TIMEOUT is killed first: it might still act.
+
+This module runs ~20 ms into the command's start, before anything costly is
+imported: it uses `_socket`, `marshal` and `struct` (the `socket` and `json`
+modules cost ~14 and ~6 ms here). The messages are marshal's format: both
+ends are the same interpreter (the fingerprint says so), and only the owner
+reaches the socket (its directory is 0700, and the warm process checks the
+caller's uid before it reads a message).
+"""
+
+from __future__ import annotations
+
+import _socket
+import marshal
+import os
+import resource
+import struct
+import sys
+
+from . import preconnect
+from .fingerprint import fingerprint
+from .rundir import runtime_base_text
+
+NAME = "incfs-warm"  # its /proc/PID/comm: `stop` signals only a process so named
+ENV = "INCFS_WARM"  # "0": no warm process is used or left behind
+# Seconds a command waits for the warm process to take its connection
+# before it starts cold: accept() takes microseconds; one that takes longer
+# is wedged, and a cold start costs only ~150 ms more.
+ANSWER_TIMEOUT = 1.0
+# Seconds it may take, once it has the command, to say it started it (a
+# fork: a few ms). One that has not by then is stopped or wedged.
+STARTING_TIMEOUT = 10.0
+MAX_MESSAGE = 1 << 20  # bytes: the command, its environment above all
+_STREAMS = (0, 1, 2)  # passed first, in this order; the early connections follow
+_RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def runtime_file(name: str) -> str:
+    """warm.sock, warm.pid, warm.lock: in the user's runtime directory."""
+    return os.path.join(runtime_base_text(), name)
+
+
+def socket_path() -> str:
+    return runtime_file("warm.sock")
+
+
+def run_in_warm(argv: list[str]) -> int | None:
+    """Have the warm process run this command (`argv`: sys.argv); its exit
+    status, or None when it does not: run it in this process then."""
+    if not enabled() or not _streams_open():
+        return None
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        sock.connect(socket_path())
+        pid = _hand_over(sock, argv)
+        if pid is None:
+            return None
+        return _exit_status(sock, pid)
+    except (OSError, ValueError, EOFError, TypeError):
+        return None  # (before the command was taken: _exit_status raises none)
+    finally:
+        sock.close()
+
+
+def _streams_open() -> bool:
+    try:
+        for fd in _STREAMS:
+            os.fstat(fd)
+    except OSError:  # a closed stdin, say: nothing to pass
+        return False
+    return True
+
+
+def _hand_over(sock: _socket.socket, argv: list[str]) -> int | None:
+    """Send the command; the pid of the child running it, or None (refused)."""
+    early = preconnect.at_start()
+    fds = [*_STREAMS, *(early[2] if early else ())]
+    command = {"fingerprint": fingerprint(), "argv": argv, "environ": dict(os.environ),
+               "cwd": os.getcwd(), "umask": _umask(),
+               "nice": os.getpriority(os.PRIO_PROCESS, 0),
+               "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS],
+               "early": early[:2] if early else None}
+    rights = struct.pack(f"{len(fds)}i", *fds)
+    sock.sendmsg([marshal.dumps(command)],
+                 [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+    sock.settimeout(STARTING_TIMEOUT)
+    try:
+        answer = marshal.loads(sock.recv(4096) or marshal.dumps({}))
+    except TimeoutError:
+        # it has the command and may yet run it: no cold start beside it
+        kill_warm()
+        return None
+    return answer.get("pid") or None
+
+
+def _exit_status(sock: _socket.socket, pid: int) -> int:
+    """Wait for the child running our command to end; its exit status. A
+    ^C here is the child's (it is in no terminal's process group)."""
+    sock.settimeout(None)
+    while True:
+        try:
+            message = sock.recv(4096)
+            break
+        except KeyboardInterrupt:
+            _interrupt(pid)
+        except OSError as e:
+            message = b""
+            sys.stderr.write(f"incfs: lost the warm process's child (pid {pid}): {e}\n")
+            break
+    try:
+        return int(marshal.loads(message)["exit"])
+    except (ValueError, EOFError, TypeError, KeyError):
+        sys.stderr.write(f"incfs: error: the warm process's child running this command "
+                         f"(pid {pid}) ended without an exit status\n")
+        return 1
+
+
+def _interrupt(pid: int) -> None:
+    try:
+        os.kill(pid, 2)  # SIGINT (the signal module's import costs enum's)
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def kill_warm() -> None:
+    """SIGKILL this user's warm process and the children running commands
+    for it (its process group), wedged: they never answered."""
+    import signal
+
+    signal_warm(os.killpg, signal.SIGKILL)
+
+
+def stop() -> None:
+    """End this user's warm process, if there is one."""
+    import signal
+
+    signal_warm(os.kill, signal.SIGTERM)
+
+
+def signal_warm(send, signum: int) -> None:
+    """`send(pid, signum)` to this user's warm process, if `warm.pid` names
+    one (never a stranger that reuses a stale pid: it bears the name)."""
+    from .forked import process_name
+
+    try:
+        with open(runtime_file("warm.pid")) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return
+    if process_name(pid) == NAME:
+        try:
+            send(pid, signum)
+        except OSError:
+            pass
