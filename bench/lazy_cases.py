@@ -161,6 +161,9 @@ class Approach:
     def check(self) -> None:
         """Raise Unavailable when the tool is missing."""
 
+    def finish(self) -> None:
+        """The run is over: stop what the approach left running."""
+
     @contextlib.contextmanager
     def mounted(self, url_base: str, what: str, mnt: Path, work: Path) -> Iterator[Path]:
         """Mount `what` ('data' or 'meta') lazily; yield the tree's root."""
@@ -214,6 +217,19 @@ class IncfsCommand(IncfsLazy):
     leaves the warm process behind, later ones are started by it (each run's
     status says which: `warm_start`)."""
     name, label = "incfs-command", "incfs mount command (warm process)"
+
+    def check(self) -> None:
+        # A warm process left by an earlier run (other code, other conditions)
+        # refuses this run's commands, and its presence keeps them from
+        # leaving their own: every mount would start cold.
+        from incfs import warm
+
+        warm.stop()
+
+    def finish(self) -> None:
+        from incfs import warm
+
+        warm.stop()
 
     def start(self, url: str, mnt: Path, cache: Path) -> None:
         done = subprocess.run([str(Path(sys.executable).with_name("incfs")), "mount",
@@ -469,6 +485,8 @@ def run_lazy(links: list[Link], build_tree: Callable[[int], LazyTree], default_s
                     cell["bytes_fetched_status"] = median(fetched_status[case])
                 cell_all[name] = cell
             body["cases"][case] = {"label": label, "approaches": cell_all}
+    for a in approaches:
+        a.finish()
     return out
 
 

@@ -188,27 +188,30 @@ def _serve_one(conn: socket.socket, own: tuple[int, ...], mine: str,
 
 def _run_command(conn: socket.socket, own: tuple[int, ...], command: dict[str, Any],
                  fds: list[int], command_line: Callable[[], object]) -> None:
-    """In a child of the warm process: say so, take on the command's
-    conditions and streams, run its command line, send its exit status."""
+    """In a child of the warm process: take on the command's conditions and
+    streams (or refuse: it then runs cold), say it runs it, run its command
+    line, send its exit status."""
     code = 1
     try:
         set_name("incfs")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        conn.send(marshal.dumps({"pid": os.getpid()}))
-        keep_from_children(conn.fileno())  # the supervisor must not hold the command's wait
         for fd in own:
             os.close(fd)
-        _take_conditions(command, fds)
+        try:
+            _take_conditions(command, fds)
+        except (OSError, ValueError, KeyError, TypeError):  # limits it may not raise, say
+            conn.send(marshal.dumps({}))
+            os._exit(1)
+        conn.send(marshal.dumps({"pid": os.getpid()}))
+        keep_from_children(conn.fileno())  # the supervisor must not hold the command's wait
         code = _run_cli(command_line, command["argv"])
     except BaseException:  # noqa: BLE001  (a bug: what a cold command would print)
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                stream.flush()
         with contextlib.suppress(OSError):
             conn.send(marshal.dumps({"exit": code}))
         os._exit(code)
@@ -220,9 +223,8 @@ def _take_conditions(command: dict[str, Any], fds: list[int]) -> None:
     for fd, target in zip(streams, (0, 1, 2)):
         os.dup2(fd, target)
     preconnect.close_fds(streams)
-    # the streams were set up for /dev/null: line buffered on a terminal, as
-    # a fresh interpreter's stdout would be
-    sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    if sys.stdout is not None:  # set up for /dev/null: line buffered on a terminal,
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))  # as a fresh one's would be
     os.chdir(command["cwd"])
     os.umask(command["umask"])
     for limit, (soft, hard) in command["rlimits"]:
