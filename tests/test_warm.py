@@ -136,9 +136,12 @@ def test_the_warm_process_runs_the_command_where_it_was_typed(env, image, tmp_pa
         _incfs(env, "umount", tmp_path / "m1")
 
 
-def test_a_command_run_warm_is_interrupted_by_its_own_ctrl_c(env, image, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_command_run_warm_is_stopped_by_its_own_signals(env, image, tmp_path, signum):
     """^C reaches the command, which is in the terminal's process group; the
-    warm process's child running it is not, so the command passes it on."""
+    warm process's child running it is not, so the command passes it on (a
+    SIGTERM too, and then dies of it: the child goes with it, and so the
+    command's stderr closes)."""
     _, img = image
     _mount(env, img, tmp_path / "m1")
     held = []
@@ -155,10 +158,13 @@ def test_a_command_run_warm_is_interrupted_by_its_own_ctrl_c(env, image, tmp_pat
             server.settimeout(30)
             held.append(server.accept()[0])  # it has started
             _wait_for_a_child_of_the_warm_process(env)  # and handed itself over
-            command.send_signal(signal.SIGINT)
+            command.send_signal(signum)
             _, err = command.communicate(timeout=30)
-            assert command.returncode == 130, err
-            assert err.strip() == "incfs: error: interrupted"  # (click puts a newline first)
+            if signum == signal.SIGINT:
+                assert command.returncode == 130, err
+                assert err.strip() == "incfs: error: interrupted"  # (click puts a newline first)
+            else:
+                assert command.returncode == -signal.SIGTERM, err
         finally:
             for conn in held:
                 conn.close()

@@ -57,6 +57,7 @@ class IncfsGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
              **extra):
         try:
+            startup.take_interrupts()  # (a ^C the warm process held back: "interrupted")
             rv = super().main(args, prog_name or "incfs", complete_var,
                               standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:

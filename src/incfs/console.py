@@ -7,7 +7,7 @@ handed to the warm process when one serves it (incfs.warm_client). Until
 then only modules that cost nothing to import may load: this one,
 incfs.startup, incfs.preconnect and incfs.warm_client (with what it
 imports) load no more than the interpreter has already loaded and the C
-modules `_socket`, `marshal`, `resource` and `struct`. Nothing imports this
+modules `_signal`, `_socket`, `marshal`, `resource` and `struct`. Nothing imports this
 module, so the command line can import incfs.startup without a circle.
 """
 

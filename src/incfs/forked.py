@@ -33,6 +33,8 @@ DAEMON_NAME = "incfs-daemon"
 WARM_STARTED_ENV = "INCFS_WARM_STARTED"
 
 
+_HELD_WHILE_FORKING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
 # Descriptors of this process no child forked by `fork_call` may keep (the
 # warm process's connection to the command it runs: incfs.warm).
 _not_for_children: list[int] = []
@@ -93,12 +95,19 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
     started with Popen(start_new_session=True) would."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # held back while forking: a KeyboardInterrupt raised inside the at-fork
+    # callbacks (logging registers some) is printed and dropped, and the ^C
+    # with it. Delivered once the mask is back: in the parent here, in the
+    # child not at all (a child starts with none pending).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_WHILE_FORKING)
     pid = os.fork()
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return Forked(pid)
     code = 1
     try:
         _become_child(name, close, new_session, output)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         code = import_module(module).main(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -31,6 +31,7 @@ runner, an embedding program) keeps the interpreter's usual behaviour.
 
 from __future__ import annotations
 
+import _signal  # not `signal`: imported before the first SYN (its enums cost ~2.5 ms)
 import gc
 import os
 import sys
@@ -51,6 +52,18 @@ def background_mount(argv: list[str]) -> bool:
     run by the warm process, incfs.warm_client). A guess made before the
     parser runs: a wrong one only costs what the tuning does."""
     return bool(argv) and argv[0] == "mount" and not {"--foreground", "--help", "-h"} & set(argv)
+
+
+def hold_interrupts() -> None:
+    """^C is held back until the command line is ready to report it
+    (`take_interrupts`): for a process that runs a command it did not start
+    (incfs.warm), which may be told to stop before it got there."""
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT})
+
+
+def take_interrupts() -> None:
+    """The command line handles ^C from here on (one held back arrives now)."""
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
 
 
 def run(main: Callable[[], object]) -> NoReturn:

@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from . import preconnect
+from . import preconnect, startup
 from .fingerprint import fingerprint
 from .forked import WARM_STARTED_ENV, keep_from_children, set_name
 from .warm_client import ENV, MAX_MESSAGE, NAME, enabled, runtime_file, socket_path, stop
@@ -203,6 +203,7 @@ def _run_command(conn: socket.socket, own: tuple[int, ...], command: dict[str, A
         except (OSError, ValueError, KeyError, TypeError):  # limits it may not raise, say
             conn.send(marshal.dumps({}))
             os._exit(1)
+        startup.hold_interrupts()  # the command passes a ^C on once it has this pid
         conn.send(marshal.dumps({"pid": os.getpid()}))
         keep_from_children(conn.fileno())  # the supervisor must not hold the command's wait
         code = _run_cli(command_line, command["argv"])

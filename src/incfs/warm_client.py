@@ -20,8 +20,8 @@ to run here, cold, as before. One that took the command and did not say it
 started it within STARTING_TIMEOUT is killed first: it might still act.
 
 This module runs ~20 ms into the command's start, before anything costly is
-imported: it uses `_socket`, `marshal` and `struct` (the `socket` and `json`
-modules cost ~14 and ~6 ms here). The messages are marshal's format: both
+imported: it uses `_socket`, `_signal`, `marshal` and `struct` (the `socket`,
+`json` and `signal` modules cost ~14, ~6 and ~2.5 ms here). The messages are marshal's format: both
 ends are the same interpreter (the fingerprint says so), and only the owner
 reaches the socket (its directory is 0700, and the warm process checks the
 caller's uid before it reads a message).
@@ -29,6 +29,7 @@ caller's uid before it reads a message).
 
 from __future__ import annotations
 
+import _signal  # not `signal`: its enums cost ~2.5 ms here (see above)
 import _socket
 import marshal
 import os
@@ -73,15 +74,20 @@ def run_in_warm(argv: list[str]) -> int | None:
     if not enabled() or not _streams_open():
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    relay = _Relay()
     try:
         sock.settimeout(ANSWER_TIMEOUT)
         sock.connect(socket_path())
         pid = _hand_over(sock, argv)
-        if pid is None:
-            return None
-        return _exit_status(sock, pid)
     except (OSError, ValueError, EOFError, TypeError):
-        return None  # (before the command was taken: _exit_status raises none)
+        pid = None
+    if pid is None:
+        sock.close()
+        relay.refused()
+        return None
+    try:
+        relay.started(pid)
+        return _exit_status(sock, pid)
     finally:
         sock.close()
 
@@ -118,19 +124,13 @@ def _hand_over(sock: _socket.socket, argv: list[str]) -> int | None:
 
 
 def _exit_status(sock: _socket.socket, pid: int) -> int:
-    """Wait for the child running our command to end; its exit status. A
-    ^C here is the child's (it is in no terminal's process group)."""
+    """Wait for the child running our command to end; its exit status."""
     sock.settimeout(None)
-    while True:
-        try:
-            message = sock.recv(4096)
-            break
-        except KeyboardInterrupt:
-            _interrupt(pid)
-        except OSError as e:
-            message = b""
-            sys.stderr.write(f"incfs: lost the warm process's child (pid {pid}): {e}\n")
-            break
+    try:
+        message = sock.recv(4096)
+    except OSError as e:
+        message = b""
+        sys.stderr.write(f"incfs: lost the warm process's child (pid {pid}): {e}\n")
     try:
         return int(marshal.loads(message)["exit"])
     except (ValueError, EOFError, TypeError, KeyError):
@@ -139,11 +139,54 @@ def _exit_status(sock: _socket.socket, pid: int) -> int:
         return 1
 
 
-def _interrupt(pid: int) -> None:
-    try:
-        os.kill(pid, 2)  # SIGINT (the signal module's import costs enum's)
-    except OSError:
-        pass
+class _Relay:
+    """The signals that stop a command (^C, SIGTERM, SIGHUP), caught while
+    the warm process's child runs it: that child is in no terminal's process
+    group, so they are passed on to it. One that comes before the child's
+    pid is known (a fork away) waits for it. After a SIGTERM or a SIGHUP
+    this process ends by the same signal, as a command run here would; after
+    a ^C the child says `interrupted` and its status comes back. A signal
+    this process ignores (a shell's background job ignores ^C) stays so."""
+
+    SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.pending: list[int] = []
+        self.saved = {}
+        for signum in self.SIGNALS:
+            handler = _signal.getsignal(signum)
+            if handler != _signal.SIG_IGN:
+                self.saved[signum] = handler
+                _signal.signal(signum, self._caught)
+
+    def _caught(self, signum: int, frame) -> None:
+        if self.pid is None:
+            self.pending.append(signum)
+        else:
+            self._pass_on(signum)
+
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.pending:
+            self._pass_on(signum)
+
+    def refused(self) -> None:
+        """Nothing runs the command: this process's handlers are back, and
+        what came meanwhile acts on it now."""
+        for signum, handler in self.saved.items():
+            _signal.signal(signum, handler)
+        for signum in self.pending:
+            os.kill(os.getpid(), signum)
+
+    def _pass_on(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except OSError:
+            pass
+        if signum != _signal.SIGINT:
+            _signal.signal(signum, _signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
 
 def _umask() -> int:
