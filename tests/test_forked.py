@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,27 @@ def test_a_name_is_cut_to_what_the_kernel_keeps(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_text().split()[0] == "incfs-a-very-lo"
     assert process_name(os.getpid()) is not None
     assert process_name(child.pid) is None  # reaped
+
+
+def test_a_new_session_keeps_only_the_descriptors_it_is_given(tmp_path: Path) -> None:
+    """A daemon forked from a command must not hold what the command's own
+    caller gave it (a shell's or make's pipes) open for its life."""
+    out, log = tmp_path / "out", tmp_path / "log"
+    inherited_r, inherited_w = os.pipe()
+    kept_r, kept_w = os.pipe()
+    try:
+        with open(log, "wb") as f:
+            child = fork_call("forked_child", ["0", str(out), "0.5"], name="incfs-test",
+                              new_session=True, output=f.fileno(), keep=(kept_w,))
+        deadline = time.monotonic() + 30
+        while not out.exists():  # its entry point has started (and sleeps 0.5 s)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        fds = {int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd")}
+        assert child.wait() == 0
+        assert kept_w in fds
+        assert inherited_r not in fds and inherited_w not in fds and kept_r not in fds
+        assert fds <= {0, 1, 2, kept_w}, fds
+    finally:
+        for fd in (inherited_r, inherited_w, kept_r, kept_w):
+            os.close(fd)

@@ -35,16 +35,6 @@ WARM_STARTED_ENV = "INCFS_WARM_STARTED"
 
 _HELD_WHILE_FORKING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
-# Descriptors of this process no child forked by `fork_call` may keep (the
-# warm process's connection to the command it runs: incfs.warm).
-_not_for_children: list[int] = []
-
-
-def keep_from_children(fd: int) -> None:
-    """`fd` stays this process's: children forked from now on close it."""
-    _not_for_children.append(fd)
-
-
 class Forked:
     """A forked child: what callers of a Popen use of it."""
 
@@ -86,13 +76,17 @@ class Forked:
 
 
 def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...] = (),
-              new_session: bool = False, output: int | None = None) -> Forked:
+              new_session: bool = False, output: int | None = None,
+              keep: tuple[int, ...] = ()) -> Forked:
     """`python -m MODULE ARGS` in effect: `MODULE.main(ARGS)` in a forked
     child, which exits with what it returns. The child gets the signal
     dispositions a fresh interpreter has and the process name `name`; it
-    closes `close`, and with `new_session` it leads a session of its own
-    with stdin from /dev/null and stdout and stderr to `output`, as a daemon
-    started with Popen(start_new_session=True) would."""
+    closes `close`. With `new_session` it leads a session of its own with
+    stdin from /dev/null and stdout and stderr to `output`, and keeps no
+    other descriptor than `keep`, as a daemon started with
+    Popen(start_new_session=True, pass_fds=keep) would: a fork inherits
+    whatever its caller was given (a shell's, make's jobserver pipes), and a
+    daemon must not hold those open for its life."""
     sys.stdout.flush()
     sys.stderr.flush()
     # held back while forking: a KeyboardInterrupt raised inside the at-fork
@@ -106,7 +100,7 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
         return Forked(pid)
     code = 1
     try:
-        _become_child(name, close, new_session, output)
+        _become_child(name, close, new_session, output, keep)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         code = import_module(module).main(args)
     except SystemExit as e:
@@ -127,10 +121,9 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
 
 
 def _become_child(name: str, close: tuple[int, ...], new_session: bool,
-                  output: int | None) -> None:
-    for fd in (*close, *_not_for_children):
+                  output: int | None, keep: tuple[int, ...]) -> None:
+    for fd in close:
         os.close(fd)
-    _not_for_children.clear()  # (those numbers may name other files in this child)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
@@ -147,6 +140,15 @@ def _become_child(name: str, close: tuple[int, ...], new_session: bool,
             # the parent's sys.stdout may not write to fd 1 (a test's capture)
             sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
             sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        _close_all_but(keep)
+
+
+def _close_all_but(keep: tuple[int, ...]) -> None:
+    """Close every descriptor above stderr that is not in `keep`."""
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # (the listing's own, closed by now)
+                os.close(fd)
 
 
 def set_name(name: str) -> None:

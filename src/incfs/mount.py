@@ -496,8 +496,8 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
             if fork:
-                proc = _fork_background(module, name, args, read_end, log_file.fileno(),
-                                        early_env)
+                proc = _fork_background(module, name, args, log_file.fileno(), early_env,
+                                        keep=(write_end, *early))
             else:
                 proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                         pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
@@ -538,15 +538,15 @@ def _background_entry(config: MountConfig) -> tuple[str, str]:
         ("incfs.mount", DAEMON_NAME)
 
 
-def _fork_background(module: str, name: str, args: list[str], read_end: int, log_fd: int,
-                     env: dict[str, str]):
-    """`python -m MODULE ARGS`, forked, with `env` added to its environment."""
+def _fork_background(module: str, name: str, args: list[str], log_fd: int,
+                     env: dict[str, str], keep: tuple[int, ...]):
+    """`python -m MODULE ARGS`, forked, with `env` added to its environment
+    and no descriptor of ours but `keep` (and the log as its output)."""
     from .forked import fork_call
 
     os.environ.update(env)  # the forked child's, not ours
     try:
-        return fork_call(module, args, name=name, close=(read_end,), new_session=True,
-                         output=log_fd)
+        return fork_call(module, args, name=name, new_session=True, output=log_fd, keep=keep)
     finally:
         for key in env:
             os.environ.pop(key, None)

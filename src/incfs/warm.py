@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from . import preconnect, startup
 from .fingerprint import fingerprint
-from .forked import WARM_STARTED_ENV, keep_from_children, set_name
+from .forked import WARM_STARTED_ENV, set_name
 from .warm_client import ENV, MAX_MESSAGE, NAME, enabled, runtime_file, socket_path, stop
 
 __all__ = ["ENV", "NAME", "answers", "enabled", "leave_behind", "stop"]
@@ -205,7 +205,6 @@ def _run_command(conn: socket.socket, own: tuple[int, ...], command: dict[str, A
             os._exit(1)
         startup.hold_interrupts()  # the command passes a ^C on once it has this pid
         conn.send(marshal.dumps({"pid": os.getpid()}))
-        keep_from_children(conn.fileno())  # the supervisor must not hold the command's wait
         code = _run_cli(command_line, command["argv"])
     except BaseException:  # noqa: BLE001  (a bug: what a cold command would print)
         traceback.print_exc()
