@@ -2,9 +2,9 @@
 
 The command's own start was most of what a warm mount still cost: before it
 could hand the warm process a mount's orders it had imported click, our
-command line and the mount code and parsed its arguments, ~60-70 ms on this
-machine, on the way to a tree that should be visible ~150 ms after a round
-trip. The warm process has all of that imported. So the console script
+command line and the mount code and parsed its arguments, ~30-65 ms on this
+machine (by the day), on the way to a tree that should be visible ~150 ms
+after a round trip. The warm process has all of that imported. So the console script
 (incfs.console), once it has opened the source's connections, sends the warm
 process its whole command instead: the arguments, the environment, the
 working directory, umask, limits and niceness, and by SCM_RIGHTS its stdin,
@@ -20,11 +20,12 @@ to run here, cold, as before. One that took the command and did not say it
 started it within STARTING_TIMEOUT is killed first: it might still act.
 
 This module runs ~20 ms into the command's start, before anything costly is
-imported: it uses `_socket`, `_signal`, `marshal` and `struct` (the `socket`,
-`json` and `signal` modules cost ~14, ~6 and ~2.5 ms here). The messages are marshal's format: both
-ends are the same interpreter (the fingerprint says so), and only the owner
-reaches the socket (its directory is 0700, and the warm process checks the
-caller's uid before it reads a message).
+imported: it uses `_socket`, `_signal`, `marshal` and `struct` (the
+`socket`, `json` and `signal` modules cost ~14, ~6 and ~2.5 ms here). The
+messages are marshal's format: both ends are the same interpreter (the
+fingerprint says so), and only the owner reaches the socket (its directory
+is 0700, and the warm process checks the caller's uid before it reads a
+message). An environment too big for one message (~200 KB) starts cold.
 """
 
 from __future__ import annotations
