@@ -222,9 +222,7 @@ class IncfsCommand(IncfsLazy):
         # A warm process left by an earlier run (other code, other conditions)
         # refuses this run's commands, and its presence keeps them from
         # leaving their own: every mount would start cold.
-        from incfs import warm
-
-        warm.stop()
+        self.finish()
 
     def finish(self) -> None:
         from incfs import warm

@@ -33,7 +33,9 @@ DAEMON_NAME = "incfs-daemon"
 WARM_STARTED_ENV = "INCFS_WARM_STARTED"
 
 
+# Signals blocked while fork_call forks (see there).
 _HELD_WHILE_FORKING = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
 
 class Forked:
     """A forked child: what callers of a Popen use of it."""

@@ -81,18 +81,18 @@ def open_at_start(argv: list[str], count: int = CONNECTIONS) -> None:
         _at_start = (targets.pop(), open_early(urls[0], count))
 
 
-def at_start() -> tuple[tuple[str, int], str, list[int]] | None:
+def at_start() -> tuple[str, list[int]] | None:
     """What `open_at_start` opened, for a command that hands itself to the
-    warm process (incfs.warm_client): the (host, port), the environment
-    entry's value and the descriptors. They stay this process's until
-    `received` has been called in the one that took them."""
+    warm process (incfs.warm_client): the environment entry's value (which
+    names the host and port) and the descriptors. They stay this process's
+    until `received` has been called in the one that took them."""
     if _at_start is None or not _at_start[1][1]:
         return None
-    target, (env, fds) = _at_start
-    return target, env[ENV], fds
+    _, (env, fds) = _at_start
+    return env[ENV], fds
 
 
-def received(target: tuple[str, int], value: str, fds: list[int]) -> None:
+def received(value: str, fds: list[int]) -> None:
     """In the process that runs a command for another (incfs.warm): the
     connections that command's `open_at_start` opened came as `fds`
     (SCM_RIGHTS), for `open_early` to hand out as if opened here."""
@@ -101,7 +101,7 @@ def received(target: tuple[str, int], value: str, fds: list[int]) -> None:
         return
     host, port, opened, _ = value.split(" ")
     renamed = f"{host} {port} {opened} {','.join(map(str, fds))}"
-    _at_start = ((target[0], target[1]), ({ENV: renamed}, fds))
+    _at_start = ((host, int(port)), ({ENV: renamed}, fds))
 
 
 def open_early(url: str, count: int) -> tuple[dict[str, str], list[int]]:

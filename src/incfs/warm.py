@@ -44,7 +44,8 @@ from typing import Any, Callable
 from . import preconnect, startup
 from .fingerprint import fingerprint
 from .forked import WARM_STARTED_ENV, set_name
-from .warm_client import ENV, MAX_MESSAGE, NAME, enabled, runtime_file, socket_path, stop
+from .warm_client import (ANSWER_TIMEOUT, ENV, MAX_MESSAGE, NAME, STREAMS, enabled, runtime_file,
+                          socket_path, stop)
 
 __all__ = ["ENV", "NAME", "answers", "enabled", "leave_behind", "stop"]
 
@@ -52,7 +53,7 @@ __all__ = ["ENV", "NAME", "answers", "enabled", "leave_behind", "stop"]
 # mounting a few images in a row (a build, a container start) finds it; an
 # idle one does not keep its ~60 MB for long.
 IDLE = 600.0
-_MAX_FDS = 3 + 64  # stdin, stdout, stderr and the early connections
+_MAX_FDS = len(STREAMS) + 64  # the command's streams and its early connections
 
 
 def _path(name: str) -> Path:
@@ -164,7 +165,7 @@ def _serve_one(conn: socket.socket, own: tuple[int, ...], mine: str,
     """Run the command one `incfs` process sends, in a child, or refuse it.
     False: this process must end (its files changed under it). `own`:
     descriptors of this process that no child may keep (the lock above all)."""
-    conn.settimeout(1.0)  # the command is sent with the connection (warm_client)
+    conn.settimeout(ANSWER_TIMEOUT)  # the command is sent with the connection (warm_client)
     fds: list[int] = []
     try:
         _, uid, _ = struct.unpack("3i", conn.getsockopt(
@@ -174,7 +175,8 @@ def _serve_one(conn: socket.socket, own: tuple[int, ...], mine: str,
             return True
         message, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, _MAX_FDS)
         command = marshal.loads(message)
-        if command.get("fingerprint") != mine or len(fds) < 3 or not command.get("argv"):
+        if (command.get("fingerprint") != mine or len(fds) < len(STREAMS)
+                or not command.get("argv")):
             conn.send(marshal.dumps({}))
             return fingerprint() == mine  # else the code it runs is not on disk any more
         if os.fork() == 0:
@@ -219,8 +221,8 @@ def _run_command(conn: socket.socket, own: tuple[int, ...], command: dict[str, A
 
 def _take_conditions(command: dict[str, Any], fds: list[int]) -> None:
     """What may differ between two commands, as the sender has it."""
-    streams, early = fds[:3], fds[3:]
-    for fd, target in zip(streams, (0, 1, 2)):
+    streams, early = fds[:len(STREAMS)], fds[len(STREAMS):]
+    for fd, target in zip(streams, STREAMS):
         os.dup2(fd, target)
     preconnect.close_fds(streams)
     if sys.stdout is not None:  # set up for /dev/null: line buffered on a terminal,
@@ -234,8 +236,7 @@ def _take_conditions(command: dict[str, Any], fds: list[int]) -> None:
     os.environ.update(command["environ"])
     os.environ[WARM_STARTED_ENV] = "1"
     if command["early"]:
-        target, value = command["early"]
-        preconnect.received(target, value, early)
+        preconnect.received(command["early"], early)
     else:
         preconnect.close_fds(early)
 

@@ -52,7 +52,7 @@ ANSWER_TIMEOUT = 1.0
 # fork: a few ms). One that has not by then is stopped or wedged.
 STARTING_TIMEOUT = 10.0
 MAX_MESSAGE = 1 << 20  # bytes: the command, its environment above all
-_STREAMS = (0, 1, 2)  # passed first, in this order; the early connections follow
+STREAMS = (0, 1, 2)  # passed first, in this order; the early connections follow
 _RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
 
 
@@ -95,7 +95,7 @@ def run_in_warm(argv: list[str]) -> int | None:
 
 def _streams_open() -> bool:
     try:
-        for fd in _STREAMS:
+        for fd in STREAMS:
             os.fstat(fd)
     except OSError:  # a closed stdin, say: nothing to pass
         return False
@@ -105,12 +105,12 @@ def _streams_open() -> bool:
 def _hand_over(sock: _socket.socket, argv: list[str]) -> int | None:
     """Send the command; the pid of the child running it, or None (refused)."""
     early = preconnect.at_start()
-    fds = [*_STREAMS, *(early[2] if early else ())]
+    fds = [*STREAMS, *(early[1] if early else ())]
     command = {"fingerprint": fingerprint(), "argv": argv, "environ": dict(os.environ),
                "cwd": os.getcwd(), "umask": _umask(),
                "nice": os.getpriority(os.PRIO_PROCESS, 0),
                "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS],
-               "early": early[:2] if early else None}
+               "early": early[0] if early else None}
     rights = struct.pack(f"{len(fds)}i", *fds)
     sock.sendmsg([marshal.dumps(command)],
                  [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
@@ -199,16 +199,12 @@ def _umask() -> int:
 def kill_warm() -> None:
     """SIGKILL this user's warm process and the children running commands
     for it (its process group), wedged: they never answered."""
-    import signal
-
-    signal_warm(os.killpg, signal.SIGKILL)
+    signal_warm(os.killpg, _signal.SIGKILL)
 
 
 def stop() -> None:
     """End this user's warm process, if there is one."""
-    import signal
-
-    signal_warm(os.kill, signal.SIGTERM)
+    signal_warm(os.kill, _signal.SIGTERM)
 
 
 def signal_warm(send, signum: int) -> None:
