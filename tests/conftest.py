@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from incfs import BLOCK_SIZE
+from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.format.layout import (LOG_START, RECORD_HEADER_SIZE, RecordHeader,
                                  RecordType)
 from incfs.integrity import signing
@@ -269,10 +269,46 @@ class RawImage:
     def flip(self, offset: int, mask: int = 0x01) -> None:
         self.data[offset] ^= mask
 
+    def set_block_crc(self, ino: int, tree: int, index: int, crc: int) -> None:
+        """Rewrite the CRC of one block in its BLOCKS record (and the record's
+        own CRC), so that only the Merkle tree stands between its bytes and
+        a reader."""
+        for offset, _h in self.of_type(RecordType.BLOCKS):
+            body = bytearray(self.body(offset))
+            (count,) = struct.unpack_from("<I", body)
+            pos = 4
+            for _ in range(count):
+                r_ino, r_tree, first, n, _base = struct.unpack_from("<QBxxxIIQ", body, pos)
+                if r_ino == ino and r_tree == tree and first <= index < first + n:
+                    struct.pack_into("<I", body, pos + 28 + 6 * (index - first) + 2, crc)
+                    self.set_body(offset, bytes(body))
+                    return
+                pos += 28 + 6 * n
+        pytest.fail("block not found in any BLOCKS record")
+
+    def forge_block(self, offset: int, size: int, ino: int, tree: int, index: int) -> None:
+        """Change a stored block's first byte and give it the CRC of its new
+        bytes: it passes every check but the Merkle tree's."""
+        self.flip(offset, 0x01)
+        self.set_block_crc(ino, tree, index, zlib.crc32(bytes(self.data[offset:offset + size])))
+
     def save(self, path: Path | None = None) -> Path:
         target = Path(path or self.path)
         target.write_bytes(bytes(self.data))
         return target
+
+
+def block_location(image: Path, path: bytes, tree: int, index: int):
+    """(ino, offset, stored size, crc) of a block of the file at `path`."""
+    from incfs.image import Image
+
+    with Image.open(image) as img:
+        node = img.ns.get(ROOT_INO)
+        for part in path.strip(b"/").split(b"/"):
+            node = img.ns.lookup(node.ino, part)
+        bmap = node.data if tree == 0 else node.hashes
+        offset, info, crc = bmap.get(index)
+        return node.ino, offset, info & 0x1FFF, crc
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALGORITHMS, MiB, RawImage, run_incfs
+from conftest import ALGORITHMS, MiB, RawImage, block_location, run_incfs
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.errors import IntegrityError
 from incfs.format.layout import RecordType
@@ -232,36 +232,9 @@ def sample_tree_module(tmp_path_factory):
     return build_sample_tree(tmp_path_factory.mktemp("tamper") / "tree", big=2 * MiB, deep=3)
 
 
-def _block_location(image: Path, path: bytes, tree: TreeKind, index: int):
-    with Image.open(image) as img:
-        node = img.ns.get(ROOT_INO)
-        for part in path.strip(b"/").split(b"/"):
-            node = img.ns.lookup(node.ino, part)
-        bmap = node.data if tree == TreeKind.DATA else node.hashes
-        offset, info, crc = bmap.get(index)
-        return node.ino, offset, info & 0x1FFF, crc
-
-
-def _fix_block_crc(raw: RawImage, ino: int, tree: TreeKind, index: int, crc: int) -> None:
-    """Rewrite the CRC of one block in its BLOCKS record (and the record's own
-    CRC), so that only the Merkle tree stands between the bytes and a reader."""
-    for offset, _h in raw.of_type(RecordType.BLOCKS):
-        body = bytearray(raw.body(offset))
-        (count,) = struct.unpack_from("<I", body)
-        pos = 4
-        for _ in range(count):
-            r_ino, r_tree, first, n, _base = struct.unpack_from("<QBxxxIIQ", body, pos)
-            if r_ino == ino and r_tree == tree and first <= index < first + n:
-                struct.pack_into("<I", body, pos + 28 + 6 * (index - first) + 2, crc)
-                raw.set_body(offset, bytes(body))
-                return
-            pos += 28 + 6 * n
-    pytest.fail("block not found in any BLOCKS record")
-
-
 def test_damaged_data_block_is_named(data_image, sample_tree_module, tmp_path, keys):
     image = _copy(data_image, tmp_path / "img")
-    _ino, offset, size, _crc = _block_location(image, b"/big.bin", TreeKind.DATA, 100)
+    _ino, offset, size, _crc = block_location(image, b"/big.bin", TreeKind.DATA, 100)
     assert size == BLOCK_SIZE  # the first MiB of big.bin is random: stored raw
     raw = RawImage(image)
     raw.flip(offset + 1234, 0x40)
@@ -287,11 +260,9 @@ def test_damaged_data_block_is_named(data_image, sample_tree_module, tmp_path, k
 def test_data_block_with_forged_crc_fails_the_merkle_tree(data_image, sample_tree_module,
                                                           tmp_path):
     image = _copy(data_image, tmp_path / "img")
-    ino, offset, size, _crc = _block_location(image, b"/big.bin", TreeKind.DATA, 7)
+    ino, offset, size, _crc = block_location(image, b"/big.bin", TreeKind.DATA, 7)
     raw = RawImage(image)
-    raw.flip(offset, 0x01)
-    forged = zlib.crc32(bytes(raw.data[offset:offset + size]))
-    _fix_block_crc(raw, ino, TreeKind.DATA, 7, forged)
+    raw.forge_block(offset, size, ino, TreeKind.DATA, 7)
     raw.save()
     report = verify_image(image)
     bad = [p for p in report.problems if p.severity == INTEGRITY]
@@ -308,10 +279,10 @@ def test_data_block_with_forged_crc_fails_the_merkle_tree(data_image, sample_tre
 def test_damaged_hash_block_names_the_blocks_it_covers(data_image, tmp_path):
     image = _copy(data_image, tmp_path / "img")
     # big.bin: 512 data blocks -> 4 level-0 hash blocks under one top block
-    ino, offset, size, _crc = _block_location(image, b"/big.bin", TreeKind.HASH, 2)
+    ino, offset, size, _crc = block_location(image, b"/big.bin", TreeKind.HASH, 2)
     raw = RawImage(image)
     raw.flip(offset + 5, 0x80)
-    _fix_block_crc(raw, ino, TreeKind.HASH, 2, zlib.crc32(bytes(raw.data[offset:offset + size])))
+    raw.set_block_crc(ino, TreeKind.HASH, 2, zlib.crc32(bytes(raw.data[offset:offset + size])))
     raw.save()
     report = verify_image(image)
     bad = [(p.path, p.tree, p.first, p.last) for p in report.problems if p.severity == INTEGRITY]

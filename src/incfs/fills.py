@@ -14,7 +14,7 @@ import errno
 import hashlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Collection, Iterable
 
 from . import BLOCK_SIZE, codec
 from .errors import CorruptImage, IntegrityError, os_error
@@ -46,7 +46,12 @@ class FillResult:
     stored: int = 0  # newly stored blocks
     already: int = 0  # present before: a silent no-op
     errors: list[tuple[int, int, str]] = field(default_factory=list)  # (index, errno, why)
+    leaves_built: list[int] = field(default_factory=list)  # leaf hash blocks built and stored
+    leaves_refused: list[int] = field(default_factory=list)  # built ones that failed their check
 
+
+# A block handed in, decoded: its plain bytes and, for data, their hash.
+Decoded = tuple[bytes, bytes | None]
 
 
 class Fills:
@@ -54,34 +59,98 @@ class Fills:
     counters, source_maps, hash_block, _hash_lock, _hash_cache and
     _forgotten."""
 
-    def fill(self, ino: int, blocks: Iterable[FillBlock]) -> FillResult:
+    def fill(self, ino: int, blocks: Iterable[FillBlock],
+             leaves: Collection[int] = ()) -> FillResult:
         """Verify and store blocks of one file; present blocks are a no-op.
 
         Hash-tree blocks are taken top level first, so one batch can carry a
         whole path from the root down to the data it verifies. A block that
         fails is reported in `errors` and never stored; the rest still are.
+
+        `leaves`: leaf (level-0) hash blocks to build rather than be handed
+        in. One that is absent and whose every data block is in the batch is
+        built from the data's hashes and checked against its parent exactly
+        as a fetched one is, so it holds only if all that data is the signed
+        data (then the data verify against it). A built leaf that fails is
+        not stored and is named in `leaves_refused`; the data under it are then
+        refused (ENODATA), as without it. Loaders save the leaf's bytes on
+        the wire: 32 per 4 KiB block.
         """
         node = self.ns.get(ino)
         if node.data is None:
             raise os_error(errno.EINVAL, f"inode {ino} is not a regular file")
         self.ns.pin(node)  # fills change its maps: keep this very object
+        blocks = list(blocks)
+        known: dict[int, Decoded] = {}  # id(block) -> decoded while building leaves
+        built_leaves = self._build_leaves(node, blocks, set(leaves), known) if leaves else []
+        built = {id(b) for b in built_leaves}
         result = FillResult()
         accepted: list[tuple[FillBlock, bytes]] = []
         staged: dict[int, bytes] = {}
-        for blk in sorted(blocks, key=lambda b: (-int(b.tree), b.index)):
-            status = self._check_fill(node, blk, staged)
+        for blk in sorted(blocks + built_leaves, key=lambda b: (-int(b.tree), b.index)):
+            status = self._check_fill(node, blk, staged, known.get(id(blk)))
             if status is None:
                 result.already += 1
             elif isinstance(status, tuple):
-                result.errors.append((blk.index, *status))
+                if id(blk) in built:
+                    result.leaves_refused.append(blk.index)
+                else:
+                    result.errors.append((blk.index, *status))
             else:
                 accepted.append((blk, status))
+                if id(blk) in built:
+                    result.leaves_built.append(blk.index)
         if accepted:
             self._store(node, accepted)
             result.stored = len(accepted)
         return result
 
-    def _check_fill(self, node: Inode, blk: FillBlock, staged: dict[int, bytes]):
+    def _build_leaves(self, node: Inode, blocks: list[FillBlock], wanted: set[int],
+                      known: dict[int, Decoded]) -> list[FillBlock]:
+        """The `wanted` leaf hash blocks that are absent and whose every data
+        block is in `blocks`, built from those blocks (unchecked: `fill` checks them). What is
+        decoded on the way goes to `known`, so it is not decoded twice."""
+        if not node.has_tree or node.hashes is None or not node.geometry.levels:
+            return []
+        geo = node.geometry
+        groups: dict[int, dict[int, FillBlock]] = {}
+        for blk in blocks:
+            if blk.tree == TreeKind.DATA and 0 <= blk.index < node.data.count:
+                leaf = geo.leaf_of(blk.index)
+                if leaf in wanted and not node.hashes.is_present(leaf):
+                    groups.setdefault(leaf, {})[blk.index] = blk
+        leaves = []
+        for leaf, group in groups.items():
+            under = geo.leaf_group(leaf)
+            if len(group) != len(under):
+                continue  # not all of its data is here
+            hashes = []
+            for i in under:
+                decoded = self._decode_sent(node, group[i])
+                if isinstance(decoded, tuple):
+                    break  # refused on its own below; the leaf is fetched
+                digest = merkle.hash_block(decoded)
+                known[id(group[i])] = (decoded, digest)
+                hashes.append(digest)
+            else:
+                leaves.append(FillBlock(leaf, merkle.leaf_block(hashes), BlockKind.RAW,
+                                        TreeKind.HASH))
+        return leaves
+
+    def _decode_sent(self, node: Inode, blk: FillBlock) -> bytes | tuple[int, str]:
+        """The plain bytes of a block handed in, or (errno, why)."""
+        size = plain_size(node, blk.index) if blk.tree == TreeKind.DATA else BLOCK_SIZE
+        if blk.kind is BlockKind.RAW and len(blk.data) != size:
+            return errno.EINVAL, f"raw block is {len(blk.data)} bytes, expected {size}"
+        if len(blk.data) > MAX_SENT_BLOCK:
+            return errno.EINVAL, f"stored block larger than {MAX_SENT_BLOCK} bytes"
+        try:
+            return codec.decompress(blk.kind, blk.data, size)
+        except CorruptImage as e:
+            return errno.EBADMSG, str(e)
+
+    def _check_fill(self, node: Inode, blk: FillBlock, staged: dict[int, bytes],
+                    known: Decoded | None = None):
         """None: already present; (errno, why): refused; bytes: plain content."""
         target = node.data if blk.tree == TreeKind.DATA else node.hashes
         if target is None:
@@ -92,17 +161,11 @@ class Fills:
             return errno.EFBIG, f"block index {blk.index} is beyond 2^32 (16 TiB)"
         if target.is_present(blk.index):
             return None
-        size = plain_size(node, blk.index) if blk.tree == TreeKind.DATA else BLOCK_SIZE
-        if blk.kind is BlockKind.RAW and len(blk.data) != size:
-            return errno.EINVAL, f"raw block is {len(blk.data)} bytes, expected {size}"
-        if len(blk.data) > MAX_SENT_BLOCK:
-            return errno.EINVAL, f"stored block larger than {MAX_SENT_BLOCK} bytes"
+        plain, digest = known if known is not None else (self._decode_sent(node, blk), None)
+        if isinstance(plain, tuple):
+            return plain
         try:
-            plain = codec.decompress(blk.kind, blk.data, size)
-        except CorruptImage as e:
-            return errno.EBADMSG, str(e)
-        try:
-            self._verify_fill(node, blk, plain, staged)
+            self._verify_fill(node, blk, plain, staged, digest)
         except IntegrityError as e:
             self.counters["verify_failures"] += 1
             return errno.EBADMSG, str(e)
@@ -113,14 +176,16 @@ class Fills:
         return plain
 
     def _verify_fill(self, node: Inode, blk: FillBlock, plain: bytes,
-                     staged: dict[int, bytes]) -> None:
+                     staged: dict[int, bytes], digest: bytes | None = None) -> None:
+        """Check a block against its file's tree; `digest`: its hash, when
+        already computed from these very bytes."""
         if not node.has_tree:
             return
         get = lambda s: staged.get(s) or self.hash_block(node, s)  # noqa: E731
         try:
             if blk.tree == TreeKind.DATA:
                 want = merkle.expected_hash(node.geometry, node.root_hash, -1, blk.index, get)
-                got = merkle.hash_block(plain)
+                got = digest or merkle.hash_block(plain)
             else:
                 level, index = node.geometry.level_of(blk.index)
                 want = merkle.expected_hash(node.geometry, node.root_hash, level, index, get)

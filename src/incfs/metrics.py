@@ -56,6 +56,10 @@ LOADER_COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("crc_failures", "loader_crc_failures_total", "Fetched blocks that failed their CRC."),
     ("blocks_failed", "loader_blocks_failed_total", "Blocks the built-in loader gave up on."),
     ("blocks_fetched", "loader_blocks_fetched_total", "Blocks the built-in loader stored."),
+    ("leaves_built", "loader_leaves_built_total",
+     "Leaf hash blocks built from fetched data instead of fetched."),
+    ("leaves_fetched", "loader_leaves_fetched_total",
+     "Leaf hash blocks fetched after all: the one built from the data failed its check."),
 )
 
 # The cache cap (status["space"], under --cache-size).

@@ -12,7 +12,7 @@ import errno
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 import trio
 
@@ -137,21 +137,24 @@ class Service:
     # --- changes (control protocol, loaders) -----------------------------------
 
     async def fill(self, ino: int, blocks: list[FillBlock], fetched: bool = False,
-                   reused: bool = False) -> FillResult:
+                   reused: bool = False, leaves: Collection[int] = ()) -> FillResult:
         """Store blocks and wake their waiters. `fetched`: the bytes came over
         the network (bytes_fetched); `reused`: copied from an older local
-        image (bytes_reused); neither: handed in by a loader (bytes_filled)."""
+        image (bytes_reused); neither: handed in by a loader (bytes_filled).
+        `leaves`: leaf hash blocks to build from the data (see Image.fill)."""
         before = self.image.ns.inodes.get(ino)
         was_complete = before is None or before.complete
         async with self.write_lock:
-            result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks)
+            result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks, leaves)
         self.counters["blocks_written"] += result.stored
+        node = self.image.ns.inodes[ino]
         for blk in blocks:
             tree = int(blk.tree)
-            maps = self.image.ns.inodes[ino]
-            target = maps.data if blk.tree == TreeKind.DATA else maps.hashes
+            target = node.data if blk.tree == TreeKind.DATA else node.hashes
             if target is not None and 0 <= blk.index < target.count and target.is_present(blk.index):
                 self.waits.filled((ino, tree, blk.index))
+        for leaf in result.leaves_built:
+            self.waits.filled((ino, int(TreeKind.HASH), leaf))
         size = sum(len(b.data) for b in blocks)
         self.counters["bytes_reused" if reused else
                       "bytes_fetched" if fetched else "bytes_filled"] += size
@@ -178,11 +181,14 @@ class Service:
             "error": errno.errorcode.get(code, str(code)), "why": why,
             "uid": uid, "time_ns": time.time_ns()}
 
-    def _fill_locked(self, ino: int, blocks: list[FillBlock]) -> FillResult:
+    def _fill_locked(self, ino: int, blocks: list[FillBlock],
+                     leaves: Collection[int] = ()) -> FillResult:
         with self.image_lock:
             if self.space is not None:
-                self.space.before_fill(blocks)  # room first: the cap holds at all times
-            result = self.image.fill(ino, blocks)
+                # room first: the cap holds at all times (with a block for
+                # each leaf hash block the fill may build)
+                self.space.before_fill(blocks, extra=len(leaves) * BLOCK_SIZE)
+            result = self.image.fill(ino, blocks, leaves)
             if self.space is not None:
                 self.space.after_fill(ino, blocks)
             return result

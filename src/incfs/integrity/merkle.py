@@ -64,6 +64,21 @@ class TreeGeometry:
         return (self.level_start[parent] + index // HASHES_PER_BLOCK,
                 (index % HASHES_PER_BLOCK) * HASH_SIZE)
 
+    def leaf_of(self, data_index: int) -> int | None:
+        """Storage index of the level-0 hash block that holds a data block's
+        hash (None when the file has no hash blocks: one block or none)."""
+        if not self.levels:
+            return None
+        return self.locate(-1, data_index)[0]
+
+    def leaf_group(self, storage_index: int) -> range:
+        """The data blocks whose hashes a level-0 hash block holds."""
+        level, index = self.level_of(storage_index)
+        if level != 0:
+            raise ValueError(f"hash block {storage_index} is not a leaf (level {level})")
+        first = index * HASHES_PER_BLOCK
+        return range(first, min(first + HASHES_PER_BLOCK, self.data_blocks))
+
     def level_of(self, storage_index: int) -> tuple[int, int]:
         """(level, index within level) of a stored hash block."""
         for level in range(self.levels):
@@ -94,6 +109,13 @@ def build_tree(data_hashes: Iterable[bytes], size: int) -> tuple[bytes, list[byt
 
 def _pack_hashes(hashes: list[bytes]) -> bytes:
     return b"".join(hashes).ljust(BLOCK_SIZE, b"\0")
+
+
+def leaf_block(data_hashes: list[bytes]) -> bytes:
+    """The level-0 hash block of a group of (at most 128) data block hashes."""
+    if len(data_hashes) > HASHES_PER_BLOCK:
+        raise ValueError(f"{len(data_hashes)} hashes do not fit in one hash block")
+    return _pack_hashes(data_hashes)
 
 
 def tree_of_bytes(data: bytes) -> tuple[bytes, list[bytes]]:

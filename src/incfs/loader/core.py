@@ -49,7 +49,7 @@ from .cache import image_complete
 from .config import LoaderConfig
 from .jobs import FetchFailed, JobRunner
 from .link import LinkEstimate
-from .plan import HASH, Job, Key, Planner, Want
+from .plan import HASH, Job, Key, Planner, Want, aligned_slices, leaf_within
 from .prefetch import PrefetchMixin, source_runs_in_slices
 from .remote import open_loader_source
 from .reuse import ReuseMixin
@@ -85,7 +85,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         # a window of twice the depth: the next one is asked for while the
         # reader is half-way through this one, so the pipe never drains
         self.readahead = Readahead(cfg.amplify, cfg.readahead_max, self._launch_readahead,
-                                   after=cfg.readahead_after, cap=lambda: 2 * self._depth())
+                                   after=cfg.readahead_after, cap=lambda: 2 * self._depth(),
+                                   align=merkle.HASHES_PER_BLOCK)
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = source
@@ -120,7 +121,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                       "refetches": 0, "blocks_failed": 0, "blocks_fetched": 0,
                       "blocks_reused": 0, "bytes_reused": 0, "pending_jobs": 0,
                       "readahead_jobs": 0, "prefetch_blocks": 0, "prefetch_bytes": 0,
-                      "prefetch_yields": 0}
+                      "prefetch_yields": 0, "leaves_built": 0, "leaves_fetched": 0}
         self.last_error: str | None = None
         self.state = self.info.get("state", "starting")
         self.prefetch_state = "off" if cfg.prefetch == "none" else "waiting"
@@ -455,30 +456,39 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         a read, on the trio thread)."""
         if self.stopped or self._nursery is None or self._completed:
             return
+        step = self._readahead_step()
         if not self.info.get("base"):  # with a base, each job gets its hashes first (reuse.py)
-            self._launch_window_hashes(ino, first, count)
+            self._launch_window_hashes(ino, first, count, step)
         # one job per request: each is stored as soon as its bytes are in,
         # and reserves only its own bytes of the budget
-        step = max(1, self.cfg.request_max // BLOCK_SIZE)
-        for start in range(first, first + count, step):
-            stop = min(first + count, start + step)
+        for start, stop in aligned_slices(first, first + count, step):
             job = self._plan(ino, range(start, stop), [], extend=0, prefetch=True)
             if job is not None:
                 job.readahead = True
                 self.stats["readahead_jobs"] += 1
                 self._nursery.start_soon(self._run_job, job)
 
-    def _launch_window_hashes(self, ino: int, first: int, count: int) -> None:
+    def _readahead_step(self) -> int:
+        """Blocks of one readahead job: `request_max`, in whole leaf groups
+        when it holds one or more (the job then builds their leaf hash blocks)."""
+        step = max(1, self.cfg.request_max // BLOCK_SIZE)
+        per = merkle.HASHES_PER_BLOCK
+        return step - step % per if step >= per else step
+
+    def _launch_window_hashes(self, ino: int, first: int, count: int, step: int) -> None:
         """The hash blocks that verify a whole readahead window, in one job
         (they lie together in the source: one small request) ahead of its
         data jobs, which then wait for them instead of each asking for its
-        own few KiB in a request of its own (a round trip apiece)."""
+        own few KiB in a request of its own (a round trip apiece). Leaves
+        whose data one data job fetches whole are left to it: it builds them."""
         node = self.image.ns.inodes.get(ino)
         if node is None or node.data is None:
             return
         stop = min(first + count, node.data.count)
         per = merkle.HASHES_PER_BLOCK  # data blocks one leaf hash block covers
         wants = self.planner.missing_deps(node, range(first - first % per, stop, per))
+        if step % per == 0:
+            wants = [w for w in wants if not leaf_within(node, w.index, first, stop)]
         if wants:
             job = Job(ino, wants, prefetch=True, readahead=True)
             self._claim(job, wants)
@@ -486,8 +496,10 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
 
     def _plan(self, ino: int, data_idx, hash_idx, *, extend: int, prefetch: bool) -> Job | None:
         """Claim what to fetch for blocks `data_idx`/`hash_idx` of a file
-        (see Planner.plan); None when nothing is left to fetch."""
-        wants = self.planner.plan(ino, data_idx, hash_idx, extend)
+        (see Planner.plan); None when nothing is left to fetch. Prefetch and
+        readahead jobs build the leaf hash blocks of the data they fetch
+        whole (nobody waits on them, so storing by groups costs nothing)."""
+        wants = self.planner.plan(ino, data_idx, hash_idx, extend, derive=prefetch)
         if not wants:
             return None
         job = Job(ino, wants, prefetch)

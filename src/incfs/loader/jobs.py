@@ -116,6 +116,8 @@ class JobRunner:
                  and not self._present(node, w.tree, w.index)]
         await self._base_indexed()
         if self.base is not None:
+            for w in wants:
+                w.derived = False  # reuse needs the leaves' hashes before the data
             wants = await self._hash_first(node, job, wants)
             # hash blocks another job is fetching (a window's hash job started
             # before the base was indexed) tell which data the base has too
@@ -138,7 +140,7 @@ class JobRunner:
         if error is not None:
             raise error
         got = [arrivals.entry(a) for a in arrivals.got if a.key not in arrivals.handled]
-        zero = [(w, b"", None) for w in wants if not w.size]
+        zero = [(w, b"", None) for w in wants if not w.size and not w.derived]
         failed = await self._store(node, job, got + zero)
         failed.update(arrivals.damaged())
         failed.update(arrivals.early_failed())
@@ -172,13 +174,17 @@ class JobRunner:
         data blocks; return the others."""
         tree = HASH
         while True:
-            ready = [a for a in queued if a.want.tree == tree and self._verifiable(node, a.want)]
+            ready = self._ready(node, job, tree, queued)
             if ready:
                 group = [a for a in ready if not self._present(node, tree, a.want.index)]
                 if group:
                     refused = await self._fill(node, job, tree, [arrivals.entry(a) for a in group])
+                    # data whose built leaf failed stay queued: `_store`
+                    # fetches the leaf and stores them then
+                    waiting = self._under_unbuilt(node, job, refused)
                     arrivals.failed_early.update({a.key: a.range_index for a in group
-                                                  if a.key in refused})
+                                                  if a.key in refused and a.key not in waiting})
+                    ready = [a for a in ready if a.key not in waiting]
                 arrivals.handled.update(a.key for a in ready)
                 taken = {id(a) for a in ready}
                 queued = [a for a in queued if id(a) not in taken]
@@ -186,6 +192,31 @@ class JobRunner:
                 return queued
             if not ready:
                 tree = DATA
+
+    def _ready(self, node, job: Job, tree: int, queued: list[Arrived]) -> list[Arrived]:
+        """The queued blocks of `tree` that can be stored now: those whose
+        hash blocks are present and, for data, those under a leaf the job
+        builds, once all its data is in and the hash blocks above it are."""
+        mine = [a for a in queued if a.want.tree == tree]
+        whole: set[int] = set()
+        if tree == DATA and (leaves := job.leaves()):
+            arrived = {a.want.index for a in mine}
+            geo = node.geometry
+            for leaf in leaves:
+                under = geo.leaf_group(leaf)
+                if all(i in arrived for i in under) and all(
+                        node.hashes.is_present(s) for s in parents_needed(node, HASH, (leaf,))):
+                    whole.update(under)
+        return [a for a in mine if a.want.index in whole or self._verifiable(node, a.want)]
+
+    def _under_unbuilt(self, node, job: Job, keys) -> set[tuple[int, int]]:
+        """The data blocks among `keys` under a leaf whose built copy failed
+        (refused for want of it, not for their own bytes)."""
+        if not job.unbuilt:
+            return set()
+        unbuilt = {w.index for w in job.unbuilt}
+        geo = node.geometry
+        return {(t, i) for t, i in keys if t == DATA and geo.leaf_of(i) in unbuilt}
 
     def _verifiable(self, node, want: Want) -> bool:
         """Whether every hash block `want` is checked with is present."""
@@ -336,18 +367,46 @@ class JobRunner:
                 await self._wait_for_parents(node, tree, [w.index for w, _, _ in group],
                                              mine, job)
                 failed.update(await self._fill(node, job, tree, group))
+        if job.unbuilt:
+            failed = await self._fetch_unbuilt(node, job, items, failed)
+        return failed
+
+    async def _fetch_unbuilt(self, node, job: Job, items, failed):
+        """Leaves whose built copy failed its check (some data under them is
+        not the signed data, or the source changed): fetch them, then store
+        again the data that waited for them, so only the blocks that fail
+        against the fetched leaf are fetched again (by `_refetch`)."""
+        leaves = [w for w in job.unbuilt if not self._present(node, HASH, w.index)]
+        job.unbuilt = []
+        if not leaves:
+            return failed
+        self.stats["leaves_fetched"] += len(leaves)
+        got, bad = await self._fetch(job, plan_ranges(leaves, self.cfg.amplify, 0))
+        failed.update(bad)
+        failed.update(await self._fill(node, job, HASH, got))
+        again = [(w, b, o) for w, b, o in items if w.tree == DATA and (DATA, w.index) in failed
+                 and not self._present(node, DATA, w.index)]
+        for w, _, _ in again:
+            del failed[(DATA, w.index)]
+        failed.update(await self._fill(node, job, DATA, again))
         return failed
 
     async def _fill(self, node, job: Job, tree: int, group) -> dict[tuple[int, int], int | None]:
         blocks = [FillBlock(w.index, b, w.kind, TreeKind(tree)) for w, b, _ in group]
-        result = await self.service.fill(node.ino, blocks, fetched=True)
+        leaves = job.leaves() if tree == DATA else ()
+        result = await self.service.fill(node.ino, blocks, fetched=True, leaves=leaves)
+        self._note_leaves(job, result)
         errors = {index for index, _code, _why in result.errors}
+        waiting = self._under_unbuilt(node, job, {(tree, i) for i in errors})
         failed: dict[tuple[int, int], int | None] = {}
         stored, refused = [], 0
         for w, b, origin in group:
             if w.index in errors and not self._present(node, tree, w.index):
                 failed[(tree, w.index)] = origin
-                refused += len(b)
+                if (tree, w.index) in waiting:  # stored again once their leaf is in
+                    self.service.counters["bytes_fetched"] -= len(b)
+                else:
+                    refused += len(b)
             else:
                 stored.append((node.ino, tree, w.index))
                 self.stats["blocks_fetched"] += 1
@@ -362,6 +421,17 @@ class JobRunner:
             self.stats["bytes_refused"] += refused
         self._release(job, stored)
         return failed
+
+    def _note_leaves(self, job: Job, result) -> None:
+        """Leaves a fill built from the job's data: stored ones are released;
+        refused ones are fetched instead (see `_fetch_unbuilt`)."""
+        if result.leaves_built:
+            self.stats["leaves_built"] += len(result.leaves_built)
+            self._release(job, [(job.ino, HASH, s) for s in result.leaves_built])
+        for s in result.leaves_refused:
+            w = next(w for w in job.wants if w.tree == HASH and w.index == s)
+            w.derived = False
+            job.unbuilt.append(w)
 
     async def _wait_for_parents(self, node, tree: int, indexes: list[int], mine, job) -> None:
         """Wait (bounded) for hash blocks these blocks are verified with when

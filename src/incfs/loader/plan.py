@@ -31,6 +31,10 @@ class Want:
     size: int  # stored bytes; 0 for an all-zero block (nothing to fetch)
     kind: BlockKind
     crc: int | None  # None: the source's map has no CRCs (the hash tree checks)
+    # a leaf hash block the job builds from the data under it, all of which
+    # it fetches (Image.fill checks it), instead of fetching it; fetched
+    # after all when the built one fails its check
+    derived: bool = False
 
 
 @dataclass(slots=True)
@@ -53,19 +57,25 @@ class Job:
     held: int = 0  # bytes of in-flight budget held until what was fetched is stored
     far: bool = False  # a read's miss away from prefetch: it yields while this runs
     far_mark: int = 0  # prefetch jobs: the loader's far-miss count when it started
+    unbuilt: list[Want] = field(default_factory=list)  # built leaves that failed: fetch them
 
     @property
     def nbytes(self) -> int:
-        return sum(w.size for w in self.wants)
+        return sum(w.size for w in self.wants if not w.derived)
+
+    def leaves(self) -> set[int]:
+        """Leaf hash blocks this job means to build from its data."""
+        return {w.index for w in self.wants if w.derived}
 
 
 def plan_ranges(wants: list[Want], max_len: int, max_gap: int) -> list[Range]:
     """Cover the stored bytes of `wants` with few ranges: blocks are taken in
     source order and joined while the gap between them is at most `max_gap`
     bytes and the range stays within `max_len` bytes (a single block longer
-    than that still gets its own range). Zero blocks need no bytes."""
+    than that still gets its own range). Zero blocks and leaves the job
+    builds need no bytes."""
     out: list[Range] = []
-    for w in sorted((w for w in wants if w.size), key=lambda w: w.offset):
+    for w in sorted((w for w in wants if w.size and not w.derived), key=lambda w: w.offset):
         if out:
             last = out[-1]
             end = last.offset + last.length
@@ -99,10 +109,13 @@ class Planner:
         self.busy = busy
 
     def plan(self, ino: int, data_idx: Iterable[int], hash_idx: Iterable[int],
-             extend: int = 0) -> list[Want]:
+             extend: int = 0, derive: bool = False) -> list[Want]:
         """Wants for blocks `data_idx`/`hash_idx` of a file: those absent and
         not claimed, their absent neighbours that follow them in the source
-        up to `extend` bytes of range, and the hash blocks that verify them."""
+        up to `extend` bytes of range, and the hash blocks that verify them.
+        `derive`: leaf hash blocks whose data all come in this job are built
+        from it, not fetched (Want.derived). Only for jobs nobody waits on
+        yet: their data can be stored only once the whole group is in."""
         node = self.image.ns.inodes.get(ino)
         maps = self.image.source_maps.get(ino)
         if node is None or node.data is None or maps is None:
@@ -118,6 +131,7 @@ class Planner:
             if s not in hashes:
                 w = take(HASH, s)
                 if w is not None:
+                    w.derived = derive and _covers_leaf(node, s, selected)
                     hashes[s] = w
         return list(hashes.values()) + list(selected.values())
 
@@ -207,6 +221,34 @@ class Planner:
             if w is not None:
                 out.append(w)
         return out
+
+
+def _covers_leaf(node, storage_index: int, selected: dict[int, Want]) -> bool:
+    """Whether `selected` holds every data block under a hash block (which
+    must then be a leaf)."""
+    geo = node.geometry
+    if geo.level_of(storage_index)[0] != 0:
+        return False
+    return all(i in selected for i in geo.leaf_group(storage_index))
+
+
+def leaf_within(node, storage_index: int, first: int, stop: int) -> bool:
+    """Whether a hash block is a leaf whose data all lie in [first, stop)."""
+    geo = node.geometry
+    if geo.level_of(storage_index)[0] != 0:
+        return False
+    under = geo.leaf_group(storage_index)
+    return first <= under.start and under.stop <= stop
+
+
+def aligned_slices(first: int, stop: int, step: int):
+    """[first, stop) cut into (start, end) pieces at multiples of `step`
+    (a multiple of 128: a leaf hash block's data never spans two pieces)."""
+    start = first
+    while start < stop:
+        end = min(stop, (start // step + 1) * step)
+        yield start, end
+        start = end
 
 
 def parents_needed(node, tree: int, indexes: Iterable[int]) -> set[int]:

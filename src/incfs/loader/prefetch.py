@@ -19,6 +19,7 @@ from ..errors import IncfsError
 from ..format.records import BlockKind, info_kind, info_size
 from ..profile import resolve
 from .config import check_prefetch  # noqa: F401  (its home once; kept importable here)
+from ..integrity import merkle
 from .plan import DATA, HASH, Job
 from .schedule import READ, READAHEAD
 
@@ -90,7 +91,11 @@ def _runs_of(ino: int, tree: int, smap) -> list[tuple[int, int, int, int, int]]:
 
 
 class PrefetchBatch:
-    """Blocks of one file (and tree) gathered for one prefetch job."""
+    """Blocks of one file (and tree) gathered for one prefetch job.
+
+    A batch of data that reached `max_bytes` ends where a leaf group does
+    (up to 128 blocks later): the job then fetches whole groups and builds
+    their leaf hash blocks instead of fetching them (Planner.plan)."""
 
     def __init__(self, max_bytes: int, max_blocks: int = 4096):
         self.max_bytes, self.max_blocks = max_bytes, max_blocks
@@ -98,12 +103,17 @@ class PrefetchBatch:
         self.indexes: list[int] = []
         self.nbytes = 0
 
-    def full_or_other(self, ino: int, tree: int) -> bool:
+    def full_or_other(self, ino: int, tree: int, index: int = 0) -> bool:
+        """Whether block `index` of (ino, tree) must go in a new batch."""
         if not self.indexes:
             self.key = (ino, tree)
             return False
-        return (self.key != (ino, tree) or self.nbytes >= self.max_bytes
-                or len(self.indexes) >= self.max_blocks)
+        if self.key != (ino, tree) or len(self.indexes) >= self.max_blocks:
+            return True
+        if self.nbytes < self.max_bytes:
+            return False
+        per = merkle.HASHES_PER_BLOCK
+        return tree != DATA or index // per != self.indexes[-1] // per
 
     def add(self, ino: int, tree: int, index: int, nbytes: int) -> None:
         self.key = (ino, tree)
@@ -208,7 +218,7 @@ class PrefetchMixin:
             if target is None or smap is None:
                 continue
             for i in range(first, first + count):
-                if batch.full_or_other(ino, tree):
+                if batch.full_or_other(ino, tree, i):
                     await self._launch_batch(batch)
                 if not target.is_present(i) and (ino, tree, i) not in self.inflight:
                     loc = smap.get(i)

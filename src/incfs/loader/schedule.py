@@ -213,8 +213,11 @@ class Readahead:
     other request, by the loader's in-flight byte budget."""
 
     def __init__(self, start: int, maximum: int, launch, after: int = 0,
-                 cap: Callable[[], int] | None = None):
+                 cap: Callable[[], int] | None = None, align: int = 1):
         self.start, self._maximum = start, maximum
+        # windows of at least `align` blocks end on a multiple of it: the
+        # loader's jobs then fetch leaf groups whole and build their hashes
+        self.align = align
         self.cap = cap  # the window the link needs (see Loader: 2 x depth)
         self.after_blocks = after // BLOCK_SIZE
         self.launch = launch  # launch(ino, first_block, count)
@@ -277,6 +280,8 @@ class Readahead:
         else:
             s.window = min(self.maximum, s.window * 2)  # the reader kept up
         blocks = max(1, s.window // BLOCK_SIZE)
+        if blocks >= self.align:
+            blocks += -(s.frontier + blocks) % self.align
         first, s.frontier = s.frontier, s.frontier + blocks
         self.launch(ino, first, blocks)
 

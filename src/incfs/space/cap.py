@@ -127,9 +127,10 @@ class CacheCap:
 
     # --- fills (the writer's thread, image lock held) ----------------------------
 
-    def before_fill(self, blocks) -> None:
+    def before_fill(self, blocks, extra: int = 0) -> None:
+        """Make room for a fill of `blocks` (and `extra` bytes it may add)."""
         incoming = sum(-(-len(b.data) // BLOCK_SIZE) * BLOCK_SIZE for b in blocks)
-        self.make_room(incoming + FILL_OVERHEAD)
+        self.make_room(incoming + extra + FILL_OVERHEAD)
 
     def after_fill(self, ino: int, blocks) -> None:
         node = self.image.ns.inodes.get(ino)

@@ -35,7 +35,7 @@ def fill_from(src: Image, dst: Image, path: bytes | None = None, *,
         for tree, bmap, have in spaces + ((TreeKind.DATA, node.data, want.data),):
             for i, offset, info, _crc in (bmap.entries() if bmap else ()):
                 if not have.is_present(i):
-                    blocks.append(_block(src, node, tree, i, offset, info))
+                    blocks.append(stored_block(src, node, tree, i, offset, info))
         if blocks:
             result = dst.fill(node.ino, blocks)
             if result.errors:
@@ -44,7 +44,7 @@ def fill_from(src: Image, dst: Image, path: bytes | None = None, *,
     return stored
 
 
-def _block(src: Image, node, tree: TreeKind, i: int, offset: int, info: int) -> FillBlock:
+def stored_block(src: Image, node, tree: TreeKind, i: int, offset: int, info: int) -> FillBlock:
     if info_kind(info) is BlockKind.ZERO:
         size = min(4096, node.size - i * 4096) if tree == TreeKind.DATA else 4096
         return FillBlock(i, bytes(size), BlockKind.RAW, tree)
