@@ -107,6 +107,36 @@ def test_tampered_block_is_refused_and_never_served(mounts):
     assert path.read_bytes() == data
 
 
+def test_a_loader_sends_whole_groups_without_their_leaves(mounts):
+    """FILL_BLOCKS `leaves`: the leaf is built from the 128 blocks under it
+    and checked against its parent; with one block wrong it is refused and
+    nothing under it is stored until the real leaf comes."""
+    m = mounts(read_timeout=1.0)
+    data = random.Random(8).randbytes(300 * BLOCK_SIZE + 5)
+    root, hash_blocks = tree_of_bytes(data)  # the top, then three leaves
+    blocks = blocks_of(data)
+    with m.client() as c:
+        ino = c.create_file(ROOT_INO, "built", len(data), root_hash=root)
+        c.fill_blocks(ino, [(0, hash_blocks[0], "none", "hash")])
+        whole = [(i, blocks[i]) for i in range(128)]
+        assert c.fill_blocks(ino, whole, leaves=[1]) == 129  # 128 data blocks and the leaf
+
+        tampered = bytearray(blocks[130])
+        tampered[0] ^= 0x01
+        second = [(i, blocks[i]) for i in range(128, 256) if i != 130] + [(130, bytes(tampered))]
+        with pytest.raises(FillError) as raised:
+            c.fill_blocks(ino, second, leaves=[2])
+        answer = raised.value.result
+        assert (answer["stored"], answer["leaves_built"], answer["leaves_refused"]) == (0, [], [2])
+        assert {e["errno"] for e in answer["errors"]} == {errno.ENODATA}
+        with pytest.raises(FillError) as raised:  # the real leaf: all but the tampered block
+            c.fill_blocks(ino, [(2, hash_blocks[2], "none", "hash")] + second)
+        assert [e["index"] for e in raised.value.result["errors"]] == [130]
+        last = [(i, blocks[i]) for i in range(256, len(blocks))] + [(130, blocks[130])]
+        assert c.fill_blocks(ino, last, leaves=[3]) == len(blocks) - 256 + 2
+    assert (m / "built").read_bytes() == data
+
+
 def _pack_one(tmp_path: Path, name: str, data: bytes, compress: str = "none") -> Path:
     src = tmp_path / "src"
     src.mkdir()

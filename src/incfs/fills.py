@@ -118,7 +118,8 @@ class Fills:
             if blk.tree == TreeKind.DATA and 0 <= blk.index < node.data.count:
                 leaf = geo.leaf_of(blk.index)
                 if leaf in wanted and not node.hashes.is_present(leaf):
-                    groups.setdefault(leaf, {})[blk.index] = blk
+                    # the first copy of an index is the one kept (see fill)
+                    groups.setdefault(leaf, {}).setdefault(blk.index, blk)
         leaves = []
         for leaf, group in groups.items():
             under = geo.leaf_group(leaf)

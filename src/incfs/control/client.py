@@ -182,13 +182,16 @@ class Client:
 
     # --- data ------------------------------------------------------------------
 
-    def fill_blocks(self, ino: int, blocks: Iterable[Block | tuple]) -> int:
+    def fill_blocks(self, ino: int, blocks: Iterable[Block | tuple],
+                    leaves: Iterable[int] = ()) -> int:
         """Store blocks of one file; returns how many were newly stored.
 
         Each block is a `Block` or a tuple (index, data[, compression[, tree]]).
         A block already present is a silent no-op. If any block is refused
         (bad size, past EOF, fails verification) the others are still stored
-        and FillError (an OSError) says which were refused."""
+        and FillError (an OSError) says which were refused. `leaves`: leaf
+        hash blocks (storage indexes) to build from the data blocks sent
+        under them, all of which must be in `blocks`, instead of sending them."""
         specs, parts, offset = [], [], 0
         for b in blocks:
             b = b if isinstance(b, Block) else Block(*b)
@@ -197,7 +200,10 @@ class Client:
                           "offset": offset, "length": len(b.data)})
             parts.append(bytes(b.data))
             offset += len(b.data)
-        answer = self._call(Op.FILL_BLOCKS, {"ino": ino, "blocks": specs}, b"".join(parts))
+        request = {"ino": ino, "blocks": specs}
+        if leaves:
+            request["leaves"] = list(leaves)
+        answer = self._call(Op.FILL_BLOCKS, request, b"".join(parts))
         if answer["errors"]:
             first = answer["errors"][0]
             raise FillError(first["errno"], f"block {first['index']}: {first['error']}", answer)

@@ -254,9 +254,13 @@ class ControlServer:
             tree = TreeKind.HASH if b.get("tree") in (1, "hash") else TreeKind.DATA
             data = wire.tail_slice(tail, b["offset"], b["length"])
             blocks.append(FillBlock(_int(b["index"]), data, kind, tree))
-        result = await self.service.fill(_int(f["ino"]), blocks)
+        leaves = f.get("leaves", [])
+        if not isinstance(leaves, list) or len(leaves) > len(blocks):
+            raise ProtocolError("leaves: a list of hash block indexes, at most one per block")
+        result = await self.service.fill(_int(f["ino"]), blocks, leaves={_int(s) for s in leaves})
         return {"stored": result.stored, "already": result.already,
-                "errors": [{"index": i, "errno": e, "error": why} for i, e, why in result.errors]}
+                "errors": [{"index": i, "errno": e, "error": why} for i, e, why in result.errors],
+                "leaves_built": result.leaves_built, "leaves_refused": result.leaves_refused}
 
     async def _pending(self, f, tail):
         timeout = min(float(f.get("timeout", 0)), MAX_PENDING_WAIT)
