@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
 
 import trio
 import trio.testing
@@ -356,7 +357,7 @@ def test_a_miss_near_the_end_of_a_file_takes_its_tail_in_the_same_request(tmp_pa
 
 def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_path):
     """A program reading where prefetch is fetching (the first file) does
-    not stop it; one reading 30 MiB further on does (loader/core._note_miss):
+    not stop it; one reading 30 MiB further on does (loader/core._note_far):
     prefetch starts nothing for `prefetch_yield` seconds, so that read does
     not share the link with four prefetch jobs."""
     from incfs.serve import RangeServer
@@ -388,4 +389,34 @@ def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_pat
                     return status(mnt)["loader"]["prefetch"]["width"] == DEFAULTS.prefetch_slots
 
                 wait_for(widened, 30, what="prefetch to widen")
+    assert_cache_clean(tmp_path / "cache.img")
+
+
+def test_prefetch_yields_to_readahead_far_from_it(tmp_path):
+    """A program streaming a file far from where prefetch is fetching: past
+    its first MiB (misses) readahead brings it, and prefetch yields to those
+    jobs too (each counts in `yields`), not only to the misses."""
+    from incfs.serve import RangeServer
+    from incfs.testing.faultproxy import FaultProxy
+
+    files = {f"f{i:02d}.bin": random.Random(i).randbytes(MiB) for i in range(24)}
+    files["z-big.bin"] = random.Random(99).randbytes(6 * MiB)  # last in the source
+    make_tree(tmp_path / "src", files)
+    image = tmp_path / "app.img"
+    pack(tmp_path / "src", image, compress="none")
+    (tmp_path / "mnt").mkdir()
+    with RangeServer(image) as server:
+        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        with FaultProxy((host, int(port)), rate_down=4_000_000) as proxy:
+            config = MountConfig(source=proxy.url("/" + image.name),
+                                 mountpoint=str(tmp_path / "mnt"),
+                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                                 prefetch="sequential", read_timeout=60)
+            with mounted(config) as mnt:
+                got = subprocess.run(["cat", str(mnt / "z-big.bin")], capture_output=True,
+                                     check=True).stdout
+                assert got == files["z-big.bin"]
+                loader = status(mnt)["loader"]
+                assert loader["readahead_jobs"] >= 1
+                assert loader["prefetch"]["yields"] > loader["pending_jobs"], loader
     assert_cache_clean(tmp_path / "cache.img")

@@ -113,6 +113,7 @@ class Fills:
         if not node.has_tree or node.hashes is None or not node.geometry.levels:
             return []
         geo = node.geometry
+        wanted = wanted - {b.index for b in blocks if b.tree == TreeKind.HASH}  # sent anyway
         groups: dict[int, dict[int, FillBlock]] = {}
         for blk in blocks:
             if blk.tree == TreeKind.DATA and 0 <= blk.index < node.data.count:

@@ -63,8 +63,9 @@ class LoaderConfig:
     request_max: int = 1 * MiB
     # Background prefetch jobs gather this much source range each.
     prefetch_chunk: int = 1 * MiB
-    # Seconds prefetch starts no new job after a read missed further than
-    # `prefetch_near` bytes of source from where prefetch is fetching: a
+    # Seconds prefetch starts no new job after a read missed (or readahead
+    # ran for a reader) further than `prefetch_near` bytes of source from
+    # where prefetch is fetching: a
     # program reading here and there (the "touch 10%" case) then has the
     # link to itself, not a fifth of it beside four prefetch jobs (at 100 ms
     # / 10 Mbit/s such a program took 3x as long); one that reads what

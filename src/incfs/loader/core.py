@@ -98,7 +98,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.info = dict(getattr(self.image, "cache_info", None) or {})
         self.prefetch_running = 0
         self.prefetch_pause_until = 0.0
-        self.prefetch_yield_until = 0.0  # a read missed elsewhere (_note_miss)
+        self.prefetch_yield_until = 0.0  # a read missed, or readahead ran, elsewhere (_note_far)
         self.far_reads = 0  # jobs of such misses running
         # prefetch jobs that may run at once: one at first and after a far
         # miss, twice as many each time a job ends with no far miss meanwhile (up
@@ -399,13 +399,16 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                                  prefetch=False)
                 if job is not None:
                     self.stats["pending_jobs"] += 1
-                    self._note_miss(job)
+                    self._note_far(job)
                     self._nursery.start_soon(self._run_job, job)
 
-    def _note_miss(self, job: Job) -> None:
-        """A read missed: unless that is near where prefetch is fetching,
-        prefetch yields the link while the job runs and `prefetch_yield`
-        seconds after (`_yield_after`): the program's next read comes then."""
+    def _note_far(self, job: Job) -> None:
+        """A read missed, or readahead runs ahead of a reader: unless that is
+        near where prefetch is fetching, prefetch yields the link while the
+        job runs and `prefetch_yield` seconds after (`_yield_after`): the
+        program's next read comes then. Readahead too, or prefetch takes half
+        the link from a program streaming a file it has not reached (reading
+        every tenth file at 100 ms, it fetched 17 % more than was read)."""
         at = self.prefetch_at
         offsets = [w.offset for w in job.wants if w.size and w.tree != HASH]
         if at is None or not offsets or abs(min(offsets) - at) <= self.cfg.prefetch_near:
@@ -466,6 +469,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             if job is not None:
                 job.readahead = True
                 self.stats["readahead_jobs"] += 1
+                self._note_far(job)
                 self._nursery.start_soon(self._run_job, job)
 
     def _readahead_step(self) -> int:

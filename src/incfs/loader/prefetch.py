@@ -246,7 +246,7 @@ class PrefetchMixin:
         """Wait until prefetch may start a job: fewer than `prefetch_width`
         (at most `prefetch_slots`) prefetch jobs running, no read's request
         running or waiting for a slot, no readahead waiting, no pause after
-        errors or a read's miss elsewhere (core._note_miss), and the
+        errors or a read's miss or readahead elsewhere (core._note_far), and the
         bandwidth cap's debt repaid. Blocks are claimed only after this, so a
         read never waits behind a prefetch job that has not started. Returns at
         once when fetching stopped (the callers then launch nothing)."""
