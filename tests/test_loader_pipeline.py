@@ -360,47 +360,31 @@ def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_pat
     not stop it; one reading 30 MiB further on does (loader/core._note_far):
     prefetch starts nothing for `prefetch_yield` seconds, so that read does
     not share the link with four prefetch jobs."""
-    from incfs.serve import RangeServer
-    from incfs.testing.faultproxy import FaultProxy
-
     files = {f"f{i:02d}.bin": random.Random(i).randbytes(MiB) for i in range(40)}
-    make_tree(tmp_path / "src", files)
-    image = tmp_path / "app.img"
-    pack(tmp_path / "src", image, compress="none")
-    (tmp_path / "mnt").mkdir()
-    with RangeServer(image) as server:
-        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-        with FaultProxy((host, int(port)), rate_down=4_000_000) as proxy:  # ~10 s for all
-            config = MountConfig(source=proxy.url("/" + image.name),
-                                 mountpoint=str(tmp_path / "mnt"),
-                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
-                                 prefetch="sequential", read_timeout=60)
-            with mounted(config) as mnt:
-                assert (mnt / "f00.bin").read_bytes() == files["f00.bin"]
-                assert status(mnt)["loader"]["prefetch"]["yields"] == 0
-                assert (mnt / "f39.bin").read_bytes() == files["f39.bin"]
-                prefetch = status(mnt)["loader"]["prefetch"]
-                assert prefetch["yields"] >= 1
-                assert prefetch["width"] == 1  # narrow again after a far miss
-                from test_loader_util import wait_for
+    with _prefetching_at_4mb_s(tmp_path, files) as mnt:  # ~10 s for all
+        assert (mnt / "f00.bin").read_bytes() == files["f00.bin"]
+        assert status(mnt)["loader"]["prefetch"]["yields"] == 0
+        assert (mnt / "f39.bin").read_bytes() == files["f39.bin"]
+        prefetch = status(mnt)["loader"]["prefetch"]
+        assert prefetch["yields"] >= 1
+        assert prefetch["width"] == 1  # narrow again after a far miss
+        from test_loader_util import wait_for
 
-                # and wider as its jobs end with no far miss meanwhile
-                def widened() -> bool:
-                    return status(mnt)["loader"]["prefetch"]["width"] == DEFAULTS.prefetch_slots
+        # and wider as its jobs end with no far miss meanwhile
+        def widened() -> bool:
+            return status(mnt)["loader"]["prefetch"]["width"] == DEFAULTS.prefetch_slots
 
-                wait_for(widened, 30, what="prefetch to widen")
+        wait_for(widened, 30, what="prefetch to widen")
     assert_cache_clean(tmp_path / "cache.img")
 
 
-def test_prefetch_yields_to_readahead_far_from_it(tmp_path):
-    """A program streaming a file far from where prefetch is fetching: past
-    its first MiB (misses) readahead brings it, and prefetch yields to those
-    jobs too (each counts in `yields`), not only to the misses."""
+@contextlib.contextmanager
+def _prefetching_at_4mb_s(tmp_path, files: dict[str, bytes]):
+    """`files` packed and mounted with sequential prefetch from a source
+    that sends 4 MB/s; yields the mount point."""
     from incfs.serve import RangeServer
     from incfs.testing.faultproxy import FaultProxy
 
-    files = {f"f{i:02d}.bin": random.Random(i).randbytes(MiB) for i in range(24)}
-    files["z-big.bin"] = random.Random(99).randbytes(6 * MiB)  # last in the source
     make_tree(tmp_path / "src", files)
     image = tmp_path / "app.img"
     pack(tmp_path / "src", image, compress="none")
@@ -413,10 +397,20 @@ def test_prefetch_yields_to_readahead_far_from_it(tmp_path):
                                  cache=str(tmp_path / "cache.img"), allow_unsigned=True,
                                  prefetch="sequential", read_timeout=60)
             with mounted(config) as mnt:
-                got = subprocess.run(["cat", str(mnt / "z-big.bin")], capture_output=True,
-                                     check=True).stdout
-                assert got == files["z-big.bin"]
-                loader = status(mnt)["loader"]
-                assert loader["readahead_jobs"] >= 1
-                assert loader["prefetch"]["yields"] > loader["pending_jobs"], loader
+                yield mnt
+
+
+def test_prefetch_yields_to_readahead_far_from_it(tmp_path):
+    """A program streaming a file far from where prefetch is fetching: past
+    its first MiB (misses) readahead brings it, and prefetch yields to those
+    jobs too (each counts in `yields`), not only to the misses."""
+    files = {f"f{i:02d}.bin": random.Random(i).randbytes(MiB) for i in range(24)}
+    files["z-big.bin"] = random.Random(99).randbytes(6 * MiB)  # last in the source
+    with _prefetching_at_4mb_s(tmp_path, files) as mnt:
+        got = subprocess.run(["cat", str(mnt / "z-big.bin")], capture_output=True,
+                             check=True).stdout
+        assert got == files["z-big.bin"]
+        loader = status(mnt)["loader"]
+        assert loader["readahead_jobs"] >= 1
+        assert loader["prefetch"]["yields"] > loader["pending_jobs"], loader
     assert_cache_clean(tmp_path / "cache.img")
