@@ -17,9 +17,9 @@ import trio
 from .. import BLOCK_SIZE
 from ..errors import IncfsError
 from ..format.records import BlockKind, info_kind, info_size
+from ..integrity import merkle
 from ..profile import resolve
 from .config import check_prefetch  # noqa: F401  (its home once; kept importable here)
-from ..integrity import merkle
 from .plan import DATA, HASH, Job
 from .schedule import READ, READAHEAD
 
