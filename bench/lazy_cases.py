@@ -349,6 +349,34 @@ def _daemon_log_tail(mnt: Path) -> str:
 
 # --- the run ------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def wire_timeline(proxy, path: Path, interval: float = 0.1):
+    """With INCFS_BENCH_TIMELINE set: the bytes the proxy delivered, every
+    `interval` seconds of a case, to `path` as "seconds,bytes" lines (where a
+    run leaves the link idle, against another approach's or the download's)."""
+    if not os.environ.get("INCFS_BENCH_TIMELINE"):
+        yield
+        return
+    import threading
+
+    done = threading.Event()
+    rows: list[str] = []
+
+    def sample() -> None:
+        t0 = time.perf_counter()
+        while not done.wait(interval):
+            rows.append(f"{time.perf_counter() - t0:.2f},{proxy.bytes_down}")
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        path.write_text("\n".join(rows) + "\n")
+
+
 def case_list(fractions: list[int], with_ls: bool) -> list[tuple[str, str]]:
     cases = [("ttfb", "time to first byte")]
     cases += [(f"touch{f}", f"program touching {f}%") for f in fractions]
@@ -434,7 +462,8 @@ def run_lazy(links: list[Link], build_tree: Callable[[int], LazyTree], default_s
                         proxy.reset_counters()
                         t0 = time.perf_counter()
                         try:
-                            with a.mounted(base, what, mnt, work) as root:
+                            with a.mounted(base, what, mnt, work) as root, \
+                                    wire_timeline(proxy, work / f"wire-{a.name}-{case}.csv"):
                                 nbytes = run_program(root, case, tree, timeout)
                                 seconds = time.perf_counter() - t0
                         except TimedOut:
@@ -501,7 +530,9 @@ def _run_download(base, tree, meta_root, work, mnt, cases, samples, wire, proxy,
         dest.unlink(missing_ok=True)
         proxy.reset_counters()
         t0 = time.perf_counter()
-        run(["curl", "-sS", "--fail", "-o", str(dest), f"{base}{what}.img"], timeout=timeout * 2)
+        with wire_timeline(proxy, work / f"wire-download-{what}.csv"):
+            run(["curl", "-sS", "--fail", "-o", str(dest), f"{base}{what}.img"],
+                timeout=timeout * 2)
         downloads[what] = (time.perf_counter() - t0, proxy.bytes_down)
     for case, _ in cases:
         what = "meta" if case == "ls10k" else "data"
