@@ -147,10 +147,11 @@ def _become_child(name: str, close: tuple[int, ...], new_session: bool,
 
 def _close_all_but(keep: tuple[int, ...]) -> None:
     """Close every descriptor above stderr that is not in `keep`."""
-    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):  # (the listing's own, closed by now)
-                os.close(fd)
+    low = 3
+    for fd in sorted({fd for fd in keep if fd >= low}):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def set_name(name: str) -> None:

@@ -223,22 +223,22 @@ class Planner:
         return out
 
 
-def _covers_leaf(node, storage_index: int, selected: dict[int, Want]) -> bool:
-    """Whether `selected` holds every data block under a hash block (which
-    must then be a leaf)."""
+def _under_leaf(node, storage_index: int) -> range | None:
+    """The data blocks under a hash block, if it is a leaf."""
     geo = node.geometry
-    if geo.level_of(storage_index)[0] != 0:
-        return False
-    return all(i in selected for i in geo.leaf_group(storage_index))
+    return geo.leaf_group(storage_index) if geo.level_of(storage_index)[0] == 0 else None
+
+
+def _covers_leaf(node, storage_index: int, selected: dict[int, Want]) -> bool:
+    """Whether a hash block is a leaf whose every data block is in `selected`."""
+    under = _under_leaf(node, storage_index)
+    return under is not None and all(i in selected for i in under)
 
 
 def leaf_within(node, storage_index: int, first: int, stop: int) -> bool:
     """Whether a hash block is a leaf whose data all lie in [first, stop)."""
-    geo = node.geometry
-    if geo.level_of(storage_index)[0] != 0:
-        return False
-    under = geo.leaf_group(storage_index)
-    return first <= under.start and under.stop <= stop
+    under = _under_leaf(node, storage_index)
+    return under is not None and first <= under.start and under.stop <= stop
 
 
 def aligned_slices(first: int, stop: int, step: int):

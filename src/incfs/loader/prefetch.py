@@ -103,7 +103,7 @@ class PrefetchBatch:
         self.indexes: list[int] = []
         self.nbytes = 0
 
-    def full_or_other(self, ino: int, tree: int, index: int = 0) -> bool:
+    def full_or_other(self, ino: int, tree: int, index: int) -> bool:
         """Whether block `index` of (ino, tree) must go in a new batch."""
         if not self.indexes:
             self.key = (ino, tree)
