@@ -219,17 +219,46 @@ def _order(nfiles: int, blocks: int):
 
 
 def test_a_tree_walked_in_pack_order_is_read_ahead_across_files():
-    launched = []
+    launched, read_to = [], {}
     ra = Readahead(start=64 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
                    after=1 * MiB)
     ra.order = _order(nfiles=40, blocks=8)  # 32 KiB files, one after another
     for ino in range(10, 30):
         for first in range(0, 8, 4):
             ra.note_read(ino, first, first + 3)
-    fetched = {ino for ino, _first, _count in launched}
-    assert fetched and min(fetched) > 11 and max(fetched) <= 49
-    assert all(first == 0 and count <= 8 for _ino, first, count in launched)
+            read_to[ino] = first + 3
+            # what is asked for lies past what the program has read
+            assert all((i, f) > (ino, read_to[ino]) for i, f, _count in launched)
+            launched.clear()
+    assert ra.walk_ino == 29  # from file 11 on (file 10 was read whole first)
     assert ra.cross_window > 64 * 1024  # it grew while the walk went on
+    assert ra.cross_front is not None and ra.cross_front <= _order(40, 8).end_offset(49)
+
+
+def test_a_walk_is_one_stream_over_the_source_without_gaps():
+    """Big files read whole in pack order: from the walk's start on, the
+    windows join up across file ends (no block left for a miss at each
+    file's start, none asked for twice), and each ends on a leaf group or a
+    file's end (its jobs build their leaf hash blocks)."""
+    launched = []
+    blocks = 2560  # 10 MiB files
+    ra = Readahead(start=256 * 1024, maximum=4 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB, align=128)
+    ra.order = _order(nfiles=8, blocks=blocks)
+    for ino in range(10, 16):
+        for first in range(0, blocks, 256):
+            ra.note_read(ino, first, first + 255)
+    walked = [(ino, b) for ino, first, count in launched if ino > 10
+              for b in range(first, first + count)]
+    assert len(walked) == len(set(walked))
+    assert walked == sorted(walked)
+    start = walked[0]
+    assert start[0] == 11 and start[1] <= 256  # right after the walk's first read
+    want = [(11, b) for b in range(start[1], blocks)] + \
+        [(ino, b) for ino in range(12, 16) for b in range(blocks)]
+    assert walked[:len(want)] == want
+    assert all((first + count) % 128 == 0 or first + count == blocks
+               for _ino, first, count in launched)
 
 
 def test_files_read_out_of_pack_order_get_no_cross_file_readahead():
