@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", help="comma-separated local systems (default: all)")
     ap.add_argument("--approaches", help="comma-separated lazy approaches: "
                     "incfs,incfs-prefetch,rclone,rclone-full,httpfs2")
+    ap.add_argument("--fractions", help="lazy cases by percent touched, e.g. 100 or 10,100")
+    ap.add_argument("--no-ls", action="store_true", help="skip the lazy ls -R case")
     ap.add_argument("--no-local", action="store_true", help="skip the local cases")
     ap.add_argument("--no-lazy", action="store_true", help="skip the lazy cases")
     ap.add_argument("--profile", action="store_true",
@@ -163,12 +165,14 @@ def _run(args, p: dict, work: Path, doc: dict, log) -> None:
                                                          max(p["rand_ios"], 5000), args.out, log)
     if not args.no_lazy:
         from lazy_cases import FRACTIONS, parse_links, run_lazy
-        fractions = p.get("fractions", FRACTIONS)
+        fractions = [int(f) for f in args.fractions.split(",")] if args.fractions else \
+            p.get("fractions", FRACTIONS)
         approaches = args.approaches.split(",") if args.approaches else (
             ["incfs"] if args.smoke else None)
         doc["lazy"] = run_lazy(parse_links(p["links"], parse_size),
                                lambda size: trees.build_lazy(work, size), p["lazy"],
-                               tree.root / tree.meta if p["lazy_ls"] else None, work,
+                               tree.root / tree.meta if p["lazy_ls"] and not args.no_ls else None,
+                               work,
                                p["lazy_reps"], fractions, approaches, log)
 
 
