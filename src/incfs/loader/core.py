@@ -349,6 +349,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             "max_inflight": cfg.max_inflight,
             "readahead_max": cfg.readahead_max,
             "readahead_window_max": self.readahead.maximum,
+            "readahead_walk_windows": self.readahead.walk_windows,
             "link": self.link.as_dict(2 * cfg.request_max, cfg.inflight_budget),
             "bandwidth": self.bucket.rate if self.bucket else None,
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,

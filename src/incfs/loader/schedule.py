@@ -231,6 +231,7 @@ class Readahead:
         self.walk_ino: int | None = None  # the file the walk is in
         self.cross_window = start
         self.cross_front: int | None = None  # source offset no walk readahead covered
+        self.walk_windows = 0  # windows asked for by walks (status)
 
     @property
     def maximum(self) -> int:
@@ -331,6 +332,7 @@ class Readahead:
             self.cross_window = min(self.maximum, self.cross_window * 2)  # kept up
         pieces, self.cross_front = self.order.window(self.cross_front, self.cross_window,
                                                      self.align)
+        self.walk_windows += 1
         for run_ino, first, count in pieces:
             self.launch(run_ino, first, count)
 
