@@ -239,7 +239,7 @@ def test_a_tree_walked_in_pack_order_is_read_ahead_across_files():
             launched.clear()
     assert ra.walk_ino == 29  # from file 11 on (file 10 was read whole first)
     assert ra.cross_window > 64 * 1024  # it grew while the walk went on
-    assert ra.cross_front is not None and ra.cross_front <= _order(40, 8).end_offset(49)
+    assert ra.cross_front is not None and ra.cross_front <= (1 << 20) + 40 * 8 * BLOCK_SIZE
 
 
 def test_a_walk_is_one_stream_over_the_source_without_gaps():
@@ -281,6 +281,21 @@ def test_a_walk_through_a_real_mount_serves_every_file_right(tmp_path):
         loader = status(mnt)["loader"]
         assert loader["readahead_walk_windows"] > 0
         assert loader["crc_failures"] == 0
+
+
+def test_a_jump_inside_a_walked_file_ends_the_walk():
+    launched = []
+    ra = Readahead(start=256 * 1024, maximum=4 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB, align=128)
+    ra.order = _order(nfiles=8, blocks=2560)
+    for ino in (10, 11):
+        for first in range(0, 2560, 256):
+            ra.note_read(ino, first, first + 255)
+    ra.note_read(12, 0, 255)
+    assert ra.walk_ino == 12
+    launched.clear()
+    ra.note_read(12, 2000, 2003)  # far ahead of where the walk is
+    assert ra.walk_ino is None and launched == []
 
 
 def test_files_read_out_of_pack_order_get_no_cross_file_readahead():

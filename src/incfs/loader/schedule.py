@@ -245,13 +245,21 @@ class Readahead:
     def note_read(self, ino: int, first: int, last: int) -> None:
         """A program read blocks [first, last] of `ino` (called on the trio
         thread for every read: keep it cheap)."""
-        s = self.streams.get(ino)
         if first == 0 and self.order is not None and ino != self.last_ino:
             self._walk_to(ino)
         self.last_ino = ino
         walking = ino == self.walk_ino
-        if walking:
+        if not self._follow(ino, first, last, ahead=not walking) and walking:
+            # a jump: the program does not read the files whole after all;
+            # the file gets a window of its own from its next reads on
+            self.walk_ino, self.cross_window, self.cross_front = None, self.start, None
+        elif walking:
             self._walk_ahead(ino, last)
+
+    def _follow(self, ino: int, first: int, last: int, ahead: bool) -> bool:
+        """Track the file's reader, and with `ahead` keep its window ahead
+        of it; False when the read jumped elsewhere in the file."""
+        s = self.streams.get(ino)
         if s is None:
             if len(self.streams) > 4096:
                 self.streams.clear()  # forget idle readers, do not grow forever
@@ -262,22 +270,25 @@ class Readahead:
                 # start the window now, not a round trip later
                 s.sequential = True
                 s.window = max(self.start, min(self.maximum, (last + 1) * BLOCK_SIZE))
-                if not walking:
+                if ahead:
                     self._ahead(ino, s)
-            return
+            return True
         # the kernel sends a file's readahead reads (1 MiB each while
         # loading) several at once, and they can arrive a few reads out of
         # order: one a little behind is late, one a read ahead is early
         length = last - first + 1
         slack = max(SLACK, 4 * length)
+        jumped = False
         if s.next <= first <= s.next + length:
             s.sequential = True
         elif not s.next - slack <= first < s.next:  # a jump
             s.sequential, s.window, s.frontier = False, self.start, 0
             s.next, s.start = last + 1, first
+            jumped = True
         s.next = max(s.next, last + 1)
-        if s.sequential and s.next - s.start >= self.after_blocks and not walking:
+        if ahead and s.sequential and s.next - s.start >= self.after_blocks:
             self._ahead(ino, s)
+        return not jumped
 
     def _ahead(self, ino: int, s: Stream) -> None:
         if s.frontier < s.next:
@@ -376,12 +387,6 @@ class SourceOrder:
         a = self._run_at(prev, last) if last >= 0 else None
         b = self._run_at(ino, 0)
         return a is not None and b == a + 1
-
-    def end_offset(self, ino: int) -> int:
-        """Source offset just past the file's last block (about: blocks are
-        counted whole)."""
-        offset = self.offset_of(ino, self.blocks_of(ino) - 1)
-        return 0 if offset is None else offset + BLOCK_SIZE
 
     def window(self, offset: int, nbytes: int, align: int = 1):
         """(pieces, end): the blocks of [offset, offset + nbytes) of the
