@@ -252,7 +252,7 @@ class Readahead:
         if not self._follow(ino, first, last, ahead=not walking) and walking:
             # a jump: the program does not read the files whole after all;
             # the file gets a window of its own from its next reads on
-            self.walk_ino, self.cross_window, self.cross_front = None, self.start, None
+            self._end_walk()
         elif walking:
             self._walk_ahead(ino, last)
 
@@ -290,16 +290,24 @@ class Readahead:
             self._ahead(ino, s)
         return not jumped
 
-    def _ahead(self, ino: int, s: Stream) -> None:
-        if s.frontier < s.next:
+    def _grown(self, front: int | None, at: int, window: int, half: int):
+        """(front, window) of a stream's next window, its reader at `at`
+        and its readahead covering up to `front` (None: nothing yet); None
+        while it is more than `half` ahead. The window doubles when the
+        reader outran the last one or kept up with it, up to `maximum`."""
+        if front is None or front < at:
             # first window, or the reader outran the last one: it wants more
-            if s.frontier:
-                s.window = min(self.maximum, s.window * 2)
-            s.frontier = s.next
-        elif s.frontier - s.next > max(1, s.window // BLOCK_SIZE) // 2:
-            return  # far enough ahead
-        else:
-            s.window = min(self.maximum, s.window * 2)  # the reader kept up
+            return at, window if front is None else min(self.maximum, window * 2)
+        if front - at > half:
+            return None  # far enough ahead
+        return front, min(self.maximum, window * 2)  # the reader kept up
+
+    def _ahead(self, ino: int, s: Stream) -> None:
+        grown = self._grown(s.frontier or None, s.next, s.window,
+                            max(1, s.window // BLOCK_SIZE) // 2)
+        if grown is None:
+            return
+        s.frontier, s.window = grown
         blocks = max(1, s.window // BLOCK_SIZE)
         if blocks >= self.align:
             blocks += -(s.frontier + blocks) % self.align
@@ -319,11 +327,14 @@ class Readahead:
         done = prev is not None and prev in self.streams and \
             self.streams[prev].next >= order.blocks_of(prev)
         if not done or not order.follows(prev, ino):
-            self.walk_ino, self.cross_window, self.cross_front = None, self.start, None
+            self._end_walk()
             return
         if self.walk_ino is None:  # a walk begins, as fast as its first file was read
             self.cross_window = max(self.start, min(self.maximum, self.streams[prev].window))
         self.walk_ino = ino
+
+    def _end_walk(self) -> None:
+        self.walk_ino, self.cross_window, self.cross_front = None, self.start, None
 
     def _walk_ahead(self, ino: int, last: int) -> None:
         """The walk's reader is at block `last` of `ino`: keep the source
@@ -332,17 +343,12 @@ class Readahead:
         at = self.order.offset_of(ino, last)
         if at is None:
             return
-        at += BLOCK_SIZE
-        if self.cross_front is None or self.cross_front < at:
-            if self.cross_front is not None:  # the reader outran the walk's window
-                self.cross_window = min(self.maximum, self.cross_window * 2)
-            self.cross_front = at
-        elif self.cross_front - at > self.cross_window // 2:
-            return  # far enough ahead
-        else:
-            self.cross_window = min(self.maximum, self.cross_window * 2)  # kept up
-        pieces, self.cross_front = self.order.window(self.cross_front, self.cross_window,
-                                                     self.align)
+        grown = self._grown(self.cross_front, at + BLOCK_SIZE, self.cross_window,
+                            self.cross_window // 2)
+        if grown is None:
+            return
+        front, self.cross_window = grown
+        pieces, self.cross_front = self.order.window(front, self.cross_window, self.align)
         self.walk_windows += 1
         for run_ino, first, count in pieces:
             self.launch(run_ino, first, count)
