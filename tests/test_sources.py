@@ -454,6 +454,80 @@ def test_nothing_is_opened_early_through_a_proxy_or_for_other_schemes(
     assert preconnect.open_early("https://127.0.0.1:1/x", 4) == ({}, [])
 
 
+def _connected(fds: list[int], timeout: float = 5.0) -> None:
+    """Until every early connection's handshake is done."""
+    import select
+
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLOUT)
+    assert len(poller.poll(timeout * 1000)) == len(fds)
+
+
+def test_a_request_sent_early_is_the_clients_first(
+        server: RangeServer, early: Callable[[str, int], list[int]]) -> None:
+    """preconnect.ask_early sends the first read's request on the first early
+    connection; the client, writing the same bytes, sends nothing more and
+    reads that answer: the server sees one request, over one connection."""
+    from incfs import preconnect
+
+    with _proxy_to(server) as proxy:
+        url = proxy.url("/" + server.url.rsplit("/", 1)[1])
+        before = server.stats.requests  # (the server serves other tests too)
+        _connected(early(url, 2))
+        assert preconnect.ask_early(url, 70000)
+        assert preconnect.ask_early(url, 70000)  # once: nothing more is sent
+
+        async def main() -> None:
+            async with HttpSource(url, retry=FAST) as src:
+                assert await src.read(0, 70000) == DATA[:70000]
+                assert server.stats.requests - before == 1
+                assert await src.read(90000, 10) == DATA[90000:90010]  # the same one, kept alive
+
+        run(main)
+        assert server.stats.requests - before == 2
+        assert proxy.connections == 2  # the two opened early, no other
+
+
+def test_another_first_request_than_the_one_sent_early_gets_a_fresh_connection(
+        server: RangeServer, early: Callable[[str, int], list[int]]) -> None:
+    """The answer coming on a connection asked early is to that request:
+    a client whose first request differs sends it on a new connection and
+    never takes that answer for its own."""
+    from incfs import preconnect
+
+    with _proxy_to(server) as proxy:
+        url = proxy.url("/" + server.url.rsplit("/", 1)[1])
+        _connected(early(url, 1))
+        assert preconnect.ask_early(url, 1000)
+
+        async def main() -> None:
+            async with HttpSource(url, retry=FAST) as src:
+                assert await src.read(5000, 100) == DATA[5000:5100]
+                assert await src.read(0, 1000) == DATA[:1000]
+                assert src.stats.retries == 0
+
+        run(main)
+        assert proxy.connections == 2  # the one opened early, and a fresh one
+
+
+def test_nothing_is_asked_early_before_the_handshake_or_for_other_urls(
+        server: RangeServer, early: Callable[[str, int], list[int]]) -> None:
+    from incfs import preconnect
+
+    host_port = server.url.split("//", 1)[1].split("/", 1)[0]
+    assert not preconnect.ask_early(f"http://{host_port}/x", 100)  # nothing opened early
+    unanswered = socket.socket()
+    unanswered.bind(("127.0.0.1", 0))  # bound, never listening: a SYN gets no answer here
+    try:
+        stalled = f"http://127.0.0.1:{unanswered.getsockname()[1]}/x"
+        early(stalled, 1)
+        assert not preconnect.ask_early(stalled, 100)  # refused or still on the wire
+    finally:
+        unanswered.close()
+    assert not preconnect.ask_early("https://127.0.0.1:1/x", 100)
+
+
 def test_only_tcp_sockets_named_by_the_variable_are_adopted(
         server: RangeServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The variable names our parent's descriptors; a number that is now a

@@ -187,3 +187,47 @@ def test_the_early_url_reading_agrees_with_urlsplit():
                 "http://[::1]x/", "http://ex%41mple.org/", "http://bücher.example/",
                 "http:///x", "s3://bucket/key", "http://h:\u0662/x"):
         assert preconnect._target(url) is None, url
+
+
+def test_the_request_sent_early_is_the_one_httpx_sends():
+    """preconnect.range_request writes the first read's request as the HTTP
+    client does (sources.http): a mismatch would cost the daemon a fresh
+    connection (sources.early_http), so an httpx that changes its header
+    order fails here. What it cannot be sure of, it does not write."""
+    import threading
+
+    import trio
+
+    from incfs import preconnect
+    from incfs.sources import HttpSource, RetryPolicy
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def answer_twice() -> None:
+        for _ in range(2):
+            conn, _ = listener.accept()
+            with conn:
+                seen.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10\r\n"
+                             b"Content-Length: 10\r\nConnection: close\r\n\r\n0123456789")
+
+    async def first_read(url: str) -> bytes:
+        async with HttpSource(url, retry=RetryPolicy(max_attempts=1)) as src:
+            return await src.read(0, 10)
+
+    server = threading.Thread(target=answer_twice, daemon=True)
+    server.start()
+    urls = [f"http://127.0.0.1:{port}/images/app-1.2.img?v=2&t=x_y~z",
+            f"http://LOCALHOST:{port}"]
+    try:
+        for url in urls:
+            assert trio.run(first_read, url) == b"0123456789"
+    finally:
+        server.join(10)
+        listener.close()
+    assert seen == [preconnect.range_request(url, 10) for url in urls]
+    for url in ("https://h.example/x", "http://user@h.example/x", "http://h.example/a%20b",
+                "http://h.example/a b", "http://h.example/caf\u00e9", "ftp://h.example/x"):
+        assert preconnect.range_request(url, 10) is None, url

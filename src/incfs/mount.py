@@ -382,9 +382,11 @@ def _import_opening(config: MountConfig) -> None:
     the image code (~28 ms) loads while that is on the wire."""
     if _loads(config):
         from . import sources
-        from .loader import cache  # noqa: F401
+        from .loader import cache
 
+        cache.ask_early(config)  # ~40 ms before the HTTP client could send it
         sources.preload([config.source, *(config.mirrors or [])])
+        cache.ask_early(config)  # (if the handshake was still on the wire)
     else:
         from . import image  # noqa: F401
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import preconnect
 from ..errors import CorruptImage, UsageError
 from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader,
                              RecordType, Superblock, SuperFlags)
@@ -54,6 +55,20 @@ def default_cache(config) -> Path:
 
 def cache_path(config) -> Path:
     return Path(config.cache) if config.cache else default_cache(config)
+
+
+def ask_early(config) -> None:
+    """Send the metadata request of a new cache (`fetch_metadata`'s first)
+    on a connection opened early, if its handshake is done (incfs.preconnect
+    .ask_early): called while the daemon still imports its HTTP client, which
+    then finds the request sent and its answer on the way. Not for a cache
+    that exists (it is probed first), with mirrors (any may be asked) or
+    with headers of the caller's (the request would not be the client's)."""
+    if config.mirrors or (config.source_options or {}).get("headers"):
+        return
+    if cache_path(config).exists():
+        return
+    preconnect.ask_early(config.source, LoaderConfig.from_mount(config).first_read)
 
 
 def old_path(path: Path) -> Path:

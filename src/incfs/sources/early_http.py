@@ -30,8 +30,12 @@ class _Stream(httpcore.AsyncNetworkStream):
     """A trio stream (a socket, or TLS over one) as httpcore wants it, with
     trio's errors turned into httpcore's."""
 
-    def __init__(self, stream: trio.abc.Stream):
+    def __init__(self, stream: trio.abc.Stream, asked: bytes = b"",
+                 address: tuple[str, int] | None = None):
         self._stream = stream
+        # a request preconnect.ask_early sent on this connection: the first
+        # write is expected to begin with it (see `write`)
+        self._asked, self._address = asked, address
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         try:
@@ -43,6 +47,8 @@ class _Stream(httpcore.AsyncNetworkStream):
             raise httpcore.ReadError(str(e)) from e
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self._asked:
+            buffer = await self._after_asked(buffer, timeout)
         if not buffer:
             return
         try:
@@ -52,6 +58,23 @@ class _Stream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteTimeout(str(e)) from e
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise httpcore.WriteError(str(e)) from e
+
+    async def _after_asked(self, buffer: bytes, timeout: float | None) -> bytes:
+        """What is left to send of the first request on a connection that
+        already carries one (preconnect.ask_early): nothing, when it is that
+        request (its answer is on the way); else the answer coming is to
+        another request, so the connection is replaced by a fresh one."""
+        asked, self._asked = self._asked, b""
+        if buffer.startswith(asked):
+            return buffer[len(asked):]
+        await self._stream.aclose()
+        assert self._address is not None
+        try:
+            with trio.fail_after(_seconds(timeout)):
+                self._stream = await trio.open_tcp_stream(*self._address)
+        except (trio.TooSlowError, OSError) as e:
+            raise httpcore.WriteError(str(e)) from e
+        return buffer
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -107,9 +130,10 @@ class EarlyConnections(httpcore.AsyncNetworkBackend):
                           local_address: str | None = None,
                           socket_options: Any = None) -> httpcore.AsyncNetworkStream:
         while (early := preconnect.take(host, port)) is not None:
+            asked = preconnect.asked(early.fileno())
             stream = await _finish_connect(early, timeout)
             if stream is not None:
-                return _Stream(stream)
+                return _Stream(stream, asked, (host, port))
         return await self._trio.connect_tcp(host, port, timeout, local_address, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
