@@ -8,6 +8,8 @@ Approaches (each from empty caches, each repetition from scratch):
   incfs        incfs mounted from the URL (built-in loader, prefetch none)
   incfs-command  the same with the `incfs mount` command, the warm process on
                (incfs.warm: after a run's first mount, started warm)
+  incfs-cold   the `incfs mount` command with the warm process off
+               (INCFS_WARM=0): every mount starts cold, as a first one does
   incfs-prefetch  the same with incfs's default, --prefetch sequential (the
                whole image is fetched in the background, in source order,
                while reads jump the queue: more bytes on the wire when a
@@ -229,13 +231,24 @@ class IncfsCommand(IncfsLazy):
 
         warm.stop()
 
+    warm = "1"  # INCFS_WARM for the command
+
     def start(self, url: str, mnt: Path, cache: Path) -> None:
         done = subprocess.run([str(Path(sys.executable).with_name("incfs")), "mount",
                                "--allow-unsigned", "--prefetch", self.prefetch, "--cache",
                                str(cache), url, str(mnt)],
-                              capture_output=True, text=True, env={**os.environ, "INCFS_WARM": "1"})
+                              capture_output=True, text=True,
+                              env={**os.environ, "INCFS_WARM": self.warm})
         if done.returncode:
             raise Unavailable(f"remote mount failed: {_one_line(done.stderr)}")
+
+
+class IncfsCold(IncfsCommand):
+    """The `incfs mount` command with the warm process off: each mount is a
+    cold start (a machine's first mount, or one after the warm process's
+    idle time), so a run's median is of cold starts, not of one."""
+    name, label = "incfs-cold", "incfs mount command (cold: INCFS_WARM=0)"
+    warm = "0"
 
 
 class Rclone(Approach):
@@ -414,8 +427,8 @@ def run_lazy(links: list[Link], build_tree: Callable[[int], LazyTree], default_s
 
     out: dict = {}
     why = missing_feature()
-    all_approaches: list[Approach] = [IncfsLazy(), IncfsPrefetch(), IncfsCommand(), Rclone(),
-                                       RcloneFull(), Httpfs2()]
+    all_approaches: list[Approach] = [IncfsLazy(), IncfsPrefetch(), IncfsCommand(), IncfsCold(),
+                                      Rclone(), RcloneFull(), Httpfs2()]
     approaches = [a for a in all_approaches if not approaches_wanted or a.name in approaches_wanted]
     for a in approaches:
         try:
