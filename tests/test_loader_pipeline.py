@@ -283,6 +283,72 @@ def test_a_walk_through_a_real_mount_serves_every_file_right(tmp_path):
         assert loader["crc_failures"] == 0
 
 
+def test_a_walk_starts_as_wide_as_the_reads_of_its_first_file():
+    """Small files read whole in one kernel read each: the walk's first
+    window holds the whole next file, so that file's first read finds none
+    of itself neither here nor on its way (such a read would be refused and
+    the file read page by page: Service._spares)."""
+    launched = []
+    ra = Readahead(start=256 * 1024, maximum=4 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB, align=128)
+    ra.order = _order(nfiles=8, blocks=164)  # 656 KiB files: less than `after`
+    ra.note_read(10, 0, 163)
+    ra.note_read(11, 0, 163)
+    assert ra.walk_ino == 11
+    covered = {(ino, b) for ino, first, count in launched for b in range(first, first + count)}
+    assert {(12, b) for b in range(164)} <= covered
+
+
+def test_a_file_opened_in_passthrough_counts_as_read_whole_for_a_walk():
+    """The kernel reads a passthrough file without us: the walk goes on past
+    it instead of ending (as a reader that skipped a file would end it)."""
+    launched = []
+    ra = Readahead(start=256 * 1024, maximum=4 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB, align=128)
+    ra.order = _order(nfiles=8, blocks=164)
+    for ino in (10, 11):
+        ra.note_read(ino, 0, 163)
+    ra.note_passthrough(12)
+    assert ra.walk_ino == 12
+    launched.clear()
+    ra.note_read(13, 0, 163)
+    assert ra.walk_ino == 13
+    assert launched and all(ino >= 14 for ino, _first, _count in launched)
+
+
+def test_small_files_read_whole_in_pack_order_are_not_read_page_by_page(tmp_path):
+    """Over a link with a round trip, files a little smaller than a kernel
+    read, read whole one after another: the walk has each next file on its
+    way when the kernel asks for it whole, so that read waits for it rather
+    than being refused. A refusal would make the kernel read the rest of the
+    file a page at a time (and quarter its readahead): ~160 reads a file."""
+    from incfs.serve import RangeServer
+    from incfs.testing.faultproxy import FaultProxy
+
+    rng = random.Random(9)
+    files = {f"d/f{k:02d}.bin": rng.randbytes(656 * 1024) for k in range(24)}
+    make_tree(tmp_path / "src", files)
+    image = tmp_path / "app.img"
+    pack(tmp_path / "src", image, compress="none")
+    (tmp_path / "mnt").mkdir()
+    with RangeServer(image) as server:
+        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        with FaultProxy((host, int(port)), delay_down=0.02) as proxy:
+            config = MountConfig(source=proxy.url("/" + image.name),
+                                 mountpoint=str(tmp_path / "mnt"),
+                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
+                                 prefetch="none", read_timeout=60)
+            with mounted(config) as mnt:
+                for name in sorted(files):
+                    with open(mnt / name, "rb") as f:
+                        assert b"".join(iter(lambda: f.read(MiB), b"")) == files[name], name
+                st = status(mnt)
+    assert st["loader"]["readahead_walk_windows"] > 0
+    # each file: one kernel read, maybe a few (the first ones, before the walk)
+    assert st["reads"] <= 4 * len(files), st["reads"]
+    assert_cache_clean(tmp_path / "cache.img")
+
+
 def test_a_jump_inside_a_walked_file_ends_the_walk():
     launched = []
     ra = Readahead(start=256 * 1024, maximum=4 * MiB, launch=lambda *a: launched.append(a),

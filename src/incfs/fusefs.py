@@ -350,6 +350,7 @@ class IncfsOperations(Operations):
         if self.passthrough is not None:
             backing = self.passthrough.open(node)
             if backing is not None:
+                self.service.waits.passed_through(node.ino)  # (its reads bypass us)
                 return Opened(fh, OpenFlag.PASSTHROUGH | OpenFlag.NOFLUSH, backing)
         return Opened(fh, OpenFlag.KEEP_CACHE | OpenFlag.NOFLUSH)
 

@@ -82,19 +82,22 @@ class Service:
         which no program asked for yet. When its first block is here but
         later ones are not, raise TailAbsent instead of waiting for them (the
         FUSE layer answers so that the kernel asks again for just the page
-        it needs). `uid` picks the reader's read timeout (Waits.timeout_for)."""
+        it needs), unless that tail is on its way already (`_spares`). `uid`
+        picks the reader's read timeout (Waits.timeout_for)."""
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
-        self.waits.log_read(node.ino, offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE)
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        logged = False
         repaired: set[tuple[int, int, int]] = set()
         while True:
             missing = self.image.missing_for_read(node, offset, size)
-            if missing and spare_tail and size > BLOCK_SIZE and \
-                    not self.image.missing_for_read(node, offset, BLOCK_SIZE):
-                first = offset // BLOCK_SIZE
-                self.waits.spared(node.ino, first, (end - 1) // BLOCK_SIZE - first + 1)
+            if missing and spare_tail and self._spares(node, offset, size, missing):
+                self.waits.spared(node.ino, first, last - first + 1)
                 raise TailAbsent()
+            if not logged:  # (a refused read is not logged: the kernel reads again)
+                self.waits.log_read(node.ino, first, last)
+                logged = True
             if missing:
                 keys = [(node.ino, int(tree), index) for tree, index in missing]
                 self.on_missing()
@@ -119,6 +122,18 @@ class Service:
             self.counters["bytes_read"] += len(data)
             self.counters["reads"] += 1
             return data
+
+    def _spares(self, node: Inode, offset: int, size: int, missing) -> bool:
+        """Whether a read with `missing` blocks is refused for its tail: its
+        first block is here, and some of the rest is not on its way yet.
+        A tail a loader fetches already (a readahead or walk window) is
+        waited for: the page reads a refusal brings would wait for the same
+        blocks, one request per page, and the kernel quarters the file's
+        readahead after each refused read (shrink_readahead_size_eio)."""
+        if size <= BLOCK_SIZE or self.image.missing_for_read(node, offset, BLOCK_SIZE):
+            return False
+        fetching = self.waits.fetching
+        return not all(fetching((node.ino, int(tree), index)) for tree, index in missing)
 
     def _block_present(self, ino: int, tree: int, index: int) -> bool:
         node = self.image.ns.inodes[ino]

@@ -20,6 +20,11 @@ import trio
 
 
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
+
+
+def nothing_fetched(key: BlockKey) -> bool:
+    """`Waits.fetching` without a loader."""
+    return False
 READ_LOG_SIZE = 65536
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the miss-latency histogram's buckets: fixed, so a
@@ -106,6 +111,13 @@ class Waits:
         # (Service.read, spare_tail): a loader fetches the rest now, so the
         # page reads that follow find it on its way instead of each missing
         self.spared_hooks: list[Callable[[int, int, int], None]] = []
+        # called with the inode of a file opened in passthrough mode, whose
+        # reads the kernel serves from then on without asking us
+        self.passthrough_hooks: list[Callable[[int], None]] = []
+        # whether a loader is fetching a block now (the loader sets it): a
+        # read whose absent tail is all on its way waits for it instead of
+        # being refused (Service._read)
+        self.fetching: Callable[[BlockKey], bool] = nothing_fetched
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.latency_histogram = Histogram()
         self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
@@ -175,6 +187,10 @@ class Waits:
     def spared(self, ino: int, first: int, count: int) -> None:
         for hook in self.spared_hooks:
             hook(ino, first, count)
+
+    def passed_through(self, ino: int) -> None:
+        for hook in self.passthrough_hooks:
+            hook(ino)
 
     def log_read(self, ino: int, first: int, last: int) -> None:
         for hook in self.read_hooks:  # e.g. the loader's readahead

@@ -45,6 +45,7 @@ from ..image import Image
 from ..integrity import merkle
 from ..space.plainfiles import plain_directory
 from ..sources import MirroredSource, ObjectChangedError, Source, SourceError
+from ..waits import nothing_fetched
 from .cache import image_complete
 from .config import LoaderConfig
 from .jobs import FetchFailed, JobRunner
@@ -145,6 +146,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     self.source = open_loader_source(self.config)
                 self.waits.read_hooks.append(self.readahead.note_read)
                 self.waits.spared_hooks.append(self._launch_readahead)
+                self.waits.passthrough_hooks.append(self.readahead.note_passthrough)
+                self.waits.fetching = self.inflight.__contains__
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._pending_loop)
@@ -162,6 +165,10 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                 self.waits.read_hooks.remove(self.readahead.note_read)
             if self._launch_readahead in self.waits.spared_hooks:
                 self.waits.spared_hooks.remove(self._launch_readahead)
+            if self.readahead.note_passthrough in self.waits.passthrough_hooks:
+                self.waits.passthrough_hooks.remove(self.readahead.note_passthrough)
+            if self.waits.fetching == self.inflight.__contains__:
+                self.waits.fetching = nothing_fetched
             self._done.set()
 
     async def aclose(self) -> None:

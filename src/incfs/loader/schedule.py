@@ -195,6 +195,7 @@ class Stream:
     start: int  # first block of the current sequential run
     frontier: int = 0  # first block no readahead covered yet
     sequential: bool = False
+    longest: int = 0  # blocks of its longest read
 
 
 class Readahead:
@@ -256,6 +257,14 @@ class Readahead:
         elif walking:
             self._walk_ahead(ino, last)
 
+    def note_passthrough(self, ino: int) -> None:
+        """File `ino` was opened in passthrough mode: the kernel reads it
+        from the backing file, and none of its reads come here. For a walk
+        it counts as read whole, so the walk goes on past it (a walk whose
+        reader seemed to skip a file would end, and start small again)."""
+        if self.order is not None and (blocks := self.order.blocks_of(ino)) > 0:
+            self.note_read(ino, 0, blocks - 1)
+
     def _follow(self, ino: int, first: int, last: int, ahead: bool) -> bool:
         """Track the file's reader, and with `ahead` keep its window ahead
         of it; False when the read jumped elsewhere in the file."""
@@ -263,7 +272,8 @@ class Readahead:
         if s is None:
             if len(self.streams) > 4096:
                 self.streams.clear()  # forget idle readers, do not grow forever
-            s = self.streams[ino] = Stream(next=last + 1, window=self.start, start=first)
+            s = self.streams[ino] = Stream(next=last + 1, window=self.start, start=first,
+                                           longest=last - first + 1)
             if first == 0 and last + 1 >= self.after_blocks:
                 # read from its start in one read as long as `after`: a
                 # program reading the file whole (cat, cp, loading a model);
@@ -286,6 +296,7 @@ class Readahead:
             s.next, s.start = last + 1, first
             jumped = True
         s.next = max(s.next, last + 1)
+        s.longest = max(s.longest, length)
         if ahead and s.sequential and s.next - s.start >= self.after_blocks:
             self._ahead(ino, s)
         return not jumped
@@ -329,8 +340,14 @@ class Readahead:
         if not done or not order.follows(prev, ino):
             self._end_walk()
             return
-        if self.walk_ino is None:  # a walk begins, as fast as its first file was read
-            self.cross_window = max(self.start, min(self.maximum, self.streams[prev].window))
+        if self.walk_ino is None:
+            # a walk begins, as fast as its first file was read, and at
+            # least as wide as that file's longest read: the kernel reads
+            # the next file in reads as long, and one that finds part of
+            # it neither here nor on its way is refused (Service._spares)
+            s = self.streams[prev]
+            self.cross_window = max(self.start, min(self.maximum,
+                                                    max(s.window, s.longest * BLOCK_SIZE)))
         self.walk_ino = ino
 
     def _end_walk(self) -> None:
