@@ -322,27 +322,13 @@ def test_small_files_read_whole_in_pack_order_are_not_read_page_by_page(tmp_path
     way when the kernel asks for it whole, so that read waits for it rather
     than being refused. A refusal would make the kernel read the rest of the
     file a page at a time (and quarter its readahead): ~160 reads a file."""
-    from incfs.serve import RangeServer
-    from incfs.testing.faultproxy import FaultProxy
-
     rng = random.Random(9)
     files = {f"d/f{k:02d}.bin": rng.randbytes(656 * 1024) for k in range(24)}
-    make_tree(tmp_path / "src", files)
-    image = tmp_path / "app.img"
-    pack(tmp_path / "src", image, compress="none")
-    (tmp_path / "mnt").mkdir()
-    with RangeServer(image) as server:
-        host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-        with FaultProxy((host, int(port)), delay_down=0.02) as proxy:
-            config = MountConfig(source=proxy.url("/" + image.name),
-                                 mountpoint=str(tmp_path / "mnt"),
-                                 cache=str(tmp_path / "cache.img"), allow_unsigned=True,
-                                 prefetch="none", read_timeout=60)
-            with mounted(config) as mnt:
-                for name in sorted(files):
-                    with open(mnt / name, "rb") as f:
-                        assert b"".join(iter(lambda: f.read(MiB), b"")) == files[name], name
-                st = status(mnt)
+    with _mounted_behind_proxy(tmp_path, files, "none", delay_down=0.02) as mnt:
+        for name in sorted(files):
+            with open(mnt / name, "rb") as f:
+                assert b"".join(iter(lambda: f.read(MiB), b"")) == files[name], name
+        st = status(mnt)
     assert st["loader"]["readahead_walk_windows"] > 0
     # each file: one kernel read, maybe a few (the first ones, before the walk)
     assert st["reads"] <= 4 * len(files), st["reads"]
@@ -511,9 +497,9 @@ def test_prefetch_yields_to_a_read_far_from_it_not_to_one_it_is_bringing(tmp_pat
 
 
 @contextlib.contextmanager
-def _prefetching_at_4mb_s(tmp_path, files: dict[str, bytes]):
-    """`files` packed and mounted with sequential prefetch from a source
-    that sends 4 MB/s; yields the mount point."""
+def _mounted_behind_proxy(tmp_path, files: dict[str, bytes], prefetch: str, **proxy_options):
+    """`files` packed and mounted lazily from a source behind a FaultProxy
+    with `proxy_options` (its rate, its delay); yields the mount point."""
     from incfs.serve import RangeServer
     from incfs.testing.faultproxy import FaultProxy
 
@@ -523,13 +509,18 @@ def _prefetching_at_4mb_s(tmp_path, files: dict[str, bytes]):
     (tmp_path / "mnt").mkdir()
     with RangeServer(image) as server:
         host, port = server.url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
-        with FaultProxy((host, int(port)), rate_down=4_000_000) as proxy:
+        with FaultProxy((host, int(port)), **proxy_options) as proxy:
             config = MountConfig(source=proxy.url("/" + image.name),
                                  mountpoint=str(tmp_path / "mnt"),
                                  cache=str(tmp_path / "cache.img"), allow_unsigned=True,
-                                 prefetch="sequential", read_timeout=60)
+                                 prefetch=prefetch, read_timeout=60)
             with mounted(config) as mnt:
                 yield mnt
+
+
+def _prefetching_at_4mb_s(tmp_path, files: dict[str, bytes]):
+    """`files` mounted with sequential prefetch from a source that sends 4 MB/s."""
+    return _mounted_behind_proxy(tmp_path, files, "sequential", rate_down=4_000_000)
 
 
 def test_prefetch_yields_to_readahead_far_from_it(tmp_path):

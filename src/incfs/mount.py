@@ -703,6 +703,9 @@ def main(argv: list[str]) -> int:
     succession = succession or Succession()
     succession.warm = os.environ.pop(WARM_STARTED_ENV, None) is not None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # httpx logs every request at INFO: a line per MiB fetched would bury
+    # what the log is for (errors, retries, restarts)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return run_foreground(config, ready_fd, succession)
 
 

@@ -20,11 +20,6 @@ import trio
 
 
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
-
-
-def nothing_fetched(key: BlockKey) -> bool:
-    """`Waits.fetching` without a loader."""
-    return False
 READ_LOG_SIZE = 65536
 LATENCY_SAMPLES = 4096
 # Upper bounds (seconds) of the miss-latency histogram's buckets: fixed, so a
@@ -32,6 +27,11 @@ LATENCY_SAMPLES = 4096
 # a block filled locally (~1 ms) to a slow source (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def nothing_fetched(key: BlockKey) -> bool:
+    """`Waits.fetching` without a loader."""
+    return False
 
 
 @dataclass(eq=False)

@@ -171,6 +171,16 @@ def info_size(info: int) -> int:
     return info & 0x1FFF
 
 
+_ZERO_KIND = int(BlockKind.ZERO)
+
+
+def info_bytes(info: int) -> int:
+    """Bytes a block takes in the source: its stored size, 0 for a zero
+    block. Plain integer work for loops over every block of an image
+    (info_kind's enum call costs ~1 us: 0.3 s over a 1 GiB image)."""
+    return 0 if info >> 14 == _ZERO_KIND else info & 0x1FFF
+
+
 def place_block(cursor: int, kind: BlockKind, stored_size: int) -> tuple[int, int]:
     """Placement rule: where a block goes and where the next one may start.
 

@@ -209,10 +209,10 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
 
     async def _learn_order(self) -> None:
         """Index the source order of files for readahead across files, once
-        the mount is up: it took ~6 ms of the start otherwise (a worker
-        thread holding the GIL), and nothing reads across files before the
-        tree is seen."""
-        await self.service.ready.wait()
+        the mount is up and its first read served (Service.settled): it took
+        ~6 ms of the start otherwise (a worker thread holding the GIL), and
+        nothing reads across files before a first file is read."""
+        await self.service.settled()
         runs = await source_runs_in_slices(self.image.source_maps)
         self.readahead.order = await trio.to_thread.run_sync(
             SourceOrder, runs, self._data_offset, self._data_blocks)
