@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -144,9 +145,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                         pass
                 if self.source is None:
                     self.source = open_loader_source(self.config)
-                self.waits.read_hooks.append(self.readahead.note_read)
-                self.waits.spared_hooks.append(self._launch_readahead)
-                self.waits.passthrough_hooks.append(self.readahead.note_passthrough)
+                for hooks, hook in self._waits_hooks():
+                    hooks.append(hook)
                 self.waits.fetching = self.inflight.__contains__
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -161,15 +161,21 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             self.state = "failed"
             self._update_status()
         finally:
-            if self.readahead.note_read in self.waits.read_hooks:
-                self.waits.read_hooks.remove(self.readahead.note_read)
-            if self._launch_readahead in self.waits.spared_hooks:
-                self.waits.spared_hooks.remove(self._launch_readahead)
-            if self.readahead.note_passthrough in self.waits.passthrough_hooks:
-                self.waits.passthrough_hooks.remove(self.readahead.note_passthrough)
+            for hooks, hook in self._waits_hooks():
+                if hook in hooks:
+                    hooks.remove(hook)
             if self.waits.fetching == self.inflight.__contains__:
                 self.waits.fetching = nothing_fetched
             self._done.set()
+
+    def _waits_hooks(self) -> list[tuple[list, Callable]]:
+        """What the loader hears from the mount's reads (incfs.waits), while
+        it runs: every read (readahead), a refused tail (fetched at once), a
+        file opened in passthrough (a walk goes past it)."""
+        w = self.waits
+        return [(w.read_hooks, self.readahead.note_read),
+                (w.spared_hooks, self._launch_readahead),
+                (w.passthrough_hooks, self.readahead.note_passthrough)]
 
     async def aclose(self) -> None:
         self._scope.cancel()
