@@ -461,6 +461,43 @@ def test_an_index_from_before_map_kinds_is_read(tmp_path, monkeypatch):
                 for path, n in img.ns.walk() if n.is_reg} == files
 
 
+@pytest.mark.parametrize("map_kinds", [True, False])
+def test_a_caches_source_runs_from_map_heads_are_those_a_walk_gives(tmp_path, monkeypatch,
+                                                                     map_kinds):
+    """The loader's source order (prefetch.source_runs) of an indexed cache
+    takes a map that lays its blocks back to back as one run from its head
+    (IndexReader.laid_out) and walks only the others: the runs are those of
+    walking every decoded map."""
+    import incfs.pack
+    from incfs.format.layout import Superblock
+    from incfs.loader import write_cache
+    from incfs.loader.prefetch import source_runs
+    from incfs.pack_index import IndexWriter
+
+    class Writer(IndexWriter):
+        def __init__(self, tmpdir):
+            super().__init__(tmpdir, map_kinds=map_kinds)
+
+    _map_tree(tmp_path / "src")
+    monkeypatch.setattr(incfs.pack, "IndexWriter", Writer)
+    pack(tmp_path / "src", tmp_path / "img", compress="zstd")
+    raw = (tmp_path / "img").read_bytes()
+    sb = Superblock.decode(raw[:4096])
+    with write_cache(tmp_path / "cache.img", sb, raw[:sb.meta_end]) as cache:
+        maps = cache.source_maps
+        walked = source_runs({ino: maps[ino] for ino in maps})
+        assert source_runs(maps) == walked and len(walked) >= 6
+        spans = {name: maps.laid_out(cache.ns.lookup(ROOT_INO, name.encode()).ino)
+                 for name in ("raw", "text", "gap", "shuffled", "tiny")}
+        assert maps.laid_out(ROOT_INO) is None  # a directory has no maps
+        if not map_kinds:
+            assert all(s == (None, None) for n, s in spans.items() if n != "tiny")
+            return
+        assert spans["shuffled"][0] is None
+        assert all(spans[n][0] is not None for n in ("raw", "text", "gap", "tiny"))
+        assert spans["tiny"][1] == (0, 0) and spans["text"][0][1] == 2
+
+
 def test_compaction_folds_the_log_into_a_fresh_index(small_tree, tmp_path, keys):
     from incfs.compact import compact
     image = tmp_path / "img"

@@ -552,6 +552,12 @@ class IndexSourceMaps:
             raise KeyError(ino)
         return maps
 
+    def laid_out(self, ino: int):
+        """Per map of file `ino` (data, hash), (base, count) when its blocks
+        lie back to back in the source, else None (IndexReader.laid_out):
+        runs in source order without decoding the maps."""
+        return self.ns.reader.laid_out(ino)
+
     def __contains__(self, ino: int) -> bool:
         return self.get(ino) is not None
 

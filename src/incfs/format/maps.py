@@ -136,16 +136,7 @@ def decode_map(view, at: int, room: int, n: int, last_size: int,
     billion blocks, and the columns built for them would take 60 GB."""
     if not n:
         return (array("Q"), array("H"), array("I")), 0
-    if room < HEAD_SIZE:
-        raise MapDamage("its block map lies outside the index")
-    (head,) = _HEAD.unpack_from(view, at)
-    raw_kind, base = head >> _KIND_SHIFT, head & (BASE_LIMIT - 1)
-    if raw_kind not in MapKind._value2member_map_:
-        raise MapDamage(f"its block map is of unknown kind {raw_kind}")
-    kind = MapKind(raw_kind)
-    size = map_size(kind, n)
-    if size > room:
-        raise MapDamage("its block map lies outside the index")
+    kind, base, size = map_head(view, at, room, n)
     body = at + HEAD_SIZE
     if kind is MapKind.FULL:
         if base:
@@ -160,6 +151,22 @@ def decode_map(view, at: int, room: int, n: int, last_size: int,
         return (offsets, infos, None), size
     infos = array("H", view[body:body + 2 * n])
     return (run_offsets(base, infos), infos, None), size
+
+
+def map_head(view, at: int, room: int, n: int) -> tuple[MapKind, int, int]:
+    """(kind, base, size in bytes) of the map of `n` > 0 blocks at `at`
+    (with the feature), reading its head only and at most `room` bytes."""
+    if room < HEAD_SIZE:
+        raise MapDamage("its block map lies outside the index")
+    (head,) = _HEAD.unpack_from(view, at)
+    raw_kind, base = head >> _KIND_SHIFT, head & (BASE_LIMIT - 1)
+    if raw_kind not in MapKind._value2member_map_:
+        raise MapDamage(f"its block map is of unknown kind {raw_kind}")
+    kind = MapKind(raw_kind)
+    size = map_size(kind, n)
+    if size > room:
+        raise MapDamage("its block map lies outside the index")
+    return kind, base, size
 
 
 def run_offsets(base: int, infos: array) -> array:

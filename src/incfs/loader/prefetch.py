@@ -63,11 +63,23 @@ async def source_runs_in_slices(source_maps, slice_blocks: int = RUNS_SLICE_BLOC
 
 def _runs_by_file(source_maps, slice_blocks: int | None = None):
     """(runs, blocks looked at) per file and tree, or per `slice_blocks`
-    blocks of one (see _runs_of)."""
-    for ino, maps in source_maps.items():
-        for tree, smap in ((DATA, maps[0]), (HASH, maps[1])):
-            if smap is not None:
-                yield from _runs_of(ino, tree, smap, slice_blocks)
+    blocks of one (see _runs_of). A map that lays its blocks back to back
+    (what `pack` writes for a file with a hash tree) is one run, known from
+    its head (`laid_out`, an indexed cache's): a 1 GiB image's 100 files
+    take ~1 ms instead of the ~120 ms of decoding and walking each map."""
+    laid_out = getattr(source_maps, "laid_out", None)
+    for ino in source_maps:
+        spans = laid_out(ino) if laid_out is not None else None
+        maps = None
+        for tree in (DATA, HASH):
+            if spans is not None and spans[tree] is not None:
+                base, count = spans[tree]
+                yield ([(base, ino, tree, 0, count)] if count else []), 1
+                continue
+            if maps is None:
+                maps = source_maps[ino]
+            if maps[tree] is not None:
+                yield from _runs_of(ino, tree, maps[tree], slice_blocks)
 
 
 def _runs_of(ino: int, tree: int, smap, slice_blocks: int | None = None):
