@@ -573,7 +573,10 @@ def test_pending_reads_go_before_prefetch(tmp_path):
         with FaultProxy((host, int(port)), rate_down=2_000_000) as proxy:  # ~7 s for all
             config = _config(tmp_path, proxy.url("/app.img"), prefetch="sequential")
             with mounted(config) as mnt:
-                time.sleep(0.3)  # prefetch is under way
+                # prefetch is under way (it starts 0.5 s after the mount when
+                # nothing reads: Service.settled)
+                wait_for(lambda: status(mnt)["loader"]["prefetch"]["blocks"] > 0, 10,
+                         what="prefetch to start")
                 fd = os.open(mnt / "bin" / "app", os.O_RDONLY)
                 try:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
