@@ -231,3 +231,40 @@ def test_the_request_sent_early_is_the_one_httpx_sends():
     for url in ("https://h.example/x", "http://user@h.example/x", "http://h.example/a%20b",
                 "http://h.example/a b", "http://h.example/caf\u00e9", "ftp://h.example/x"):
         assert preconnect.range_request(url, 10) is None, url
+
+
+def test_the_daemon_asks_for_the_metadata_before_importing_trio(tmp_path):
+    """loader.cachefile.ask_early, the daemon's first step (mount.run_foreground),
+    writes a new cache's metadata request on the early connection with
+    neither trio, the HTTP client nor the image code loaded; for a local
+    image it asks nothing and makes no cache directory."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/app.img"
+        proc = _python(f"""
+            import os, select, sys
+            os.environ["XDG_CACHE_HOME"] = {str(tmp_path / "xdg")!r}
+            from incfs import preconnect
+            from incfs.mount import MountConfig
+            env, fds = preconnect.open_early({url!r}, 1)
+            os.environ.update(env)
+            poller = select.poll()
+            poller.register(fds[0], select.POLLOUT)
+            poller.poll(5000)  # the handshake is done
+            from incfs.loader import cachefile
+            cachefile.ask_early(MountConfig(source="/no/such.img", mountpoint="/mnt"))
+            cachefile.ask_early(MountConfig(source={url!r}, mountpoint="/mnt",
+                                            cache={str(tmp_path / "c.img")!r}))
+            print(" ".join(m for m in ("trio", "httpx", "incfs.image", "incfs.sources")
+                           if m in sys.modules) or "-")
+        """)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["-"]
+        server.settimeout(5)
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(5)
+            got = conn.recv(65536)
+    from incfs import preconnect
+    from incfs.loader.config import DEFAULTS
+    assert got == preconnect.range_request(url, DEFAULTS.first_read)
+    assert not (tmp_path / "xdg").exists()

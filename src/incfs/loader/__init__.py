@@ -4,6 +4,8 @@ local cache image, fetching blocks on demand and in the background (R8, R9).
 One concern per module; dependencies point down this list, never up:
 
     config    LoaderConfig: every default, with its reason
+    cachefile where a mount's cache lives; a new one's metadata request
+              sent early (no trio: the daemon's first step)
     remote    the source (or mirror set) a mount reads from
     plan      what a read needs: blocks, hash blocks, coalesced byte ranges
     schedule  who sends when: priorities, byte budget, bandwidth, readahead
@@ -28,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 # `incfs.loader.config` (the CLI does, for its defaults) does not import the
 # whole loader, the image code and trio with it.
 _HOME = {
-    "cache": ["cache_metadata", "cache_path", "default_cache", "fetch_metadata",
-              "image_complete", "old_path", "open_cache", "retype_record", "write_cache"],
+    "cache": ["cache_metadata", "fetch_metadata", "image_complete", "old_path", "open_cache",
+              "retype_record", "write_cache"],
+    "cachefile": ["cache_path", "default_cache"],
     "config": ["DEFAULTS", "LoaderConfig", "check_prefetch"],
     "core": ["Loader", "start_loader"],
     "jobs": ["FetchFailed"],
@@ -51,8 +54,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .cache import (cache_metadata, cache_path, default_cache, fetch_metadata,
-                        image_complete, old_path, open_cache, retype_record, write_cache)
+    from .cache import (cache_metadata, fetch_metadata, image_complete, old_path, open_cache,
+                        retype_record, write_cache)
+    from .cachefile import cache_path, default_cache
     from .config import DEFAULTS, LoaderConfig, check_prefetch
     from .core import Loader, start_loader
     from .jobs import FetchFailed

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import logging
 import os
@@ -27,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .. import preconnect
 from ..errors import CorruptImage, UsageError
 from ..format.layout import (LOG_START, RECORD_HEADER_SIZE, SUPERBLOCK_SIZE, RecordHeader,
                              RecordType, Superblock, SuperFlags)
@@ -35,6 +33,7 @@ from ..format.log import scan_log
 from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
+from .cachefile import cache_path
 from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .remote import open_loader_source
 
@@ -42,33 +41,6 @@ if TYPE_CHECKING:  # imported when a cache is opened: a mount's metadata request
     from ..image import Image
 
 log = logging.getLogger("incfs.loader")
-
-
-def default_cache(config) -> Path:
-    """Where the cache of a mount lives when no --cache is given: one file
-    per (source, mount point) under $XDG_CACHE_HOME/incfs."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "incfs"
-    base.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{config.source}\0{os.path.realpath(config.mountpoint)}".encode())
-    return base / f"{key.hexdigest()[:20]}.img"
-
-
-def cache_path(config) -> Path:
-    return Path(config.cache) if config.cache else default_cache(config)
-
-
-def ask_early(config) -> None:
-    """Send the metadata request of a new cache (`fetch_metadata`'s first)
-    on a connection opened early, if its handshake is done (incfs.preconnect
-    .ask_early): called while the daemon still imports its HTTP client, which
-    then finds the request sent and its answer on the way. Not for a cache
-    that exists (it is probed first), with mirrors (any may be asked) or
-    with headers of the caller's (the request would not be the client's)."""
-    if config.mirrors or (config.source_options or {}).get("headers"):
-        return
-    if cache_path(config).exists():
-        return
-    preconnect.ask_early(config.source, LoaderConfig.from_mount(config).first_read)
 
 
 def old_path(path: Path) -> Path:
