@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 from . import BLOCK_SIZE, block_dirents
 from .blockmap import ABSENT, BlockMap, loaded_map
-from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, damage
+from .format.index import FLAG_POSIX, IndexReader, InodeRecord, NameBlock, Span, damage
 from .format.layout import LOG_START
 from .format.records import BlockKind, file_type
 from .integrity.merkle import block_count
@@ -552,7 +552,7 @@ class IndexSourceMaps:
             raise KeyError(ino)
         return maps
 
-    def laid_out(self, ino: int):
+    def laid_out(self, ino: int) -> tuple[Span | None, Span | None] | None:
         """Per map of file `ino` (data, hash), (base, count) when its blocks
         lie back to back in the source, else None (IndexReader.laid_out):
         runs in source order without decoding the maps."""
