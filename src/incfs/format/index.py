@@ -470,12 +470,9 @@ class IndexReader:
         """(offsets, infos, crcs) for the data blocks, then for the hash
         blocks; `last_size` is the plain size of the last data block and
         `data_end` where the image's (or a cache's source's) data ends."""
-        maps = self.r["maps"]
-        if extent % ALIGN or extent > maps.length:
-            raise damage(f"file {ino}: its block map lies outside the index")
+        at, room = self._map_at(ino, extent)
         if not self.header.incompat & INCOMPAT_MAP_KINDS:
             return self._column_maps(ino, extent, count, hash_count)
-        at, room = maps.offset + extent, maps.length - extent
         try:
             data, used = decode_map(self.view, at, room, count, last_size, data_end)
             hashes, hash_used = decode_map(self.view, at + used, room - used, hash_count,
@@ -499,16 +496,13 @@ class IndexReader:
             return None
         if not self.header.incompat & INCOMPAT_MAP_KINDS:
             return (None if count else (0, 0)), (None if hash_count else (0, 0))
-        maps = self.r["maps"]
-        if extent % ALIGN or extent > maps.length:
-            raise damage(f"file {ino}: its block map lies outside the index")
-        at, room = maps.offset + extent, maps.length - extent
+        at, room = self._map_at(ino, extent)
         spans: list[Span | None] = []
         for n in (count, hash_count):
             if not n:
                 spans.append((0, 0))
                 continue
-            self.check.span(at, min(at + HEAD_SIZE, maps.offset + maps.length))
+            self.check.span(at, at + min(room, HEAD_SIZE))
             try:
                 kind, base, size = map_head(self.view, at, room, n)
             except MapDamage as e:
@@ -516,6 +510,14 @@ class IndexReader:
             spans.append(None if kind is MapKind.FULL else (base, n))
             at, room = at + size, room - size
         return spans[0], spans[1]
+
+    def _map_at(self, ino: int, extent: int) -> tuple[int, int]:
+        """(where file `ino`'s maps start, bytes of the maps region from
+        there) for its record's `extent`, which must lie in the region."""
+        maps = self.r["maps"]
+        if extent % ALIGN or extent > maps.length:
+            raise damage(f"file {ino}: its block map lies outside the index")
+        return maps.offset + extent, maps.length - extent
 
     def _column_maps(self, ino: int, extent: int, count: int,
                      hash_count: int) -> tuple[Columns, Columns]:
