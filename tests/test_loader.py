@@ -245,8 +245,10 @@ def test_source_runs_follow_the_data_region(tmp_path):
 @pytest.mark.parametrize("supervise", [True, False])
 def test_the_daemon_gets_the_connections_mount_background_opened(tmp_path, served, supervise):
     """mount_background opens the source's TCP connections before the daemon
-    starts (incfs.preconnect); they reach the daemon's HTTP source through
-    the supervisor's fork (or straight, unsupervised) and carry its requests."""
+    starts (incfs.preconnect); they reach the daemon through the supervisor's
+    fork (or straight, unsupervised) and carry its requests: the first, the
+    metadata's, read without the HTTP client (incfs.loader.early), the
+    others given to the loader's source."""
     from incfs.loader.config import DEFAULTS
 
     root, nginx = served
@@ -256,7 +258,7 @@ def test_the_daemon_gets_the_connections_mount_background_opened(tmp_path, serve
                          supervise=supervise)) as mnt:
         _assert_same(mnt, src)
         loader = status(mnt)["loader"]
-        assert loader["sources"][0]["early_connections"] == DEFAULTS.warm_connections
+        assert loader["sources"][0]["early_connections"] == DEFAULTS.warm_connections - 1
         assert loader["errors"] == 0 and status(mnt)["reads_failed"] == 0
     assert preconnect_env_is_ours_only()
 

@@ -93,6 +93,30 @@ def test_changed_source_goes_offline_and_keeps_serving(tmp_path, served, validat
     assert_cache_clean(tmp_path / "cache.img")
 
 
+def test_a_change_before_the_first_read_is_told_by_the_early_answers_etag(tmp_path, served):
+    """A new cache is made from the answer read before the HTTP client loads
+    (incfs.loader.early); the loader's source, opened after READY, takes
+    that answer's ETag as first seen. Another image put in place before any
+    read is then "source changed" at the first answer, before a block of it
+    is stored or refused."""
+    root, nginx = served
+    pack(_tree(tmp_path / "src", seed=1), root / "app.img", compress="none")
+    with mounted(_config(tmp_path, nginx.url("app.img"))) as mnt:
+        loader = wait_for(lambda: status(mnt)["loader"]["sources"] and status(mnt)["loader"],
+                          30, what="the loader's source")
+        assert loader["requests"] == 0 and loader["sources"][0]["requests"] == 0
+        _replace_image(root, tmp_path, seed=2)
+        later = (root / "app.img").stat().st_mtime + 100  # nginx's ETag is mtime-size
+        os.utime(root / "app.img", (later, later))
+        assert _read_error(mnt / "b.bin") == errno.EIO
+        loader = wait_for(lambda: status(mnt)["loader"]["source_changed"]
+                          and status(mnt)["loader"], 30, what="source changed")
+        assert "ETag changed" in loader["offline"]
+        assert loader["blocks_fetched"] == 0 and loader["bytes_refused"] == 0
+        assert loader["crc_failures"] == 0 and status(mnt)["bytes_fetched"] == 0
+    assert_cache_clean(tmp_path / "cache.img")
+
+
 def test_remount_after_change_updates(tmp_path, served):
     """The way out the status names: a remount switches to the new image."""
     root, nginx = served

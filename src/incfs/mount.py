@@ -384,13 +384,18 @@ def _import_opening(config: MountConfig) -> None:
     """What opening the backing image needs first, imported before it
     starts; the rest is imported while it runs (_open_and_serve). A mount of
     a source needs only the source's client to send its metadata request:
-    the image code (~28 ms) loads while that is on the wire."""
+    the image code (~28 ms) loads while that is on the wire. When the
+    request was sent early, not even that: its answer is read without the
+    client (incfs.loader.early), which the loader imports after READY."""
     if _loads(config):
-        from . import sources
+        from . import preconnect, sources  # noqa: F401
         from .loader import cachefile
+        from .loader.remote import preload_loader_source
 
         cachefile.ask_early(config)  # ~40 ms before the HTTP client could send it
-        sources.preload([config.source, *(config.mirrors or [])])
+        if preconnect.was_asked(config.source):
+            return
+        preload_loader_source(config)
         cachefile.ask_early(config)  # (if the handshake was still on the wire)
     else:
         from . import image  # noqa: F401

@@ -15,11 +15,13 @@ normal connect.
 The daemon also sends its first request early (`ask_early`): a new
 cache's metadata read, written here byte for byte as its HTTP client would
 write it (`range_request`), on the first connection as soon as its
-handshake is done, while trio and httpx still import (~40-80 ms). The
-client's stream (`sources.early_http`) then finds that request sent, and
-sends only what differs: nothing, or, for any other first request, the
-request on a fresh connection (the answer coming on this one is not its).
-On a 100 ms link a cold start's tree shows ~35 ms sooner.
+handshake is done, while trio still imports (~60 ms). Its answer is read
+without the HTTP client (`take_asked`, incfs.loader.early), so a new
+cache's mount comes up before httpx is imported at all. When a client does
+take that connection, its stream (`sources.early_http`) finds the request
+sent and sends only what differs: nothing, or, for any other first
+request, the request on a fresh connection (the answer coming on this one
+is not its). On a 100 ms link a cold start's tree shows ~35 ms sooner.
 
 Only plain TCP is opened early; a TLS handshake still runs in the client
 (it needs the trust store, which is loaded at the first handshake). Nothing
@@ -247,6 +249,27 @@ def ask_early(url: str, length: int) -> bool:
     _asked[fd] = request[:sent]
     _asked_of.add(target)
     return True
+
+
+def was_asked(url: str) -> bool:
+    """Whether `ask_early` sent its request to `url`'s host."""
+    return _target(url) in _asked_of
+
+
+def take_asked(url: str, length: int) -> socket.socket | None:
+    """The connection `ask_early` sent `range_request(url, length)` on,
+    whole, taken out of the pool for a reader of its answer that is not the
+    HTTP client (incfs.loader.early); None if there is none, or if only part
+    of the request went out (the client's stream sends the rest)."""
+    import socket
+
+    target, request = _target(url), range_request(url, length)
+    for fd, at in _adopted.get(target, []) if target is not None else []:
+        if _asked.get(fd) == request and time.time() - at <= MAX_AGE:
+            _adopted[target].remove((fd, at))
+            del _asked[fd]
+            return socket.socket(fileno=fd)
+    return None
 
 
 def asked(fd: int) -> bytes:

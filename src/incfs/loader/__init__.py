@@ -7,6 +7,8 @@ One concern per module; dependencies point down this list, never up:
     cachefile where a mount's cache lives; a new one's metadata request
               sent early (no trio: the daemon's first step)
     remote    the source (or mirror set) a mount reads from
+    early     the answer to that early request, read without the HTTP
+              client (the mount is up before httpx is imported)
     plan      what a read needs: blocks, hash blocks, coalesced byte ranges
     schedule  who sends when: priorities, byte budget, bandwidth, readahead
     prefetch  background prefetch (sequential, profile) and its gate
@@ -20,7 +22,8 @@ One concern per module; dependencies point down this list, never up:
 
 Two entry points, called by `mount`: `open_cache(config) -> (Image, Source)`
 before the mount, `start_loader(config, service, nursery, source) -> Loader`
-once it runs (it takes over the source open_cache fetched the metadata from).
+once it runs (it takes over the source open_cache fetched the metadata from,
+or, when the metadata came early, opens its own once the mount is ready).
 """
 
 from importlib import import_module

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +35,11 @@ from ..format.log import scan_log
 from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
+from ..sources.http import redact_url
 from .cachefile import cache_path
 from .config import DEFAULTS, LoaderConfig, check_prefetch
-from .remote import open_loader_source
+from .early import EarlyReader, EarlyRefused
+from .remote import open_loader_source, preload_aside, preload_loader_source
 
 if TYPE_CHECKING:  # imported when a cache is opened: a mount's metadata request goes first
     from ..image import Image
@@ -81,9 +85,16 @@ async def open_cache(config) -> tuple[Image, Source | None]:
         # before the old cache is touched, so a failure leaves that as it was.
         image.close()
         info["state"] = "updated"
-    source = open_loader_source(config)
+    early = EarlyReader.take(config, settings.first_read)
+    if early is not None:  # waiting for its answer: import the client meanwhile
+        early.on_wait = functools.partial(preload_aside, config)
+    source = SourceOnDemand(config, early)
     try:
-        sb, meta = await _fetch_warming(source, settings)
+        if early is not None:
+            sb, meta = await fetch_metadata(source, settings.first_read, settings.meta_chunk,
+                                            early)
+        else:
+            sb, meta = await _fetch_warming(await source.get(), settings)
         if info["state"] == "updated":
             os.replace(path, old)
             move_plain_copies(path, old)
@@ -93,8 +104,51 @@ async def open_cache(config) -> tuple[Image, Source | None]:
             await source.aclose()
         raise
     info["metadata_bytes"] = len(meta)
+    if source.opened is None and early is not None:
+        # read without the HTTP client: the loader opens the source later,
+        # and takes what this answer said of the object as first seen
+        info["identity"] = early.identity
     _attach(image, info, old)
-    return image, source
+    return image, source.opened
+
+
+class SourceOnDemand:
+    """A mount's source, opened the first time it is wanted. A new cache
+    whose metadata is read early (`early`, incfs.loader.early) wants it only
+    if the metadata is longer than the first read, or the early answer is
+    refused: the HTTP client is imported then (in a worker thread, ~40 ms),
+    and not before the mount is up otherwise. A source opened so takes what
+    the early answer said of the object as first seen."""
+
+    def __init__(self, config, early: EarlyReader | None = None):
+        self.config, self.early = config, early
+        self.opened: Source | None = None
+        self._lock = trio.Lock()
+
+    @classmethod
+    def of(cls, source: Source) -> SourceOnDemand:
+        """One for a source that is open already."""
+        demand = cls(None)
+        demand.opened = source
+        return demand
+
+    @property
+    def name(self) -> str:
+        return self.opened.name if self.opened is not None else redact_url(self.config.source)
+
+    async def get(self) -> Source:
+        async with self._lock:
+            if self.opened is None:
+                if self.early is not None:
+                    await trio.to_thread.run_sync(preload_loader_source, self.config)
+                self.opened = open_loader_source(self.config)
+                if self.early is not None and self.early.identity is not None:
+                    self.opened.adopt_identity(self.early.identity)
+            return self.opened
+
+    async def aclose(self) -> None:
+        if self.opened is not None:
+            await self.opened.aclose()
 
 
 async def _fetch_warming(source: Source, settings: LoaderConfig) -> tuple[Superblock, bytes]:
@@ -267,21 +321,29 @@ def _metadata_end(head: bytes) -> int | None:
         return 1 << 62
 
 
-async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
-                         meta_chunk: int = DEFAULTS.meta_chunk) -> tuple[Superblock, bytes]:
+async def fetch_metadata(source: Source | SourceOnDemand, first_read: int = DEFAULTS.first_read,
+                         meta_chunk: int = DEFAULTS.meta_chunk,
+                         early: EarlyReader | None = None) -> tuple[Superblock, bytes]:
     """(superblock, bytes [0, meta_end)) of a packed image: one request when
     the metadata fits in `first_read` bytes; else the rest in parallel
     chunks, asked for as soon as the superblock has come in (a streaming
-    source), while the first response is still arriving."""
-    rest = _RestOfMetadata(source, first_read, meta_chunk)
+    source), while the first response is still arriving. With `early`, the
+    first request's answer is read there (see incfs.loader.early); if that
+    refuses it, the source asks again."""
+    demand = source if isinstance(source, SourceOnDemand) else SourceOnDemand.of(source)
+    rest = _RestOfMetadata(demand, first_read, meta_chunk)
     first: list[bytes] = []
 
     async def first_request() -> None:
         try:
-            first.append(await source.read_prefix(0, first_read, rest.needed))
+            if early is not None:
+                first.append(await _read_early(early, demand, rest.needed))
+                return
+            first.append(await (await demand.get()).read_prefix(0, first_read, rest.needed))
         except RangeNotSatisfiableError:
-            size = await source.size()  # a small image: learnt from the refusal
-            first.append(await source.read(0, min(size, first_read)))
+            src = await demand.get()
+            size = await src.size()  # a small image: learnt from the refusal
+            first.append(await src.read(0, min(size, first_read)))
         finally:
             rest.first_done()
 
@@ -291,15 +353,26 @@ async def fetch_metadata(source: Source, first_read: int = DEFAULTS.first_read,
     head = first[0]
     sb = Superblock.decode(head[:SUPERBLOCK_SIZE])
     if not sb.flags & SuperFlags.PACKED or sb.meta_end <= LOG_START:
-        raise UsageError(f"{source.name} is not a packed incfs image (made by `incfs pack`); "
+        raise UsageError(f"{demand.name} is not a packed incfs image (made by `incfs pack`); "
                          "only packed images can be mounted from a source")
     if len(head) == first_read:
         head += rest.data
     if sb.meta_end > len(head):  # a source that does not stream, or a short answer
         ranges = [(o, min(meta_chunk, sb.meta_end - o))
                   for o in range(len(head), sb.meta_end, meta_chunk)]
-        head += b"".join(await source.read_many(ranges))
+        head += b"".join(await (await demand.get()).read_many(ranges))
     return sb, head[:sb.meta_end]
+
+
+async def _read_early(early: EarlyReader, demand: SourceOnDemand,
+                      needed: Callable[[bytes], int | None]) -> bytes:
+    """The first request's answer as `early` reads it, or, when it refuses
+    that answer, as the source reads it when asked again."""
+    try:
+        return await early.read_prefix(needed)
+    except EarlyRefused as e:
+        log.info("%s: the early answer is not used (%s); asking again", demand.name, e)
+        return await (await demand.get()).read_prefix(0, early.length, needed)
 
 
 async def _both(*tasks) -> None:
@@ -325,7 +398,7 @@ class _RestOfMetadata:
     """The metadata past the first request, fetched beside it once the
     superblock in its first bytes tells how much there is."""
 
-    def __init__(self, source: Source, first_read: int, meta_chunk: int):
+    def __init__(self, source: SourceOnDemand, first_read: int, meta_chunk: int):
         self.source, self.first_read, self.meta_chunk = source, first_read, meta_chunk
         self.data = b""
         self._end: int | None = None
@@ -350,4 +423,4 @@ class _RestOfMetadata:
             return  # all in the first request, not known, or a damaged superblock
         ranges = [(o, min(self.meta_chunk, end - o))
                   for o in range(self.first_read, end, self.meta_chunk)]
-        self.data = b"".join(await self.source.read_many(ranges))
+        self.data = b"".join(await (await self.source.get()).read_many(ranges))

@@ -53,7 +53,7 @@ from .jobs import FetchFailed, JobRunner
 from .link import LinkEstimate
 from .plan import HASH, Job, Key, Planner, Want, aligned_slices, leaf_within
 from .prefetch import PrefetchMixin, source_runs_in_slices
-from .remote import open_loader_source
+from .remote import open_loader_source, preload_loader_source
 from .reuse import ReuseMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
@@ -144,7 +144,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     while not await self.waits.next_pending(3600.0):
                         pass
                 if self.source is None:
-                    self.source = open_loader_source(self.config)
+                    self.source = await self._open_source()
                 for hooks, hook in self._waits_hooks():
                     hooks.append(hook)
                 self.waits.fetching = self.inflight.__contains__
@@ -167,6 +167,24 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             if self.waits.fetching == self.inflight.__contains__:
                 self.waits.fetching = nothing_fetched
             self._done.set()
+
+    async def _open_source(self) -> Source:
+        """The loader's own source. For a cache whose metadata open_cache
+        read without the HTTP client (incfs.loader.early), the client is
+        imported once the mount is up, in a worker thread (~40 ms of the
+        start otherwise), and the source takes what that answer said of the
+        object as first seen: an answer of another image is then refused."""
+        identity = self.info.get("identity")
+        if identity is None:
+            return open_loader_source(self.config)
+        await self.service.ready.wait()
+        await trio.to_thread.run_sync(preload_loader_source, self.config)
+        source = open_loader_source(self.config)
+        source.adopt_identity(identity)
+        # its connections were opened early and idle, and the image was read
+        # a moment ago: no warm-up (see _warm_up)
+        self._source_warm = True
+        return source
 
     def _waits_hooks(self) -> list[tuple[list, Callable]]:
         """What the loader hears from the mount's reads (incfs.waits), while

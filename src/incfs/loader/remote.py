@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..sources import Source, open_source, options_for
+from ..sources import Source, open_source, options_for, preload
 
 
 def open_loader_source(config, **extra) -> Source:
@@ -16,3 +16,19 @@ def open_loader_source(config, **extra) -> Source:
         if key in known:
             options[key] = value
     return open_source(specs if len(specs) > 1 else specs[0], **options)
+
+
+def preload_loader_source(config) -> None:
+    """Import the client libraries the mount's source and mirrors need
+    (sources.preload), ahead of opening them."""
+    preload([config.source, *(config.mirrors or [])])
+
+
+def preload_aside(config) -> None:
+    """preload_loader_source in a thread of its own, now: for time the
+    process would otherwise spend waiting (a loader opening its source
+    later then finds the modules loaded, or waits for their import)."""
+    import threading
+
+    threading.Thread(target=preload_loader_source, args=(config,), name="import-client",
+                     daemon=True).start()

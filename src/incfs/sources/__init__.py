@@ -28,6 +28,7 @@ from incfs.sources.base import (
     RangeNotSatisfiableError,
     Source,
     SourceError,
+    SourceIdentity,
     SourceStats,
     TransientSourceError,
 )
@@ -42,8 +43,8 @@ __all__ = [
     "AccessDeniedError", "HttpSource", "LocalSource", "Mirror", "MirroredSource",
     "NotFoundError", "ObjectChangedError", "PermanentSourceError",
     "RangeNotSatisfiableError", "RetryPolicy", "S3Source", "Source", "SourceError",
-    "SourceStats", "TransientSourceError", "backend_for", "call_with_retry", "is_remote",
-    "open_source", "options_for", "parse_s3_url", "preload",
+    "SourceIdentity", "SourceStats", "TransientSourceError", "backend_for", "call_with_retry",
+    "is_remote", "open_source", "options_for", "parse_s3_url", "preload",
 ]
 
 #: Options consumed by MirroredSource itself when the spec is a list.

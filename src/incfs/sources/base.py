@@ -94,6 +94,18 @@ class SourceStats:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What one answer said about the object behind a source: its size and
+    validators (ETag, else Last-Modified; raw header values). A source given
+    one (`Source.adopt_identity`) takes any later answer that disagrees as
+    "the object changed", as if it had seen this answer itself."""
+
+    size: int | None
+    etag: str | None = None
+    last_modified: str | None = None
+
+
 def check_range(offset: int, length: int) -> None:
     """Reject nonsense before it becomes a malformed request header."""
     if offset < 0 or length < 0:
@@ -155,6 +167,15 @@ class Source(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly `length` bytes starting at `offset`, or raise SourceError."""
+
+    def adopt_identity(self, identity: SourceIdentity) -> None:
+        """Take `identity`, read from an answer of this object that did not
+        come through this source (incfs.loader.early), as first seen; raise
+        ObjectChangedError if this source has seen another. Backends that
+        can be handed one implement it (HttpSource: the early answer is only
+        ever of a plain http:// URL); for the others a call is a bug, not a
+        check to skip quietly."""
+        raise NotImplementedError(f"{type(self).__name__} is not handed identities")
 
     async def read_prefix(self, offset: int, length: int,
                           needed: Callable[[bytes], int | None]) -> bytes:

@@ -40,6 +40,7 @@ from incfs.sources.base import (
     RangeNotSatisfiableError,
     Source,
     SourceError,
+    SourceIdentity,
     TransientSourceError,
     check_range,
     check_within,
@@ -54,6 +55,9 @@ E = TypeVar("E", bound=BaseException)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
+# Seconds an answer may stall before a request counts as failed (and is
+# retried): generous, since a slow link is not a dead one.
+READ_TIMEOUT = 30.0
 # Statuses where the server itself says "later might work".
 _TRANSIENT_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504, 507, 509, 520, 521,
                                  522, 523, 524})
@@ -264,7 +268,7 @@ class HttpSource(Source):
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 30.0,
+        timeout: float = READ_TIMEOUT,
         connect_timeout: float = 10.0,
         max_connections: int = 16,
         http2: bool = True,
@@ -316,6 +320,11 @@ class HttpSource(Source):
     def _check_identity(self, response: httpx.Response, total: int | None) -> None:
         """Remember the object's size and validator on first sight; raise
         ObjectChangedError when a later response disagrees."""
+        self.adopt_identity(SourceIdentity(total, response.headers.get("etag"),
+                                           response.headers.get("last-modified")))
+
+    def adopt_identity(self, identity: SourceIdentity) -> None:
+        total = identity.size
         if total is not None:
             if self._size is None:
                 self._size = total
@@ -324,7 +333,7 @@ class HttpSource(Source):
                     f"{self.name}: object size changed from {self._size} to {total}")
         if not self.check_validators:
             return
-        etag = response.headers.get("etag")
+        etag = identity.etag
         if etag:
             etag = etag.removeprefix("W/")  # proxies may weaken an unchanged tag
             if self._etag is None:
@@ -333,7 +342,7 @@ class HttpSource(Source):
                 raise ObjectChangedError(
                     f"{self.name}: ETag changed from {self._etag} to {etag}")
             return
-        modified = response.headers.get("last-modified")
+        modified = identity.last_modified
         if modified:
             if self._last_modified is None:
                 self._last_modified = modified

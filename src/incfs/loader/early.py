@@ -1,0 +1,145 @@
+"""The answer to a new cache's metadata request, read before the HTTP client
+is imported.
+
+`cachefile.ask_early` sends a new cache's first metadata read (the first
+`first_read` bytes of the image) on a connection opened before the daemon
+started. Importing httpx and httpcore to read its answer costs ~40 ms of a
+cold start's ~200 ms to a visible tree; reading one response on one socket
+needs none of it. So `EarlyReader` reads it with h11 (the HTTP/1.1 parser
+httpcore itself is built on, ~7 ms to import), and the mount is up before
+httpx is loaded: the loader imports it after READY, in a worker thread
+(docs/startup.md, step 5), or sooner, if the reader has to wait for the
+answer (`on_wait`: on a slow link the import fills that wait).
+
+The reading is as strict as `sources.http`'s: the answer must be a 206 whose
+Content-Range is exactly the range asked, of a known total size, with no
+content coding and no Content-Length but the range's, and its body the
+bytes of that range. Anything else (another
+status, an odd header, a stall past the read timeout, a reset, a body cut
+short, a malformed answer) raises `EarlyRefused` before a byte of the body
+is used, and the caller asks again through the HTTP client, which retries,
+fails over and words the error as usual. Once the image's superblock is in,
+the reader stops at the end of the metadata and closes the connection, as
+`Source.read_prefix` does: the rest of the range is not worth link time.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Callable
+
+import h11
+import trio
+
+from .. import preconnect
+from ..sources.base import SourceIdentity
+from ..sources.http import READ_TIMEOUT, parse_content_range
+
+# How much is read from the socket at a time.
+_RECV_SIZE = 64 * 1024
+
+
+class EarlyRefused(Exception):
+    """The early answer is not one to use: ask again through the client."""
+
+
+class EarlyReader:
+    """The early answer to the request for the first `length` bytes of
+    `url`, if `ask_early` sent one (`take`)."""
+
+    def __init__(self, url: str, length: int, sock: socket.socket,
+                 timeout: float = READ_TIMEOUT):
+        self.url, self.length, self.timeout = url, length, timeout
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        # what the answer said about the object, once its headers passed
+        self.identity: SourceIdentity | None = None
+        # called (once) when the reader has to wait for the answer: time the
+        # process has free, e.g. to import the HTTP client after all
+        self.on_wait: Callable[[], None] | None = None
+
+    @classmethod
+    def take(cls, config, length: int) -> EarlyReader | None:
+        """The reader of the answer to `ask_early`'s request for `config`'s
+        source, or None when none was sent (or not all of it)."""
+        sock = preconnect.take_asked(config.source, length)
+        if sock is None:
+            return None
+        timeout = (config.source_options or {}).get("timeout", READ_TIMEOUT)
+        return cls(config.source, length, sock, timeout)
+
+    async def read_prefix(self, needed: Callable[[bytes], int | None]) -> bytes:
+        """At least the first `needed(body)` bytes of the range (as
+        Source.read_prefix), or all of it; raises EarlyRefused. The
+        connection is closed either way: it is not handed on."""
+        try:
+            with trio.fail_after(self.timeout):
+                return await self._read(needed)
+        except trio.TooSlowError:
+            raise EarlyRefused(f"no answer within {self.timeout:g}s") from None
+        except (OSError, h11.ProtocolError) as e:
+            raise EarlyRefused(str(e) or type(e).__name__) from e
+        finally:
+            self._sock.close()
+
+    async def _read(self, needed: Callable[[bytes], int | None]) -> bytes:
+        conn = self._connection()
+        body = bytearray()
+        want: int | None = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if self.on_wait is not None and not self._readable():
+                    self.on_wait, on_wait = None, self.on_wait
+                    on_wait()
+                conn.receive_data(await self._sock.recv(_RECV_SIZE))
+            elif isinstance(event, h11.Response):
+                self.identity = self._check(event)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.length:
+                    raise EarlyRefused(f"body is longer than the {self.length} bytes asked")
+                want = want if want is not None else needed(bytes(body))
+                if want is not None and len(body) >= want:
+                    return bytes(body)
+            elif isinstance(event, h11.EndOfMessage):
+                if len(body) != self.length:
+                    raise EarlyRefused(f"short body, got {len(body)} of {self.length} bytes")
+                return bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise EarlyRefused(f"connection closed after {len(body)} bytes")
+            # an InformationalResponse (1xx) is skipped: the answer follows
+
+    def _readable(self) -> bool:
+        return bool(select.select([self._sock.fileno()], [], [], 0)[0])
+
+    def _connection(self) -> h11.Connection:
+        """An h11 client that has "sent" the request ask_early sent (h11
+        reads an answer by the request it answers)."""
+        request = preconnect.range_request(self.url, self.length)
+        assert request is not None  # take_asked found it sent
+        head, *lines = request.decode("ascii").split("\r\n")
+        _, target, _ = head.split(" ")
+        headers = [tuple(line.split(": ", 1)) for line in lines if line]
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target=target, headers=headers))
+        conn.send(h11.EndOfMessage())
+        return conn
+
+    def _check(self, response: h11.Response) -> SourceIdentity:
+        """The object's identity from an answer that is a plain 206 of the
+        range asked; EarlyRefused for any other."""
+        headers = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in response.headers}  # h11 gives names lower-cased
+        if response.status_code != 206:
+            raise EarlyRefused(f"HTTP {response.status_code} to a range request")
+        parsed = parse_content_range(headers.get("content-range"))
+        if parsed is None or parsed[:2] != (0, self.length - 1) or parsed[2] is None:
+            raise EarlyRefused(f"Content-Range {headers.get('content-range')!r} "
+                               f"for bytes 0-{self.length - 1}")
+        declared = headers.get("content-length")
+        if declared is not None and declared.strip() != str(self.length):
+            raise EarlyRefused(f"Content-Length {declared} for a {self.length}-byte range")
+        if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            raise EarlyRefused(f"Content-Encoding {headers['content-encoding']!r}")
+        return SourceIdentity(parsed[2], headers.get("etag"), headers.get("last-modified"))

@@ -1,0 +1,221 @@
+"""A new cache's metadata read without the HTTP client (incfs.loader.early).
+
+The answer to the request `cachefile.ask_early` sent is read with h11 on
+the early connection; only a plain 206 of exactly the range asked is used,
+and anything else is asked again through the HTTP client (real nginx behind
+it). Answers are written by the tests on the other end of a socket pair: a
+server that misbehaves in each way named, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from incfs.format.layout import SUPERBLOCK_SIZE, Superblock
+from incfs.loader.cache import SourceOnDemand, fetch_metadata
+from incfs.loader.early import EarlyReader
+from incfs.mount import MountConfig
+from incfs.pack import pack
+from incfs.sources import ObjectChangedError
+from incfs.testing.nginx import Nginx
+
+from test_loader_util import MiB, make_tree
+
+FIRST_READ = 64 * 1024
+
+
+@pytest.fixture
+def served(tmp_path):
+    """nginx serving a packed image: (url, the image's bytes, its ETag)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    rng = random.Random(3)
+    files = {f"d{i // 50}/f{i}": rng.randbytes(rng.randrange(1, 5000)) for i in range(120)}
+    files["big"] = rng.randbytes(MiB)
+    pack(make_tree(tmp_path / "src", files), root / "app.img", compress="zstd")
+    with Nginx(root) as nginx:
+        url = nginx.url("app.img")
+        yield url, (root / "app.img").read_bytes(), _etag_of(url)
+
+
+def _etag_of(url: str) -> str:
+    import httpx
+
+    return httpx.head(url).headers["etag"]
+
+
+def _answer(body: bytes, status: str = "206 Partial Content", **headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}", *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _plain(image: bytes, etag: str, length: int = FIRST_READ) -> bytes:
+    """The answer nginx gives: a 206 of the first `length` bytes."""
+    return _answer(image[:length], Content_Range=f"bytes 0-{length - 1}/{len(image)}",
+                   Content_Length=str(length), ETag=etag)
+
+
+def _fetch(url: str, answer: bytes, length: int = FIRST_READ, *, close: bool = True,
+           timeout: float = 5.0):
+    """fetch_metadata with the early answer `answer`; returns (superblock,
+    metadata, whether the HTTP client's source was opened, the identity)."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    server = threading.Thread(target=_send, args=(theirs, answer, close), daemon=True)
+    server.start()
+    config = MountConfig(source=url, mountpoint="/unused")
+    early = EarlyReader(url, length, ours, timeout)
+
+    async def run():
+        demand = SourceOnDemand(config, early)
+        try:
+            with trio.fail_after(30):
+                sb, meta = await fetch_metadata(demand, length, 4 * MiB, early)
+            return sb, meta, demand.opened is not None, early.identity
+        finally:
+            await demand.aclose()
+
+    try:
+        return trio.run(run)
+    finally:
+        theirs.close()
+        server.join(10)
+
+
+def _send(sock: socket.socket, answer: bytes, close: bool) -> None:
+    """The server's side: the answer (more than a socket buffer holds, for
+    some), then the end of the connection, unless `close` is False."""
+    try:
+        sock.sendall(answer)
+        if close:
+            sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the reader stopped and closed its end: as a server sees it
+
+
+def _metadata(image: bytes) -> bytes:
+    return image[:Superblock.decode(image[:SUPERBLOCK_SIZE]).meta_end]
+
+
+def test_a_plain_answer_is_used_and_the_client_never_opened(served):
+    url, image, etag = served
+    sb, meta, opened, identity = _fetch(url, _plain(image, etag))
+    assert meta == _metadata(image) and len(meta) < FIRST_READ
+    assert not opened
+    assert (identity.size, identity.etag) == (len(image), etag)
+
+
+def test_a_chunked_answer_is_read_through_its_chunks(served):
+    url, image, etag = served
+    body = image[:FIRST_READ]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 1000]), body[i:i + 1000])
+                      for i in range(0, len(body), 1000)) + b"0\r\n\r\n"
+    answer = _answer(chunks, Content_Range=f"bytes 0-{FIRST_READ - 1}/{len(image)}",
+                     Transfer_Encoding="chunked", ETag=etag)
+    _, meta, opened, _ = _fetch(url, answer)
+    assert meta == _metadata(image) and not opened
+
+
+def _refusals(image: bytes, etag: str) -> dict[str, bytes]:
+    whole = f"bytes 0-{FIRST_READ - 1}/{len(image)}"
+    head = image[:FIRST_READ]
+    return {
+        "200 with the whole object": _answer(image, "200 OK", Content_Length=str(len(image))),
+        "another range": _answer(head, Content_Range=f"bytes 1-{FIRST_READ}/{len(image)}",
+                                 Content_Length=str(FIRST_READ)),
+        "no total size": _answer(head, Content_Range=f"bytes 0-{FIRST_READ - 1}/*",
+                                 Content_Length=str(FIRST_READ)),
+        "no Content-Range": _answer(head, Content_Length=str(FIRST_READ)),
+        "gzip": _answer(head, Content_Range=whole, Content_Length=str(FIRST_READ),
+                        Content_Encoding="gzip"),
+        "a body cut short": _answer(head[:1000], Content_Range=whole,
+                                    Content_Length=str(FIRST_READ)),
+        "a longer body": _answer(image[:FIRST_READ + 10], Content_Range=whole,
+                                 Content_Length=str(FIRST_READ + 10)),
+        "a 503": _answer(b"busy", "503 Service Unavailable", Content_Length="4"),
+        "not HTTP": b"SSH-2.0-OpenSSH_9.2\r\n",
+        "nothing": b"",
+    }
+
+
+@pytest.mark.parametrize("case", list(_refusals(b"", "")))
+def test_any_other_answer_is_asked_again_through_the_client(served, case):
+    """Each is refused before a byte of its body is used; the client asks
+    nginx again and the metadata is the image's."""
+    url, image, etag = served
+    answer = _refusals(image, etag)[case]
+    if case == "a body cut short":  # the superblock is in it: refused at the end, not before
+        answer = answer[:answer.index(b"\r\n\r\n") + 4 + 1000]
+    _, meta, opened, _ = _fetch(url, answer)
+    assert meta == _metadata(image)
+    assert opened
+
+
+def test_a_stalled_answer_is_given_up_after_the_read_timeout(served):
+    url, image, etag = served
+    _, meta, opened, _ = _fetch(url, b"HTTP/1.1 206 Partial Content\r\n", close=False,
+                                timeout=0.3)
+    assert meta == _metadata(image) and opened
+
+
+def test_metadata_past_the_first_read_comes_through_the_client(served):
+    """With a first read shorter than the metadata, the early answer gives
+    the head and the client (opened for it) the rest."""
+    url, image, etag = served
+    length = 4096
+    assert len(_metadata(image)) > length
+    _, meta, opened, identity = _fetch(url, _plain(image, etag, length), length)
+    assert meta == _metadata(image) and opened and identity.etag == etag
+
+
+def test_the_client_refuses_an_object_other_than_the_early_answers(served):
+    """The client, opened for the rest, takes the early answer's ETag as
+    first seen: nginx's (another) is "the object changed"."""
+    url, image, _ = served
+    with pytest.raises(ObjectChangedError, match="ETag changed"):
+        _fetch(url, _plain(image, '"another-image"', 4096), 4096)
+
+
+def test_open_cache_mounts_a_new_cache_without_importing_the_client(tmp_path, served):
+    """Through the real path: connections opened early (as mount_background
+    does), the request sent (as the daemon does first), open_cache. The
+    cache is made, no source is returned (the loader opens it after READY),
+    httpx is not loaded, and the identity is the object's."""
+    url, image, etag = served
+    cache = tmp_path / "cache.img"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, os, select, sys
+        import trio
+        from incfs import preconnect
+        from incfs.mount import MountConfig
+        from incfs.loader import cachefile
+        from incfs.loader.cache import open_cache
+        env, fds = preconnect.open_early({url!r}, 2)
+        os.environ.update(env)
+        poller = select.poll()
+        poller.register(fds[0], select.POLLOUT)
+        poller.poll(5000)
+        config = MountConfig(source={url!r}, mountpoint="/unused", cache={str(cache)!r})
+        cachefile.ask_early(config)
+        image, source = trio.run(open_cache, config)
+        identity = image.cache_info["identity"]
+        print(json.dumps({{"httpx": "httpx" in sys.modules, "source": source is not None,
+                          "size": identity.size, "etag": identity.etag,
+                          "files": len(image.ns.inodes), "left": preconnect.available(
+                              "127.0.0.1", int({url!r}.split(":")[2].split("/")[0]))}}))
+    """)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got == {"httpx": False, "source": False, "size": len(image), "etag": etag,
+                   "files": got["files"], "left": 1}
+    assert got["files"] > 120 and cache.stat().st_size >= len(_metadata(image))
