@@ -246,14 +246,16 @@ def faults(work: Path, reps: int, size: int, link: Link, with_rclone: bool) -> d
     return _summary(runs)
 
 
-def startup(work: Path, reps: int, link: Link) -> dict:
-    """A 100-file image over the link: mount until the tree is visible, from
-    Python (`mount_background`, what an embedding program calls) and with the
-    command (`incfs mount URL MNT`, what a user types), alternated."""
+def startup(work: Path, reps: int, link: Link, files: int = 100) -> dict:
+    """An image of `files` files (6.25 MiB in all) over the link: mount until
+    the tree is visible, from Python (`mount_background`, what an embedding
+    program calls) and with the command (`incfs mount URL MNT`, what a user
+    types), alternated. Past ~300 files the metadata is longer than the
+    first read (LoaderConfig.first_read), and comes in two requests."""
     src = work / "src"
     src.mkdir()
-    for i in range(100):
-        (src / f"f{i:03d}.bin").write_bytes(os.urandom(64 * 1024))
+    for i in range(files):
+        (src / f"f{i:05d}.bin").write_bytes(os.urandom(100 * 64 * 1024 // files))
     www = work / "www"
     www.mkdir()
     pack(src, www / "app.img", compress="none")
@@ -270,12 +272,12 @@ def startup(work: Path, reps: int, link: Link) -> dict:
                                allow_unsigned=True, prefetch="none")
 
         priming = config_for("warm", "first")
-        _time_startup(priming, "warm")
+        _time_startup(priming, "warm", files)
         _wait_warm()
         for rep in range(reps):
             for how in runs:
                 config = config_for(how, rep)
-                runs[how].append(_time_startup(config, how))
+                runs[how].append(_time_startup(config, how, files))
                 umount(config.mountpoint)
         umount(priming.mountpoint)
         warm.stop()
@@ -290,7 +292,7 @@ def startup(work: Path, reps: int, link: Link) -> dict:
     return {**summary, "target_ms": round((link.rtt_s + 0.150) * 1000)}
 
 
-def _time_startup(config: MountConfig, how: str) -> dict:
+def _time_startup(config: MountConfig, how: str, files: int) -> dict:
     t0 = time.perf_counter()
     if how == "api":
         mount_background(config)
@@ -299,9 +301,9 @@ def _time_startup(config: MountConfig, how: str) -> dict:
                         "--allow-unsigned", "--prefetch", "none", "--cache", config.cache,
                         config.source, config.mountpoint], check=True,
                        env={**os.environ, warm.ENV: "1" if how == "warm" else "0"})
-    visible = len(os.listdir(config.mountpoint)) == 100
+    visible = len(os.listdir(config.mountpoint)) == files
     ready = time.perf_counter() - t0
-    (Path(config.mountpoint) / "f050.bin").open("rb").read(1)
+    (Path(config.mountpoint) / f"f{files // 2:05d}.bin").open("rb").read(1)
     first_byte = time.perf_counter() - t0
     with open(Path(config.mountpoint) / ".incfs" / "status") as f:  # noqa: PTH123
         started_warm = json.load(f).get("warm_start", False)
@@ -326,11 +328,12 @@ def main() -> None:
     parser.add_argument("--size", type=parse_size, default=64 * MiB, help="file size, e.g. 1G")
     parser.add_argument("--link", default="20ms:100mbit", help="RTT:RATE, e.g. 100ms:10mbit")
     parser.add_argument("--no-rclone", action="store_true", help="incfs only")
+    parser.add_argument("--files", type=int, default=100, help="startup: files in the image")
     args = parser.parse_args()
     link = parse_links(args.link, parse_size)[0]
     work = Path(tempfile.mkdtemp(prefix=f"link-rate-{args.case}-"))
     if args.case == "startup":
-        result = startup(work, args.reps, link)
+        result = startup(work, args.reps, link, args.files)
     elif args.case == "faults":
         result = faults(work, args.reps, args.size, link, not args.no_rclone)
     else:

@@ -23,10 +23,11 @@ import trio
 
 from incfs.format.layout import SUPERBLOCK_SIZE, Superblock
 from incfs.loader.cache import SourceOnDemand, fetch_metadata
-from incfs.loader.early import EarlyReader
+from incfs import preconnect
+from incfs.loader.early import EarlyReader, EarlyRefused
 from incfs.mount import MountConfig
 from incfs.pack import pack
-from incfs.sources import ObjectChangedError
+from incfs.sources import ObjectChangedError, SourceIdentity
 from incfs.testing.nginx import Nginx
 
 from test_loader_util import MiB, make_tree
@@ -169,8 +170,9 @@ def test_a_stalled_answer_is_given_up_after_the_read_timeout(served):
 
 
 def test_metadata_past_the_first_read_comes_through_the_client(served):
-    """With a first read shorter than the metadata, the early answer gives
-    the head and the client (opened for it) the rest."""
+    """With a first read shorter than the metadata and no early connection
+    left, the early answer gives the head and the client (opened for it)
+    the rest."""
     url, image, etag = served
     length = 4096
     assert len(_metadata(image)) > length
@@ -219,3 +221,64 @@ def test_open_cache_mounts_a_new_cache_without_importing_the_client(tmp_path, se
     assert got == {"httpx": False, "source": False, "size": len(image), "etag": etag,
                    "files": got["files"], "left": 1}
     assert got["files"] > 120 and cache.stat().st_size >= len(_metadata(image))
+
+
+def test_an_answer_of_another_object_than_the_first_is_refused(served):
+    """A reader for the rest of the metadata sends its own request, and its
+    answer must name the object the first answer did."""
+    url, image, etag = served
+    ours, theirs = socket.socketpair()
+    answer = _answer(image[4096:8192], Content_Range=f"bytes 4096-8191/{len(image)}",
+                     Content_Length="4096", ETag='"another-image"')
+    server = threading.Thread(target=_send, args=(theirs, answer, True), daemon=True)
+    server.start()
+    reader = EarlyReader(url, 4096, ours, 5.0, offset=4096, send=True,
+                         expect=SourceIdentity(len(image), etag))
+    with pytest.raises(EarlyRefused, match="another object"):
+        trio.run(reader.read_prefix, lambda body: None)
+    server.join(10)
+    assert theirs.recv(4096) == preconnect.range_request(url, 4096, 4096)
+    theirs.close()
+
+
+@pytest.mark.parametrize("ranges", [2, 3])
+def test_the_rest_of_the_metadata_comes_over_idle_early_connections(served, ranges):
+    """Three connections opened early: the first carries the first read;
+    the rest of the metadata, in `ranges` pieces, goes one piece to each of
+    the two others, and only a third piece (none left) needs the client."""
+    url, image, _ = served
+    first, meta_end = 4096, len(_metadata(image))
+    chunk = -(-(meta_end - first) // ranges)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, os, select, sys
+        import trio
+        from incfs import preconnect
+        from incfs.mount import MountConfig
+        from incfs.loader.cache import SourceOnDemand, fetch_metadata
+        from incfs.loader.early import EarlyReader
+        env, fds = preconnect.open_early({url!r}, 3)
+        os.environ.update(env)
+        for fd in fds:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll(5000)
+        assert preconnect.ask_early({url!r}, {first})
+        config = MountConfig(source={url!r}, mountpoint="/unused")
+        early = EarlyReader.take(config, {first})
+
+        async def main():
+            demand = SourceOnDemand(config, early)
+            sb, meta = await fetch_metadata(demand, {first}, {chunk}, early)
+            opened = demand.opened is not None
+            await demand.aclose()
+            return meta, opened
+
+        meta, opened = trio.run(main)
+        sys.stdout.buffer.write(json.dumps({{"httpx": "httpx" in sys.modules,
+                                            "opened": opened}}).encode() + b"\\n" + meta)
+    """)], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    line, meta = proc.stdout.split(b"\n", 1)
+    assert meta == _metadata(image)
+    assert json.loads(line) == ({"httpx": False, "opened": False} if ranges == 2 else
+                                {"httpx": True, "opened": True})

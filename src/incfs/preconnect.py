@@ -222,7 +222,6 @@ def ask_early(url: str, length: int) -> bool:
     unless that was done already; without waiting (False: none is
     connected yet, none was opened, or the URL is not one for this). The
     client that takes that connection finds the request sent (`asked`)."""
-    import select
     import socket
 
     request, target = range_request(url, length), _target(url)
@@ -233,14 +232,10 @@ def ask_early(url: str, length: int) -> bool:
     if target in _asked_of or not pool:
         return target in _asked_of
     fd = pool[0][0]  # the one the client takes first
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    if not poller.poll(0):
+    if not _connected(fd):
         return False  # still connecting
     sock = socket.socket(fileno=fd)
     try:
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            return False
         sent = sock.send(request)
     except OSError:
         return False
@@ -272,6 +267,40 @@ def take_asked(url: str, length: int) -> socket.socket | None:
     return None
 
 
+def take_idle(url: str) -> socket.socket | None:
+    """An early connection to `url`'s host with its handshake done and no
+    request on it, taken out of the pool (for incfs.loader.early, which
+    asks for more of the metadata before the HTTP client is imported), or
+    None."""
+    import socket
+
+    target = _target(url)
+    for fd, at in list(_adopted.get(target, [])) if target is not None else []:
+        if fd not in _asked and time.time() - at <= MAX_AGE and _connected(fd):
+            _adopted[target].remove((fd, at))
+            return socket.socket(fileno=fd)
+    return None
+
+
+def _connected(fd: int) -> bool:
+    """Whether the connection on `fd` has its handshake done, without
+    waiting (False: still connecting, or it failed)."""
+    import select
+    import socket
+
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
 def asked(fd: int) -> bytes:
     """What `ask_early` sent on `fd` (b"" if nothing), once."""
     return _asked.pop(fd, b"")
@@ -291,9 +320,10 @@ def discard() -> None:
     _asked_of.clear()
 
 
-def range_request(url: str, length: int) -> bytes | None:
-    """The bytes of `GET url` for its first `length` bytes as the daemon's
-    HTTP client (sources.http) sends them, for `ask_early`; None when this
+def range_request(url: str, length: int, offset: int = 0) -> bytes | None:
+    """The bytes of `GET url` for `length` bytes at `offset` (its first, by
+    default) as the daemon's HTTP client (sources.http) sends them, for
+    `ask_early` and incfs.loader.early; None when this
     strict reading cannot be sure of them: not plain http (TLS is the
     client's), a user or password in the URL, a path or query with
     characters httpx might escape otherwise. tests/test_startup.py holds
@@ -311,7 +341,8 @@ def range_request(url: str, length: int) -> bytes | None:
     path = rest[cut:] if rest[cut:].startswith("/") else "/" + rest[cut:]
     return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n"
             f"Connection: keep-alive\r\nAccept-Encoding: identity\r\n"
-            f"User-Agent: {USER_AGENT}\r\nRange: bytes=0-{length - 1}\r\n\r\n").encode("ascii")
+            f"User-Agent: {USER_AGENT}\r\nRange: bytes={offset}-{offset + length - 1}\r\n\r\n"
+            ).encode("ascii")
 
 
 def _target(url: str) -> tuple[str, int] | None:

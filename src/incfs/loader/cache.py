@@ -115,10 +115,11 @@ async def open_cache(config) -> tuple[Image, Source | None]:
 class SourceOnDemand:
     """A mount's source, opened the first time it is wanted. A new cache
     whose metadata is read early (`early`, incfs.loader.early) wants it only
-    if the metadata is longer than the first read, or the early answer is
-    refused: the HTTP client is imported then (in a worker thread, ~40 ms),
-    and not before the mount is up otherwise. A source opened so takes what
-    the early answer said of the object as first seen."""
+    if an early answer is refused or no early connection is left for the
+    rest of a long metadata (`read_ranges`): the HTTP client is imported
+    then (in a worker thread, ~30 ms), and not before the mount is up
+    otherwise. A source opened so takes what the early answer said of the
+    object as first seen."""
 
     def __init__(self, config, early: EarlyReader | None = None):
         self.config, self.early = config, early
@@ -145,6 +146,30 @@ class SourceOnDemand:
                 if self.early is not None and self.early.identity is not None:
                     self.opened.adopt_identity(self.early.identity)
             return self.opened
+
+    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each (offset, length), side by side: once the early
+        answer is in, each over an early connection still idle (no client
+        needed), else through the source."""
+        if self.early is None or self.early.identity is None:
+            return await (await self.get()).read_many(ranges)
+        got = [b""] * len(ranges)
+
+        async def one(i: int) -> None:
+            got[i] = await self._read(*ranges[i])
+
+        await _both(*(functools.partial(one, i) for i in range(len(ranges))))
+        return got
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        assert self.early is not None and self.early.identity is not None
+        reader = EarlyReader.idle(self.config, offset, length, self.early.identity)
+        if reader is not None:
+            try:
+                return await reader.read_prefix(lambda body: None)
+            except EarlyRefused as e:
+                log.info("%s: an early answer is not used (%s); asking again", self.name, e)
+        return await (await self.get()).read(offset, length)
 
     async def aclose(self) -> None:
         if self.opened is not None:
@@ -360,7 +385,7 @@ async def fetch_metadata(source: Source | SourceOnDemand, first_read: int = DEFA
     if sb.meta_end > len(head):  # a source that does not stream, or a short answer
         ranges = [(o, min(meta_chunk, sb.meta_end - o))
                   for o in range(len(head), sb.meta_end, meta_chunk)]
-        head += b"".join(await (await demand.get()).read_many(ranges))
+        head += b"".join(await demand.read_ranges(ranges))
     return sb, head[:sb.meta_end]
 
 
@@ -423,4 +448,4 @@ class _RestOfMetadata:
             return  # all in the first request, not known, or a damaged superblock
         ranges = [(o, min(self.meta_chunk, end - o))
                   for o in range(self.first_read, end, self.meta_chunk)]
-        self.data = b"".join(await (await self.source.get()).read_many(ranges))
+        self.data = b"".join(await self.source.read_ranges(ranges))

@@ -6,7 +6,7 @@ is imported.
 started. Importing httpx and httpcore to read its answer costs ~40 ms of a
 cold start's ~200 ms to a visible tree; reading one response on one socket
 needs none of it. So `EarlyReader` reads it with h11 (the HTTP/1.1 parser
-httpcore itself is built on, ~7 ms to import), and the mount is up before
+httpcore itself is built on, ~6 ms to import), and the mount is up before
 httpx is loaded: the loader imports it after READY, in a worker thread
 (docs/startup.md, step 5), or sooner, if the reader has to wait for the
 answer (`on_wait`: on a slow link the import fills that wait).
@@ -14,13 +14,20 @@ answer (`on_wait`: on a slow link the import fills that wait).
 The reading is as strict as `sources.http`'s: the answer must be a 206 whose
 Content-Range is exactly the range asked, of a known total size, with no
 content coding and no Content-Length but the range's, and its body the
-bytes of that range. Anything else (another
-status, an odd header, a stall past the read timeout, a reset, a body cut
-short, a malformed answer) raises `EarlyRefused` before a byte of the body
-is used, and the caller asks again through the HTTP client, which retries,
-fails over and words the error as usual. Once the image's superblock is in,
+bytes of that range. Anything else (another status, an odd header, a stall
+past the read timeout, a reset, a body cut short, a malformed answer)
+raises `EarlyRefused` before a byte of the body is used, and the caller
+asks again through the HTTP client, which retries, fails over and words
+the error as usual. Once the image's superblock is in,
 the reader stops at the end of the metadata and closes the connection, as
 `Source.read_prefix` does: the rest of the range is not worth link time.
+
+Metadata longer than the first read (images of more than ~300 files) is
+read the same way: its rest is asked for on the early connections still
+idle (`EarlyReader.idle`, a request each), once the superblock says how
+much is left, and each answer must name the object the first did (size,
+ETag, Last-Modified). Only with no idle connection left, or an answer
+refused, is the client imported to ask.
 """
 
 from __future__ import annotations
@@ -45,13 +52,21 @@ class EarlyRefused(Exception):
 
 
 class EarlyReader:
-    """The early answer to the request for the first `length` bytes of
-    `url`, if `ask_early` sent one (`take`)."""
+    """The answer to a request for `length` bytes at `offset` of `url` on
+    one early connection: the request `ask_early` sent (`take`), or one
+    this reader sends on a connection still idle (`idle`)."""
 
     def __init__(self, url: str, length: int, sock: socket.socket,
-                 timeout: float = READ_TIMEOUT):
-        self.url, self.length, self.timeout = url, length, timeout
+                 timeout: float = READ_TIMEOUT, *, offset: int = 0, send: bool = False,
+                 expect: SourceIdentity | None = None):
+        self.url, self.offset, self.length, self.timeout = url, offset, length, timeout
+        request = preconnect.range_request(url, length, offset)
+        assert request is not None  # early connections are only made for such URLs
+        self._request = request
+        self._unsent = request if send else b""
         self._sock = trio.socket.from_stdlib_socket(sock)
+        # what an earlier answer said about the object: this one must agree
+        self.expect = expect
         # what the answer said about the object, once its headers passed
         self.identity: SourceIdentity | None = None
         # called (once) when the reader has to wait for the answer: time the
@@ -63,10 +78,21 @@ class EarlyReader:
         """The reader of the answer to `ask_early`'s request for `config`'s
         source, or None when none was sent (or not all of it)."""
         sock = preconnect.take_asked(config.source, length)
+        return None if sock is None else cls(config.source, length, sock, _timeout(config))
+
+    @classmethod
+    def idle(cls, config, offset: int, length: int,
+             expect: SourceIdentity) -> EarlyReader | None:
+        """A reader that asks for `length` bytes at `offset` on an early
+        connection nobody has used, or None when none is left. Its answer
+        must say what `expect` (the first answer's) says of the object:
+        anything else is refused (the client then asks, and tells the
+        object changed)."""
+        sock = preconnect.take_idle(config.source)
         if sock is None:
             return None
-        timeout = (config.source_options or {}).get("timeout", READ_TIMEOUT)
-        return cls(config.source, length, sock, timeout)
+        return cls(config.source, length, sock, _timeout(config), offset=offset, send=True,
+                   expect=expect)
 
     async def read_prefix(self, needed: Callable[[bytes], int | None]) -> bytes:
         """At least the first `needed(body)` bytes of the range (as
@@ -84,6 +110,8 @@ class EarlyReader:
 
     async def _read(self, needed: Callable[[bytes], int | None]) -> bytes:
         conn = self._connection()
+        while self._unsent:
+            self._unsent = self._unsent[await self._sock.send(self._unsent):]
         body = bytearray()
         want: int | None = None
         while True:
@@ -114,11 +142,10 @@ class EarlyReader:
         return bool(select.select([self._sock.fileno()], [], [], 0)[0])
 
     def _connection(self) -> h11.Connection:
-        """An h11 client that has "sent" the request ask_early sent (h11
-        reads an answer by the request it answers)."""
-        request = preconnect.range_request(self.url, self.length)
-        assert request is not None  # take_asked found it sent
-        head, *lines = request.decode("ascii").split("\r\n")
+        """An h11 client that has "sent" our request (h11 reads an answer by
+        the request it answers; the bytes go out as range_request wrote
+        them)."""
+        head, *lines = self._request.decode("ascii").split("\r\n")
         _, target, _ = head.split(" ")
         headers = [tuple(line.split(": ", 1)) for line in lines if line]
         conn = h11.Connection(h11.CLIENT)
@@ -133,13 +160,22 @@ class EarlyReader:
                    for name, value in response.headers}  # h11 gives names lower-cased
         if response.status_code != 206:
             raise EarlyRefused(f"HTTP {response.status_code} to a range request")
+        first, last = self.offset, self.offset + self.length - 1
         parsed = parse_content_range(headers.get("content-range"))
-        if parsed is None or parsed[:2] != (0, self.length - 1) or parsed[2] is None:
+        if parsed is None or parsed[:2] != (first, last) or parsed[2] is None:
             raise EarlyRefused(f"Content-Range {headers.get('content-range')!r} "
-                               f"for bytes 0-{self.length - 1}")
+                               f"for bytes {first}-{last}")
         declared = headers.get("content-length")
         if declared is not None and declared.strip() != str(self.length):
             raise EarlyRefused(f"Content-Length {declared} for a {self.length}-byte range")
         if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
             raise EarlyRefused(f"Content-Encoding {headers['content-encoding']!r}")
-        return SourceIdentity(parsed[2], headers.get("etag"), headers.get("last-modified"))
+        identity = SourceIdentity(parsed[2], headers.get("etag"), headers.get("last-modified"))
+        if self.expect is not None and identity != self.expect:
+            raise EarlyRefused(f"another object than the first answer's ({identity})")
+        return identity
+
+
+def _timeout(config) -> float:
+    """Seconds an early answer may stall: the source's read timeout."""
+    return (config.source_options or {}).get("timeout", READ_TIMEOUT)
