@@ -388,7 +388,7 @@ def _import_opening(config: MountConfig) -> None:
     request was sent early, not even that: its answer is read without the
     client (incfs.loader.early), which the loader imports after READY."""
     if _loads(config):
-        from . import preconnect, sources  # noqa: F401
+        from . import preconnect
         from .loader import cachefile
         from .loader.remote import preload_loader_source
 

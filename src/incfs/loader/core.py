@@ -171,7 +171,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
     async def _open_source(self) -> Source:
         """The loader's own source. For a cache whose metadata open_cache
         read without the HTTP client (incfs.loader.early), the client is
-        imported once the mount is up, in a worker thread (~40 ms of the
+        imported once the mount is up, in a worker thread (~30 ms of the
         start otherwise), and the source takes what that answer said of the
         object as first seen: an answer of another image is then refused."""
         identity = self.info.get("identity")

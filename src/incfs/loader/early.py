@@ -139,7 +139,9 @@ class EarlyReader:
             # an InformationalResponse (1xx) is skipped: the answer follows
 
     def _readable(self) -> bool:
-        return bool(select.select([self._sock.fileno()], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def _connection(self) -> h11.Connection:
         """An h11 client that has "sent" our request (h11 reads an answer by
