@@ -147,17 +147,21 @@ def test_incfs_restart_replaces_the_daemon_under_load(tmp_path, image, incfs):
 
 def test_umount_works_while_no_daemon_can_start(tmp_path, image, incfs):
     """A new daemon that cannot start (its image is gone) never hangs
-    umount: the supervisor backs off, and ends when the connection does."""
+    umount: the supervisor backs off, and ends when the connection does,
+    removing what the killed daemon left in the runtime directory."""
     img, _ = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
-        supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+        rundir = runtime_dir(str(m.path))
+        supervisor = int((rundir / "supervisor.pid").read_text())
         os.rename(img, img.with_suffix(".gone"))
         os.kill(daemon_pid(m), signal.SIGKILL)
         time.sleep(0.5)
+        assert (rundir / "pid").exists() and (rundir / "control.sock").exists()
         done = subprocess.run(["umount", str(m.path)], capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, done.stderr
         wait_until(lambda: not process_alive(supervisor), timeout=30, what="the supervisor")
+        assert not rundir.exists(), sorted(p.name for p in rundir.iterdir())
 
 
 def test_restart_refuses_a_foreground_mount(tmp_path, image, incfs, one_line_error):
@@ -170,7 +174,8 @@ def test_restart_refuses_a_foreground_mount(tmp_path, image, incfs, one_line_err
 def test_a_supervisor_that_dies_leaves_the_daemon_serving(tmp_path, image, incfs):
     img, expected = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
-        supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+        rundir = runtime_dir(str(m.path))
+        supervisor = int((rundir / "supervisor.pid").read_text())
         daemon = daemon_pid(m)
         os.kill(supervisor, signal.SIGKILL)
         wait_until(lambda: not process_alive(supervisor), timeout=10)
@@ -178,6 +183,8 @@ def test_a_supervisor_that_dies_leaves_the_daemon_serving(tmp_path, image, incfs
             assert (m.path / name).read_bytes() == data
         assert m.status()["pid"] == daemon
     assert not process_alive(daemon)  # it still ends at the unmount
+    # and takes the dead supervisor's pid file with its own runtime files
+    assert not rundir.exists(), sorted(p.name for p in rundir.iterdir())
 
 
 def test_two_restarts_at_once(tmp_path, image):

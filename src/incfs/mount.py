@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from . import kmount, preconnect, startup
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
-from .rundir import runtime_dir
+from .rundir import drop_pid_file, runtime_dir
 
 # The daemon's machinery (trio, FUSE, the image, the loader, httpx) is
 # imported where it is used, not here: `incfs mount` imports this module
@@ -357,6 +357,7 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None,
             os.close(ready_fd)
 
     resuming = succession is not None and succession.resume_fd is not None
+    supervisor = os.getppid() if succession is not None and succession.supervised else None
     if not resuming:
         from .loader import cachefile
 
@@ -364,7 +365,7 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None,
 
     import trio
 
-    from .supervisor import HANDOVER_EXIT
+    from .supervisor import HANDOVER_EXIT, supervisor_pid_file
 
     try:
         if not resuming:  # a resumed daemon's mount point is mounted: by itself
@@ -376,6 +377,8 @@ def run_foreground(config: MountConfig, ready_fd: int | None = None,
         return exit_code(e)
     if handed_over:
         return HANDOVER_EXIT  # the runtime files are the next daemon's
+    if supervisor is not None and os.getppid() != supervisor:  # it was killed: its file stays
+        drop_pid_file(supervisor_pid_file(runtime_dir(config.mountpoint)), supervisor)
     remove_runtime_dir(config.mountpoint)
     return 0
 

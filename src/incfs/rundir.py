@@ -32,3 +32,56 @@ def runtime_dir(mountpoint: str) -> Path:
 
     key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
     return runtime_base() / key
+
+
+def drop_pid_file(path: Path, pid: int) -> bool:
+    """Remove a pid file that still names `pid`, a process known to be gone
+    (killed before it could remove the file itself); True if it did. A file
+    naming another pid is a newer process's (a new mount of the same point),
+    and stays."""
+    try:
+        if int(path.read_text()) != pid:
+            return False
+        path.unlink()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def drop_daemon_leftovers(rundir: Path) -> None:
+    """What a daemon gone without its own cleanup (SIGKILL) left in its
+    mount's runtime directory: its pid file, its control socket (one older
+    than that pid file: a newer daemon's socket is made after it) and an
+    empty passthrough directory; nothing if the pid file names a process
+    alive (a newer daemon's). The directory itself can then be removed."""
+    pid_file, sock = rundir / "pid", rundir / "control.sock"
+    try:
+        pid, written = int(pid_file.read_text()), pid_file.stat().st_mtime_ns
+    except (OSError, ValueError):
+        return
+    if _alive(pid) or not drop_pid_file(pid_file, pid):
+        return
+    try:
+        if sock.stat().st_mtime_ns <= written:
+            sock.unlink()
+    except OSError:
+        pass
+    try:
+        (rundir / "passthrough").rmdir()  # only if empty: markers are not ours to judge
+    except OSError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not; a process of another user does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

@@ -43,7 +43,7 @@ from pathlib import Path
 from . import preconnect, startup
 from .forked import (DAEMON_NAME, SUPERVISOR_NAME, WARM_STARTED_ENV, Forked, fork_call,
                      process_name, set_name)
-from .rundir import runtime_dir
+from .rundir import drop_daemon_leftovers, runtime_dir
 
 log = logging.getLogger("incfs.supervisor")
 
@@ -282,6 +282,7 @@ def main(argv: list[str]) -> int:
     finally:
         pid_file.unlink(missing_ok=True)
         os.close(sup.fuse_fd)
+        drop_daemon_leftovers(rundir)  # a daemon of ours killed: its files
         try:
             rundir.rmdir()  # only if the daemon left it empty
         except OSError:
