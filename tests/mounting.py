@@ -33,7 +33,8 @@ import zstandard
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.control import Client
 from incfs.mount import MountConfig, mount_background, runtime_dir, umount
-from incfs.waits import process_alive, runs_module
+from incfs.procs import process_alive, runs_module
+from incfs.rundir import drop_daemon_leftovers
 
 try:  # numpy makes the 500 MiB file cheap to generate; the pure port is the reference
     import numpy as np
@@ -92,6 +93,11 @@ def force_unmount(mountpoint: str | os.PathLike, pid: int | None = None,
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_gone(pid, 10.0)
+    # a daemon killed here (or before) could not remove its runtime files
+    rundir = runtime_dir(str(mountpoint))
+    drop_daemon_leftovers(rundir)
+    with contextlib.suppress(OSError):
+        rundir.rmdir()
 
 
 class Mount:

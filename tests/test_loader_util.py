@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from incfs.mount import MountConfig, mount_background, runtime_dir, umount
-from incfs.waits import process_alive
+from incfs.procs import process_alive
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ import pytest
 from incfs import kmount
 from incfs.mount_helper import HELPERS, helper_script, install, options_to_args, split_options
 from incfs.pack import pack
-from incfs.waits import process_alive
+from incfs.procs import process_alive
 from mounting import daemon_pid, force_unmount, wait_gone
 
 SBIN = "/usr/sbin"

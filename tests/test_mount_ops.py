@@ -20,7 +20,7 @@ from incfs.errors import IncfsError
 from incfs.mount import MountConfig, mount_background, runtime_dir, umount
 from incfs.native import kernel_has_erofs, swap_in_erofs
 from incfs.pack import pack
-from incfs.waits import process_alive
+from incfs.procs import process_alive
 from mounting import daemon_pid, force_unmount, mounts, wait_gone  # noqa: F401  (fixture)
 
 INCFS = [sys.executable, "-m", "incfs.cli"]

@@ -16,7 +16,7 @@ import pytest
 from incfs import BLOCK_SIZE, ROOT_INO
 from incfs.control import Client
 from incfs.rundir import runtime_dir
-from incfs.waits import process_alive
+from incfs.procs import process_alive
 from mounting import empty_mount, fork_child, mounted, mounts, wait_child, wait_until  # noqa: F401
 
 MiB = 1 << 20

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from . import kmount, preconnect, startup
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
+from .procs import process_alive, runs_module
 from .rundir import drop_pid_file, runtime_dir
 
 # The daemon's machinery (trio, FUSE, the image, the loader, httpx) is
@@ -662,23 +663,12 @@ def _read_pid(path: Path) -> int | None:
 
 
 def _wait_exit(pid: int | None, deadline: float) -> None:
-    from .waits import runs_module
-
     while pid and time.monotonic() < deadline and process_alive(pid) and runs_module(pid):
         time.sleep(0.02)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether `pid` is alive (incfs.waits.process_alive)."""
-    from .waits import process_alive as alive  # loads trio: only when unmounting
-
-    return alive(pid)
-
-
 def _signal_daemon(pid: int, sig: int) -> bool:
     """Signal an incfs daemon, never a process that merely reuses its pid."""
-    from .waits import runs_module
-
     if not runs_module(pid):
         return False
     try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from .procs import process_alive
+
 TYPE_CHECKING = False  # typing is not imported either (see above)
 if TYPE_CHECKING:
     from pathlib import Path
@@ -59,7 +61,7 @@ def drop_daemon_leftovers(rundir: Path) -> None:
         pid, written = int(pid_file.read_text()), pid_file.stat().st_mtime_ns
     except (OSError, ValueError):
         return
-    if _alive(pid) or not drop_pid_file(pid_file, pid):
+    if process_alive(pid) or not drop_pid_file(pid_file, pid):
         return
     try:
         if sock.stat().st_mtime_ns <= written:
@@ -71,17 +73,3 @@ def drop_daemon_leftovers(rundir: Path) -> None:
     except OSError:
         pass
 
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not; a process of another user does)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False

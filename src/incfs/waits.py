@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
+
+from .procs import process_alive
 
 
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
@@ -248,33 +249,3 @@ class Waits:
         pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
         return {"p50_ms": round(pick(0.50), 3), "p99_ms": round(pick(0.99), 3),
                 "histogram": histogram}
-
-
-def runs_module(pid: int, module: bytes = b"incfs") -> bool:
-    """Whether process `pid` runs incfs (`module`, e.g. b"incfs.mount", in its
-    command line): pids are reused, and a stale pid file must never make us
-    signal somebody else's process."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return module in f.read()
-    except OSError:
-        return False
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return os.path.exists(f"/proc/{pid}") and _not_zombie(pid)
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-

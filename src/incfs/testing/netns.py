@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from incfs.waits import process_alive
+from incfs.procs import process_alive
 
 __all__ = ["NS_PREFIX", "EmulatedLink", "LinkSetupError", "call_in_netns", "cleanup_stale", "missing_feature"]
 
