@@ -87,6 +87,10 @@ def test_a_sequential_reader_readahead_builds_the_leaves(tmp_path, served):
     behind the windows and almost all are)."""
     _image, nginx = served
     with mounted(_config(tmp_path, nginx, prefetch="none")) as mnt:
+        # the loader opens its HTTP client ~30 ms after the mount is up
+        # (incfs.loader.early): reads made before then all wait, and are
+        # served together as misses, past where windows would have started
+        wait_for(lambda: status(mnt)["loader"]["sources"], 30, what="the loader's source")
         got = subprocess.run(["cat", str(mnt / "big.bin")], capture_output=True, check=True)
         assert got.stdout == FILES["big.bin"]
         loader = status(mnt)["loader"]
