@@ -39,7 +39,7 @@ from ..sources.http import redact_url
 from .cachefile import cache_path
 from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .early import EarlyReader, EarlyRefused
-from .remote import open_loader_source, preload_aside, preload_loader_source
+from .remote import open_imported_source, open_loader_source, preload_aside
 
 if TYPE_CHECKING:  # imported when a cache is opened: a mount's metadata request goes first
     from ..image import Image
@@ -140,11 +140,8 @@ class SourceOnDemand:
     async def get(self) -> Source:
         async with self._lock:
             if self.opened is None:
-                if self.early is not None:
-                    await trio.to_thread.run_sync(preload_loader_source, self.config)
-                self.opened = open_loader_source(self.config)
-                if self.early is not None and self.early.identity is not None:
-                    self.opened.adopt_identity(self.early.identity)
+                self.opened = (open_loader_source(self.config) if self.early is None else
+                               await open_imported_source(self.config, self.early.identity))
             return self.opened
 
     async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:

@@ -53,7 +53,7 @@ from .jobs import FetchFailed, JobRunner
 from .link import LinkEstimate
 from .plan import HASH, Job, Key, Planner, Want, aligned_slices, leaf_within
 from .prefetch import PrefetchMixin, source_runs_in_slices
-from .remote import open_loader_source, preload_loader_source
+from .remote import open_imported_source, open_loader_source
 from .reuse import ReuseMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
@@ -178,9 +178,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         if identity is None:
             return open_loader_source(self.config)
         await self.service.ready.wait()
-        await trio.to_thread.run_sync(preload_loader_source, self.config)
-        source = open_loader_source(self.config)
-        source.adopt_identity(identity)
+        source = await open_imported_source(self.config, identity)
         # its connections were opened early and idle, and the image was read
         # a moment ago: no warm-up (see _warm_up)
         self._source_warm = True

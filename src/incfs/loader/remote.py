@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..sources import Source, open_source, options_for, preload
+import trio
+
+from ..sources import Source, SourceIdentity, open_source, options_for, preload
 
 
 def open_loader_source(config, **extra) -> Source:
@@ -32,3 +34,15 @@ def preload_aside(config) -> None:
 
     threading.Thread(target=preload_loader_source, args=(config,), name="import-client",
                      daemon=True).start()
+
+
+async def open_imported_source(config, identity: SourceIdentity | None) -> Source:
+    """The mount's source for a process that has not imported its client
+    yet (the metadata came without it, incfs.loader.early): the import runs
+    in a worker thread, and the source takes `identity` (what an answer read
+    elsewhere said of the object) as first seen."""
+    await trio.to_thread.run_sync(preload_loader_source, config)
+    source = open_loader_source(config)
+    if identity is not None:
+        source.adopt_identity(identity)
+    return source

@@ -135,6 +135,9 @@ class Source(abc.ABC):
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
     #: Whether reading needs the network (a mount from it needs a cache).
     REMOTE: ClassVar[bool] = True
+    #: Whether answers' validators (ETag, Last-Modified) are checked
+    #: (adopt_identity); a backend may let its user turn that off.
+    check_validators: bool = True
 
     name: str
     stats: SourceStats
@@ -159,6 +162,10 @@ class Source(abc.ABC):
         self.name = name
         self.max_concurrency = max_concurrency
         self.stats = SourceStats()
+        # the object's identity as first seen (adopt_identity)
+        self._size: int | None = None
+        self._etag: str | None = None
+        self._last_modified: str | None = None
 
     @abc.abstractmethod
     async def size(self) -> int:
@@ -169,13 +176,36 @@ class Source(abc.ABC):
         """Exactly `length` bytes starting at `offset`, or raise SourceError."""
 
     def adopt_identity(self, identity: SourceIdentity) -> None:
-        """Take `identity`, read from an answer of this object that did not
-        come through this source (incfs.loader.early), as first seen; raise
-        ObjectChangedError if this source has seen another. Backends that
-        can be handed one implement it (HttpSource: the early answer is only
-        ever of a plain http:// URL); for the others a call is a bug, not a
-        check to skip quietly."""
-        raise NotImplementedError(f"{type(self).__name__} is not handed identities")
+        """Remember the object's size and validator on first sight, whether
+        from this source's own answers or from one read elsewhere
+        (incfs.loader.early); raise ObjectChangedError when a later one
+        disagrees. The validator is the ETag (a proxy's W/ weakening of it
+        ignored), else Last-Modified; `check_validators` False (servers
+        whose validators cannot be trusted) leaves only the size."""
+        total = identity.size
+        if total is not None:
+            if self._size is None:
+                self._size = total
+            elif total != self._size:
+                raise ObjectChangedError(
+                    f"{self.name}: object size changed from {self._size} to {total}")
+        if not self.check_validators:
+            return
+        if identity.etag:
+            etag = identity.etag.removeprefix("W/")
+            if self._etag is None:
+                self._etag = etag
+            elif etag != self._etag:
+                raise ObjectChangedError(
+                    f"{self.name}: ETag changed from {self._etag} to {etag}")
+            return
+        modified = identity.last_modified
+        if modified:
+            if self._last_modified is None:
+                self._last_modified = modified
+            elif modified != self._last_modified:
+                raise ObjectChangedError(f"{self.name}: Last-Modified changed from "
+                                         f"{self._last_modified} to {modified}")
 
     async def read_prefix(self, offset: int, length: int,
                           needed: Callable[[bytes], int | None]) -> bytes:

@@ -305,10 +305,7 @@ class HttpSource(Source):
             transport=_early_transport(verify, http2, limits) if self.preconnected else None,
         )
         self._limiter = trio.CapacityLimiter(max_connections)
-        self._size: int | None = None
         self._size_lock = trio.Lock()
-        self._etag: str | None = None
-        self._last_modified: str | None = None
 
     @property
     def preconnected(self) -> int:
@@ -322,33 +319,6 @@ class HttpSource(Source):
         ObjectChangedError when a later response disagrees."""
         self.adopt_identity(SourceIdentity(total, response.headers.get("etag"),
                                            response.headers.get("last-modified")))
-
-    def adopt_identity(self, identity: SourceIdentity) -> None:
-        total = identity.size
-        if total is not None:
-            if self._size is None:
-                self._size = total
-            elif total != self._size:
-                raise ObjectChangedError(
-                    f"{self.name}: object size changed from {self._size} to {total}")
-        if not self.check_validators:
-            return
-        etag = identity.etag
-        if etag:
-            etag = etag.removeprefix("W/")  # proxies may weaken an unchanged tag
-            if self._etag is None:
-                self._etag = etag
-            elif etag != self._etag:
-                raise ObjectChangedError(
-                    f"{self.name}: ETag changed from {self._etag} to {etag}")
-            return
-        modified = identity.last_modified
-        if modified:
-            if self._last_modified is None:
-                self._last_modified = modified
-            elif modified != self._last_modified:
-                raise ObjectChangedError(f"{self.name}: Last-Modified changed from "
-                                         f"{self._last_modified} to {modified}")
 
     def _check_encoding(self, response: httpx.Response) -> None:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()

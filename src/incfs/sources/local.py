@@ -21,6 +21,7 @@ from incfs.sources.base import (
     PermanentSourceError,
     Source,
     SourceError,
+    SourceIdentity,
     TransientSourceError,
     check_range,
     check_within,
@@ -95,9 +96,15 @@ class LocalSource(Source):
             if self._closed:
                 raise PermanentSourceError(f"{self.name}: source is closed")
             if self._fd is None:
-                self._fd, self._identity = await trio.to_thread.run_sync(
+                fd, identity = await trio.to_thread.run_sync(
                     self._open_sync, limiter=self._limiter
                 )
+                try:  # the size this source was handed, if any, must be the file's
+                    self.adopt_identity(SourceIdentity(identity[0]))
+                except ObjectChangedError:
+                    os.close(fd)
+                    raise
+                self._fd, self._identity = fd, identity
             return self._fd
 
     def _open_sync(self) -> tuple[int, tuple[int, int]]:

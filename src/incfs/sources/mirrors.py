@@ -31,6 +31,7 @@ from incfs.sources.base import (
     PermanentSourceError,
     Source,
     SourceError,
+    SourceIdentity,
     SourceStats,
     TransientSourceError,
     check_range,
@@ -111,6 +112,14 @@ class MirroredSource(Source):
                                           deadline=300.0)
         self._size = expected_size
         self._size_lock = trio.Lock()
+
+    def adopt_identity(self, identity: SourceIdentity) -> None:
+        """The size is the object's, and every mirror must agree with it;
+        validators are each server's own (two servers' ETags for one file
+        differ), so they go to no mirror."""
+        super().adopt_identity(SourceIdentity(identity.size))
+        for mirror in self.mirrors:
+            mirror.source.adopt_identity(SourceIdentity(identity.size))
 
     # -- choosing mirrors ---------------------------------------------------
 

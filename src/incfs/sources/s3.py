@@ -30,6 +30,7 @@ from incfs.sources.base import (
     RangeNotSatisfiableError,
     Source,
     SourceError,
+    SourceIdentity,
     TransientSourceError,
     check_range,
     check_within,
@@ -136,8 +137,6 @@ class S3Source(Source):
         self._client: Any = None
         self._client_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(max_connections)
-        self._size: int | None = None
-        self._etag: str | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3Source:
@@ -185,17 +184,7 @@ class S3Source(Source):
     # -- identity -----------------------------------------------------------
 
     def _check_identity(self, etag: str | None, total: int | None) -> None:
-        if total is not None:
-            if self._size is None:
-                self._size = total
-            elif total != self._size:
-                raise ObjectChangedError(
-                    f"{self.name}: object size changed from {self._size} to {total}")
-        if etag:
-            if self._etag is None:
-                self._etag = etag
-            elif etag != self._etag:
-                raise ObjectChangedError(f"{self.name}: ETag changed from {self._etag} to {etag}")
+        self.adopt_identity(SourceIdentity(total, etag))
 
     def _object_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
