@@ -76,10 +76,13 @@ def test_mount_http_status_profile_umount(served_image):
         # the command opened the source's connections before forking the
         # daemon (incfs.preconnect), and the daemon got them: the first
         # carried the metadata (read without the client, incfs.loader.early),
-        # the loader's source has the others
+        # the others the first reads (incfs.loader.ondemand), then the
+        # loader's source has them
         from incfs.loader.config import DEFAULTS
 
-        assert status["loader"]["sources"][0]["early_connections"] == DEFAULTS.warm_connections - 1
+        source = status["loader"]["sources"][0]
+        assert source["early_connections"] == DEFAULTS.warm_connections - 1
+        assert source["early_requests"] >= 1 and source["errors"] == 0
         if os.geteuid() == 0:  # the readahead window is root's to set
             from incfs.mount import READAHEAD_LOADING_KB
 

@@ -248,7 +248,7 @@ def test_the_daemon_gets_the_connections_mount_background_opened(tmp_path, serve
     starts (incfs.preconnect); they reach the daemon through the supervisor's
     fork (or straight, unsupervised) and carry its requests: the first, the
     metadata's, read without the HTTP client (incfs.loader.early), the
-    others given to the loader's source."""
+    first reads' (incfs.loader.ondemand), then the loader's source's."""
     from incfs.loader.config import DEFAULTS
 
     root, nginx = served
@@ -258,7 +258,9 @@ def test_the_daemon_gets_the_connections_mount_background_opened(tmp_path, serve
                          supervise=supervise)) as mnt:
         _assert_same(mnt, src)
         loader = status(mnt)["loader"]
-        assert loader["sources"][0]["early_connections"] == DEFAULTS.warm_connections - 1
+        source = loader["sources"][0]
+        assert source["early_connections"] == DEFAULTS.warm_connections - 1
+        assert source["early_requests"] >= 1
         assert loader["errors"] == 0 and status(mnt)["reads_failed"] == 0
     assert preconnect_env_is_ours_only()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -22,7 +23,8 @@ import pytest
 import trio
 
 from incfs.format.layout import SUPERBLOCK_SIZE, Superblock
-from incfs.loader.cache import SourceOnDemand, fetch_metadata
+from incfs.loader.cache import fetch_metadata
+from incfs.loader.ondemand import SourceOnDemand
 from incfs import preconnect
 from incfs.loader.early import EarlyReader, EarlyRefused
 from incfs.mount import MountConfig
@@ -241,11 +243,13 @@ def test_an_answer_of_another_object_than_the_first_is_refused(served):
     theirs.close()
 
 
-@pytest.mark.parametrize("ranges", [2, 3])
+@pytest.mark.parametrize("ranges", [2, 5])
 def test_the_rest_of_the_metadata_comes_over_idle_early_connections(served, ranges):
     """Three connections opened early: the first carries the first read;
-    the rest of the metadata, in `ranges` pieces, goes one piece to each of
-    the two others, and only a third piece (none left) needs the client."""
+    the rest of the metadata, in `ranges` pieces asked for at once, goes one
+    piece to each of the two others (and the first, if its answer is read
+    by then: it goes back to the pool), and only pieces beyond those three
+    need the client."""
     url, image, _ = served
     first, meta_end = 4096, len(_metadata(image))
     chunk = -(-(meta_end - first) // ranges)
@@ -254,7 +258,8 @@ def test_the_rest_of_the_metadata_comes_over_idle_early_connections(served, rang
         import trio
         from incfs import preconnect
         from incfs.mount import MountConfig
-        from incfs.loader.cache import SourceOnDemand, fetch_metadata
+        from incfs.loader.cache import fetch_metadata
+        from incfs.loader.ondemand import SourceOnDemand
         from incfs.loader.early import EarlyReader
         env, fds = preconnect.open_early({url!r}, 3)
         os.environ.update(env)
@@ -282,3 +287,171 @@ def test_the_rest_of_the_metadata_comes_over_idle_early_connections(served, rang
     assert meta == _metadata(image)
     assert json.loads(line) == ({"httpx": False, "opened": False} if ranges == 2 else
                                 {"httpx": True, "opened": True})
+
+
+# --- the first data reads (incfs.loader.ondemand) -------------------------------------
+
+def _read_on_early_connection(image: bytes, answer: bytes) -> tuple[bytes, int, bool]:
+    """A reader of bytes 4096-8191 on a connection opened early (as a
+    mount's daemon has them) to a server that answers `answer` and keeps
+    the connection open. Returns the body, the connections the early pool
+    holds afterwards, and whether the next reader gets one."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/app.img"
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.recv(1)  # open until the reader's side ends
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    env, fds = preconnect.open_early(url, 1)
+    os.environ.update(env)
+    try:
+        preconnect.adopt()
+        poller = select.poll()
+        poller.register(fds[0], select.POLLOUT)
+        poller.poll(5000)
+        config = MountConfig(source=url, mountpoint="/unused")
+        expect = SourceIdentity(len(image), '"x"', None)
+        reader = EarlyReader.idle(config, 4096, 4096, expect)
+        assert reader is not None
+        body = trio.run(reader.read_prefix, lambda body: None)
+        left = preconnect.available("127.0.0.1", listener.getsockname()[1])
+        again = preconnect.take_idle(url)
+        if again is not None:
+            again.close()
+        return body, left, again is not None
+    finally:
+        os.environ.pop(preconnect.ENV, None)
+        preconnect.discard()
+        listener.close()
+        server.join(10)
+
+
+def test_a_connection_whose_answer_was_read_whole_goes_back_to_the_pool(served):
+    _, image, _ = served
+    answer = _answer(image[4096:8192], Content_Range=f"bytes 4096-8191/{len(image)}",
+                     Content_Length="4096", ETag='"x"')
+    body, left, again = _read_on_early_connection(image, answer)
+    assert body == image[4096:8192]
+    assert left == 1 and again  # idle again, for the next early reader or the client
+
+
+@pytest.mark.parametrize("closing", ["Connection: close", "HTTP/1.0"])
+def test_a_connection_the_server_closes_is_not_given_back(served, closing):
+    _, image, _ = served
+    answer = _answer(image[4096:8192], Content_Range=f"bytes 4096-8191/{len(image)}",
+                     Content_Length="4096", ETag='"x"',
+                     **({"Connection": "close"} if closing.startswith("Connection") else {}))
+    if closing == "HTTP/1.0":
+        answer = answer.replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    body, left, again = _read_on_early_connection(image, answer)
+    assert body == image[4096:8192] and left == 0 and not again
+
+
+def _first_reads(url: str, script: str) -> dict:
+    """Run `script` (an async `main(demand, image_size)` returning a dict)
+    in a process of its own with one connection to nginx opened early, as a
+    mount's daemon has them, and a SourceOnDemand holding the object's
+    identity as the metadata's early answer gave it."""
+    import httpx
+
+    head = httpx.head(url).headers
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, os, select, sys
+        import trio
+        from incfs import preconnect
+        from incfs.mount import MountConfig
+        from incfs.loader.ondemand import SourceOnDemand
+        from incfs.sources import SourceIdentity
+        env, fds = preconnect.open_early({url!r}, 1)
+        os.environ.update(env)
+        poller = select.poll()
+        poller.register(fds[0], select.POLLOUT)
+        poller.poll(5000)
+        preconnect.adopt()
+        config = MountConfig(source={url!r}, mountpoint="/unused")
+        size = {int(head["content-length"])}
+        identity = SourceIdentity(size, {head["etag"]!r}, {head["last-modified"]!r})
+    """) + textwrap.dedent(script) + textwrap.dedent("""
+        async def run():
+            demand = SourceOnDemand(config, identity=identity)
+            try:
+                got = await main(demand, size)
+            finally:
+                await demand.aclose()
+            got["httpx"] = "httpx" in sys.modules
+            got["opened"] = demand.opened is not None
+            got["early_requests"] = demand.stats.early_requests
+            return got
+
+        print(json.dumps(trio.run(run)))
+    """)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_first_reads_go_one_after_another_over_one_early_connection(served):
+    """Each answer read whole puts the connection back: three reads, one
+    connection, no HTTP client."""
+    url, image, _ = served
+    got = _first_reads(url, """
+        import hashlib
+        async def main(demand, size):
+            pieces = [await demand.read(offset, 70000) for offset in (0, 300000, size - 70000)]
+            streamed = []
+            last = await demand.read_streaming(500000, 200000, lambda body: streamed.append(len(body)))
+            return {"sha": [hashlib.sha256(p).hexdigest() for p in pieces + [last]],
+                    "streamed": streamed[-1] if streamed else 0}
+    """)
+    import hashlib
+
+    want = [image[0:70000], image[300000:370000], image[-70000:], image[500000:700000]]
+    assert got["sha"] == [hashlib.sha256(p).hexdigest() for p in want]
+    assert got["streamed"] == 200000
+    assert got == {**got, "httpx": False, "opened": False, "early_requests": 4}
+
+
+def test_a_read_with_no_early_connection_left_opens_the_client(served):
+    """Two reads at once and one connection: one goes early, the other
+    through the client, which the source opens for it; both are right."""
+    url, image, _ = served
+    got = _first_reads(url, """
+        import hashlib
+        async def main(demand, size):
+            got = {}
+            async def one(offset):
+                got[offset] = hashlib.sha256(await demand.read(offset, 100000)).hexdigest()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, 0)
+                nursery.start_soon(one, 400000)
+            return {"sha": [got[0], got[400000]], "requests": demand.stats.requests}
+    """)
+    import hashlib
+
+    assert got["sha"] == [hashlib.sha256(image[o:o + 100000]).hexdigest() for o in (0, 400000)]
+    assert got["httpx"] and got["opened"]
+    assert got["early_requests"] == 1 and got["requests"] == 2  # the opened source counts both
+
+
+def test_a_first_read_of_another_object_is_told_as_a_change(served):
+    """The object was replaced since the metadata's answer: the early answer
+    is refused (another ETag), the client asks again, and its answer is
+    "the object changed", not bytes of another image."""
+    url, image, _ = served
+    got = _first_reads(url, """
+        from incfs.sources import ObjectChangedError
+        identity = SourceIdentity(size, '"the-image-before"', None)
+        async def main(demand, size):
+            try:
+                await demand.read(0, 4096)
+            except ObjectChangedError as e:
+                return {"error": str(e)}
+            return {"error": None}
+    """)
+    assert "ETag changed" in (got["error"] or "")
+    assert got["opened"] and got["early_requests"] == 0

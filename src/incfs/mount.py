@@ -390,7 +390,8 @@ def _import_opening(config: MountConfig) -> None:
     a source needs only the source's client to send its metadata request:
     the image code (~28 ms) loads while that is on the wire. When the
     request was sent early, not even that: its answer is read without the
-    client (incfs.loader.early), which the loader imports after READY."""
+    client (incfs.loader.early), which the loader imports after its first
+    read (incfs.loader.ondemand)."""
     if _loads(config):
         from . import preconnect
         from .loader import cachefile

@@ -81,6 +81,9 @@ _adopted: dict[tuple[str, int], list[tuple[int, float]]] = {}
 # answer is still to be read: the first write of its taker must begin so
 _asked: dict[int, bytes] = {}
 _asked_of: set[tuple[str, int]] = set()  # hosts `ask_early` sent its one request to
+# fd -> host, port: taken by an early reader (`take_asked`, `take_idle`) and
+# not given back yet: counted as the host's still (`available`)
+_lent: dict[int, tuple[str, int]] = {}
 
 
 # Opened by `open_at_start` before the command line was parsed: (host, port),
@@ -263,6 +266,7 @@ def take_asked(url: str, length: int) -> socket.socket | None:
         if _asked.get(fd) == request and time.time() - at <= MAX_AGE:
             _adopted[target].remove((fd, at))
             del _asked[fd]
+            _lent[fd] = target
             return socket.socket(fileno=fd)
     return None
 
@@ -278,8 +282,23 @@ def take_idle(url: str) -> socket.socket | None:
     for fd, at in list(_adopted.get(target, [])) if target is not None else []:
         if fd not in _asked and time.time() - at <= MAX_AGE and _connected(fd):
             _adopted[target].remove((fd, at))
+            _lent[fd] = target
             return socket.socket(fileno=fd)
     return None
+
+
+def give_back(fd: int, reusable: bool) -> None:
+    """The end of an early reader's use of a connection `take_asked` or
+    `take_idle` gave it: `reusable` (it read a whole answer, and the server
+    keeps the connection open) puts it back in the pool, idle, for the next
+    reader or the HTTP client, which take it as one just opened (the
+    server's keep-alive timer restarted with the answer); else it is
+    closed."""
+    target = _lent.pop(fd, None)
+    if not reusable or target is None:
+        close_fds([fd])
+        return
+    _adopted.setdefault(target, []).append((fd, time.time()))
 
 
 def _connected(fd: int) -> bool:
@@ -306,9 +325,17 @@ def asked(fd: int) -> bytes:
     return _asked.pop(fd, b"")
 
 
+def available_to(url: str) -> int:
+    """`available` for `url`'s host and port (0 for a URL not of ours)."""
+    target = _target(url)
+    return 0 if target is None else available(*target)
+
+
 def available(host: str, port: int) -> int:
-    """Connections opened early to host:port not taken yet."""
-    return len(_adopted.get((host.lower(), port), ()))
+    """Connections opened early to host:port not taken yet, with those an
+    early reader has (they come back to the pool, unless it closes them)."""
+    key = (host.lower(), port)
+    return len(_adopted.get(key, ())) + sum(1 for target in _lent.values() if target == key)
 
 
 def discard() -> None:
@@ -318,6 +345,7 @@ def discard() -> None:
         pool.clear()
     _asked.clear()
     _asked_of.clear()
+    _lent.clear()
 
 
 def range_request(url: str, length: int, offset: int = 0) -> bytes | None:

@@ -35,11 +35,11 @@ from ..format.log import scan_log
 from ..space.plainfiles import plain_directory
 from ..sources import (RangeNotSatisfiableError, RetryPolicy, Source, SourceError,
                        TransientSourceError)
-from ..sources.http import redact_url
 from .cachefile import cache_path
 from .config import DEFAULTS, LoaderConfig, check_prefetch
 from .early import EarlyReader, EarlyRefused
-from .remote import open_imported_source, open_loader_source, preload_aside
+from .ondemand import SourceOnDemand, both
+from .remote import open_loader_source, preload_aside
 
 if TYPE_CHECKING:  # imported when a cache is opened: a mount's metadata request goes first
     from ..image import Image
@@ -110,67 +110,6 @@ async def open_cache(config) -> tuple[Image, Source | None]:
         info["identity"] = early.identity
     _attach(image, info, old)
     return image, source.opened
-
-
-class SourceOnDemand:
-    """A mount's source, opened the first time it is wanted. A new cache
-    whose metadata is read early (`early`, incfs.loader.early) wants it only
-    if an early answer is refused or no early connection is left for the
-    rest of a long metadata (`read_ranges`): the HTTP client is imported
-    then (in a worker thread, ~30 ms), and not before the mount is up
-    otherwise. A source opened so takes what the early answer said of the
-    object as first seen."""
-
-    def __init__(self, config, early: EarlyReader | None = None):
-        self.config, self.early = config, early
-        self.opened: Source | None = None
-        self._lock = trio.Lock()
-
-    @classmethod
-    def of(cls, source: Source) -> SourceOnDemand:
-        """One for a source that is open already."""
-        demand = cls(None)
-        demand.opened = source
-        return demand
-
-    @property
-    def name(self) -> str:
-        return self.opened.name if self.opened is not None else redact_url(self.config.source)
-
-    async def get(self) -> Source:
-        async with self._lock:
-            if self.opened is None:
-                self.opened = (open_loader_source(self.config) if self.early is None else
-                               await open_imported_source(self.config, self.early.identity))
-            return self.opened
-
-    async def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each (offset, length), side by side: once the early
-        answer is in, each over an early connection still idle (no client
-        needed), else through the source."""
-        if self.early is None or self.early.identity is None:
-            return await (await self.get()).read_many(ranges)
-        got = [b""] * len(ranges)
-
-        async def one(i: int) -> None:
-            got[i] = await self._read(*ranges[i])
-
-        await _both(*(functools.partial(one, i) for i in range(len(ranges))))
-        return got
-
-    async def _read(self, offset: int, length: int) -> bytes:
-        assert self.early is not None and self.early.identity is not None
-        reader = EarlyReader.idle(self.config, offset, length, self.early.identity)
-        if reader is not None:
-            try:
-                return await reader.read_prefix(lambda body: None)
-            except EarlyRefused as e:
-                log.info("%s: an early answer is not used (%s); asking again", self.name, e)
-        return await (await self.get()).read(offset, length)
-
-    async def aclose(self) -> None:
-        if self.opened is not None:
-            await self.opened.aclose()
 
 
 async def _fetch_warming(source: Source, settings: LoaderConfig) -> tuple[Superblock, bytes]:
@@ -371,7 +310,7 @@ async def fetch_metadata(source: Source | SourceOnDemand, first_read: int = DEFA
 
     # errors come out as themselves, not in an exception group (callers
     # handle SourceError), as Source.read_many does
-    await _both(first_request, rest.fetch)
+    await both(first_request, rest.fetch)
     head = first[0]
     sb = Superblock.decode(head[:SUPERBLOCK_SIZE])
     if not sb.flags & SuperFlags.PACKED or sb.meta_end <= LOG_START:
@@ -395,25 +334,6 @@ async def _read_early(early: EarlyReader, demand: SourceOnDemand,
     except EarlyRefused as e:
         log.info("%s: the early answer is not used (%s); asking again", demand.name, e)
         return await (await demand.get()).read_prefix(0, early.length, needed)
-
-
-async def _both(*tasks) -> None:
-    """Run the tasks side by side; the first failure cancels the others and
-    is raised as itself."""
-    failures: list[Exception] = []
-
-    async def run(task, cancel: trio.CancelScope) -> None:
-        try:
-            await task()
-        except Exception as exc:
-            failures.append(exc)
-            cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        for task in tasks:
-            nursery.start_soon(run, task, nursery.cancel_scope)
-    if failures:
-        raise failures[0]
 
 
 class _RestOfMetadata:

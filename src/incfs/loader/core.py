@@ -53,7 +53,8 @@ from .jobs import FetchFailed, JobRunner
 from .link import LinkEstimate
 from .plan import HASH, Job, Key, Planner, Want, aligned_slices, leaf_within
 from .prefetch import PrefetchMixin, source_runs_in_slices
-from .remote import open_imported_source, open_loader_source
+from .ondemand import SourceOnDemand
+from .remote import open_loader_source
 from .reuse import ReuseMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
@@ -92,6 +93,9 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = source
+        # reads while the client is imported, when the metadata came without
+        # it (see _choose_source)
+        self.demand: SourceOnDemand | None = None
         self._source_warm = source is not None  # open_cache just read the metadata over it
         self.base: Image | None = None
         self.base_index: dict[int, int] = {}
@@ -144,7 +148,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     while not await self.waits.next_pending(3600.0):
                         pass
                 if self.source is None:
-                    self.source = await self._open_source()
+                    self._choose_source()
                 for hooks, hook in self._waits_hooks():
                     hooks.append(hook)
                 self.waits.fetching = self.inflight.__contains__
@@ -156,6 +160,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                     nursery.start_soon(self._status_loop)
                     nursery.start_soon(self._warm_up)
                     nursery.start_soon(self._learn_order)
+                    if self.demand is not None:
+                        nursery.start_soon(self._open_source)
         except Exception:
             log.exception("loader stopped")
             self.state = "failed"
@@ -168,21 +174,32 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                 self.waits.fetching = nothing_fetched
             self._done.set()
 
-    async def _open_source(self) -> Source:
-        """The loader's own source. For a cache whose metadata open_cache
-        read without the HTTP client (incfs.loader.early), the client is
-        imported once the mount is up, in a worker thread (~30 ms of the
-        start otherwise), and the source takes what that answer said of the
-        object as first seen: an answer of another image is then refused."""
+    def _choose_source(self) -> None:
+        """The loader's own source, or, for a cache whose metadata open_cache
+        read without the HTTP client (incfs.loader.early), reads over the
+        early connections until `_open_source` has the client (the answer's
+        identity holds them to the same object)."""
         identity = self.info.get("identity")
         if identity is None:
-            return open_loader_source(self.config)
-        await self.service.ready.wait()
-        source = await open_imported_source(self.config, identity)
+            self.source = open_loader_source(self.config)
+            return
+        self.demand = SourceOnDemand(self.config, identity=identity)
         # its connections were opened early and idle, and the image was read
         # a moment ago: no warm-up (see _warm_up)
         self._source_warm = True
-        return source
+
+    async def _open_source(self) -> None:
+        """Import the client (a worker thread, ~30 ms) and open the source
+        once the first read is served, or SETTLE_WAIT after READY: the
+        import holds the GIL, and the first read's request, its answer and
+        the reply would wait behind it. A read that finds no early
+        connection idle opens it sooner. The source takes what the early
+        answer said of the object as first seen: an answer of another image
+        is then refused."""
+        assert self.demand is not None
+        await self.service.settled()
+        self.source = await self.demand.get()
+        self._update_status()
 
     def _waits_hooks(self) -> list[tuple[list, Callable]]:
         """What the loader hears from the mount's reads (incfs.waits), while
@@ -199,9 +216,10 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             await self._done.wait()
             if self.image.fd >= 0 and self.image.appender is not None:
                 await trio.to_thread.run_sync(os.fsync, self.image.fd)
-            if self.source is not None:
+            source = self.source or self.demand
+            if source is not None:
                 try:
-                    await self.source.aclose()
+                    await source.aclose()
                 except Exception as e:  # closing must not fail the unmount
                     log.debug("closing source: %s", e)
             self._close_base()
@@ -252,10 +270,11 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         """Raise ObjectChangedError when the source's superblock is that of
         another image than this cache's (CorruptImage when it is damaged: bytes
         damaged on the way are no proof of another image)."""
-        head = await self._timed(self.source.read(0, SUPERBLOCK_SIZE), SUPERBLOCK_SIZE)
+        head, _ = await self._timed(self._read(0, SUPERBLOCK_SIZE, None), SUPERBLOCK_SIZE)
         uuid = Superblock.decode(head).uuid
         if uuid != self.image.superblock.uuid:
-            raise ObjectChangedError(f"{self.source.name} now holds another image "
+            name = (self.source or self.demand).name
+            raise ObjectChangedError(f"{name} now holds another image "
                                      f"(uuid {uuid.hex()[:12]}, this cache is of "
                                      f"{self.image.superblock.uuid.hex()[:12]})")
 
@@ -353,6 +372,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             sources = src.mirror_stats()
         elif src is not None:
             sources = [{"name": src.name, **src.stats.as_dict()}]
+        elif self.demand is not None:  # reading over early connections (_choose_source)
+            sources = [{"name": self.demand.name, **self.demand.stats.as_dict()}]
         for entry in sources:  # failed attempts per source, retried ones included
             if entry["errors"]:
                 self.service.source_errors[entry["name"]] = entry["errors"]

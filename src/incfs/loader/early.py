@@ -7,8 +7,9 @@ started. Importing httpx and httpcore to read its answer costs ~40 ms of a
 cold start's ~200 ms to a visible tree; reading one response on one socket
 needs none of it. So `EarlyReader` reads it with h11 (the HTTP/1.1 parser
 httpcore itself is built on, ~6 ms to import), and the mount is up before
-httpx is loaded: the loader imports it after READY, in a worker thread
-(docs/startup.md, step 5), or sooner, if the reader has to wait for the
+httpx is loaded: the loader imports it after its first read, in a worker
+thread (docs/startup.md, step 4; the first reads go over idle early
+connections meanwhile, incfs.loader.ondemand), or sooner, if the reader has to wait for the
 answer (`on_wait`: on a slow link the import fills that wait).
 
 The reading is as strict as `sources.http`'s: the answer must be a 206 whose
@@ -28,6 +29,10 @@ idle (`EarlyReader.idle`, a request each), once the superblock says how
 much is left, and each answer must name the object the first did (size,
 ETag, Last-Modified). Only with no idle connection left, or an answer
 refused, is the client imported to ask.
+
+The loader's first data reads go the same way (`loader.ondemand`), until its
+client is imported: a connection whose answer was read to its end goes back
+to the pool for the next.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class EarlyReader:
         # called (once) when the reader has to wait for the answer: time the
         # process has free, e.g. to import the HTTP client after all
         self.on_wait: Callable[[], None] | None = None
+        self._reusable = False  # the answer was read whole, and the server keeps the connection
 
     @classmethod
     def take(cls, config, length: int) -> EarlyReader | None:
@@ -94,21 +100,27 @@ class EarlyReader:
         return cls(config.source, length, sock, _timeout(config), offset=offset, send=True,
                    expect=expect)
 
-    async def read_prefix(self, needed: Callable[[bytes], int | None]) -> bytes:
+    async def read_prefix(self, needed: Callable[[bytes], int | None],
+                          progress: Callable[[bytearray], None] | None = None) -> bytes:
         """At least the first `needed(body)` bytes of the range (as
-        Source.read_prefix), or all of it; raises EarlyRefused. The
-        connection is closed either way: it is not handed on."""
+        Source.read_prefix), or all of it; raises EarlyRefused. `progress`,
+        if given, is called with the body so far as it comes in (as
+        Source.read_streaming's). A connection
+        whose answer was read to its end and which the server keeps open
+        goes back to the early pool (`preconnect.give_back`), for the next
+        early reader or the HTTP client; any other is closed."""
         try:
             with trio.fail_after(self.timeout):
-                return await self._read(needed)
+                return await self._read(needed, progress)
         except trio.TooSlowError:
             raise EarlyRefused(f"no answer within {self.timeout:g}s") from None
         except (OSError, h11.ProtocolError) as e:
             raise EarlyRefused(str(e) or type(e).__name__) from e
         finally:
-            self._sock.close()
+            preconnect.give_back(self._sock.detach(), self._reusable)
 
-    async def _read(self, needed: Callable[[bytes], int | None]) -> bytes:
+    async def _read(self, needed: Callable[[bytes], int | None],
+                    progress: Callable[[bytearray], None] | None) -> bytes:
         conn = self._connection()
         while self._unsent:
             self._unsent = self._unsent[await self._sock.send(self._unsent):]
@@ -127,12 +139,15 @@ class EarlyReader:
                 body += event.data
                 if len(body) > self.length:
                     raise EarlyRefused(f"body is longer than the {self.length} bytes asked")
+                if progress is not None:
+                    progress(body)
                 want = want if want is not None else needed(bytes(body))
                 if want is not None and len(body) >= want:
                     return bytes(body)
             elif isinstance(event, h11.EndOfMessage):
                 if len(body) != self.length:
                     raise EarlyRefused(f"short body, got {len(body)} of {self.length} bytes")
+                self._reusable = _kept_alive(conn)
                 return bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 raise EarlyRefused(f"connection closed after {len(body)} bytes")
@@ -176,6 +191,15 @@ class EarlyReader:
         if self.expect is not None and identity != self.expect:
             raise EarlyRefused(f"another object than the first answer's ({identity})")
         return identity
+
+
+def _kept_alive(conn: h11.Connection) -> bool:
+    """Whether a connection whose answer h11 read to its end can carry
+    another request: the server did not say it closes (HTTP/1.0,
+    `Connection: close`) and sent nothing past the answer."""
+    leftover, closed = conn.trailing_data
+    return (conn.our_state is h11.DONE and conn.their_state is h11.DONE
+            and not leftover and not closed)
 
 
 def _timeout(config) -> float:

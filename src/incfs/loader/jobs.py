@@ -346,6 +346,10 @@ class JobRunner:
 
     async def _read(self, offset: int, length: int, avoid: set[int] | None, progress=None):
         src = self.source
+        if src is None:  # the client is not imported yet (Loader._choose_source)
+            if progress is not None:
+                return await self.demand.read_streaming(offset, length, progress), None
+            return await self.demand.read(offset, length), None
         if isinstance(src, MirroredSource):
             if avoid and len(avoid) < len(src.mirrors):
                 return await src.read_from_other(offset, length, sorted(avoid))

@@ -80,7 +80,10 @@ class SourceStats:
     errors:   failed attempts; retries: attempts beyond the first (for a mirror
               set, also fail-overs to another mirror);
     early_connections: connections opened before this process started that
-              the source was given (incfs.preconnect; http(s) only).
+              the source was given (incfs.preconnect; http(s) only);
+    early_requests: requests of a new cache's mount sent over those before
+              the client was imported (incfs.loader.ondemand; included in
+              `requests`).
     """
 
     requests: int = 0
@@ -88,6 +91,7 @@ class SourceStats:
     errors: int = 0
     retries: int = 0
     early_connections: int = 0
+    early_requests: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """A snapshot suitable for JSON or log lines."""
