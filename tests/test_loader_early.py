@@ -190,6 +190,23 @@ def test_the_client_refuses_an_object_other_than_the_early_answers(served):
         _fetch(url, _plain(image, '"another-image"', 4096), 4096)
 
 
+def _early_prelude(url: str, count: int) -> str:
+    """The start of a script run in a process of its own: `count`
+    connections to `url`'s host opened early (as mount_background opens
+    them) and handed to it, the first one's handshake done."""
+    return textwrap.dedent(f"""
+        import json, os, select, sys
+        import trio
+        from incfs import preconnect
+        from incfs.mount import MountConfig
+        env, fds = preconnect.open_early({url!r}, {count})
+        os.environ.update(env)
+        poller = select.poll()
+        poller.register(fds[0], select.POLLOUT)
+        poller.poll(5000)
+    """)
+
+
 def test_open_cache_mounts_a_new_cache_without_importing_the_client(tmp_path, served):
     """Through the real path: connections opened early (as mount_background
     does), the request sent (as the daemon does first), open_cache. The
@@ -197,18 +214,9 @@ def test_open_cache_mounts_a_new_cache_without_importing_the_client(tmp_path, se
     httpx is not loaded, and the identity is the object's."""
     url, image, etag = served
     cache = tmp_path / "cache.img"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        import json, os, select, sys
-        import trio
-        from incfs import preconnect
-        from incfs.mount import MountConfig
+    proc = subprocess.run([sys.executable, "-c", _early_prelude(url, 2) + textwrap.dedent(f"""
         from incfs.loader import cachefile
         from incfs.loader.cache import open_cache
-        env, fds = preconnect.open_early({url!r}, 2)
-        os.environ.update(env)
-        poller = select.poll()
-        poller.register(fds[0], select.POLLOUT)
-        poller.poll(5000)
         config = MountConfig(source={url!r}, mountpoint="/unused", cache={str(cache)!r})
         cachefile.ask_early(config)
         image, source = trio.run(open_cache, config)
@@ -361,18 +369,9 @@ def _first_reads(url: str, script: str) -> dict:
     import httpx
 
     head = httpx.head(url).headers
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        import json, os, select, sys
-        import trio
-        from incfs import preconnect
-        from incfs.mount import MountConfig
+    proc = subprocess.run([sys.executable, "-c", _early_prelude(url, 1) + textwrap.dedent(f"""
         from incfs.loader.ondemand import SourceOnDemand
         from incfs.sources import SourceIdentity
-        env, fds = preconnect.open_early({url!r}, 1)
-        os.environ.update(env)
-        poller = select.poll()
-        poller.register(fds[0], select.POLLOUT)
-        poller.poll(5000)
         preconnect.adopt()
         config = MountConfig(source={url!r}, mountpoint="/unused")
         size = {int(head["content-length"])}
