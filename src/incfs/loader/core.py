@@ -216,7 +216,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             await self._done.wait()
             if self.image.fd >= 0 and self.image.appender is not None:
                 await trio.to_thread.run_sync(os.fsync, self.image.fd)
-            source = self.source or self.demand
+            source = self.reading_from
             if source is not None:
                 try:
                     await source.aclose()
@@ -273,8 +273,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         head, _ = await self._timed(self._read(0, SUPERBLOCK_SIZE, None), SUPERBLOCK_SIZE)
         uuid = Superblock.decode(head).uuid
         if uuid != self.image.superblock.uuid:
-            name = (self.source or self.demand).name
-            raise ObjectChangedError(f"{name} now holds another image "
+            raise ObjectChangedError(f"{self.reading_from.name} now holds another image "
                                      f"(uuid {uuid.hex()[:12]}, this cache is of "
                                      f"{self.image.superblock.uuid.hex()[:12]})")
 
@@ -366,14 +365,12 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
         self._update_status()
 
     def _update_status(self) -> None:
-        src = self.source
+        src = self.reading_from
         sources = []
         if isinstance(src, MirroredSource):
             sources = src.mirror_stats()
         elif src is not None:
             sources = [{"name": src.name, **src.stats.as_dict()}]
-        elif self.demand is not None:  # reading over early connections (_choose_source)
-            sources = [{"name": self.demand.name, **self.demand.stats.as_dict()}]
         for entry in sources:  # failed attempts per source, retried ones included
             if entry["errors"]:
                 self.service.source_errors[entry["name"]] = entry["errors"]

@@ -34,8 +34,15 @@ class FetchFailed(IntegrityError):
 
 
 class JobRunner:
-    """Mixed into Loader, which provides cfg, service, image, source, slots,
-    inflight, link and the planning and status methods these call."""
+    """Mixed into Loader, which provides cfg, service, image, source, demand,
+    slots, inflight, link and the planning and status methods these call."""
+
+    @property
+    def reading_from(self):
+        """What reads go to: the loader's source, or, until its client is
+        imported, the early connections (Loader._choose_source). Both read,
+        stream, name themselves and count."""
+        return self.source if self.source is not None else self.demand
 
     async def _run_job(self, job: Job) -> None:
         delay = 0.2
@@ -345,11 +352,7 @@ class JobRunner:
         return self.link.depth(2 * self.cfg.request_max, self.cfg.inflight_budget)
 
     async def _read(self, offset: int, length: int, avoid: set[int] | None, progress=None):
-        src = self.source
-        if src is None:  # the client is not imported yet (Loader._choose_source)
-            if progress is not None:
-                return await self.demand.read_streaming(offset, length, progress), None
-            return await self.demand.read(offset, length), None
+        src = self.reading_from
         if isinstance(src, MirroredSource):
             if avoid and len(avoid) < len(src.mirrors):
                 return await src.read_from_other(offset, length, sorted(avoid))
