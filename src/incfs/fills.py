@@ -14,7 +14,7 @@ import errno
 import hashlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Collection, Iterable
+from typing import Collection, Iterable, NamedTuple
 
 from . import BLOCK_SIZE, codec
 from .errors import CorruptImage, IntegrityError, os_error
@@ -31,8 +31,7 @@ from .verified_read import MissingBlock, plain_size
 MAX_SENT_BLOCK = 2 * BLOCK_SIZE
 
 
-@dataclass(slots=True)
-class FillBlock:
+class FillBlock(NamedTuple):
     """One block handed in by a loader: stored bytes and how they are encoded."""
 
     index: int

@@ -49,7 +49,7 @@ __all__ = ["FillBlock", "FillResult", "Image", "MissingBlock", "SignatureState"]
 METADATA_BATCH = 1 << 20
 
 
-@dataclass
+@dataclass(eq=False)
 class SignatureState:
     entry: SignatureEntry
     root: bytes  # canonical root computed at the signature record

@@ -87,7 +87,7 @@ def is_remote(source: str) -> bool:
 
 
 
-@dataclass
+@dataclass(eq=False)
 class Backing:
     """What a mount serves: its image, and the source its metadata was just
     fetched from, if it was (the loader takes that over, connections open)."""
@@ -157,13 +157,13 @@ def check_trust(image: Image, config: MountConfig) -> None:
                              "to mount it without checking who made it")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Ending:
     """Why the session's scope was cancelled."""
     handing_over: bool = False  # SIGUSR2: a supervisor starts a new daemon
 
 
-@dataclass
+@dataclass(eq=False)
 class Succession:
     """How a daemon stands to the supervisor (supervisor.py), if it has one.
     The first daemon mounts and hands the connection up through

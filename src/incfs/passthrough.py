@@ -64,7 +64,7 @@ def possible() -> bool:
     return False
 
 
-@dataclass
+@dataclass(eq=False)
 class _FileState:
     cached_opens: int = 0       # opens answered in cached (daemon) mode, not yet released
     passthrough_opens: int = 0

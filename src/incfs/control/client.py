@@ -19,7 +19,6 @@ import errno
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
@@ -38,8 +37,7 @@ class PendingRead(NamedTuple):
     time_ns: int
 
 
-@dataclass
-class Block:
+class Block(NamedTuple):
     """A block to fill: `data` as stored (raw, or compressed as named)."""
 
     index: int

@@ -24,9 +24,8 @@ import os
 import struct
 import zlib
 from array import array
-from dataclasses import dataclass, replace
 from itertools import accumulate
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage
@@ -100,8 +99,7 @@ def damage(message: str) -> IndexDamage:
     return IndexDamage(message)
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     offset: int
     length: int
     crc: int
@@ -111,8 +109,7 @@ class Region:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
-class IndexHeader:
+class IndexHeader(NamedTuple):
     inode_count: int
     total_blocks: int
     files: int
@@ -161,7 +158,7 @@ class IndexHeader:
                 raise CorruptImage(f"index header is {len(body)} bytes, expected {HEADER_SIZE}")
             return head
         first, end = head.span
-        return replace(head, chunks=ChunkTable.decode(memoryview(body)[HEADER_SIZE:],
+        return head._replace(chunks=ChunkTable.decode(memoryview(body)[HEADER_SIZE:],
                                                       max(0, end - first)))
 
     def check_layout(self, start: int, end: int) -> None:
@@ -203,8 +200,7 @@ def region_crc(fd: int, offset: int, length: int, chunk: int = 1 << 22) -> int:
     return crc
 
 
-@dataclass(slots=True, frozen=True)
-class NameBlock:
+class NameBlock(NamedTuple):
     """A directory's name block decoded: names in stored order, the inode of
     each, each child's file type (mode >> 12, a d_type) as one byte, and
     each name's length as one byte. `stored_types`: the types are the name
@@ -225,8 +221,7 @@ _NAME_FORMATS = tuple(f"{n}s" for n in range(256))
 _HIGH_NIBBLE = bytes(b >> 4 for b in range(256))
 
 
-@dataclass(slots=True)
-class InodeRecord:
+class InodeRecord(NamedTuple):
     """An inode record decoded, with where its names, map or heap bytes are."""
 
     entry: InodeEntry

@@ -23,8 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import CorruptImage
 
@@ -70,8 +69,7 @@ def piece_digests(table: bytes) -> bytes:
     return b"".join(digest(table[at:at + PIECE_SIZE]) for at in range(0, len(table), PIECE_SIZE))
 
 
-@dataclass(frozen=True)
-class ChunkTable:
+class ChunkTable(NamedTuple):
     """What the body says of the chunks: their size, how many, where their
     digests are, and the digest of each table piece (a view of the body)."""
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import BLOCK_SIZE
 from ..errors import CorruptImage
@@ -93,8 +93,7 @@ class SuperFlags(enum.IntFlag):
 _KNOWN_FLAGS = int(SuperFlags.PACKED | SuperFlags.CACHE)
 
 
-@dataclass(frozen=True)
-class Superblock:
+class Superblock(NamedTuple):
     uuid: bytes
     flags: SuperFlags = SuperFlags(0)
     meta_end: int = 0
@@ -148,8 +147,7 @@ class Superblock:
                    packed_size, major, minor)
 
 
-@dataclass(frozen=True)
-class RecordHeader:
+class RecordHeader(NamedTuple):
     type: int
     flags: int
     length: int  # whole record: header + body + payload + padding

@@ -11,7 +11,7 @@ import enum
 import stat
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from ..errors import CorruptImage
 from .layout import RecordType
@@ -128,8 +128,7 @@ def xattr_problem(xattrs: Xattrs) -> str:
     return ""
 
 
-@dataclass(slots=True)
-class DirentEntry:
+class DirentEntry(NamedTuple):
     op: DirentOp
     parent: int
     child: int
@@ -151,8 +150,7 @@ class BlockRun:
     blocks: list[tuple[int, int]] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class SignatureEntry:
+class SignatureEntry(NamedTuple):
     algorithm: int
     key_id: bytes
     root: bytes

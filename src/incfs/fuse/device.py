@@ -19,7 +19,7 @@ import os
 import socket
 import stat
 import subprocess
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .. import kmount
 from . import abi
@@ -28,8 +28,7 @@ DEVICE = "/dev/fuse"
 FUSERMOUNT = "fusermount3"
 
 
-@dataclass(frozen=True)
-class MountOptions:
+class MountOptions(NamedTuple):
     """What the kernel is told at mount time (not negotiated later)."""
     fsname: str = "incfs"
     subtype: str = "incfs"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import stat
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
 from . import abi
 from .dirents import Listing
 
@@ -25,8 +27,7 @@ class FuseError(Exception):
         self.errno = code
 
 
-@dataclass(slots=True)
-class Attr:
+class Attr(NamedTuple):
     ino: int
     mode: int
     size: int = 0
@@ -62,8 +63,7 @@ def _encode_rdev(rdev: int) -> int:
     return rdev & 0xFFFFFFFF
 
 
-@dataclass(slots=True)
-class Entry:
+class Entry(NamedTuple):
     """A looked-up name: its attributes and how long the kernel may cache the
     name (entry_timeout) and the attributes (attr_timeout), in seconds. An
     `ino` of 0 caches a negative entry."""
@@ -101,8 +101,7 @@ def pack_attr_out(attr: Attr, timeout: float) -> bytes:
     return abi.ATTR_OUT_HEAD.pack(av, avn, 0) + attr.pack()
 
 
-@dataclass(slots=True)
-class Opened:
+class Opened(NamedTuple):
     """An open's answer: the handle the kernel passes back, FOPEN_* flags and,
     with FOPEN_PASSTHROUGH, the backing id from `Session.backing_open`."""
     fh: int
@@ -110,8 +109,7 @@ class Opened:
     backing_id: int = 0
 
 
-@dataclass(slots=True)
-class StatFs:
+class StatFs(NamedTuple):
     blocks: int = 0
     bfree: int = 0
     bavail: int = 0
@@ -126,8 +124,7 @@ class StatFs:
                                 self.bsize, self.namelen, self.frsize)
 
 
-@dataclass(slots=True, frozen=True)
-class Context:
+class Context(NamedTuple):
     """Who asks: the caller's ids as the kernel saw them, and the request."""
     uid: int
     gid: int

@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
 from .plan import Range, Want
 
 
-@dataclass(slots=True)
-class Arrived:
+class Arrived(NamedTuple):
     """One block's fetched bytes, and the range (request) they came in."""
 
     want: Want

@@ -8,8 +8,7 @@ value is written down exactly once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import preconnect
 from ..errors import UsageError
@@ -18,8 +17,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@dataclass(frozen=True, slots=True)
-class LoaderConfig:
+class LoaderConfig(NamedTuple):
     """Tunables of the built-in loader (bytes, seconds, counts)."""
 
     # Background fetching of what nobody read yet: sequential fills the whole
@@ -122,22 +120,22 @@ class LoaderConfig:
         attributes of these names; absent or None ones keep the default,
         except `bandwidth`, whose None means "no cap")."""
         values = {}
-        for f in fields(cls):
-            value = getattr(config, f.name, None)
+        for name in cls._fields:
+            value = getattr(config, name, None)
             if value is not None:
-                values[f.name] = value
-        return replace(DEFAULTS, **values).checked()
+                values[name] = value
+        return DEFAULTS._replace(**values).checked()
 
     def checked(self) -> "LoaderConfig":
         """This configuration with values raised to their working minimum."""
         amplify = max(4 * KiB, int(self.amplify))
         budget = max(amplify, int(self.inflight_budget))
-        return replace(self, amplify=amplify, max_inflight=max(1, int(self.max_inflight)),
-                       inflight_budget=budget,
-                       readahead_max=max(amplify, int(self.readahead_max)),
-                       request_max=min(budget, max(amplify, int(self.request_max))),
-                       prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
-                       prefetch="none" if self.cache_size else (self.prefetch or "none").strip())
+        return self._replace(amplify=amplify, max_inflight=max(1, int(self.max_inflight)),
+                             inflight_budget=budget,
+                             readahead_max=max(amplify, int(self.readahead_max)),
+                             request_max=min(budget, max(amplify, int(self.request_max))),
+                             prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
+                             prefetch="none" if self.cache_size else (self.prefetch or "none").strip())
 
     @property
     def prefetch_slots(self) -> int:

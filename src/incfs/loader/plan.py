@@ -44,7 +44,7 @@ class Range:
     wants: list[Want] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """Blocks of one file fetched and stored together."""
 

@@ -186,7 +186,7 @@ class TokenBucket:
             await trio.sleep(-self.tokens / self.rate)
 
 
-@dataclass
+@dataclass(eq=False)
 class Stream:
     """What is known of one file's reader."""
 

@@ -20,7 +20,7 @@ import abc
 import errno
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, NamedTuple, Self
 
 import trio
 
@@ -98,8 +98,7 @@ class SourceStats:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class SourceIdentity:
+class SourceIdentity(NamedTuple):
     """What one answer said about the object behind a source: its size and
     validators (ETag, else Last-Modified; raw header values). A source given
     one (`Source.adopt_identity`) takes any later answer that disagrees as

@@ -45,7 +45,7 @@ MirrorRef = int | str | Source
 AvoidSpec = MirrorRef | Iterable[MirrorRef] | None
 
 
-@dataclass
+@dataclass(eq=False)
 class Mirror:
     """One mirror's health. Times are trio clock seconds."""
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -85,8 +84,7 @@ def classify_boto_error(name: str, exc: Exception) -> SourceError:
     return TransientSourceError(message)  # connection, timeout, truncated stream
 
 
-@dataclass
-class _Answer:
+class _Answer(NamedTuple):
     """What one GetObject returned, handed from the worker thread back to trio
     (state is only updated on the trio side)."""
 

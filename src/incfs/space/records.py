@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import CorruptImage
 from ..format.records import TreeKind
@@ -27,8 +27,7 @@ class Where(enum.IntEnum):
     PLAIN = 1
 
 
-@dataclass(frozen=True, slots=True)
-class ReleasedRun:
+class ReleasedRun(NamedTuple):
     ino: int
     first: int
     count: int
