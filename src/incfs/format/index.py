@@ -159,7 +159,7 @@ class IndexHeader(NamedTuple):
             return head
         first, end = head.span
         return head._replace(chunks=ChunkTable.decode(memoryview(body)[HEADER_SIZE:],
-                                                      max(0, end - first)))
+                                                    max(0, end - first)))
 
     def check_layout(self, start: int, end: int) -> None:
         """The regions must lie in order inside [start, end), 8-aligned and

@@ -130,12 +130,13 @@ class LoaderConfig(NamedTuple):
         """This configuration with values raised to their working minimum."""
         amplify = max(4 * KiB, int(self.amplify))
         budget = max(amplify, int(self.inflight_budget))
+        prefetch = "none" if self.cache_size else (self.prefetch or "none").strip()
         return self._replace(amplify=amplify, max_inflight=max(1, int(self.max_inflight)),
                              inflight_budget=budget,
                              readahead_max=max(amplify, int(self.readahead_max)),
                              request_max=min(budget, max(amplify, int(self.request_max))),
                              prefetch_chunk=min(budget, max(amplify, int(self.prefetch_chunk))),
-                             prefetch="none" if self.cache_size else (self.prefetch or "none").strip())
+                             prefetch=prefetch)
 
     @property
     def prefetch_slots(self) -> int:
