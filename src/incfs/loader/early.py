@@ -9,8 +9,9 @@ needs none of it. So `EarlyReader` reads it with h11 (the HTTP/1.1 parser
 httpcore itself is built on, ~6 ms to import), and the mount is up before
 httpx is loaded: the loader imports it after its first read, in a worker
 thread (docs/startup.md, step 4; the first reads go over idle early
-connections meanwhile, incfs.loader.ondemand), or sooner, if the reader has to wait for the
-answer (`on_wait`: on a slow link the import fills that wait).
+connections meanwhile, incfs.loader.ondemand), or sooner, if the reader has
+to wait for the answer (`on_wait`: on a slow link the import fills that
+wait).
 
 The reading is as strict as `sources.http`'s: the answer must be a 206 whose
 Content-Range is exactly the range asked, of a known total size, with no
@@ -105,10 +106,10 @@ class EarlyReader:
         """At least the first `needed(body)` bytes of the range (as
         Source.read_prefix), or all of it; raises EarlyRefused. `progress`,
         if given, is called with the body so far as it comes in (as
-        Source.read_streaming's). A connection
-        whose answer was read to its end and which the server keeps open
-        goes back to the early pool (`preconnect.give_back`), for the next
-        early reader or the HTTP client; any other is closed."""
+        Source.read_streaming's). A connection whose answer was read to its
+        end and which the server keeps open goes back to the early pool
+        (`preconnect.give_back`), for the next early reader or the HTTP
+        client; any other is closed."""
         try:
             with trio.fail_after(self.timeout):
                 return await self._read(needed, progress)

@@ -132,10 +132,7 @@ class SourceOnDemand:
     def _hand_over_stats(self, stats: SourceStats) -> None:
         """Add what early reads did to the opened source's counters, and
         count any later ones there too."""
-        stats.requests += self.stats.requests
-        stats.early_requests += self.stats.early_requests
-        stats.bytes += self.stats.bytes
-        stats.errors += self.stats.errors
+        stats.add(self.stats)
         self.stats = stats
 
 

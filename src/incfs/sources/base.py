@@ -97,6 +97,16 @@ class SourceStats:
         """A snapshot suitable for JSON or log lines."""
         return asdict(self)
 
+    def add(self, other: SourceStats) -> None:
+        """Count what `other` counted here too (a source taking over from
+        whatever read for it before it opened). Not `early_connections`:
+        each source counts the connections it was given itself."""
+        self.requests += other.requests
+        self.early_requests += other.early_requests
+        self.bytes += other.bytes
+        self.errors += other.errors
+        self.retries += other.retries
+
 
 class SourceIdentity(NamedTuple):
     """What one answer said about the object behind a source: its size and
