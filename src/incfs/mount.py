@@ -85,8 +85,6 @@ def is_remote(source: str) -> bool:
     return remote_spec(source)
 
 
-
-
 @dataclass(eq=False)
 class Backing:
     """What a mount serves: its image, and the source its metadata was just
