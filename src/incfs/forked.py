@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from importlib import import_module
+from typing import NoReturn
 
 # Process names (/proc/PID/comm, at most 15 bytes): `incfs restart` signals
 # only a process named so, never a stranger that reuses a stale pid.
@@ -100,10 +101,22 @@ def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...]
     if pid:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return Forked(pid)
+    run_child(module, args, name=name, close=close, new_session=new_session, output=output,
+              keep=keep, mask=mask)
+
+
+def run_child(module: str, args: list[str], *, name: str, close: tuple[int, ...] = (),
+              new_session: bool = False, output: int | None = None, keep: tuple[int, ...] = (),
+              mask: set[signal.Signals] | None = None) -> NoReturn:
+    """The child's side of `fork_call`, for a process forked already (also
+    incfs.early_fork's): become the child `fork_call` describes, with the
+    signal mask `mask` back once it has, run `MODULE.main(ARGS)` and exit
+    with what it returns."""
     code = 1
     try:
         _become_child(name, close, new_session, output, keep)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         code = import_module(module).main(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -132,7 +145,8 @@ def _become_child(name: str, close: tuple[int, ...], new_session: bool,
     signal.signal(signal.SIGINT, signal.default_int_handler)
     set_name(name)
     if new_session:
-        os.setsid()
+        if os.getsid(0) != os.getpid():  # (an early child leads its own already)
+            os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)

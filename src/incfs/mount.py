@@ -98,7 +98,7 @@ async def open_backing(config: MountConfig) -> Backing:
     from .loader import open_cache
 
     source = None
-    if _loads(config):  # the built-in loader owns caches of sources
+    if runs_loader(config):  # the built-in loader owns caches of sources
         image, source = await open_cache(config)
     else:
         image = _open_local(config)
@@ -161,6 +161,15 @@ class _Ending:
     handing_over: bool = False  # SIGUSR2: a supervisor starts a new daemon
 
 
+# What serve() uses, imported ahead of it (by _import_serving, an early
+# child, incfs.early_fork, and the warm process, incfs.warm): the image code
+# first, which a new cache wants as soon as its metadata is in. And what a
+# loader adds: its cache's start, the early answer's reader, the loader.
+SERVING_MODULES = ("incfs.image", "incfs.fuse", "incfs.fusefs", "incfs.metrics_http",
+                   "incfs.passthrough", "incfs.service", "incfs.control.server")
+LOADER_MODULES = ("incfs.loader.cache", "incfs.loader.early", "incfs.loader.core")
+
+
 @dataclass(eq=False)
 class Succession:
     """How a daemon stands to the supervisor (supervisor.py), if it has one.
@@ -172,6 +181,7 @@ class Succession:
     connection: dict | None = None
     restarts: int = 0
     warm: bool = False  # started by the warm process (incfs.warm), not cold
+    early: bool = False  # started by the command's early child (incfs.early_fork)
 
     @property
     def supervised(self) -> bool:
@@ -196,6 +206,7 @@ async def serve(config: MountConfig, image: Image, ready=None,
     service.restarts = succession.restarts
     service.supervised = succession.supervised
     service.warm_start = succession.warm
+    service.early_start = succession.early
     if config.cache_size is not None:
         from .space import cap as space_cap
 
@@ -278,14 +289,14 @@ def _fsname(config: MountConfig) -> str:
     return os.path.abspath(config.source)
 
 
-def _loads(config: MountConfig) -> bool:
+def runs_loader(config: MountConfig) -> bool:
     """Whether the mount runs the built-in loader: a remote source, or a
     cache of any source but an empty mount's."""
     return is_remote(config.source) or bool(config.cache and config.source != "empty")
 
 
 def _start_loader(config: MountConfig, service: Service, nursery, source: Source | None):
-    if not _loads(config):
+    if not runs_loader(config):
         return None
     from .loader import start_loader
 
@@ -390,7 +401,7 @@ def _import_opening(config: MountConfig) -> None:
     request was sent early, not even that: its answer is read without the
     client (incfs.loader.early), which the loader imports after its first
     read (incfs.loader.ondemand)."""
-    if _loads(config):
+    if runs_loader(config):
         from . import preconnect
         from .loader import cachefile
         from .loader.remote import preload_loader_source
@@ -413,7 +424,7 @@ async def _open_and_serve(config: MountConfig, ready, succession: Succession | N
 
     import trio
 
-    importer = threading.Thread(target=_import_serving, args=(_loads(config),),
+    importer = threading.Thread(target=_import_serving, args=(runs_loader(config),),
                                 name="import-serving", daemon=True)
     importer.start()
     try:
@@ -429,17 +440,14 @@ async def _open_and_serve(config: MountConfig, ready, succession: Succession | N
 
 
 def _import_serving(loading: bool) -> None:
-    """The modules serve() (and the loader, if one runs) use, loaded ahead;
-    the image code first, which a new cache wants as soon as its metadata is
-    in. (The loop's thread may meanwhile import a module this one is
-    loading: it waits for it, as imports do; the package has no import
-    cycle that could make that a deadlock.)"""
-    from . import image  # noqa: F401
-    from . import fuse, fusefs, metrics_http, passthrough, service  # noqa: F401
-    from .control import server  # noqa: F401
+    """The modules serve() (and the loader, if one runs) use, loaded ahead.
+    (The loop's thread may meanwhile import a module this one is loading:
+    it waits for it, as imports do; the package has no import cycle that
+    could make that a deadlock.)"""
+    from importlib import import_module
 
-    if loading:
-        from .loader import core  # noqa: F401
+    for name in (*SERVING_MODULES, *(LOADER_MODULES if loading else ())):
+        import_module(name)
 
 
 def remove_runtime_dir(mountpoint: str, *, leftovers: bool = False) -> None:
@@ -556,9 +564,18 @@ def _background_entry(config: MountConfig) -> tuple[str, str]:
 def _fork_background(module: str, name: str, args: list[str], log_fd: int,
                      env: dict[str, str], keep: tuple[int, ...]):
     """`python -m MODULE ARGS`, forked, with `env` added to its environment
-    and no descriptor of ours but `keep` (and the log as its output)."""
+    and no descriptor of ours but `keep` (and the log as its output): run by
+    the child the command forked before it parsed, if there is one
+    (incfs.early_fork; `args[0]` is the mount's config)."""
+    from . import early_fork
     from .forked import fork_call
 
+    early = early_fork.take()
+    if early is not None:
+        proc = early.run(module, args, name=name, output=log_fd, keep=keep, env=env,
+                         config_json=args[0])
+        if proc is not None:
+            return proc
     os.environ.update(env)  # the forked child's, not ours
     try:
         return fork_call(module, args, name=name, new_session=True, output=log_fd, keep=keep)
@@ -698,12 +715,14 @@ def main(argv: list[str]) -> int:
         state = json.loads(argv[4])
         succession = Succession(resume_fd=int(argv[3]), connection=state["connection"],
                                 restarts=int(state["restarts"]))
+    from . import early_fork
     from .forked import DAEMON_NAME, WARM_STARTED_ENV, set_name
 
     startup.importing()  # until _open_and_serve has imported what serving needs
     set_name(DAEMON_NAME)
     succession = succession or Succession()
     succession.warm = os.environ.pop(WARM_STARTED_ENV, None) is not None
+    succession.early = os.environ.pop(early_fork.STARTED_ENV, None) is not None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # httpx logs every request at INFO: a line per MiB fetched would bury
     # what the log is for (errors, retries, restarts)

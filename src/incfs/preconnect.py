@@ -176,14 +176,17 @@ def close_fds(fds: list[int]) -> None:
 
 def hand_over() -> None:
     """After forking the process that adopts them: close this process's
-    copies of the connections the variable names, and drop the variable
-    (a later child must not take descriptors that are no longer these)."""
+    copies of the connections, those the variable names (and drop the
+    variable: a later child must not take descriptors that are no longer
+    these) and those adopted already (an early child sends the metadata
+    request on one before it forks the daemon, incfs.early_fork)."""
     value = os.environ.pop(ENV, None)
     if value:
         try:
             close_fds([int(fd) for fd in value.rsplit(" ", 1)[-1].split(",")])
         except ValueError:
             pass
+    discard()
 
 
 def adopt() -> None:

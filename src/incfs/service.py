@@ -53,6 +53,7 @@ class Service:
         self.restarts = 0  # daemons before this one on the same connection (supervisor.py)
         self.supervised = False
         self.warm_start = False  # forked by the warm process (incfs.warm)
+        self.early_start = False  # forked by the command's early child (incfs.early_fork)
         # Set once the mount has reported ready: work that can wait (and would
         # take the GIL from the mount's start) waits for it.
         self.ready = trio.Event()
@@ -325,6 +326,7 @@ class Service:
             "pid": os.getpid(),
             "restarts": self.restarts,
             "warm_start": self.warm_start,
+            "early_start": self.early_start,
             "supervisor_pid": os.getppid() if self.supervised else None,
             "version": __version__,
             "fuse": self._fuse_status(),

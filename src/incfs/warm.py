@@ -147,10 +147,14 @@ def _import_daemon() -> None:
     """What a mount's supervisor and daemon import (the command line, the
     command's, is loaded already), nothing that reads the environment when
     imported (that is each command's own)."""
-    from . import fuse, fusefs, image, metrics_http, passthrough, service, supervisor  # noqa: F401
-    from .control import server  # noqa: F401
-    from .loader import cache, core  # noqa: F401
+    from importlib import import_module
+
+    from . import supervisor  # noqa: F401
+    from .mount import LOADER_MODULES, SERVING_MODULES
     from .sources import http
+
+    for name in (*SERVING_MODULES, *LOADER_MODULES):
+        import_module(name)
 
     http._import_httpx()
     import httpcore  # noqa: F401
