@@ -21,7 +21,6 @@ import threading
 import time
 import uuid as uuidlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import ROOT_INO
@@ -49,12 +48,14 @@ __all__ = ["FillBlock", "FillResult", "Image", "MissingBlock", "SignatureState"]
 METADATA_BATCH = 1 << 20
 
 
-@dataclass(eq=False)
 class SignatureState:
-    entry: SignatureEntry
-    root: bytes  # canonical root computed at the signature record
-    verified: bool = False
-    names_after: bool = False  # a DIRENTS record follows it in the log
+    """A signature record met while the log was read, and what came of it."""
+
+    def __init__(self, entry: SignatureEntry, root: bytes) -> None:
+        self.entry = entry
+        self.root = root  # canonical root computed at the signature record
+        self.verified = False
+        self.names_after = False  # a DIRENTS record follows it in the log
 
 
 class Image(Fills, VerifiedReads):

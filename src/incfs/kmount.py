@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 MS_RDONLY = 1
@@ -103,8 +103,8 @@ def move_mount_to(fd: int, target: str) -> None:
            f"move_mount {target}")
 
 
-@dataclass
-class MountEntry:
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo, as far as we read it."""
     mount_id: int
     major: int
     minor: int

@@ -85,12 +85,12 @@ def is_remote(source: str) -> bool:
     return remote_spec(source)
 
 
-@dataclass(eq=False)
 class Backing:
     """What a mount serves: its image, and the source its metadata was just
     fetched from, if it was (the loader takes that over, connections open)."""
-    image: Image
-    source: Source | None = None
+
+    def __init__(self, image: Image, source: Source | None = None) -> None:
+        self.image, self.source = image, source
 
 
 async def open_backing(config: MountConfig) -> Backing:
@@ -155,10 +155,11 @@ def check_trust(image: Image, config: MountConfig) -> None:
                              "to mount it without checking who made it")
 
 
-@dataclass(eq=False)
 class _Ending:
     """Why the session's scope was cancelled."""
-    handing_over: bool = False  # SIGUSR2: a supervisor starts a new daemon
+
+    def __init__(self) -> None:
+        self.handing_over = False  # SIGUSR2: a supervisor starts a new daemon
 
 
 # What serve() uses, imported ahead of it (by _import_serving, an early
@@ -170,18 +171,18 @@ SERVING_MODULES = ("incfs.image", "incfs.fuse", "incfs.fusefs", "incfs.metrics_h
 LOADER_MODULES = ("incfs.loader.cache", "incfs.loader.early", "incfs.loader.core")
 
 
-@dataclass(eq=False)
 class Succession:
     """How a daemon stands to the supervisor (supervisor.py), if it has one.
     The first daemon mounts and hands the connection up through
     `handover_fd`; a later one takes it over from `resume_fd`, with what the
     first one's INIT settled."""
-    handover_fd: int | None = None
-    resume_fd: int | None = None
-    connection: dict | None = None
-    restarts: int = 0
-    warm: bool = False  # started by the warm process (incfs.warm), not cold
-    early: bool = False  # started by the command's early child (incfs.early_fork)
+
+    def __init__(self, handover_fd: int | None = None, resume_fd: int | None = None,
+                 connection: dict | None = None, restarts: int = 0) -> None:
+        self.handover_fd, self.resume_fd = handover_fd, resume_fd
+        self.connection, self.restarts = connection, restarts
+        self.warm = False  # started by the warm process (incfs.warm), not cold
+        self.early = False  # started by the command's early child (incfs.early_fork)
 
     @property
     def supervised(self) -> bool:

@@ -31,7 +31,6 @@ import fcntl
 import logging
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -64,16 +63,20 @@ def possible() -> bool:
     return False
 
 
-@dataclass(eq=False)
 class _FileState:
-    cached_opens: int = 0       # opens answered in cached (daemon) mode, not yet released
-    passthrough_opens: int = 0
-    plain_ready: bool = False   # expanded or re-verified this session
-    backing_id: int | None = None
-    # After a takeover the open counts are unknown: an inode some process
-    # has open stays in the mode it was in ("cached" or "passthrough") for
-    # the rest of this daemon's life.
-    pinned: str | None = None
+    """What passthrough knows of one inode (a state object: equal only to
+    itself; a plain class, which costs nothing to create at import: docs/startup.md)."""
+
+    def __init__(self, *, plain_ready: bool = False, backing_id: int | None = None,
+                 pinned: str | None = None) -> None:
+        self.cached_opens = 0  # opens answered in cached (daemon) mode, not yet released
+        self.passthrough_opens = 0
+        self.plain_ready = plain_ready  # expanded or re-verified this session
+        self.backing_id = backing_id
+        # After a takeover the open counts are unknown: an inode some process
+        # has open stays in the mode it was in ("cached" or "passthrough") for
+        # the rest of this daemon's life.
+        self.pinned = pinned
 
 
 class Passthrough:

@@ -13,7 +13,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import trio
 
@@ -35,16 +34,15 @@ def nothing_fetched(key: BlockKey) -> bool:
     return False
 
 
-@dataclass(eq=False)
 class PendingRead:
-    serial: int
-    ino: int
-    tree: int
-    index: int
-    time_ns: int
-    done: trio.Event = field(default_factory=trio.Event)
-    waiters: int = 0
-    error: BaseException | None = None  # set by `Waits.fail`: raised in every waiter
+    """A block some read waits for (a state object: equal only to itself)."""
+
+    def __init__(self, serial: int, ino: int, tree: int, index: int, time_ns: int) -> None:
+        self.serial, self.ino, self.tree, self.index, self.time_ns = (
+            serial, ino, tree, index, time_ns)
+        self.done = trio.Event()
+        self.waiters = 0
+        self.error: BaseException | None = None  # set by `Waits.fail`: raised in every waiter
 
     def as_dict(self) -> dict:
         return {"serial": self.serial, "ino": self.ino, "tree": int(self.tree),

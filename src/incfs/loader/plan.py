@@ -44,20 +44,21 @@ class Range:
     wants: list[Want] = field(default_factory=list)
 
 
-@dataclass(eq=False)
 class Job:
-    """Blocks of one file fetched and stored together."""
+    """Blocks of one file fetched and stored together (a state object: equal
+    only to itself)."""
 
-    ino: int
-    wants: list[Want]
-    prefetch: bool  # low priority; becomes False when a read starts waiting for it
-    keys: set[Key] = field(default_factory=set)  # claimed (in flight), not yet released
-    background: bool = False  # counted in Loader.prefetch_running
-    readahead: bool = False  # ahead of a sequential reader (schedule.READAHEAD)
-    held: int = 0  # bytes of in-flight budget held until what was fetched is stored
-    far: bool = False  # a read's miss away from prefetch: it yields while this runs
-    far_mark: int = 0  # prefetch jobs: the loader's far-miss count when it started
-    unbuilt: list[Want] = field(default_factory=list)  # built leaves that failed: fetch them
+    def __init__(self, ino: int, wants: list[Want], prefetch: bool, *,
+                 readahead: bool = False) -> None:
+        self.ino, self.wants = ino, wants
+        self.prefetch = prefetch  # low priority; becomes False when a read starts waiting for it
+        self.keys: set[Key] = set()  # claimed (in flight), not yet released
+        self.background = False  # counted in Loader.prefetch_running
+        self.readahead = readahead  # ahead of a sequential reader (schedule.READAHEAD)
+        self.held = 0  # bytes of in-flight budget held until what was fetched is stored
+        self.far = False  # a read's miss away from prefetch: it yields while this runs
+        self.far_mark = 0  # prefetch jobs: the loader's far-miss count when it started
+        self.unbuilt: list[Want] = []  # built leaves that failed: fetch them
 
     @property
     def nbytes(self) -> int:

@@ -23,7 +23,6 @@ import bisect
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -186,16 +185,16 @@ class TokenBucket:
             await trio.sleep(-self.tokens / self.rate)
 
 
-@dataclass(eq=False)
 class Stream:
     """What is known of one file's reader."""
 
-    next: int  # block after the last one read
-    window: int  # readahead bytes
-    start: int  # first block of the current sequential run
-    frontier: int = 0  # first block no readahead covered yet
-    sequential: bool = False
-    longest: int = 0  # blocks of its longest read
+    def __init__(self, next: int, window: int, start: int, longest: int = 0) -> None:  # noqa: A002
+        self.next = next  # block after the last one read
+        self.window = window  # readahead bytes
+        self.start = start  # first block of the current sequential run
+        self.frontier = 0  # first block no readahead covered yet
+        self.sequential = False
+        self.longest = longest  # blocks of its longest read
 
 
 class Readahead:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -45,17 +44,16 @@ MirrorRef = int | str | Source
 AvoidSpec = MirrorRef | Iterable[MirrorRef] | None
 
 
-@dataclass(eq=False)
 class Mirror:
     """One mirror's health. Times are trio clock seconds."""
 
-    index: int
-    source: Source
-    retry_at: float = -math.inf  # avoided (cooling down) until this time
-    consecutive_failures: int = 0
-    failures: int = 0
-    last_error: SourceError | None = field(default=None, repr=False)
-    size_checked: bool = False
+    def __init__(self, index: int, source: Source) -> None:
+        self.index, self.source = index, source
+        self.retry_at = -math.inf  # avoided (cooling down) until this time
+        self.consecutive_failures = 0
+        self.failures = 0
+        self.last_error: SourceError | None = None
+        self.size_checked = False
 
     def healthy(self, now: float) -> bool:
         return self.retry_at <= now
