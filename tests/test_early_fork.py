@@ -52,7 +52,7 @@ def test_the_child_runs_its_orders_with_the_descriptors_at_their_numbers(tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     proc = _python(f"""
-        import json, os
+        import os
         from incfs import early_fork
         from incfs.mount import MountConfig
         early_fork.start()
@@ -61,10 +61,10 @@ def test_the_child_runs_its_orders_with_the_descriptors_at_their_numbers(tmp_pat
         r, w = os.pipe()
         go_r, go_w = os.pipe()
         log = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT, 0o600)
-        config = json.dumps({{"source": "/no/such.img", "mountpoint": "/mnt"}})
+        config = MountConfig(source="/no/such.img", mountpoint="/mnt")
         child = early_fork.take().run("early_child", [str(w), str(go_r)], name="incfs-test",
                                       output=log, keep=(w, go_r), env={{"EXTRA": "1"}},
-                                      config_json=config)
+                                      config=config, early=[])
         for fd in (w, go_r, log):
             os.close(fd)
         print(os.read(r, 4096).decode().strip())
@@ -115,16 +115,17 @@ def test_a_command_killed_before_its_orders_leaves_no_child():
     assert _gone(pid)
 
 
-def test_the_child_sends_the_metadata_request_when_its_orders_come(tmp_path):
+def test_the_metadata_request_goes_with_the_orders(tmp_path):
     """A new cache's metadata request goes out on the early connection as
-    the orders arrive, before their entry point runs (the daemon then finds
-    it sent): the child holds the entry point back here until the request
-    was read."""
+    the orders are sent (by the command: the handshake is done), before
+    their entry point runs, which finds it sent, as the daemon would: the
+    entry point is held back here until the request was read."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         url = f"http://127.0.0.1:{server.getsockname()[1]}/app.img"
         proc = _python(f"""
-            import json, os, select
+            import os, select
             from incfs import early_fork, preconnect
+            from incfs.mount import MountConfig
             env, fds = preconnect.open_early({url!r}, 1)
             poller = select.poll()
             poller.register(fds[0], select.POLLOUT)
@@ -133,16 +134,17 @@ def test_the_child_sends_the_metadata_request_when_its_orders_come(tmp_path):
             r, w = os.pipe()
             go_r, go_w = os.pipe()
             log = os.open({str(tmp_path / "log")!r}, os.O_WRONLY | os.O_CREAT, 0o600)
-            config = json.dumps({{"source": {url!r}, "mountpoint": "/mnt",
-                                 "cache": {str(tmp_path / "c.img")!r}}})
-            child = early_fork.take().run("early_child", [str(w), str(go_r)], name="incfs-test",
-                                          output=log, keep=(w, go_r, *fds), env=env,
-                                          config_json=config)
+            config = MountConfig(source={url!r}, mountpoint="/mnt",
+                                 cache={str(tmp_path / "c.img")!r})
+            child = early_fork.take().run("early_child", [str(w), str(go_r), {url!r}],
+                                          name="incfs-test", output=log, keep=(w, go_r, *fds),
+                                          env=env, config=config, early=fds)
             for fd in (w, go_r, log, *fds):
                 os.close(fd)
             input()  # the test has read the request
             os.close(go_w)
-            print(os.read(r, 4096).decode().split()[0], child.wait(timeout=30))
+            facts = os.read(r, 4096).decode().split()
+            print(facts[0], facts[-1], child.wait(timeout=30))
         """, stdin=subprocess.PIPE)
         server.settimeout(30)
         conn, _ = server.accept()
@@ -152,7 +154,7 @@ def test_the_child_sends_the_metadata_request_when_its_orders_come(tmp_path):
             out, err = proc.communicate("\n", timeout=60)
     assert proc.returncode == 0, err
     assert got == preconnect.range_request(url, DEFAULTS.first_read)
-    assert out.split() == ["incfs-test", "3"]
+    assert out.split() == ["incfs-test", "asked=True", "3"]
     assert not (tmp_path / "c.img").exists()  # the request only: the daemon makes the cache
 
 

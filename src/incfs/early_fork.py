@@ -20,11 +20,11 @@ The child, `incfs-starting` in ps:
   command's environment and working directory, and the descriptors it needs,
   passed by SCM_RIGHTS and put at the numbers the command had them at, which
   the arguments name;
-- sends a new cache's metadata request on an early connection as soon as the
-  orders say which (`loader.cachefile.ask_early`, the daemon's first step, so
-  the answer is on the wire while the imports go on; the daemon finds it
-  sent), then finishes its imports, leaving out the loader's for a mount
-  that loads nothing, and runs the entry point as a forked child would
+- records the new cache's metadata request the command sent with the orders
+  (`_ask_here`: the daemon finds it sent), or sends it itself once the
+  connection's handshake is done (`loader.cachefile.ask_early`, the daemon's
+  first step), then finishes its imports, leaving out the loader's for a
+  mount that loads nothing, and runs the entry point as a forked child would
   (`forked.run_child`).
 
 A command that does not mount in the background (a usage error, a mount
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
     from .forked import Forked
+    from .mount import MountConfig
 
 ENV = "INCFS_EARLY_FORK"
 # In the environment of a supervisor (or daemon) an early child became,
@@ -75,21 +76,26 @@ class EarlyChild:
         self.pid, self._sock = pid, sock
 
     def run(self, module: str, args: list[str], *, name: str, output: int,
-            keep: tuple[int, ...], env: dict[str, str], config_json: str) -> Forked | None:
+            keep: tuple[int, ...], env: dict[str, str], config: MountConfig,
+            early: list[int]) -> Forked | None:
         """Have the child do what `forked.fork_call(module, args, name=name,
         new_session=True, output=output, keep=keep)` would with `env` added
-        to this process's environment; `config_json` is the mount's config,
-        for its first request. Its Forked, as fork_call's; None if the child
-        is gone (killed, say): the caller forks as before."""
+        to this process's environment. `config` is the mount's, `early` its
+        early connections (in `keep`): the first request is sent from here
+        if it can be. Its Forked, as fork_call's;
+        None if the child is gone (killed, say): the caller forks as before."""
+        import json
         import marshal
         import socket
+        from dataclasses import asdict
 
         from .forked import Forked
 
         fds = list(dict.fromkeys((*keep, output)))
         orders = {"module": module, "args": args, "name": name, "output": output,
                   "keep": list(keep), "fds": fds, "environ": {**os.environ, **env},
-                  "cwd": os.getcwd(), "config": config_json}
+                  "cwd": os.getcwd(), "config": json.dumps(asdict(config)),
+                  "asked": _ask_here(config, early)}
         sock = socket.socket(fileno=self._sock.detach())
         try:
             socket.send_fds(sock, [marshal.dumps(orders)], fds)
@@ -110,6 +116,21 @@ class EarlyChild:
             os.waitpid(self.pid, 0)
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _ask_here(config: MountConfig, early: list[int]) -> tuple[int, bytes] | None:
+    """Send the first request (`loader.cachefile.ask_early`'s) on the first
+    early connection, if its handshake is done: (its descriptor, what was
+    sent), for the child to record. From the command, because the child
+    looks for its orders only between two modules, and trio is one of ~55
+    ms: on a 100 ms link the answer came ~40 ms later for that."""
+    from . import preconnect
+    from .loader import cachefile
+
+    length = cachefile.first_read(config) if early else None
+    request = preconnect.range_request(config.source, length) if length is not None else None
+    sent = preconnect.send_request(early[0], request) if request is not None else None
+    return (early[0], sent) if sent else None
 
 
 def start() -> None:
@@ -226,10 +247,13 @@ def _take_orders(sock: _socket.socket) -> dict[str, Any]:
     os.environ.update(orders["environ"])
     os.environ[STARTED_ENV] = "1"
     os.chdir(orders["cwd"])
+    from . import preconnect
     from .mount import MountConfig, runs_loader
 
     orders["mount"] = MountConfig(**json.loads(orders["config"]))
     orders["loads"] = runs_loader(orders["mount"])
+    if orders["asked"] is not None:  # the command sent the request: the daemon finds it sent
+        preconnect.asked_on(orders["mount"].source, *orders["asked"])
     orders["asked"] = _ask(orders)
     return orders
 

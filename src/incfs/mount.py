@@ -520,8 +520,8 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
             if fork:
-                proc = _fork_background(module, name, args, log_file.fileno(), early_env,
-                                        keep=(write_end, *early))
+                proc = _fork_background(config, module, name, args, log_file.fileno(),
+                                        early_env, write_end, early)
             else:
                 proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                         pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
@@ -562,19 +562,20 @@ def _background_entry(config: MountConfig) -> tuple[str, str]:
         ("incfs.mount", DAEMON_NAME)
 
 
-def _fork_background(module: str, name: str, args: list[str], log_fd: int,
-                     env: dict[str, str], keep: tuple[int, ...]):
+def _fork_background(config: MountConfig, module: str, name: str, args: list[str], log_fd: int,
+                     env: dict[str, str], ready_fd: int, early: list[int]):
     """`python -m MODULE ARGS`, forked, with `env` added to its environment
-    and no descriptor of ours but `keep` (and the log as its output): run by
-    the child the command forked before it parsed, if there is one
-    (incfs.early_fork; `args[0]` is the mount's config)."""
+    and no descriptor of ours but the ready pipe's, the early connections
+    and the log as its output: run by the child the command forked before it
+    parsed, if there is one (incfs.early_fork)."""
     from . import early_fork
     from .forked import fork_call
 
-    early = early_fork.take()
-    if early is not None:
-        proc = early.run(module, args, name=name, output=log_fd, keep=keep, env=env,
-                         config_json=args[0])
+    keep = (ready_fd, *early)
+    child = early_fork.take()
+    if child is not None:
+        proc = child.run(module, args, name=name, output=log_fd, keep=keep, env=env,
+                         config=config, early=early)
         if proc is not None:
             return proc
     os.environ.update(env)  # the forked child's, not ours

@@ -238,18 +238,36 @@ def ask_early(url: str, length: int) -> bool:
     if target in _asked_of or not pool:
         return target in _asked_of
     fd = pool[0][0]  # the one the client takes first
+    sent = send_request(fd, request)
+    if sent is None:
+        return False
+    asked_on(url, fd, sent)
+    return True
+
+
+def send_request(fd: int, request: bytes) -> bytes | None:
+    """Send `request` on the connection `fd`, without waiting: what was sent
+    (a start of it, when the socket took no more), or None when its
+    handshake is not done (or it failed)."""
+    import socket
+
     if not _connected(fd):
-        return False  # still connecting
+        return None
     sock = socket.socket(fileno=fd)
     try:
-        sent = sock.send(request)
+        return request[:sock.send(request)]
     except OSError:
-        return False
+        return None
     finally:
         sock.detach()
-    _asked[fd] = request[:sent]
-    _asked_of.add(target)
-    return True
+
+
+def asked_on(url: str, fd: int, sent: bytes) -> None:
+    """Record that `sent` went out on the early connection `fd` to `url`'s
+    host (`ask_early` here, or the command's `send_request` before the
+    connection came to this process, incfs.early_fork)."""
+    _asked[fd] = sent
+    _asked_of.add(_target(url))
 
 
 def was_asked(url: str) -> bool:

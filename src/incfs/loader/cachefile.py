@@ -34,14 +34,20 @@ def ask_early(config) -> None:
     """Send the metadata request of a new cache (`cache.fetch_metadata`'s
     first) on a connection opened early, if its handshake is done
     (incfs.preconnect.ask_early): the HTTP client, imported later, then finds
-    the request sent and its answer on the way. Not for a cache that exists
-    (it is probed first), with mirrors (any may be asked) or with headers of
-    the caller's (the request would not be the client's)."""
+    the request sent and its answer on the way."""
+    length = first_read(config)
+    if length is not None:
+        preconnect.ask_early(config.source, length)
+
+
+def first_read(config) -> int | None:
+    """How much the request `ask_early` sends for `config` asks for, if one
+    may be sent early: not for a cache that exists (it is probed first),
+    with mirrors (any may be asked) or with headers of the caller's (the
+    request would not be the client's)."""
     if config.mirrors or (config.source_options or {}).get("headers"):
-        return
+        return None
     length = LoaderConfig.from_mount(config).first_read
     if preconnect.range_request(config.source, length) is None:
-        return  # not a plain http URL (a local image's cache path is not ours to make)
-    if cache_path(config).exists():
-        return
-    preconnect.ask_early(config.source, length)
+        return None  # not a plain http URL (a local image's cache path is not ours to make)
+    return None if cache_path(config).exists() else length
