@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import _socket
 import os
+import sys
 
 TYPE_CHECKING = False  # no typing before the fork (see above)
 if TYPE_CHECKING:
@@ -82,8 +83,10 @@ class EarlyChild:
         new_session=True, output=output, keep=keep)` would with `env` added
         to this process's environment. `config` is the mount's, `early` its
         early connections (in `keep`): the first request is sent from here
-        if it can be. Its Forked, as fork_call's;
-        None if the child is gone (killed, say): the caller forks as before."""
+        if it can be. Its Forked, as fork_call's; None if the child is gone
+        (killed, say): the caller forks as before, and that daemon asks
+        again (the first answer is read, the second makes the connection
+        one not to reuse)."""
         import json
         import marshal
         import socket
@@ -123,7 +126,8 @@ def _ask_here(config: MountConfig, early: list[int]) -> tuple[int, bytes] | None
     early connection, if its handshake is done: (its descriptor, what was
     sent), for the child to record. From the command, because the child
     looks for its orders only between two modules, and trio is one of ~55
-    ms: on a 100 ms link the answer came ~40 ms later for that."""
+    ms: sent by the child, the request left ~45 ms later, which a 100 ms
+    link's start paid in full."""
     from . import preconnect
     from .loader import cachefile
 
@@ -141,6 +145,8 @@ def start() -> None:
     if _waiting is not None or os.environ.get(ENV) == "0":
         return
     ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    sys.stdout.flush()  # (nothing the command wrote may come out of the child too)
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         ours.close()
