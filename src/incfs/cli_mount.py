@@ -184,7 +184,12 @@ def register(main: click.Group) -> None:
                              source_options={"endpoint_url": s3_endpoint} if s3_endpoint else None)
         if foreground:
             raise SystemExit(run_foreground(config))
-        mount_background(config, fork=True)  # this process runs no thread: see incfs.forked
+        from . import early_fork
+
+        # this process runs no thread (see incfs.forked); its early child, if
+        # the console script forked one, runs the mount's supervisor
+        child = early_fork.take()
+        mount_background(config, fork=True, early_child=child.run if child else None)
         from . import warm
 
         warm.leave_behind(main)  # for the next command, unless one is there (incfs.warm)

@@ -53,9 +53,6 @@ if TYPE_CHECKING:
     from .mount import MountConfig
 
 ENV = "INCFS_EARLY_FORK"
-# In the environment of a supervisor (or daemon) an early child became,
-# until its first daemon has taken it (status: "early_start").
-STARTED_ENV = "INCFS_EARLY_STARTED"
 NAME = "incfs-starting"
 # What the child imports before its entry point runs, in this order: what
 # the metadata request needs (its orders may come while the rest loads),
@@ -159,7 +156,8 @@ def start() -> None:
 
 
 def take() -> EarlyChild | None:
-    """The early child, for `mount_background` to give its orders (once)."""
+    """The early child, for the mount command to hand `mount_background`,
+    which gives it its orders (once)."""
     global _waiting
     found, _waiting = _waiting, None
     return found
@@ -195,12 +193,13 @@ def _detach() -> None:
 
     os.setsid()
     _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
-    with open("/proc/self/comm", "w") as f:
-        f.write(NAME)
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1, 2):  # first: the command's stdio is let go at once
         os.dup2(null, fd)
     os.close(null)
+    from .forked import set_name
+
+    set_name(NAME)
 
 
 def _import_and_wait(sock: _socket.socket) -> dict[str, Any]:
@@ -251,7 +250,9 @@ def _take_orders(sock: _socket.socket) -> dict[str, Any]:
         os.dup2(orders["output"], fd)
     os.environ.clear()
     os.environ.update(orders["environ"])
-    os.environ[STARTED_ENV] = "1"
+    from .forked import EARLY_STARTED_ENV
+
+    os.environ[EARLY_STARTED_ENV] = "1"
     os.chdir(orders["cwd"])
     from . import preconnect
     from .mount import MountConfig, runs_loader

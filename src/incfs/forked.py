@@ -23,7 +23,10 @@ import signal
 import subprocess
 import sys
 from importlib import import_module
-from typing import NoReturn
+
+TYPE_CHECKING = False  # (an early child imports this first thing: no typing yet)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 # Process names (/proc/PID/comm, at most 15 bytes): `incfs restart` signals
 # only a process named so, never a stranger that reuses a stale pid.
@@ -32,6 +35,10 @@ DAEMON_NAME = "incfs-daemon"
 # In the environment of a supervisor the warm process forked (incfs.warm),
 # until its first daemon has taken it (status: "warm_start").
 WARM_STARTED_ENV = "INCFS_WARM_STARTED"
+# In the environment of a supervisor (or daemon) the command's early child
+# became (incfs.early_fork), until its first daemon has taken it (status:
+# "early_start").
+EARLY_STARTED_ENV = "INCFS_EARLY_STARTED"
 
 
 # Signals blocked while fork_call forks (see there).

@@ -34,6 +34,8 @@ from .rundir import drop_pid_file, runtime_dir
 if TYPE_CHECKING:
     import trio
 
+    from collections.abc import Callable
+
     from . import fuse
     from .forked import Forked
     from .fusefs import IncfsOperations
@@ -498,12 +500,15 @@ def _check_mountpoint(mountpoint: str) -> None:
 
 
 def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, *,
-                     fork: bool = False) -> None:
+                     fork: bool = False,
+                     early_child: Callable[..., Forked | None] | None = None) -> None:
     """Start the daemon and return once the mount is ready.
 
     With `fork` the supervisor (or the daemon) is forked from this process
     rather than started afresh, which saves ~25 ms: for the `incfs mount`
     command, not for programs that may run threads (see incfs.forked).
+    `early_child` is the `run` of the command's early child, if it has one
+    (incfs.early_fork): what it would fork runs there instead.
     A daemon that has not said READY (or why not) within `ready_timeout`
     seconds is killed, its half-made mount (if any) detached, and the mount
     fails with an error naming the log."""
@@ -515,22 +520,23 @@ def mount_background(config: MountConfig, ready_timeout: float = READY_TIMEOUT, 
     # the source's TCP handshakes run while the daemon starts (incfs.preconnect
     # opens them for an http(s) URL, nothing for any other source), started
     # before anything here imports the sources (and trio with them, ~60 ms)
-    early_env, early = preconnect.open_early(config.source, DEFAULTS.warm_connections)
+    early_env, early_fds = preconnect.open_early(config.source, DEFAULTS.warm_connections)
     try:
         with open(log_path, "ab") as log_file:
             module, name = _background_entry(config)
             if fork:
                 proc = _fork_background(config, module, name, args, log_file.fileno(),
-                                        early_env, write_end, early)
+                                        early_env, write_end, early_fds, early_child)
             else:
                 proc = subprocess.Popen([sys.executable, "-m", module, *args],
-                                        pass_fds=(write_end, *early), stdin=subprocess.DEVNULL,
+                                        pass_fds=(write_end, *early_fds),
+                                        stdin=subprocess.DEVNULL,
                                         stdout=log_file, stderr=log_file,
                                         start_new_session=True,
                                         env={**os.environ, **early_env} if early_env else None)
     finally:
         os.close(write_end)
-        preconnect.close_fds(early)
+        preconnect.close_fds(early_fds)
     deadline = time.monotonic() + ready_timeout
     try:
         line = _read_line(read_end, deadline)
@@ -563,19 +569,18 @@ def _background_entry(config: MountConfig) -> tuple[str, str]:
 
 
 def _fork_background(config: MountConfig, module: str, name: str, args: list[str], log_fd: int,
-                     env: dict[str, str], ready_fd: int, early: list[int]):
+                     env: dict[str, str], ready_fd: int, early: list[int],
+                     early_child: Callable[..., Forked | None] | None):
     """`python -m MODULE ARGS`, forked, with `env` added to its environment
     and no descriptor of ours but the ready pipe's, the early connections
-    and the log as its output: run by the child the command forked before it
-    parsed, if there is one (incfs.early_fork)."""
-    from . import early_fork
+    and the log as its output: run by `early_child` (an EarlyChild's `run`:
+    the child the command forked before it parsed), if it is still there."""
     from .forked import fork_call
 
     keep = (ready_fd, *early)
-    child = early_fork.take()
-    if child is not None:
-        proc = child.run(module, args, name=name, output=log_fd, keep=keep, env=env,
-                         config=config, early=early)
+    if early_child is not None:
+        proc = early_child(module, args, name=name, output=log_fd, keep=keep, env=env,
+                           config=config, early=early)
         if proc is not None:
             return proc
     os.environ.update(env)  # the forked child's, not ours
@@ -717,14 +722,13 @@ def main(argv: list[str]) -> int:
         state = json.loads(argv[4])
         succession = Succession(resume_fd=int(argv[3]), connection=state["connection"],
                                 restarts=int(state["restarts"]))
-    from . import early_fork
-    from .forked import DAEMON_NAME, WARM_STARTED_ENV, set_name
+    from .forked import DAEMON_NAME, EARLY_STARTED_ENV, WARM_STARTED_ENV, set_name
 
     startup.importing()  # until _open_and_serve has imported what serving needs
     set_name(DAEMON_NAME)
     succession = succession or Succession()
     succession.warm = os.environ.pop(WARM_STARTED_ENV, None) is not None
-    succession.early = os.environ.pop(early_fork.STARTED_ENV, None) is not None
+    succession.early = os.environ.pop(EARLY_STARTED_ENV, None) is not None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # httpx logs every request at INFO: a line per MiB fetched would bury
     # what the log is for (errors, retries, restarts)

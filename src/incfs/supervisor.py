@@ -40,9 +40,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import early_fork, preconnect, startup
-from .forked import (DAEMON_NAME, SUPERVISOR_NAME, WARM_STARTED_ENV, Forked, fork_call,
-                     process_name, set_name)
+from . import preconnect, startup
+from .forked import (DAEMON_NAME, EARLY_STARTED_ENV, SUPERVISOR_NAME, WARM_STARTED_ENV, Forked,
+                     fork_call, process_name, set_name)
 from .rundir import drop_daemon_leftovers, runtime_dir
 
 log = logging.getLogger("incfs.supervisor")
@@ -275,7 +275,7 @@ def main(argv: list[str]) -> int:
         return code
     startup.imports_done()  # forked from the mount command with the collector off
     os.environ.pop(WARM_STARTED_ENV, None)  # later daemons start afresh: cold
-    os.environ.pop(early_fork.STARTED_ENV, None)
+    os.environ.pop(EARLY_STARTED_ENV, None)
     pid_file = supervisor_pid_file(rundir)
     pid_file.write_text(f"{os.getpid()}\n")
     try:
