@@ -408,10 +408,12 @@ def test_a_read_is_served_once_its_blocks_are_in_not_its_whole_range(tmp_path):
                                  cache=str(tmp_path / "cache.img"), allow_unsigned=True,
                                  prefetch="none", amplify=MiB, read_timeout=None)
             with mounted(config) as root:
-                # past the metadata (64 KiB asked) and a 128 KiB first read,
-                # short of the 1 MiB range: a connection stops mid-body there
+                # past the metadata's answer (64 KiB, which holds the hash
+                # blocks and the first data blocks: incfs.loader.tail) and
+                # short of the 1 MiB range read at 256 KiB: a connection
+                # stops mid-body there
                 proxy.hold_after(512 * 1024)
-                reader = ReadThread(root / "big.bin", 0, BLOCK_SIZE)
+                reader = ReadThread(root / "big.bin", 256 * 1024, BLOCK_SIZE)
                 reader.start()
                 reader.join(30)
                 served_while_held, held = not reader.is_alive(), proxy.held
@@ -419,7 +421,8 @@ def test_a_read_is_served_once_its_blocks_are_in_not_its_whole_range(tmp_path):
                 reader.join(60)
                 assert held >= 1, "the range was not held: nothing tested"
                 assert served_while_held, "the read waited for the whole range"
-                assert reader.error is None and reader.result == data[:BLOCK_SIZE]
+                assert reader.error is None
+                assert reader.result == data[256 * 1024:256 * 1024 + BLOCK_SIZE]
                 assert (root / "big.bin").read_bytes() == data
                 assert status(root)["loader"]["crc_failures"] == 0
     assert_cache_clean(tmp_path / "cache.img")
@@ -456,12 +459,21 @@ def test_sequential_prefetch_brings_whole_files_not_their_hash_trees_first(tmp_p
 def test_a_miss_near_the_end_of_a_file_takes_its_tail_in_the_same_request(tmp_path):
     """400 KiB: more than `amplify` (256 KiB), less than amplify + miss_tail.
     The first read's request brings the whole file: reading the rest asks
-    the source for nothing more (before, its tail cost a second request)."""
+    the source for nothing more (before, its tail cost a second request).
+    The metadata's answer brought the file's first blocks (incfs.loader.tail):
+    the request starts at the first block it did not."""
+    from test_loader_util import wait_for
+
     data = random.Random(7).randbytes(400 * 1024)
     with _big_file_mounted(tmp_path, data) as mnt:
+        wait_for(lambda: status(mnt)["loader"]["first_answer"] == "stored", 30,
+                 what="the first answer's blocks")
+        # its one hash block and its first data blocks: read the first missing one
+        first_missing = (status(mnt)["loader"]["first_answer_blocks"] - 1) * BLOCK_SIZE
+        assert first_missing > 0
         with open(mnt / "big.bin", "rb") as f:
-            assert f.read(BLOCK_SIZE) == data[:BLOCK_SIZE]
-        from test_loader_util import wait_for
+            f.seek(first_missing)
+            assert f.read(BLOCK_SIZE) == data[first_missing:first_missing + BLOCK_SIZE]
 
         def first_job_done() -> bool:  # status is written when a job ends
             loader = status(mnt)["loader"]

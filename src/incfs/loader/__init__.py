@@ -15,6 +15,7 @@ One concern per module; dependencies point down this list, never up:
     reuse     updates: blocks copied from an older image instead of fetched
     link      the link estimate: bandwidth x RTT sets the pipeline's depth
     cache     creating and resuming the cache image from remote metadata
+    tail      the blocks that came with a new cache's metadata, stored
     jobs      running one fetch job: ranges fetched and timed, checked,
               stored, a failed block fetched again from another mirror
     core      the running Loader: reads first, readahead, status, a source

@@ -100,10 +100,17 @@ async def open_cache(config) -> tuple[Image, Source | None]:
             move_plain_copies(path, old)
         image = write_cache(path, sb, meta)
     except BaseException:
+        if early is not None:
+            early.drop_rest()
         with trio.CancelScope(shield=True):
             await source.aclose()
         raise
     info["metadata_bytes"] = len(meta)
+    if early is not None and early.rest_pending:
+        # the answer goes on past the metadata with the blocks `pack` lays
+        # first (hash trees): already on the wire, the loader stores them
+        # (incfs.loader.tail) and the connection is reused, not closed
+        info["first_rest"] = early
     if source.opened is None and early is not None:
         # read without the HTTP client: the loader opens the source later,
         # and takes what this answer said of the object as first seen
@@ -330,7 +337,9 @@ async def _read_early(early: EarlyReader, demand: SourceOnDemand,
     """The first request's answer as `early` reads it, or, when it refuses
     that answer, as the source reads it when asked again."""
     try:
-        return await early.read_prefix(needed)
+        # the rest of the answer (the first hash trees, after the metadata)
+        # is kept for the loader: see open_cache
+        return await early.read_prefix(needed, keep_rest=True)
     except EarlyRefused as e:
         log.info("%s: the early answer is not used (%s); asking again", demand.name, e)
         return await (await demand.get()).read_prefix(0, early.length, needed)

@@ -56,6 +56,7 @@ from .prefetch import PrefetchMixin, source_runs_in_slices
 from .ondemand import SourceOnDemand
 from .remote import open_loader_source
 from .reuse import ReuseMixin
+from .tail import TailMixin
 from .schedule import (PREFETCH, READ, READAHEAD, Readahead, Slots, SourceOrder,
                        TokenBucket)
 
@@ -72,7 +73,7 @@ def start_loader(config, service, nursery, source: Source | None = None) -> "Loa
     return loader
 
 
-class Loader(JobRunner, PrefetchMixin, ReuseMixin):
+class Loader(JobRunner, PrefetchMixin, ReuseMixin, TailMixin):
     def __init__(self, config, service, settings: LoaderConfig | None = None,
                  source: Source | None = None):
         self.config = config
@@ -127,11 +128,13 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                       "refetches": 0, "blocks_failed": 0, "blocks_fetched": 0,
                       "blocks_reused": 0, "bytes_reused": 0, "pending_jobs": 0,
                       "readahead_jobs": 0, "prefetch_blocks": 0, "prefetch_bytes": 0,
-                      "prefetch_yields": 0, "leaves_built": 0, "leaves_fetched": 0}
+                      "prefetch_yields": 0, "leaves_built": 0, "leaves_fetched": 0,
+                      "first_answer_blocks": 0}
         self.last_error: str | None = None
         self.state = self.info.get("state", "starting")
         self.prefetch_state = "off" if cfg.prefetch == "none" else "waiting"
         self._cleaned = False
+        self._keep_first_rest()
         if image_complete(self.image):
             self._mark_complete()  # nothing to fetch: say so before the mount is ready
         self._update_status()
@@ -154,6 +157,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                 self.waits.fetching = self.inflight.__contains__
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    nursery.start_soon(self._store_first_rest)
                     nursery.start_soon(self._pending_loop)
                     nursery.start_soon(self._background)
                     nursery.start_soon(self._flusher)
@@ -167,6 +171,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
             self.state = "failed"
             self._update_status()
         finally:
+            self._drop_first_rest()
             for hooks, hook in self._waits_hooks():
                 if hook in hooks:
                     hooks.remove(hook)
@@ -405,6 +410,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin):
                          "yields": self.stats["prefetch_yields"],
                          "width": self.prefetch_width},
             "base": self.info.get("base"),
+            "first_answer": self.first_answer,
             "last_error": self.last_error,
             **{k: v for k, v in self.stats.items() if not k.startswith("prefetch_")},
         }

@@ -38,6 +38,7 @@ to the pool for the next.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from collections.abc import Callable
@@ -47,7 +48,9 @@ import trio
 
 from .. import preconnect
 from ..sources.base import SourceIdentity
-from ..sources.http import READ_TIMEOUT, parse_content_range
+from ..sources.http import READ_TIMEOUT, parse_content_range, redact_url
+
+log = logging.getLogger("incfs.loader")
 
 # How much is read from the socket at a time.
 _RECV_SIZE = 64 * 1024
@@ -79,6 +82,11 @@ class EarlyReader:
         # process has free, e.g. to import the HTTP client after all
         self.on_wait: Callable[[], None] | None = None
         self._reusable = False  # the answer was read whole, and the server keeps the connection
+        self._conn = self._connection()  # h11's reading of the answer, kept between reads
+        self._body = bytearray()
+        self._ended = False  # the answer was read to its end
+        # read_prefix stopped before the end and kept the connection (keep_rest)
+        self.rest_pending = False
 
     @classmethod
     def take(cls, config, length: int) -> EarlyReader | None:
@@ -101,31 +109,70 @@ class EarlyReader:
         return cls(config.source, length, sock, _timeout(config), offset=offset, send=True,
                    expect=expect)
 
-    async def read_prefix(self, needed: Callable[[bytes], int | None],
-                          progress: Callable[[bytearray], None] | None = None) -> bytes:
+    async def read_prefix(self, needed: Callable[[bytes], int | None] | None,
+                          progress: Callable[[bytearray], None] | None = None, *,
+                          keep_rest: bool = False) -> bytes:
         """At least the first `needed(body)` bytes of the range (as
-        Source.read_prefix), or all of it; raises EarlyRefused. `progress`,
-        if given, is called with the body so far as it comes in (as
-        Source.read_streaming's). A connection whose answer was read to its
-        end and which the server keeps open goes back to the early pool
-        (`preconnect.give_back`), for the next early reader or the HTTP
-        client; any other is closed."""
+        Source.read_prefix), or all of it (`needed` None, or saying None);
+        raises EarlyRefused. `progress`, if given, is called with the body so
+        far as it comes in (as Source.read_streaming's). A connection whose
+        answer was read to its end and which the server keeps open goes back
+        to the early pool (`preconnect.give_back`), for the next early reader
+        or the HTTP client; any other is closed. `keep_rest`: when the prefix
+        is in before the end, the reader keeps the connection for
+        `read_rest` (which gives it back) instead of closing it."""
+        kept = False
         try:
             with trio.fail_after(self.timeout):
-                return await self._read(needed, progress)
+                prefix = await self._read(needed, progress)
+            kept = keep_rest and not self._ended
+            return prefix
         except trio.TooSlowError:
             raise EarlyRefused(f"no answer within {self.timeout:g}s") from None
         except (OSError, h11.ProtocolError) as e:
             raise EarlyRefused(str(e) or type(e).__name__) from e
         finally:
+            self.rest_pending = kept
+            if not kept:
+                self._give_back()
+
+    async def read_rest(self) -> bytes | None:
+        """After a `read_prefix(keep_rest=True)` that returned before the
+        end: the whole body (from the range's start), once the rest of it is
+        in, and the connection goes back to the pool. None when it cannot be
+        had (a stall past the read timeout, a reset, a body of the wrong
+        length): nothing of it is then used, and the connection is closed."""
+        if not self.rest_pending:
+            return None
+        self.rest_pending = False
+        self.on_wait = None  # an import now would hold the GIL while reads come in
+        try:
+            with trio.fail_after(self.timeout):
+                return await self._read(None, None)
+        except (trio.TooSlowError, OSError, h11.ProtocolError, EarlyRefused) as e:
+            log.info("%s: the rest of the first answer is not used (%s)",
+                     redact_url(self.url), str(e) or type(e).__name__)
+            return None
+        finally:
+            self._give_back()
+
+    def drop_rest(self) -> None:
+        """Close a connection kept for `read_rest` that nobody will read."""
+        if self.rest_pending:
+            self.rest_pending = False
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self._sock.fileno() >= 0:
             preconnect.give_back(self._sock.detach(), self._reusable)
 
-    async def _read(self, needed: Callable[[bytes], int | None],
+    async def _read(self, needed: Callable[[bytes], int | None] | None,
                     progress: Callable[[bytearray], None] | None) -> bytes:
-        conn = self._connection()
+        """Read the answer on until `needed(body)` bytes are in, or to its
+        end; a second call goes on where the first stopped."""
+        conn, body = self._conn, self._body
         while self._unsent:
             self._unsent = self._unsent[await self._sock.send(self._unsent):]
-        body = bytearray()
         want: int | None = None
         while True:
             event = conn.next_event()
@@ -142,12 +189,14 @@ class EarlyReader:
                     raise EarlyRefused(f"body is longer than the {self.length} bytes asked")
                 if progress is not None:
                     progress(body)
-                want = want if want is not None else needed(bytes(body))
+                if needed is not None and want is None:
+                    want = needed(bytes(body))
                 if want is not None and len(body) >= want:
                     return bytes(body)
             elif isinstance(event, h11.EndOfMessage):
                 if len(body) != self.length:
                     raise EarlyRefused(f"short body, got {len(body)} of {self.length} bytes")
+                self._ended = True
                 self._reusable = _kept_alive(conn)
                 return bytes(body)
             elif isinstance(event, h11.ConnectionClosed):

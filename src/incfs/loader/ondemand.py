@@ -99,7 +99,7 @@ class SourceOnDemand:
         if reader is None:
             return None
         try:
-            data = await reader.read_prefix(lambda body: None, progress)
+            data = await reader.read_prefix(None, progress)
         except EarlyRefused as e:
             log.info("%s: an early answer is not used (%s); asking again", self.name, e)
             self._count(errors=1)
