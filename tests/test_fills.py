@@ -121,3 +121,46 @@ def test_one_forged_block_fails_the_built_leaf_and_stores_nothing(packed, tmp_pa
         again = cache.fill(node.ino, data)
         assert again.stored == 127
         assert [(i, code) for i, code, _why in again.errors] == [(7, errno.EBADMSG)]
+
+
+def test_a_small_fill_runs_in_the_event_loop_unless_a_worker_holds_the_lock(packed, tmp_path):
+    """Service.fill: a fill of a block or two is done in the loop (no hop to
+    a worker thread); a bigger one, or one whose image lock a worker
+    holds, goes to a thread. Both store and verify alike."""
+    import threading
+
+    import trio
+
+    from incfs.service import INLINE_FILL_BLOCKS, Service
+
+    with Image.open(packed) as src, new_cache(packed, tmp_path / "c.img") as cache:
+        cache.durable = False  # as the loader's cache (durable fills sync: a worker's)
+        service = Service(cache, read_timeout=None)
+        node = cache.ns.lookup(ROOT_INO, b"small")
+        threads: list[str] = []
+        fill = cache.fill
+
+        def watched(*args, **kwargs):
+            threads.append(threading.current_thread().name)
+            return fill(*args, **kwargs)
+
+        cache.fill = watched
+
+        async def main():
+            await service.fill(node.ino, _blocks(src, b"small", TreeKind.HASH, [0]), fetched=True)
+            await service.fill(node.ino, _blocks(src, b"small", TreeKind.DATA, [0]), fetched=True)
+            service.image_lock.acquire()  # as a worker holding it would
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(service.fill, node.ino,
+                                   _blocks(src, b"small", TreeKind.DATA, [1]))
+                await trio.sleep(0.05)
+                service.image_lock.release()
+            big = _blocks(src, b"small", TreeKind.DATA, range(2, 3 + INLINE_FILL_BLOCKS))
+            await service.fill(node.ino, big, fetched=True)
+
+        loop = threading.current_thread().name
+        trio.run(main)
+        assert threads[:2] == [loop, loop]
+        assert threads[2] != loop and threads[3] != loop
+        data = cache.ns.inodes[node.ino].data
+        assert all(data.is_present(i) for i in range(3 + INLINE_FILL_BLOCKS))
