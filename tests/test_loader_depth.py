@@ -87,6 +87,68 @@ def test_background_bytes_on_the_wire_stay_within_the_depth_and_reads_pass():
     trio.run(main)
 
 
+def test_the_bytes_of_an_answer_leave_the_wire_as_they_come_in():
+    """The depth counts what is asked for and not in yet (Slots.landed): a
+    request waiting behind a 2 MiB one starts once enough of that one's
+    answer is in, not at its end; a retry that starts the body again puts
+    its bytes back."""
+    started: list[str] = []
+
+    async def main():
+        slots = Slots(total=16, prefetch_max=16, budget=64 * MiB, depth=lambda: 2 * MiB)
+        first = await slots.acquire(READAHEAD, nbytes=2 * MiB)
+
+        async def take() -> None:
+            got = await slots.acquire(READAHEAD, nbytes=MiB)
+            started.append("next")
+            slots.release_slot(got, MiB)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()
+            slots.landed(first, MiB // 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == []  # 1.5 MiB + 1 MiB still more than the depth
+            slots.landed(first, MiB // 2)
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == ["next"]
+        slots.landed(first, -MiB)  # a retry: the body again from its start
+        assert slots.wire[READAHEAD] == 2 * MiB
+        slots.release_slot(first, 2 * MiB)
+        assert slots.wire == [0, 0, 0]
+
+    trio.run(main)
+
+
+def test_jobs_launched_together_get_their_slots_in_source_order():
+    """Three jobs enqueued at launch, their tasks run in the opposite order:
+    the slots go nearest first (Slots.enqueue), each job leaving the queue
+    at its first slot; a job ending without one leaves it too."""
+    got: list[int] = []
+
+    async def main():
+        slots = Slots(total=16, prefetch_max=16, budget=64 * MiB, depth=lambda: MiB)
+        for order in (300, 100, 200, 50):
+            slots.enqueue(READAHEAD, order)
+        slots.dequeue(READAHEAD, 50)  # ended with nothing to fetch
+
+        async def job(order: int) -> None:
+            level = await slots.acquire(READAHEAD, nbytes=MiB, order=order)
+            slots.dequeue(READAHEAD, order)
+            got.append(order)
+            await trio.sleep(0.01)
+            slots.release_slot(level, MiB)
+
+        async with trio.open_nursery() as nursery:
+            for order in (300, 200, 100):
+                nursery.start_soon(job, order)
+                await trio.testing.wait_all_tasks_blocked()
+        assert slots.drained(READAHEAD, 1)
+
+    trio.run(main)
+    assert got == [100, 200, 300]
+
+
 def test_a_file_read_whole_from_its_start_gets_its_window_with_the_first_read():
     launched: list[tuple[int, int, int]] = []
     ra = Readahead(start=256 * 1024, maximum=16 * MiB, launch=lambda *a: launched.append(a),

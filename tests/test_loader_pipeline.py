@@ -283,6 +283,37 @@ def test_a_walk_through_a_real_mount_serves_every_file_right(tmp_path):
         assert loader["crc_failures"] == 0
 
 
+def test_a_walk_whose_reader_is_held_up_keeps_the_link_busy_up_to_two_windows():
+    """The reader waits on one slow request and reads nothing: as the
+    window's other jobs end and the wire drains, the next window is asked
+    for anyway (`landed`), but never more than two windows past the reader,
+    and not while enough is still on the wire."""
+    launched = []
+    on_wire = [0]
+    blocks = 2560  # 10 MiB files
+    ra = Readahead(start=256 * 1024, maximum=1 * MiB, launch=lambda *a: launched.append(a),
+                   after=1 * MiB, align=128, drained=lambda n: on_wire[0] < n)
+    ra.order = _order(nfiles=8, blocks=blocks)
+    for first in range(0, blocks, 256):  # file 10 whole, then the walk begins
+        ra.note_read(10, first, first + 255)
+    ra.note_read(11, 0, 255)
+    assert ra.walk_ino == 11 and launched
+    window, at = ra.cross_window, ra._walk_at
+    front = ra.cross_front
+    launched.clear()
+    on_wire[0] = window  # plenty still coming: nothing more
+    ra.landed()
+    assert not launched and ra.cross_front == front
+    on_wire[0] = 0  # drained, the reader still where it was
+    for _ in range(10):
+        ra.landed()
+    assert launched and ra.held_windows >= 1
+    assert ra.cross_front - at <= 2 * window + 128 * BLOCK_SIZE  # (a window ends on a leaf group)
+    asked = [(ino, b) for ino, first, count in launched for b in range(first, first + count)]
+    assert asked == sorted(asked) and len(asked) == len(set(asked))
+    assert min(asked) > (11, 255)
+
+
 def test_a_walk_starts_as_wide_as_the_reads_of_its_first_file():
     """Small files read whole in one kernel read each: the walk's first
     window holds the whole next file, so that file's first read finds none

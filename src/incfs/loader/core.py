@@ -90,7 +90,8 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin, TailMixin):
         # reader is half-way through this one, so the pipe never drains
         self.readahead = Readahead(cfg.amplify, cfg.readahead_max, self._launch_readahead,
                                    after=cfg.readahead_after, cap=lambda: 2 * self._depth(),
-                                   align=merkle.HASHES_PER_BLOCK)
+                                   align=merkle.HASHES_PER_BLOCK,
+                                   drained=lambda n: self.slots.drained(READAHEAD, n))
         self.inflight: dict[Key, trio.Event] = {}
         self.planner = Planner(self.image, self.inflight.__contains__)
         self.source: Source | None = source
@@ -402,6 +403,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin, TailMixin):
             "readahead_max": cfg.readahead_max,
             "readahead_window_max": self.readahead.maximum,
             "readahead_walk_windows": self.readahead.walk_windows,
+            "readahead_held_windows": self.readahead.held_windows,
             "link": self.link.as_dict(2 * cfg.request_max, cfg.inflight_budget),
             "bandwidth": self.bucket.rate if self.bucket else None,
             "prefetch": {"mode": cfg.prefetch, "state": self.prefetch_state,
@@ -524,6 +526,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin, TailMixin):
                 job.readahead = True
                 self.stats["readahead_jobs"] += 1
                 self._note_far(job)
+                self._queue_job(job, READAHEAD)
                 self._nursery.start_soon(self._run_job, job)
 
     def _readahead_step(self) -> int:
@@ -550,6 +553,7 @@ class Loader(JobRunner, PrefetchMixin, ReuseMixin, TailMixin):
         if wants:
             job = Job(ino, wants, prefetch=True, readahead=True)
             self._claim(job, wants)
+            self._queue_job(job, READAHEAD)
             self._nursery.start_soon(self._run_job, job)
 
     def _plan(self, ino: int, data_idx, hash_idx, *, extend: int, prefetch: bool) -> Job | None:

@@ -35,7 +35,8 @@ class FetchFailed(IntegrityError):
 
 class JobRunner:
     """Mixed into Loader, which provides cfg, service, image, source, demand,
-    slots, inflight, link and the planning and status methods these call."""
+    slots, inflight, link, readahead and the planning and status methods
+    these call."""
 
     @property
     def reading_from(self):
@@ -77,15 +78,31 @@ class JobRunner:
                     self._give_up(job, f"cannot store fetched blocks: {e}")
                     return
         finally:
+            self._dequeue(job)
             self._yield_after(job)
             if self.stopped:
                 self._fail_stopped_job(job)
             self._release(job, list(job.keys))
+            if job.readahead and not self.stopped and not self._scope.cancel_called:
+                self.readahead.landed()
             self._update_status()
             if job.background:
                 self.prefetch_running -= 1
                 self._widen_prefetch(job)
                 self.slots.changed.notify()
+
+    def _queue_job(self, job: Job, level: int) -> None:
+        """Give a job launched with others its place in its class's queue,
+        by its first byte in the source (Slots.enqueue)."""
+        offsets = [w.offset for w in job.wants if w.size and not w.derived]
+        if offsets:
+            job.queued = (level, min(offsets))
+            self.slots.enqueue(*job.queued)
+
+    def _dequeue(self, job: Job) -> None:
+        if job.queued is not None:
+            self.slots.dequeue(*job.queued)
+            job.queued = None
 
     def _widen_prefetch(self, job: Job) -> None:
         """A prefetch job ended: twice as many may run at once if no read missed
@@ -109,6 +126,10 @@ class JobRunner:
     async def _attempt(self, job: Job) -> None:
         """One try at a job, with its bytes reserved in the budget."""
         nbytes = job.nbytes  # more than the budget: admitted alone
+        if not self.slots.can_reserve(self._level(job), nbytes):
+            # its place in the queue would hold back jobs whose budget only
+            # comes back once they are fetched
+            self._dequeue(job)
         await self.slots.reserve(self._level(job), nbytes, urgent=lambda: self._wanted(job))
         job.held = nbytes
         try:
@@ -322,13 +343,25 @@ class JobRunner:
         return [arrivals.entry(a) for a in arrivals.got], arrivals.damaged()
 
     async def _fetch_range(self, job: Job, r: Range, avoid, progress=None):
+        order = job.queued[1] if job.queued is not None else None
         level = await self.slots.acquire(self._level(job), urgent=lambda: self._wanted(job),
-                                         nbytes=r.length)
+                                         nbytes=r.length, order=order)
+        self._dequeue(job)
+        landed = 0  # bytes of the answer in: off the wire (Slots.landed)
+
+        def arrived(body: bytes | bytearray) -> None:
+            nonlocal landed
+            now = min(len(body), r.length)  # (a retry starts the body again)
+            self.slots.landed(level, now - landed)
+            landed = now
+            if progress is not None:
+                progress(body)
+
         try:
-            data, origin = await self._timed(self._read(r.offset, r.length, avoid, progress),
+            data, origin = await self._timed(self._read(r.offset, r.length, avoid, arrived),
                                              r.length)
         finally:
-            self.slots.release_slot(level, r.length)
+            self.slots.release_slot(level, r.length - landed)
         self.stats["requests"] += 1
         self.stats["bytes_transferred"] += len(data)
         self.prefetch_backoff = 1.0

@@ -59,6 +59,9 @@ class Job:
         self.far = False  # a read's miss away from prefetch: it yields while this runs
         self.far_mark = 0  # prefetch jobs: the loader's far-miss count when it started
         self.unbuilt: list[Want] = []  # built leaves that failed: fetch them
+        # (class, source offset) in the slots' queue until its first slot
+        # (JobRunner._queue_job): jobs launched together start in source order
+        self.queued: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -10,8 +10,10 @@ Three classes of requests share the source's connections:
 * PREFETCH: background filling; at most `prefetch_max` requests at once.
 
 Readahead and prefetch together keep at most the pipeline depth (`depth()`,
-bandwidth x RTT measured by link.LinkEstimate) of bytes on the wire: more
-would only queue in the network; reads are never held back by it.
+bandwidth x RTT measured by link.LinkEstimate) of bytes on the wire (asked
+for and not in yet: a request's bytes leave the count as its answer comes
+in, `landed`): more would only queue in the network; reads are never held
+back by it.
 
 Every wait here is on an event that the state change which could end it
 sets: nothing polls.
@@ -74,6 +76,9 @@ class Slots:
         # (they could never finish and give it back)
         self.waiting_slot = [0, 0, 0]
         self.waiting_bytes = [0, 0, 0]
+        # per class, the source offsets of jobs launched that have not got
+        # their first slot yet, sorted: the nearest goes first (`enqueue`)
+        self._queued: list[list[int]] = [[], [], []]
         self.bytes = 0
         self.peak_bytes = 0
         self.changed = Changed()
@@ -94,9 +99,12 @@ class Slots:
             return True
         return level == PREFETCH and waiting[READAHEAD] > 0
 
-    def _slot_free(self, level: int, nbytes: int = 0) -> bool:
+    def _slot_free(self, level: int, nbytes: int = 0, order: int | None = None) -> bool:
         if self.busy_total >= self.total or self._before(self.waiting_slot, level):
             return False
+        queued = self._queued[level]
+        if order is not None and level > READ and queued and queued[0] < order:
+            return False  # one nearer the reader waits: it goes first
         if level > READ and self.depth is not None:
             background = self.wire[READAHEAD] + self.wire[PREFETCH]
             if background and background + nbytes > self.depth():
@@ -125,6 +133,32 @@ class Slots:
             waiting[level] -= 1
         return level
 
+    def enqueue(self, level: int, order: int) -> None:
+        """A job of class `level` whose first request is at source offset
+        `order` was launched: until it `dequeue`s, requests of its class
+        at a greater offset wait for it (see `acquire`). Taken at launch,
+        not when the job first asks for a slot: a window's jobs start
+        together, and trio runs new tasks in no set order."""
+        bisect.insort(self._queued[level], order)
+
+    def dequeue(self, level: int, order: int) -> None:
+        """The job `enqueue`d at `order` got its first slot, or ended."""
+        queued = self._queued[level]
+        k = bisect.bisect_left(queued, order)
+        if k < len(queued) and queued[k] == order:
+            del queued[k]
+            self.changed.notify()  # the next in the queue may go now
+
+    def drained(self, level: int, nbytes: int) -> bool:
+        """Whether requests of class `level` have less than `nbytes` asked
+        for and not in, and none is waiting to start."""
+        return (self.wire[level] < nbytes and not self.waiting_slot[level]
+                and not self._queued[level])
+
+    def can_reserve(self, level: int, nbytes: int) -> bool:
+        """Whether `reserve` would take `nbytes` now, without waiting."""
+        return self._bytes_free(level, nbytes)
+
     async def reserve(self, level: int, nbytes: int, urgent=None) -> int:
         """Reserve `nbytes` of the budget; returns the class it was taken at."""
         level = await self._wait(self.waiting_bytes, level,
@@ -133,14 +167,35 @@ class Slots:
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         return level
 
-    async def acquire(self, level: int, urgent=None, nbytes: int = 0) -> int:
+    async def acquire(self, level: int, urgent=None, nbytes: int = 0,
+                      order: int | None = None) -> int:
         """Take a slot for a request of `nbytes`; returns the class it was
-        taken at (give both back to `release_slot`)."""
+        taken at (give both back to `release_slot`). A readahead or
+        prefetch request of a job `enqueue`d at `order` waits while a job of
+        its class nearer the reader (a smaller offset) has not got its first
+        slot: a window's jobs then start in source order. In the order trio
+        happened to run them, the reader waited for a piece asked for last
+        while the rest of the window arrived, and the next window was asked
+        for only once the link had drained (a round trip idle a window)."""
         level = await self._wait(self.waiting_slot, level,
-                                 lambda lv: self._slot_free(lv, nbytes), urgent)
+                                 lambda lv: self._slot_free(lv, nbytes, order), urgent)
         self.busy[level] += 1
         self.wire[level] += nbytes
         return level
+
+    def landed(self, level: int, nbytes: int) -> None:
+        """`nbytes` more of the answer to a request of class `level` are in
+        (negative: a retry started its body again). They are off the wire:
+        the depth counts what is asked for and not here yet. Counting each
+        request whole until its last byte, two 1 MiB requests that shared
+        the link ended together, and the link sat idle for the round trip
+        of the next (~1 % of a 100 ms / 10 Mbit/s link)."""
+        if not nbytes:
+            return
+        self.wire[level] -= nbytes
+        if nbytes > 0 and level > READ and (self.waiting_slot[READAHEAD]
+                                            or self.waiting_slot[PREFETCH]):
+            self.changed.notify()
 
     def release_slot(self, level: int, nbytes: int = 0) -> None:
         self.busy[level] -= 1
@@ -215,7 +270,8 @@ class Readahead:
     source instead (`_walk_to`), which runs on from file to file."""
 
     def __init__(self, start: int, maximum: int, launch, after: int = 0,
-                 cap: Callable[[], int] | None = None, align: int = 1):
+                 cap: Callable[[], int] | None = None, align: int = 1,
+                 drained: Callable[[int], bool] | None = None):
         self.start, self._maximum = start, maximum
         # windows of at least `align` blocks end on a multiple of it: the
         # loader's jobs then fetch leaf groups whole and build their hashes
@@ -232,6 +288,11 @@ class Readahead:
         self.cross_window = start
         self.cross_front: int | None = None  # source offset no walk readahead covered
         self.walk_windows = 0  # windows asked for by walks (status)
+        # drained(n): whether less than n bytes of readahead are asked for
+        # and not in (see `landed`); the walk's reader was last at `_walk_at`
+        self.drained = drained
+        self._walk_at: int | None = None
+        self.held_windows = 0  # windows asked for while a walk's reader was held up (status)
 
     @property
     def maximum(self) -> int:
@@ -351,6 +412,30 @@ class Readahead:
 
     def _end_walk(self) -> None:
         self.walk_ino, self.cross_window, self.cross_front = None, self.start, None
+        self._walk_at = None
+
+    def landed(self) -> None:
+        """A readahead job ended. A walk's next window is asked for when its
+        reader comes within half a window of the front (`_walk_ahead`); a
+        reader held up by one slow request (a TCP flow in loss recovery:
+        1 MiB took 4.9 s where the rest of its window took 1) reads
+        nothing meanwhile, and the link drained while the window's other
+        requests ended. So when a job ends and less than half a window is
+        left on the wire, the next window is asked for now, up to two
+        windows ahead of the reader (what a stopped reader can leave
+        fetched for nothing)."""
+        if self.walk_ino is None or self.cross_front is None or self._walk_at is None:
+            return
+        if self.drained is None or self.cross_front - self._walk_at >= 2 * self.cross_window:
+            return
+        if not self.drained(self.cross_window // 2):
+            return
+        pieces, self.cross_front = self.order.window(self.cross_front, self.cross_window,
+                                                     self.align)
+        self.walk_windows += 1
+        self.held_windows += 1
+        for run_ino, first, count in pieces:
+            self.launch(run_ino, first, count)
 
     def _walk_ahead(self, ino: int, last: int) -> None:
         """The walk's reader is at block `last` of `ino`: keep the source
@@ -359,6 +444,7 @@ class Readahead:
         at = self.order.offset_of(ino, last)
         if at is None:
             return
+        self._walk_at = at + BLOCK_SIZE
         grown = self._grown(self.cross_front, at + BLOCK_SIZE, self.cross_window,
                             self.cross_window // 2)
         if grown is None:
