@@ -593,7 +593,10 @@ def test_pending_reads_go_before_prefetch(tmp_path):
                 s = status(mnt)
                 assert got == (src / "bin" / "app").read_bytes()[last:]
                 assert not s["complete"]  # served long before prefetch would reach it
-                assert s["loader"]["pending_jobs"] >= 1
+                # the read is served as its block comes in, and the loader's
+                # status is written when the job ends, a moment later
+                s = wait_for(lambda: (st := status(mnt))["loader"]["pending_jobs"] >= 1 and st,
+                             10, what="the read's job in the status")
                 assert s["loader"]["prefetch"]["blocks"] > 0
 
 
