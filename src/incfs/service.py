@@ -25,11 +25,6 @@ from .waits import ReaderGone, ReadTimedOut, Waits
 
 THREAD_READ_MIN = 32 * 1024
 READ_THREADS = 4
-# A fill of this many blocks or fewer runs in the event loop: its work (a
-# decode, a SHA-256, a pwrite to the page cache: ~0.1 ms a block) costs less
-# than the hop to a worker thread and back, which took 1-2 ms of a first
-# read's ~27 at 20 ms when the loop was busy with the range's other bytes.
-INLINE_FILL_BLOCKS = 2
 
 
 # Seconds after the mount is up that work waiting for its first read
@@ -187,9 +182,7 @@ class Service:
         before = self.image.ns.inodes.get(ino)
         was_complete = before is None or before.complete
         async with self.write_lock:
-            result = self._fill_here(ino, blocks, leaves)
-            if result is None:
-                result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks, leaves)
+            result = await trio.to_thread.run_sync(self._fill_locked, ino, blocks, leaves)
         self.counters["blocks_written"] += result.stored
         node = self.image.ns.inodes[ino]
         for blk in blocks:
@@ -224,23 +217,6 @@ class Service:
             "ino": node.ino, "file_id": node.file_id.hex(), "block": block, "errno": code,
             "error": errno.errorcode.get(code, str(code)), "why": why,
             "uid": uid, "time_ns": time.time_ns()}
-
-    def _fill_here(self, ino: int, blocks: list[FillBlock],
-                   leaves: Collection[int]) -> FillResult | None:
-        """A small fill done in the event loop (INLINE_FILL_BLOCKS), or None
-        for the caller to run it in a worker: a bigger one, one that builds
-        leaves, one that syncs (a durable image: a loader's over the control
-        protocol), one under a cache cap (its evictions are disk work), or
-        one whose image lock a worker holds (the loop would wait for it)."""
-        if (len(blocks) > INLINE_FILL_BLOCKS or leaves or self.image.durable
-                or self.space is not None):
-            return None
-        if not self.image_lock.acquire(blocking=False):
-            return None
-        try:
-            return self.image.fill(ino, blocks, leaves)
-        finally:
-            self.image_lock.release()
 
     def _fill_locked(self, ino: int, blocks: list[FillBlock],
                      leaves: Collection[int] = ()) -> FillResult:
