@@ -287,8 +287,10 @@ def test_mount_from_http_nginx_signed(tmp_path, served, keys):
         # the tree is there as soon as mount returns
         assert sorted(os.listdir(mnt)) == ["bin", "deep", "empty", "share"]
         assert (mnt / "bin" / "app").stat().st_size == 6 * MiB
-        s = status(mnt)
-        assert s["blocks_present"] == 0 and s["signed"]
+        # what is here came with the metadata's answer (incfs.loader.tail)
+        s = wait_for(lambda: (st := status(mnt))["loader"]["first_answer"] != "waiting"
+                     and st, 30, what="the first answer's rest")
+        assert s["blocks_present"] == s["loader"]["first_answer_blocks"] and s["signed"]
         assert s["loader"]["metadata_bytes"] > 0 and s["loader"]["state"] in ("created", "online")
         t0 = time.monotonic()
         head = (mnt / "bin" / "tool").read_bytes()[:4096]
