@@ -44,15 +44,21 @@ def wants_in(image, busy: Callable[[Key], bool], start: int,
     found: dict[int, list[Want]] = {}
     for ino in maps:
         spans = laid_out(ino)
+        near = [tree for tree in (HASH, DATA)  # hash blocks first: the data are checked with them
+                if spans is not None and spans[tree] is not None and spans[tree][1]
+                and spans[tree][0] < end]
+        if not near:
+            continue  # (most files: nothing decoded, no inode made)
         node = image.ns.inodes.get(ino)
-        if spans is None or node is None or node.data is None:
+        if node is None or node.data is None:
             continue
-        for tree in (HASH, DATA):  # the hash blocks first: the data are checked with them
+        file_maps = maps[ino]
+        for tree in near:
             span = spans[tree]
             target = node.hashes if tree == HASH else node.data
-            if span is None or not span[1] or span[0] >= end or target is None:
+            if target is None:
                 continue
-            smap = maps[ino][0 if tree == DATA else 1]
+            smap = file_maps[0 if tree == DATA else 1]
             for index in range(span[1]):
                 want = want_at(smap, tree, index)
                 if want is None or want.offset >= end:
