@@ -5,11 +5,15 @@ the mounted checks are in test_space_mount.py."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from incfs.errors import BadBlock, UsageError
 from incfs.format.layout import RecordType
+from incfs.format.records import BlockKind, info_kind
 from incfs.image import Image, MissingBlock
+from incfs.pack import pack
 from incfs.space import gc
 from incfs.space.cap import CHUNK, CacheCap, check, minimum
 from incfs.space.compact import compact
@@ -94,6 +98,63 @@ def test_plain_copy_gone_or_bad_is_never_served(tmp_path):
         with pytest.raises(MissingBlock):
             again.read_range(node, 0, 10)
         _read_all(again, {k: v for k, v in want.items() if k != "big"})
+
+
+def _racing(img: Image, node, give_up) -> list[int]:
+    """Make `give_up` (a release) run once in the middle of the next read of
+    `node`: after the read has looked its blocks up, before it reads their
+    bytes, as a worker thread's release can. Returns the list the offsets
+    read land in."""
+    read_at: list[int] = []
+    stored_bytes = img.stored_bytes
+
+    def late(n, offset: int, length: int) -> bytes:
+        if not read_at:
+            give_up()
+        read_at.append(offset)
+        return stored_bytes(n, offset, length)
+
+    img.stored_bytes = late
+    return read_at
+
+
+@pytest.mark.parametrize("compress", ["none", "zstd"])  # a raw run; blocks one by one
+def test_a_read_that_races_a_release_reads_the_plain_copy(tmp_path, compress):
+    """The release moves the blocks to the plain copy and punches their old
+    bytes while the read holds the old places: the read finds the moved
+    blocks, reads them again where they are now, and counts no failure."""
+    rng = random.Random(7)
+    (tmp_path / "src").mkdir()
+    # a 16-letter alphabet: zstd halves it, so its blocks span whole pages
+    # (a punch leaves a partly covered page's bytes in place)
+    want = bytes(rng.choice(b"abcdefghijklmnop") for _ in range(MiB))
+    (tmp_path / "src" / "half").write_bytes(want)
+    image = tmp_path / "app.img"
+    pack(tmp_path / "src", image, compress=compress)
+    img = filled_cache(image, tmp_path / "cache.img")
+    node = node_of(img, "half")
+    kinds = {info_kind(node.data.get(i)[1]) for i in range(node.data.count)}
+    assert kinds == ({BlockKind.ZSTD} if compress == "zstd" else {BlockKind.RAW})
+    write_plain(img, node)
+    read_at = _racing(img, node, lambda: release_to_plain(img, node))
+    assert img.read_range(node, 0, node.size) == want
+    assert read_at[0] < (1 << 62) <= read_at[-1]  # the image's place, then the copy's
+    assert img.counters["verify_failures"] == 0
+    img.close()
+
+
+def test_a_read_that_races_an_eviction_waits_for_a_fetch(tmp_path):
+    """Evicted while a read holds their old places: the blocks are absent
+    (MissingBlock: fetched again), not bad (BadBlock: counted, repaired)."""
+    image = packed(tmp_path)
+    img = filled_cache(image, tmp_path / "cache.img")
+    node = node_of(img, "big")
+    _racing(img, node, lambda: evict(img, [(node.ino, 0, 16)]))
+    with pytest.raises(MissingBlock):
+        img.read_range(node, 0, 16 * 4096)
+    assert img.counters["verify_failures"] == 0
+    assert not node.data.is_present(0)
+    img.close()
 
 
 def test_a_users_own_image_never_releases(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from typing import NoReturn
 
 from . import BLOCK_SIZE, codec
 from .blockmap import ABSENT
@@ -23,6 +24,11 @@ from .namespace import Inode
 from .space.plainfiles import is_plain
 
 HASH_CACHE_BLOCKS = 4096  # verified hash blocks kept in memory (16 MiB)
+# How often a read starts again when a block it read moved meanwhile. A
+# block moves at most twice (out of the image into its file's plain copy,
+# then out of the map if that copy is dropped), so a third failure at an
+# unchanged place is a bad block.
+READ_ATTEMPTS = 3
 
 
 class MissingBlock(Exception):
@@ -31,6 +37,11 @@ class MissingBlock(Exception):
     def __init__(self, ino: int, tree: TreeKind, index: int):
         super().__init__(f"inode {ino} {tree.name.lower()} block {index} is absent")
         self.ino, self.tree, self.index = ino, tree, index
+
+
+class _Moved(Exception):
+    """A block read from one place is now mapped at another (or nowhere):
+    read it again. Raised only inside `read_range`."""
 
 
 class VerifiedReads:
@@ -125,14 +136,35 @@ class VerifiedReads:
         if offset >= end:
             return b""
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        parts = self._read_blocks(node, first, last + 1)
+        parts = self._read_moving(node, first, last + 1)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = offset - first * BLOCK_SIZE
         if skip == 0 and len(data) == end - offset:
             return data  # no copy: a whole-block read of one extent
         return data[skip:skip + end - offset]
 
-    def _read_blocks(self, node: Inode, start: int, stop: int) -> list[bytes]:
+    def _read_moving(self, node: Inode, start: int, stop: int) -> list[bytes]:
+        """`_read_blocks`, read again while a block moves under it.
+
+        Reads take no lock: a fill publishes a block only once its bytes are
+        written, and a block never changes in place. But a block can move
+        while a read holds its old place. `incfs.space.release` gives a
+        complete file's blocks up to its plain copy (or, under the cache cap,
+        up altogether) and then punches their old bytes. A read that looked
+        the place up before the move and read it after the punch gets zeros.
+        Those are not bad blocks: counted as verify failures they were
+        "repaired", fetched again over the network (or, offline, failed),
+        though the plain copy held the right bytes all along. So a block that
+        fails is looked up again: if the map now says another place, or
+        none, the read starts over (and waits for a fetch if it is gone)."""
+        for _ in range(READ_ATTEMPTS - 1):
+            try:
+                return self._read_blocks(node, start, stop, moving=True)
+            except _Moved:
+                continue
+        return self._read_blocks(node, start, stop, moving=False)
+
+    def _read_blocks(self, node: Inode, start: int, stop: int, moving: bool) -> list[bytes]:
         offsets, infos, crcs = node.data.arrays()
         if infos is None:
             raise MissingBlock(node.ino, TreeKind.DATA, start)
@@ -144,44 +176,63 @@ class VerifiedReads:
             if info == ABSENT:
                 raise MissingBlock(node.ino, TreeKind.DATA, i)
             if info >> 14 == BlockKind.ZERO:
-                out.append(self._checked(node, i, bytes(plain_size(node, i)), checker))
+                out.append(self._checked(node, i, bytes(plain_size(node, i)), checker,
+                                         (offsets[i], info), moving))
                 i += 1
                 continue
-            j, total, base = i, 0, offsets[i]
-            while (j < stop and infos[j] != ABSENT and infos[j] >> 14 != BlockKind.ZERO
-                   and offsets[j] == base + total):
-                total += infos[j] & 0x1FFF
+            # the run's info words, read once: the arrays are live, and a
+            # block moved meanwhile must not change a size mid-run
+            base, run = offsets[i], [info]
+            total = info & 0x1FFF
+            j = i + 1
+            while j < stop and offsets[j] == base + total:
+                word = infos[j]
+                if word == ABSENT or word >> 14 == BlockKind.ZERO:
+                    break
+                run.append(word)
+                total += word & 0x1FFF
                 j += 1
             raw = self.stored_bytes(node, base, total)
             if len(raw) != total:
-                raise BadBlock(node.ino, TreeKind.DATA, i,
-                               f"inode {node.ino}: stored data cut short at block {i}")
-            if checker is not None and _plain_run(node, infos, i, j):
+                self._refuse(node, i, (base, info), moving,
+                             f"inode {node.ino}: stored data cut short at block {i}")
+            if checker is not None and _plain_run(node, run, i, j):
                 # the common case: raw blocks, stored back to back: verify
                 # them in bulk and hand the extent on as it was read
                 bad = checker.first_mismatch(i, j, raw)
                 if bad is not None:
-                    self.counters["verify_failures"] += 1
-                    raise BadBlock(node.ino, TreeKind.DATA, bad,
-                                   f"inode {node.ino} data block {bad} fails verification")
+                    self._refuse(node, bad, (base + (bad - i) * BLOCK_SIZE, run[bad - i]), moving,
+                                 f"inode {node.ino} data block {bad} fails verification")
                 out.append(raw)
                 i = j
                 continue
             extent = memoryview(raw)
             pos = 0
-            for k in range(i, j):
-                size = infos[k] & 0x1FFF
-                stored = extent[pos:pos + size]
+            for k, word in enumerate(run, i):
+                size = word & 0x1FFF
+                stored, used = extent[pos:pos + size], (base + pos, word)
                 pos += size
                 if checker is None and zlib.crc32(stored) != crcs[k]:
-                    self.counters["verify_failures"] += 1
-                    raise BadBlock(node.ino, TreeKind.DATA, k, f"inode {node.ino} data block "
-                                   f"{k}: stored bytes fail their checksum")
-                out.append(self._checked(node, k, self._decode(node, k, infos[k], stored), checker))
+                    self._refuse(node, k, used, moving, f"inode {node.ino} data block "
+                                 f"{k}: stored bytes fail their checksum")
+                out.append(self._checked(node, k, self._decode(node, k, word, stored, used, moving),
+                                         checker, used, moving))
             i = j
         return out
 
-    def _decode(self, node: Inode, index: int, info: int, stored) -> bytes:
+    def _refuse(self, node: Inode, index: int, used: tuple[int, int], moving: bool,
+                why: str) -> NoReturn:
+        """Data block `index`, read at `used` (offset, info word), failed:
+        _Moved if the map now has it elsewhere or nowhere (see
+        `_read_moving`), else it is bad (counted, BadBlock)."""
+        now = node.data.get(index)
+        if moving and (now is None or now[:2] != used):
+            raise _Moved()
+        self.counters["verify_failures"] += 1
+        raise BadBlock(node.ino, TreeKind.DATA, index, why)
+
+    def _decode(self, node: Inode, index: int, info: int, stored, used: tuple[int, int],
+                moving: bool) -> bytes:
         kind = info >> 14
         size = plain_size(node, index)
         if kind == BlockKind.RAW and len(stored) == size:
@@ -189,15 +240,13 @@ class VerifiedReads:
         try:
             return codec.decompress(BlockKind(kind), stored, size)
         except CorruptImage as e:
-            self.counters["verify_failures"] += 1
-            raise BadBlock(node.ino, TreeKind.DATA, index,
-                           f"inode {node.ino} block {index}: {e}") from None
+            self._refuse(node, index, used, moving, f"inode {node.ino} block {index}: {e}")
 
-    def _checked(self, node: Inode, index: int, plain: bytes, checker) -> bytes:
+    def _checked(self, node: Inode, index: int, plain: bytes, checker,
+                 used: tuple[int, int], moving: bool) -> bytes:
         if checker is not None and not checker.matches(index, plain):
-            self.counters["verify_failures"] += 1
-            raise BadBlock(node.ino, TreeKind.DATA, index,
-                           f"inode {node.ino} data block {index} fails verification")
+            self._refuse(node, index, used, moving,
+                         f"inode {node.ino} data block {index} fails verification")
         return plain
 
     def missing_for_read(self, node: Inode, offset: int, length: int) -> list[tuple[TreeKind, int]]:
@@ -268,13 +317,14 @@ class _HashChecker:
         return None
 
 
-def _plain_run(node: Inode, infos, start: int, stop: int) -> bool:
-    """Blocks [start, stop) are all raw and whole (stored = plain bytes), and
-    the last is not a partial final block (which hashes zero-padded)."""
+def _plain_run(node: Inode, run: list[int], start: int, stop: int) -> bool:
+    """The run's blocks [start, stop), whose info words are `run`, are all
+    raw and whole (stored = plain bytes), and the last is not a partial
+    final block (which hashes zero-padded)."""
     if stop * BLOCK_SIZE > node.size:
         return False
     full_raw = (int(BlockKind.RAW) << 14) | BLOCK_SIZE
-    return all(infos[k] == full_raw for k in range(start, stop))
+    return all(word == full_raw for word in run)
 
 
 def plain_size(node: Inode, index: int) -> int:
