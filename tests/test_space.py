@@ -100,9 +100,8 @@ def test_plain_copy_gone_or_bad_is_never_served(tmp_path):
         _read_all(again, {k: v for k, v in want.items() if k != "big"})
 
 
-def _racing(img: Image, node, give_up) -> list[int]:
-    """Make `give_up` (a release) run once in the middle of the next read of
-    `node`: after the read has looked its blocks up, before it reads their
+def _racing(img: Image, give_up) -> list[int]:
+    """Make `give_up` (a release) run once in the middle of the next read: after the read has looked its blocks up, before it reads their
     bytes, as a worker thread's release can. Returns the list the offsets
     read land in."""
     read_at: list[int] = []
@@ -136,7 +135,7 @@ def test_a_read_that_races_a_release_reads_the_plain_copy(tmp_path, compress):
     kinds = {info_kind(node.data.get(i)[1]) for i in range(node.data.count)}
     assert kinds == ({BlockKind.ZSTD} if compress == "zstd" else {BlockKind.RAW})
     write_plain(img, node)
-    read_at = _racing(img, node, lambda: release_to_plain(img, node))
+    read_at = _racing(img, lambda: release_to_plain(img, node))
     assert img.read_range(node, 0, node.size) == want
     assert read_at[0] < (1 << 62) <= read_at[-1]  # the image's place, then the copy's
     assert img.counters["verify_failures"] == 0
@@ -149,7 +148,7 @@ def test_a_read_that_races_an_eviction_waits_for_a_fetch(tmp_path):
     image = packed(tmp_path)
     img = filled_cache(image, tmp_path / "cache.img")
     node = node_of(img, "big")
-    _racing(img, node, lambda: evict(img, [(node.ino, 0, 16)]))
+    _racing(img, lambda: evict(img, [(node.ino, 0, 16)]))
     with pytest.raises(MissingBlock):
         img.read_range(node, 0, 16 * 4096)
     assert img.counters["verify_failures"] == 0

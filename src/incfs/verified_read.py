@@ -40,8 +40,13 @@ class MissingBlock(Exception):
 
 
 class _Moved(Exception):
-    """A block read from one place is now mapped at another (or nowhere):
-    read it again. Raised only inside `read_range`."""
+    """A block that failed, read from one place, is now mapped at another (or
+    nowhere): read it again. Raised only inside `read_range`, which makes it
+    a BadBlock once the reads run out."""
+
+    def __init__(self, ino: int, index: int, why: str):
+        super().__init__(why)
+        self.ino, self.index, self.why = ino, index, why
 
 
 class VerifiedReads:
@@ -159,12 +164,16 @@ class VerifiedReads:
         none, the read starts over (and waits for a fetch if it is gone)."""
         for _ in range(READ_ATTEMPTS - 1):
             try:
-                return self._read_blocks(node, start, stop, moving=True)
+                return self._read_blocks(node, start, stop)
             except _Moved:
                 continue
-        return self._read_blocks(node, start, stop, moving=False)
+        try:
+            return self._read_blocks(node, start, stop)
+        except _Moved as e:
+            self.counters["verify_failures"] += 1
+            raise BadBlock(e.ino, TreeKind.DATA, e.index, e.why) from None
 
-    def _read_blocks(self, node: Inode, start: int, stop: int, moving: bool) -> list[bytes]:
+    def _read_blocks(self, node: Inode, start: int, stop: int) -> list[bytes]:
         offsets, infos, crcs = node.data.arrays()
         if infos is None:
             raise MissingBlock(node.ino, TreeKind.DATA, start)
@@ -177,7 +186,7 @@ class VerifiedReads:
                 raise MissingBlock(node.ino, TreeKind.DATA, i)
             if info >> 14 == BlockKind.ZERO:
                 out.append(self._checked(node, i, bytes(plain_size(node, i)), checker,
-                                         (offsets[i], info), moving))
+                                         (offsets[i], info)))
                 i += 1
                 continue
             # the run's info words, read once: the arrays are live, and a
@@ -194,14 +203,14 @@ class VerifiedReads:
                 j += 1
             raw = self.stored_bytes(node, base, total)
             if len(raw) != total:
-                self._refuse(node, i, (base, info), moving,
+                self._refuse(node, i, (base, info),
                              f"inode {node.ino}: stored data cut short at block {i}")
-            if checker is not None and _plain_run(node, run, i, j):
+            if checker is not None and _plain_run(node, run, j):
                 # the common case: raw blocks, stored back to back: verify
                 # them in bulk and hand the extent on as it was read
                 bad = checker.first_mismatch(i, j, raw)
                 if bad is not None:
-                    self._refuse(node, bad, (base + (bad - i) * BLOCK_SIZE, run[bad - i]), moving,
+                    self._refuse(node, bad, (base + (bad - i) * BLOCK_SIZE, run[bad - i]),
                                  f"inode {node.ino} data block {bad} fails verification")
                 out.append(raw)
                 i = j
@@ -213,26 +222,25 @@ class VerifiedReads:
                 stored, used = extent[pos:pos + size], (base + pos, word)
                 pos += size
                 if checker is None and zlib.crc32(stored) != crcs[k]:
-                    self._refuse(node, k, used, moving, f"inode {node.ino} data block "
+                    self._refuse(node, k, used, f"inode {node.ino} data block "
                                  f"{k}: stored bytes fail their checksum")
-                out.append(self._checked(node, k, self._decode(node, k, word, stored, used, moving),
-                                         checker, used, moving))
+                out.append(self._checked(node, k, self._decode(node, k, word, stored, used),
+                                         checker, used))
             i = j
         return out
 
-    def _refuse(self, node: Inode, index: int, used: tuple[int, int], moving: bool,
-                why: str) -> NoReturn:
+    def _refuse(self, node: Inode, index: int, used: tuple[int, int], why: str) -> NoReturn:
         """Data block `index`, read at `used` (offset, info word), failed:
         _Moved if the map now has it elsewhere or nowhere (see
         `_read_moving`), else it is bad (counted, BadBlock)."""
         now = node.data.get(index)
-        if moving and (now is None or now[:2] != used):
-            raise _Moved()
+        if now is None or now[:2] != used:
+            raise _Moved(node.ino, index, why)
         self.counters["verify_failures"] += 1
         raise BadBlock(node.ino, TreeKind.DATA, index, why)
 
-    def _decode(self, node: Inode, index: int, info: int, stored, used: tuple[int, int],
-                moving: bool) -> bytes:
+    def _decode(self, node: Inode, index: int, info: int, stored,
+                used: tuple[int, int]) -> bytes:
         kind = info >> 14
         size = plain_size(node, index)
         if kind == BlockKind.RAW and len(stored) == size:
@@ -240,12 +248,12 @@ class VerifiedReads:
         try:
             return codec.decompress(BlockKind(kind), stored, size)
         except CorruptImage as e:
-            self._refuse(node, index, used, moving, f"inode {node.ino} block {index}: {e}")
+            self._refuse(node, index, used, f"inode {node.ino} block {index}: {e}")
 
     def _checked(self, node: Inode, index: int, plain: bytes, checker,
-                 used: tuple[int, int], moving: bool) -> bytes:
+                 used: tuple[int, int]) -> bytes:
         if checker is not None and not checker.matches(index, plain):
-            self._refuse(node, index, used, moving,
+            self._refuse(node, index, used,
                          f"inode {node.ino} data block {index} fails verification")
         return plain
 
@@ -317,8 +325,8 @@ class _HashChecker:
         return None
 
 
-def _plain_run(node: Inode, run: list[int], start: int, stop: int) -> bool:
-    """The run's blocks [start, stop), whose info words are `run`, are all
+def _plain_run(node: Inode, run: list[int], stop: int) -> bool:
+    """The run's blocks (info words `run`, ending before block `stop`) are all
     raw and whole (stored = plain bytes), and the last is not a partial
     final block (which hashes zero-padded)."""
     if stop * BLOCK_SIZE > node.size:
