@@ -5,6 +5,7 @@ the mounted checks are in test_space_mount.py."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -153,6 +154,39 @@ def test_a_read_that_races_an_eviction_waits_for_a_fetch(tmp_path):
         img.read_range(node, 0, 16 * 4096)
     assert img.counters["verify_failures"] == 0
     assert not node.data.is_present(0)
+    img.close()
+
+
+def test_a_plain_copy_forgotten_mid_read_keeps_its_descriptor(tmp_path, monkeypatch):
+    """A plain copy found bad is forgotten while another thread may be
+    preading it: its descriptor stays open until that pread ends, so the
+    number is not handed to the next open file mid-read (whose bytes the
+    read would get), and is closed after it."""
+    image = packed(tmp_path)
+    want = contents(tmp_path)["big"]
+    img = filled_cache(image, tmp_path / "cache.img")
+    node = node_of(img, "big")
+    write_plain(img, node)
+    release_to_plain(img, node)
+    real_pread, held, opened = os.pread, [], []
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        if fd != img.fd and not held:
+            held.append(fd)
+            img.plain.forget(node.ino)  # as another thread's drop_plain does
+            opened.append(os.open(image, os.O_RDONLY))  # takes a freed number
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    data = img.read_range(node, 0, 64 * 4096)
+    monkeypatch.undo()
+    assert held and opened[0] != held[0]  # still open while the read held it
+    assert data == want[:64 * 4096]
+    assert img.counters["verify_failures"] == 0
+    with pytest.raises(OSError):
+        os.fstat(held[0])  # closed once the read let it go
+    os.close(opened[0])
+    assert img.read_range(node, 0, 4096) == want[:4096]  # opened again for the next read
     img.close()
 
 

@@ -44,12 +44,20 @@ def plain_offset(index: int) -> int:
 
 class PlainFiles:
     """Read-only descriptors of the plain copies an image's blocks live in,
-    opened on first use (reads run in several threads)."""
+    opened on first use (reads run in several threads).
+
+    A descriptor is closed only once no pread holds it: a plain copy found
+    bad is forgotten (`forget`) while another thread may be reading it, and
+    closed at once its number could be reused by the next open, so that
+    read would get another file's bytes. The Merkle check would refuse them,
+    but a read must not depend on that to read the right file."""
 
     def __init__(self, image_path: Path):
         self.image_path = Path(image_path)
         self._directory: Path | None = None
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int, int] = {}  # ino -> descriptor
+        self._users: dict[int, int] = {}  # descriptor -> preads holding it
+        self._retired: set[int] = set()  # forgotten, closed when its last pread ends
         self._lock = threading.Lock()
 
     @property
@@ -64,15 +72,19 @@ class PlainFiles:
     def pread(self, node, length: int, offset: int) -> bytes:
         """Bytes of `node`'s plain copy; b"" when it cannot be read (the
         caller then finds the bytes cut short: a bad block, never zeros)."""
-        fd = self._fd(node)
+        fd = self._hold(node)
         if fd < 0:
             return b""
         try:
             return os.pread(fd, length, offset - PLAIN_BASE)
         except OSError:
             return b""
+        finally:
+            self._let_go(fd)
 
-    def _fd(self, node) -> int:
+    def _hold(self, node) -> int:
+        """The plain copy's descriptor (opened if need be), held until
+        `_let_go`; -1 if it cannot be opened."""
         with self._lock:
             fd = self._fds.get(node.ino)
             if fd is None:
@@ -81,7 +93,19 @@ class PlainFiles:
                 except OSError:
                     return -1
                 self._fds[node.ino] = fd
+            self._users[fd] = self._users.get(fd, 0) + 1
             return fd
+
+    def _let_go(self, fd: int) -> None:
+        with self._lock:
+            left = self._users.pop(fd) - 1
+            if left:
+                self._users[fd] = left
+                return
+            if fd not in self._retired:
+                return
+            self._retired.discard(fd)
+        os.close(fd)
 
     def usable(self, node) -> bool:
         """The plain copy exists with the file's size and our owner (cheap:
@@ -93,13 +117,23 @@ class PlainFiles:
         return st.st_size == node.size and st.st_uid == os.geteuid()
 
     def forget(self, ino: int) -> None:
+        """Stop reading `ino`'s plain copy: its descriptor is closed now, or
+        when the last pread holding it ends."""
         with self._lock:
-            fd = self._fds.pop(ino, None)
-        if fd is not None:
+            fds = [self._fds.pop(ino)] if ino in self._fds else []
+            idle = self._retire(fds)
+        for fd in idle:
             os.close(fd)
 
     def close(self) -> None:
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
-        for fd in fds:
+            idle = self._retire(fds)
+        for fd in idle:
             os.close(fd)
+
+    def _retire(self, fds: list[int]) -> list[int]:
+        """Of descriptors no longer looked up, those no pread holds (to close
+        now); the rest are closed by their last `_let_go`. Under the lock."""
+        self._retired.update(fd for fd in fds if fd in self._users)
+        return [fd for fd in fds if fd not in self._users]
