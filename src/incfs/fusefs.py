@@ -363,7 +363,10 @@ class IncfsOperations(Operations):
             return target[offset:offset + size]
         retry = (ino, offset) in self._spared
         try:
-            return await self.service.read(target, offset, size, pid or ctx.pid,
+            # the reader is the READ's own thread (its process ends the
+            # wait: reader_watch.py); the opener's pid only when the kernel
+            # names none (a reader outside our pid namespace)
+            return await self.service.read(target, offset, size, ctx.pid or pid,
                                            spare_tail=not retry, uid=ctx.uid)
         except TailAbsent:
             # An error on a page-cache read makes the kernel read just the

@@ -76,14 +76,14 @@ class Service:
 
     # --- reads (FUSE) ---------------------------------------------------------
 
-    async def read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
+    async def read(self, node: Inode, offset: int, size: int, reader_pid: int = 0,
                    spare_tail: bool = False, uid: int | None = None) -> bytes:
         if self.space is None:
-            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+            return await self._read(node, offset, size, reader_pid, spare_tail, uid)
         with self.space.pinned(node.ino, offset, size):  # the cap leaves these blocks be
-            return await self._read(node, offset, size, opener_pid, spare_tail, uid)
+            return await self._read(node, offset, size, reader_pid, spare_tail, uid)
 
-    async def _read(self, node: Inode, offset: int, size: int, opener_pid: int = 0,
+    async def _read(self, node: Inode, offset: int, size: int, reader_pid: int = 0,
                     spare_tail: bool = False, uid: int | None = None) -> bytes:
         """Bytes of a file, waiting for absent blocks. Raises ReadTimedOut,
         ReaderGone or IntegrityError; never returns short or zero-filled data
@@ -112,7 +112,7 @@ class Service:
             if missing:
                 keys = [(node.ino, int(tree), index) for tree, index in missing]
                 self.on_missing()
-                await self.waits.wait_all(keys, opener_pid, uid)
+                await self.waits.wait_all(keys, reader_pid, uid)
                 continue
             try:
                 data = await self._read_present(node, offset, size)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from .procs import process_alive
+from .reader_watch import LOOK_EVERY, Readers, Watch
 
 
 BlockKey = tuple[int, int, int]  # (ino, tree, index)
@@ -88,7 +88,7 @@ class ReadTimedOut(Exception):
 
 
 class ReaderGone(Exception):
-    """The process that opened the file died while its read waited."""
+    """The process whose read waited ended (reader_watch.py)."""
 
 
 class Waits:
@@ -120,6 +120,7 @@ class Waits:
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.latency_histogram = Histogram()
         self.counters = {"timeouts": 0, "misses": 0, "reads_abandoned": 0, "failed": 0}
+        self.readers = Readers()
 
     # --- readers ---------------------------------------------------------------
 
@@ -141,20 +142,25 @@ class Waits:
             return self.uid_timeouts[uid]
         return self.read_timeout
 
-    async def wait_all(self, keys: list[BlockKey], opener_pid: int = 0,
+    async def wait_all(self, keys: list[BlockKey], reader_pid: int = 0,
                        uid: int | None = None) -> None:
         """Wait until every block in `keys` is filled, the reader's timeout
-        passes (ReadTimedOut) or the reading process dies (ReaderGone)."""
+        passes (ReadTimedOut) or the reading process ends (ReaderGone).
+        `reader_pid` is the thread the read came from (0: not known, then
+        only the timeout ends the wait)."""
         started = time.monotonic()
         waits = [self.request(k) for k in keys]
         for pr in waits:
             pr.waiters += 1
+        reader = self.readers.watch(reader_pid) if reader_pid > 0 else None
         try:
             bound = self.timeout_for(uid)
             deadline = math.inf if bound is None else started + bound
             for pr in waits:
-                await self._wait_one(pr, deadline, opener_pid)
+                await self._wait_one(pr, deadline, reader)
         finally:
+            if reader is not None:
+                self.readers.release(reader)
             for pr in waits:
                 pr.waiters -= 1
                 self._drop_if_abandoned(pr)
@@ -162,17 +168,26 @@ class Waits:
         self.latencies.append(elapsed)
         self.latency_histogram.observe(elapsed)
 
-    async def _wait_one(self, pr: PendingRead, deadline: float, opener_pid: int) -> None:
+    async def _wait_one(self, pr: PendingRead, deadline: float, reader: Watch | None) -> None:
         while not pr.done.is_set():
-            step = min(deadline - time.monotonic(), 1.0)
-            if step <= 0:
-                self.counters["timeouts"] += 1
-                raise ReadTimedOut((pr.ino, pr.tree, pr.index))
-            with trio.move_on_after(step):
-                await pr.done.wait()
-            if not pr.done.is_set() and opener_pid and not process_alive(opener_pid):
+            if reader is not None and reader.gone():
                 self.counters["reads_abandoned"] += 1
                 raise ReaderGone()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.counters["timeouts"] += 1
+                raise ReadTimedOut((pr.ino, pr.tree, pr.index))
+            # a watched reader's end cancels the scope; one that is not
+            # watched is looked at every LOOK_EVERY seconds
+            looked = reader is not None and not reader.watched
+            with trio.move_on_after(min(left, LOOK_EVERY) if looked else left) as scope:
+                if reader is not None:
+                    reader.scopes.add(scope)
+                try:
+                    await pr.done.wait()
+                finally:
+                    if reader is not None:
+                        reader.scopes.discard(scope)
         if pr.error is not None:
             raise pr.error
 
