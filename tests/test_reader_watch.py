@@ -125,12 +125,11 @@ def test_a_process_already_gone_is_gone():
 
 
 def test_without_pidfds_a_wait_looks(monkeypatch):
-    """No pidfds (a kernel before 5.3): the wait asks every LOOK_EVERY s."""
+    """No pidfds (a kernel before 5.3): a wait asks whether its process runs."""
     def no_pidfd(pid: int, flags: int = 0) -> int:
         raise OSError(errno.ENOSYS, "no pidfd_open")
 
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    monkeypatch.setattr(reader_watch, "LOOK_EVERY", 0.05)
     proc = _sleeper()
 
     async def main() -> None:
@@ -145,6 +144,31 @@ def test_without_pidfds_a_wait_looks(monkeypatch):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_past_max_watched_a_wait_looks(monkeypatch):
+    """More processes waiting than MAX_WATCHED: the rest are looked at, so
+    the daemon keeps its descriptors for its own work."""
+    monkeypatch.setattr(reader_watch, "MAX_WATCHED", 1)
+    first, second = _sleeper(), _sleeper()
+
+    async def main() -> None:
+        readers = Readers()
+        a, b = readers.watch(first.pid), readers.watch(second.pid)
+        assert a.watched and not b.watched
+        second.kill()
+        second.wait()
+        assert b.gone() and not a.gone()
+        readers.release(a)
+        readers.release(b)
+        assert readers.watch(second.pid).gone()
+
+    try:
+        trio.run(main)
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.parametrize("reader", ["ends", "stays"])

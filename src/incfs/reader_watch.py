@@ -15,8 +15,13 @@ last wait ends. The reader is the READ's thread group, not the thread
 (a thread that asked and ended may leave others of its process waiting
 for the same pages) and not whoever opened the file (it may have ended,
 or forked and exited, with the descriptor still read by others). Where
-pidfds are missing, a wait looks whether the process still runs, once a
-second, as before.
+pidfds are missing (or more than MAX_WATCHED processes wait at once), a
+wait looks whether its process still runs, once a second.
+
+A thread that ended before its READ is looked at cannot be traced to its
+process, and counts as gone: the read ends with EINTR, and the kernel asks
+again, as its own READ, for a page another thread of the process still
+needs.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ from .procs import process_alive
 # cannot be watched (no pidfd): often enough that a dead reader's pending
 # read goes within a second or two, rare enough to cost nothing.
 LOOK_EVERY = 1.0
+# Processes watched through pidfds at once. Each holds a descriptor, and
+# the daemon needs its descriptors for images, plain copies and control
+# clients: thousands of processes waiting at once (each blocked thread has
+# a READ of its own) are looked at instead, past this many.
+MAX_WATCHED = 256
 
 
 class Watch:
@@ -84,11 +94,13 @@ class Readers:
     def _open(self, tgid: int) -> Watch:
         if not tgid:
             return Watch(0, -1)
+        if len(self._watches) >= MAX_WATCHED:
+            return Watch(tgid, -1)
         try:
             fd = os.pidfd_open(tgid)
         except ProcessLookupError:
             return Watch(0, -1)
-        except (OSError, AttributeError):  # no pidfds: look instead
+        except (OSError, AttributeError):  # no pidfds (or descriptors): look instead
             return Watch(tgid, -1)
         w = self._watches[tgid] = Watch(tgid, fd)
         trio.lowlevel.spawn_system_task(self._wait_for_end, w, name="incfs reader watch")
