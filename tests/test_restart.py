@@ -146,9 +146,12 @@ def test_incfs_restart_replaces_the_daemon_under_load(tmp_path, image, incfs):
 
 
 def test_umount_works_while_no_daemon_can_start(tmp_path, image, incfs):
-    """A new daemon that cannot start (its image is gone) never hangs
-    umount: the supervisor backs off, and ends when the connection does,
-    removing what the killed daemon left in the runtime directory."""
+    """A new daemon that cannot start (its image is gone) does not hold up
+    `incfs umount`: the supervisor backs off, and ends as soon as the
+    connection does (not when it gives up, ~28 s of failures later),
+    removing what the killed daemon left in the runtime directory.
+    (umount(8) statfs()es the mount point first, which waits for a daemon:
+    docs/reliability.md, "Known limits".)"""
     img, _ = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:
         rundir = runtime_dir(str(m.path))
@@ -157,10 +160,9 @@ def test_umount_works_while_no_daemon_can_start(tmp_path, image, incfs):
         os.kill(daemon_pid(m), signal.SIGKILL)
         time.sleep(0.5)
         assert (rundir / "pid").exists() and (rundir / "control.sock").exists()
-        done = subprocess.run(["umount", str(m.path)], capture_output=True, text=True,
-                              timeout=60)
+        done = incfs("umount", str(m.path))
         assert done.returncode == 0, done.stderr
-        wait_until(lambda: not process_alive(supervisor), timeout=30, what="the supervisor")
+        wait_until(lambda: not process_alive(supervisor), timeout=5, what="the supervisor")
         assert not rundir.exists(), sorted(p.name for p in rundir.iterdir())
 
 

@@ -166,11 +166,17 @@ class Supervisor:
         return True
 
     def _sleep_unless_unmounted(self, seconds: float) -> bool:
+        """Sleep `seconds`, or until the kernel ends the connection (True).
+        /dev/fuse is polled for nothing but its errors and hang-ups, which
+        poll always reports: requests waiting for the next daemon (readable)
+        and the device's constant writability do not wake it."""
+        poller = select.poll()
+        poller.register(self.fuse_fd, 0)
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if not self._connected():
-                return True
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        while (left := deadline - time.monotonic()) > 0:
+            for _, events in poller.poll(left * 1000):
+                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    return True
         return False
 
     # --- signals --------------------------------------------------------------------------

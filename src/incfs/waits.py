@@ -152,8 +152,10 @@ class Waits:
         waits = [self.request(k) for k in keys]
         for pr in waits:
             pr.waiters += 1
-        reader = self.readers.watch(reader_pid) if reader_pid > 0 else None
+        reader = None
         try:
+            if reader_pid > 0:
+                reader = self.readers.watch(reader_pid)
             bound = self.timeout_for(uid)
             deadline = math.inf if bound is None else started + bound
             for pr in waits:
