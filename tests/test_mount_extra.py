@@ -31,6 +31,7 @@ from incfs.control.client import FillError
 from incfs.image import Image
 from incfs.integrity.merkle import tree_of_bytes
 from incfs.pack import pack
+from incfs.reader_watch import LOOK_EVERY
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -294,7 +295,7 @@ def test_a_read_waits_for_its_reader_not_for_the_opener(mounts, how):
     try:
         wait_until(lambda: any(line.split()[1] == str(ino) for line in m.pending()),
                    what="the read to wait")
-        time.sleep(3.5)  # longer than a wait's look at its reader used to be
+        time.sleep(LOOK_EVERY + 0.5)  # past a look at the opener (which abandoned the read)
         with m.client() as c:
             c.fill_blocks(ino, [(i, block) for i in range(4)])
         if how == "thread":
