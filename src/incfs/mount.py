@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from . import kmount, preconnect, startup
 from .errors import CorruptImage, IncfsError, IntegrityError, UsageError
 from .loader.config import DEFAULTS
-from .procs import process_alive, runs_module
+from .procs import process_alive, runs_module, wait_gone
 from .rundir import drop_pid_file, runtime_dir
 
 # The daemon's machinery (trio, FUSE, the image, the loader, httpx) is
@@ -659,14 +659,13 @@ def umount(mountpoint: str, timeout: float = 60.0, grace: float = 10.0) -> None:
         time.sleep(0.1)
     if not pid:
         return
-    started = time.monotonic()
     aborted = False
-    while time.monotonic() - started < timeout and process_alive(pid):
-        if not aborted and time.monotonic() - started > grace:
-            aborted = _signal_daemon(pid, signal.SIGTERM)
-        time.sleep(0.05)
-    if not process_alive(pid):
-        _wait_exit(supervisor, time.monotonic() + SUPERVISOR_GRACE)
+    gone = wait_gone(pid, grace)
+    if not gone:
+        aborted = _signal_daemon(pid, signal.SIGTERM)
+        gone = wait_gone(pid, max(0.0, timeout - grace))
+    if gone:
+        _wait_exit(supervisor, SUPERVISOR_GRACE)
         return
     killed = _kill_stuck_daemon(pid)
     if killed:
@@ -685,9 +684,11 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def _wait_exit(pid: int | None, deadline: float) -> None:
-    while pid and time.monotonic() < deadline and process_alive(pid) and runs_module(pid):
-        time.sleep(0.02)
+def _wait_exit(pid: int | None, seconds: float) -> None:
+    """Give an incfs process (a pid file's: it may name another by now) up
+    to `seconds` to end."""
+    if pid and runs_module(pid):
+        wait_gone(pid, seconds)
 
 
 def _signal_daemon(pid: int, sig: int) -> bool:
@@ -705,10 +706,7 @@ def _kill_stuck_daemon(pid: int, wait: float = 10.0) -> bool:
     """SIGKILL an incfs daemon; True once it is gone."""
     if not _signal_daemon(pid, signal.SIGKILL):
         return not process_alive(pid)
-    deadline = time.monotonic() + wait
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not process_alive(pid)
+    return wait_gone(pid, wait)
 
 
 def main(argv: list[str]) -> int:
