@@ -76,10 +76,15 @@ class Readers:
         """The watch of the process thread `pid` belongs to, held until
         `release`. Its waits put their cancel scopes in `Watch.scopes`,
         which are cancelled when the process ends."""
-        tgid = thread_group(pid)
-        w = self._watches.get(tgid) if tgid else None
+        # a watched process's own pid names its leader thread (a number is
+        # not reused while its process lives): no /proc read for the reads
+        # of a main thread already watched
+        w = self._watches.get(pid)
         if w is None:
-            w = self._open(tgid)
+            tgid = thread_group(pid)
+            w = self._watches.get(tgid) if tgid else None
+            if w is None:
+                w = self._open(tgid)
         w.users += 1
         return w
 

@@ -156,14 +156,8 @@ class Supervisor:
                 continue
 
     def _connected(self) -> bool:
-        """False once the kernel has ended the connection (poll reports an
-        error on /dev/fuse)."""
-        poller = select.poll()
-        poller.register(self.fuse_fd, select.POLLIN)
-        for _, events in poller.poll(0):
-            if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                return False
-        return True
+        """False once the kernel has ended the connection."""
+        return not self._sleep_unless_unmounted(0)
 
     def _sleep_unless_unmounted(self, seconds: float) -> bool:
         """Sleep `seconds`, or until the kernel ends the connection (True).
@@ -173,11 +167,12 @@ class Supervisor:
         poller = select.poll()
         poller.register(self.fuse_fd, 0)
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            for _, events in poller.poll(left * 1000):
+        while True:
+            for _, events in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
                     return True
-        return False
+            if time.monotonic() >= deadline:
+                return False
 
     # --- signals --------------------------------------------------------------------------
 
