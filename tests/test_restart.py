@@ -4,6 +4,7 @@ daemons die (kill -9) or are replaced (`incfs restart`)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -206,3 +207,28 @@ def test_two_restarts_at_once(tmp_path, image):
             wait_until(lambda: s.reads > before + 4, timeout=60)
         assert s.errors == []
         assert new != old
+
+
+def test_a_burst_of_upgrade_requests_keeps_the_connection(tmp_path, image):
+    """SIGUSR1s at random moments, some while a daemon is ending: the
+    supervisor acts on them in its loop, never in a handler that could run
+    between waitpid() reaping the daemon and its return code being noted
+    (where signalling it raised ESRCH and ended the supervisor, and the
+    mount with it). Requests during a handover join it."""
+    img, expected = image
+    rng = random.Random(7)
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+        paths = [m.path / name for name in expected]
+        with Streamers(paths, {m.path / k: v for k, v in expected.items()}) as s:
+            wait_until(lambda: s.reads > 4, timeout=60)
+            first = daemon_pid(m)
+            for _ in range(30):
+                os.kill(supervisor, signal.SIGUSR1)
+                time.sleep(rng.uniform(0, 0.08))
+            new = wait_new_daemon(m, first, timeout=60)
+            before = s.reads
+            wait_until(lambda: s.reads > before + 4, timeout=60)
+        assert s.errors == []
+        assert process_alive(supervisor) and new != first
+        assert m.status()["restarts"] >= 1

@@ -82,7 +82,8 @@ class Forked:
 
     def send_signal(self, signum: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, signum)
+            with contextlib.suppress(ProcessLookupError):  # reaped elsewhere: as Popen's
+                os.kill(self.pid, signum)
 
 
 def fork_call(module: str, args: list[str], *, name: str, close: tuple[int, ...] = (),
@@ -146,9 +147,9 @@ def _become_child(name: str, close: tuple[int, ...], new_session: bool,
                   output: int | None, keep: tuple[int, ...]) -> None:
     for fd in close:
         os.close(fd)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # a supervisor's: its pipe, closed above
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     set_name(name)
     if new_session:

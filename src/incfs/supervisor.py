@@ -23,8 +23,10 @@ supervisor ends when the connection does (unmount or abort), or when the
 daemon ends cleanly after an unmount.
 
 Signals: SIGUSR1 = upgrade (the daemon gets SIGUSR2, exits after a clean
-close, and a new one starts at once); SIGTERM/SIGINT are passed to the
-daemon (a lazy unmount).
+close, and a new one starts at once; requests that come while one is under
+way join it); SIGTERM/SIGINT are passed to the daemon (a lazy unmount).
+Their handlers only note them: the supervisor's loop acts on them (see
+`Signals`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,53 @@ BACKOFF_MAX = 5.0
 MAX_FAILURES = 10       # daemons in a row that died before serving again
 
 
+class Signals:
+    """The signals the supervisor has got, for its loop to act on. A handler
+    only notes a signal (set_wakeup_fd writes its number to a pipe, which
+    also wakes the loop's poll). Acting in the handler itself is not safe: it
+    can run just after waitpid() has reaped the daemon and before its return
+    code is recorded, and a signal sent then finds no process (ESRCH, which
+    once ended the supervisor and the mount with it) or, were the pid reused,
+    another one. SIGCHLD is noted too: it is how the loop learns that the
+    daemon ended."""
+
+    HANDLED = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for signum in self.HANDLED:
+            signal.signal(signum, _note)
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+
+    def fileno(self) -> int:
+        return self._read
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return self._read, self._write
+
+    def take(self) -> list[int]:
+        """The signals noted since the last take, oldest first."""
+        numbers = b""
+        while True:
+            try:
+                chunk = os.read(self._read, 4096)
+            except BlockingIOError:
+                return list(numbers)
+            if not chunk:
+                return list(numbers)
+            numbers += chunk
+
+
+def _note(_signum: int, _frame: object) -> None:
+    """A handler that does nothing: the wakeup fd has the signal's number."""
+
+
 class Supervisor:
-    def __init__(self, config_json: str, ready_fd: int | None, rundir: Path):
+    def __init__(self, config_json: str, ready_fd: int | None, rundir: Path,
+                 signals: Signals):
         self.config_json = config_json
+        self.signals = signals
         self.ready_fd = ready_fd
         self.rundir = rundir
         self.fuse_fd: int | None = None
@@ -73,7 +119,8 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [self.config_json, str(self.ready_fd) if self.ready_fd is not None else "-",
                 "--handover", str(theirs.fileno())]
-        self.daemon = fork_call("incfs.mount", args, name=DAEMON_NAME, close=(ours.fileno(),))
+        self.daemon = fork_call("incfs.mount", args, name=DAEMON_NAME,
+                                close=(ours.fileno(), *self.signals.fds))
         theirs.close()
         preconnect.hand_over()  # the early connections are the daemon's now
         if self.ready_fd is not None:
@@ -145,45 +192,66 @@ class Supervisor:
                     return 1
                 if self._sleep_unless_unmounted(backoff):
                     return 0
+                self.upgrade_requested = False  # (if one cut the sleep short: this start)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             self.restart()
 
     def _wait_daemon(self) -> int:
+        """The daemon's exit code, once it has ended; meanwhile, act on the
+        signals the supervisor gets. A signal that comes after a look is in
+        the pipe, so the wait that follows wakes for it at once."""
+        poller = select.poll()
+        poller.register(self.signals.fileno(), select.POLLIN)
         while True:
-            try:
-                return self.daemon.wait()
-            except InterruptedError:
-                continue
+            self._act_on_signals()
+            code = self.daemon.poll()
+            if code is not None:
+                return code
+            poller.poll()
 
     def _connected(self) -> bool:
         """False once the kernel has ended the connection."""
         return not self._sleep_unless_unmounted(0)
 
     def _sleep_unless_unmounted(self, seconds: float) -> bool:
-        """Sleep `seconds`, or until the kernel ends the connection (True).
+        """Sleep `seconds`, or until the kernel ends the connection (True) or
+        an upgrade is asked for (False: a new daemon is wanted now).
         /dev/fuse is polled for nothing but its errors and hang-ups, which
         poll always reports: requests waiting for the next daemon (readable)
         and the device's constant writability do not wake it."""
         poller = select.poll()
         poller.register(self.fuse_fd, 0)
+        poller.register(self.signals.fileno(), select.POLLIN)
         deadline = time.monotonic() + seconds
         while True:
-            for _, events in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            for fd, events in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                if fd == self.fuse_fd and events & (select.POLLERR | select.POLLHUP
+                                                    | select.POLLNVAL):
                     return True
-            if time.monotonic() >= deadline:
+            self._act_on_signals()
+            if self.upgrade_requested or time.monotonic() >= deadline:
                 return False
 
     # --- signals --------------------------------------------------------------------------
 
-    def on_upgrade(self, *_args) -> None:
-        self.upgrade_requested = True
-        self._signal_daemon(signal.SIGUSR2)
+    def _act_on_signals(self) -> None:
+        for signum in self.signals.take():
+            if signum == signal.SIGUSR1:
+                self._upgrade()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._signal_daemon(signum)
 
-    def on_terminate(self, signum, _frame) -> None:
-        self._signal_daemon(signum)
+    def _upgrade(self) -> None:
+        """Ask the daemon to make way, once: a second request while it winds
+        down joins the first (a second SIGUSR2 would kill it mid-way, after
+        its handler is gone), and both see the same new daemon."""
+        if not self.upgrade_requested:
+            self.upgrade_requested = True
+            self._signal_daemon(signal.SIGUSR2)
 
     def _signal_daemon(self, signum: int) -> None:
+        """Only this loop reaps the daemon, so until it has, its pid is its
+        own (a zombie at worst, which a signal does not harm)."""
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.send_signal(signum)
 
@@ -267,10 +335,7 @@ def main(argv: list[str]) -> int:
     config_json = argv[0]
     ready_fd = int(argv[1]) if len(argv) > 1 and argv[1] != "-" else None
     rundir = runtime_dir(json.loads(config_json)["mountpoint"])
-    sup = Supervisor(config_json, ready_fd, rundir)
-    signal.signal(signal.SIGUSR1, sup.on_upgrade)
-    signal.signal(signal.SIGTERM, sup.on_terminate)
-    signal.signal(signal.SIGINT, sup.on_terminate)
+    sup = Supervisor(config_json, ready_fd, rundir, Signals())
     code = sup.start_first()
     if code is not None:
         return code
