@@ -206,14 +206,18 @@ class Fills:
             kind, stored = _store_form(blk, plain)
             offset, cursor = records.place_block(cursor, kind, len(stored))
             if kind is not BlockKind.ZERO:
-                payload += bytes(offset - base - len(payload)) + stored
+                gap = offset - base - len(payload)  # (a raw block's 4 KiB alignment)
+                if gap:
+                    payload += bytes(gap)
+                payload += stored
             info = block_info(kind, len(stored))
             crc = zlib.crc32(stored)
             runs.append(BlockRun(node.ino, blk.tree, blk.index, offset, [(info, crc)]))
             placed.append((blk.tree, blk.index, offset, info, crc))
         if payload:
-            self.appender.write_data(bytes(payload))
-        repairs = {(node.ino, int(t), i) for t, i, *_ in placed} & self._forgotten
+            self.appender.write_data(payload)
+        repairs = ({(node.ino, int(t), i) for t, i, *_ in placed} & self._forgotten
+                   if self._forgotten else set())
         flags = RecordFlags.REPLACES if repairs else 0
         self.appender.append(RecordType.BLOCKS, records.encode_runs(merge_runs(runs)), flags)
         if self.durable:

@@ -98,8 +98,8 @@ class LogAppender:
         """Append a metadata record; returns its offset."""
         length = _aligned(RECORD_HEADER_SIZE + len(body))
         header = RecordHeader(int(rtype), flags, length, self.last_record, len(body))
-        blob = header.encode(body) + body
-        return self._write(blob.ljust(length, b"\0"))
+        head = header.encode(body)
+        return self._write([head, body, bytes(length - len(head) - len(body))], length)
 
     def payload_base(self) -> int:
         """Where the payload of the next `write_data` record will start, so a
@@ -154,21 +154,24 @@ class LogAppender:
         self.end = offset + length
         return offset + RECORD_HEADER_SIZE
 
-    def write_data(self, payload: bytes) -> int:
-        """Append a DATA record carrying `payload`; returns the payload offset."""
+    def write_data(self, payload: bytes | bytearray) -> int:
+        """Append a DATA record carrying `payload`; returns the payload offset.
+        Header, payload and padding go out in one pwritev, so a fill's
+        megabytes are not copied to join them."""
         length = _aligned(RECORD_HEADER_SIZE + len(payload))
         header = RecordHeader(int(RecordType.DATA), 0, length, self.last_record, 0)
-        blob = header.encode(b"") + payload
-        offset = self._write(blob.ljust(length, b"\0"))
+        head = header.encode(b"")
+        padding = bytes(length - len(head) - len(payload))
+        offset = self._write([head, payload, padding], length)
         return offset + RECORD_HEADER_SIZE
 
-    def _write(self, blob: bytes) -> int:
+    def _write(self, pieces: list[bytes | bytearray], length: int) -> int:
         offset = self.end
-        written = os.pwrite(self.fd, blob, offset)
-        if written != len(blob):
+        written = os.pwritev(self.fd, pieces, offset)
+        if written != length:
             raise OSError(f"short write to backing image at offset {offset}")
         self.last_record = offset
-        self.end = offset + len(blob)
+        self.end = offset + length
         return offset
 
     def sync(self) -> None:
