@@ -49,8 +49,10 @@ ENV = "INCFS_WARM"  # "0": no warm process is used or left behind
 # is wedged, and a cold start costs only ~150 ms more.
 ANSWER_TIMEOUT = 1.0
 # Seconds it may take, once it has the command, to say it started it (a
-# fork: a few ms). One that has not by then is stopped or wedged.
-STARTING_TIMEOUT = 10.0
+# fork: a few ms; 3 s is a thousand times that, for a machine under load).
+# One that has not by then is stopped or wedged, and the user's command
+# has waited this long before it starts cold.
+STARTING_TIMEOUT = 3.0
 MAX_MESSAGE = 1 << 20  # bytes: the command, its environment above all
 STREAMS = (0, 1, 2)  # passed first, in this order; the early connections follow
 _RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
