@@ -936,8 +936,11 @@ def test_run_server_until_ctrl_c(image: str) -> None:
 
     code = ("import sys; from incfs.serve import run_server; "
             "run_server(sys.argv[1], 0, '127.0.0.1')")
+    # (a shell's background job ignores SIGINT, and its children with it)
     with subprocess.Popen([sys.executable, "-c", code, image], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as proc:
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+                          ) as proc:
         try:
             assert proc.stdout is not None and proc.stderr is not None
             url = urllib.parse.urlsplit(proc.stdout.readline().strip())

@@ -63,9 +63,9 @@ def _wait_warm(environment: dict, timeout: float = 30.0) -> None:
     raise AssertionError("no warm process answered")
 
 
-def _incfs(environment: dict, *args, check=True) -> subprocess.CompletedProcess:
+def _incfs(environment: dict, *args, check=True, preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run(INCFS + [str(a) for a in args], env=environment, capture_output=True,
-                          text=True, timeout=120, check=check)
+                          text=True, timeout=120, check=check, preexec_fn=preexec_fn)
 
 
 @pytest.fixture
@@ -78,12 +78,12 @@ def image(tmp_path):
     return src, tmp_path / "app.img"
 
 
-def _mount(environment: dict, image: Path, mnt: Path) -> dict:
+def _mount(environment: dict, image: Path, mnt: Path, preexec_fn=None) -> dict:
     """Mount a copy of `image` (one image serves one mount at a time)."""
     mnt.mkdir()
     copy = mnt.with_suffix(".img")
     shutil.copyfile(image, copy)
-    _incfs(environment, "mount", copy, mnt, "--allow-unsigned")
+    _incfs(environment, "mount", copy, mnt, "--allow-unsigned", preexec_fn=preexec_fn)
     return json.loads(_incfs(environment, "status", mnt, "--json").stdout)
 
 
@@ -141,9 +141,11 @@ def test_a_command_run_warm_is_stopped_by_its_own_signals(env, image, tmp_path, 
     """^C reaches the command, which is in the terminal's process group; the
     warm process's child running it is not, so the command passes it on (a
     SIGTERM too, and then dies of it: the child goes with it, and so the
-    command's stderr closes)."""
+    command's stderr closes). The warm process was left behind by a command
+    that ignored ^C and SIGHUP (`nohup incfs mount ... &` in a script): the
+    child takes the dispositions of the command it runs, not its own."""
     _, img = image
-    _mount(env, img, tmp_path / "m1")
+    _mount(env, img, tmp_path / "m1", preexec_fn=_like_a_nohup_background_job)
     held = []
     with socket.socket() as server:  # takes connections, never answers
         server.bind(("127.0.0.1", 0))
@@ -183,6 +185,11 @@ def _wait_for_a_child_of_the_warm_process(environment: dict, timeout: float = 30
 def _default_sigint() -> None:
     """(A shell's background job ignores SIGINT; Python then never sees it.)"""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _like_a_nohup_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def test_commands_with_the_warm_process_off_start_cold(env, image, tmp_path):

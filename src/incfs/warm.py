@@ -16,8 +16,9 @@ It serves a command only when nothing would differ from a cold start: both
 sides compute a fingerprint of their conditions (incfs.fingerprint), and the
 two must match. What may differ between two commands comes with the command
 and is applied in the child: the environment, the working directory, the
-umask, resource limits and niceness; stdin, stdout, stderr and the early
-connections come by SCM_RIGHTS.
+umask, resource limits, niceness and the signals it ignores (of those it
+passes on); stdin, stdout, stderr and the early connections come by
+SCM_RIGHTS.
 
 The warm process ends after `IDLE` seconds with no command, or as soon as
 its own fingerprint no longer matches (its code was upgraded under it). Only
@@ -44,8 +45,8 @@ from typing import Any, Callable
 from . import preconnect, startup
 from .fingerprint import fingerprint
 from .forked import WARM_STARTED_ENV, set_name
-from .warm_client import (ANSWER_TIMEOUT, ENV, MAX_MESSAGE, NAME, STREAMS, enabled, runtime_file,
-                          socket_path, stop)
+from .warm_client import (ANSWER_TIMEOUT, ENV, MAX_MESSAGE, NAME, RELAYED, STREAMS, enabled,
+                          runtime_file, socket_path, stop)
 
 __all__ = ["ENV", "NAME", "answers", "enabled", "leave_behind", "stop"]
 
@@ -223,6 +224,21 @@ def _run_command(conn: socket.socket, own: tuple[int, ...], command: dict[str, A
         os._exit(code)
 
 
+def _take_dispositions(ignored: list[int]) -> None:
+    """The signals the command passes on, ignored where it ignores them (a
+    shell's background job ignores ^C) and as in a fresh interpreter
+    elsewhere. Not this process's own: it may have been started by a
+    background job, and a ^C passed on to a command run from a terminal
+    would then be ignored."""
+    for signum in RELAYED:
+        if signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+        elif signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+
+
 def _take_conditions(command: dict[str, Any], fds: list[int]) -> None:
     """What may differ between two commands, as the sender has it."""
     streams, early = fds[:len(STREAMS)], fds[len(STREAMS):]
@@ -236,6 +252,7 @@ def _take_conditions(command: dict[str, Any], fds: list[int]) -> None:
     for limit, (soft, hard) in command["rlimits"]:
         resource.setrlimit(limit, (soft, hard))
     os.setpriority(os.PRIO_PROCESS, 0, command["nice"])
+    _take_dispositions(command["ignored"])
     os.environ.clear()
     os.environ.update(command["environ"])
     os.environ[WARM_STARTED_ENV] = "1"

@@ -7,8 +7,9 @@ machine (by the day), on the way to a tree that should be visible ~150 ms
 after a round trip. The warm process has all of that imported. So the console script
 (incfs.console), once it has opened the source's connections, sends the warm
 process its whole command instead: the arguments, the environment, the
-working directory, umask, limits and niceness, and by SCM_RIGHTS its stdin,
-stdout and stderr and the early connections. The warm process forks a
+working directory, umask, limits, niceness and which of ^C, SIGTERM and
+SIGHUP it ignores, and by SCM_RIGHTS its stdin, stdout and stderr and the
+early connections. The warm process forks a
 child that takes on those conditions and runs the command line as this
 process would have, writing to our terminal; this process waits for its
 exit status and exits with it. Only `mount` without `--foreground` comes
@@ -55,6 +56,8 @@ ANSWER_TIMEOUT = 1.0
 STARTING_TIMEOUT = 3.0
 MAX_MESSAGE = 1 << 20  # bytes: the command, its environment above all
 STREAMS = (0, 1, 2)  # passed first, in this order; the early connections follow
+# The signals that stop a command, passed on to the child running it (_Relay)
+RELAYED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 _RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
 
 
@@ -112,6 +115,7 @@ def _hand_over(sock: _socket.socket, argv: list[str]) -> int | None:
                "cwd": os.getcwd(), "umask": _umask(),
                "nice": os.getpriority(os.PRIO_PROCESS, 0),
                "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS],
+               "ignored": [s for s in RELAYED if _signal.getsignal(s) == _signal.SIG_IGN],
                "early": early[0] if early else None}
     rights = struct.pack(f"{len(fds)}i", *fds)
     sock.sendmsg([marshal.dumps(command)],
@@ -151,7 +155,7 @@ class _Relay:
     a ^C the child says `interrupted` and its status comes back. A signal
     this process ignores (a shell's background job ignores ^C) stays so."""
 
-    SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
+    SIGNALS = RELAYED
 
     def __init__(self) -> None:
         self.pid: int | None = None
