@@ -190,6 +190,24 @@ def test_a_supervisor_that_dies_leaves_the_daemon_serving(tmp_path, image, incfs
     assert not rundir.exists(), sorted(p.name for p in rundir.iterdir())
 
 
+
+def test_a_daemon_whose_supervisor_died_does_not_make_way(tmp_path, image):
+    """A SIGUSR2 asks the daemon to end for the next one, which only the
+    supervisor starts: once it is dead, making way would drop every program
+    using the mount, so the daemon serves on."""
+    img, expected = image
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+        daemon = daemon_pid(m)
+        os.kill(supervisor, signal.SIGKILL)
+        wait_until(lambda: not process_alive(supervisor), timeout=10)
+        os.kill(daemon, signal.SIGUSR2)
+        time.sleep(1.0)  # (a daemon making way ends within ms)
+        assert process_alive(daemon)
+        for name, data in expected.items():
+            assert (m.path / name).read_bytes() == data
+        assert m.status()["pid"] == daemon
+
 def test_two_restarts_at_once(tmp_path, image):
     img, expected = image
     with mounted(tmp_path, str(img), allow_unsigned=True) as m:

@@ -315,7 +315,9 @@ async def _on_signals(mountpoint: str, serving: trio.CancelScope, ending: _Endin
     /dev/fuse fd is closed), which ends this daemon cleanly.
 
     SIGUSR2, under a supervisor: stop serving and exit (after the loader's
-    final sync) so that a new daemon takes the connection over."""
+    final sync) so that a new daemon takes the connection over. Not once the
+    supervisor is gone (this process's parent is then another): no new
+    daemon would come, and every program using the mount would lose it."""
     import trio
 
     from . import fuse
@@ -323,6 +325,9 @@ async def _on_signals(mountpoint: str, serving: trio.CancelScope, ending: _Endin
     wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGUSR2] if supervised else [])
     with trio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR2 and not _supervisor_alive():
+                log.warning("asked to make way, but the supervisor is gone: serving on")
+                continue
             if signum == signal.SIGUSR2:
                 log.info("making way for a new daemon")
                 ending.handing_over = True
@@ -334,6 +339,14 @@ async def _on_signals(mountpoint: str, serving: trio.CancelScope, ending: _Endin
                 log.info("not mounted here (%s): closing the FUSE connection", e.strerror)
                 serving.cancel()
             return
+
+
+def _supervisor_alive() -> bool:
+    """Whether this daemon's parent is still its supervisor (a dead one's
+    children go to init or a subreaper, by another name)."""
+    from .forked import SUPERVISOR_NAME, process_name
+
+    return process_name(os.getppid()) == SUPERVISOR_NAME
 
 
 def _tune_readahead(mountpoint: str, kb: int) -> None:
