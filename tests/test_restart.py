@@ -167,6 +167,51 @@ def test_umount_works_while_no_daemon_can_start(tmp_path, image, incfs):
         assert not rundir.exists(), sorted(p.name for p in rundir.iterdir())
 
 
+
+def _no_daemon_can_start(m, img: Path) -> int:
+    """Take the image away and kill the daemon: the supervisor (returned)
+    backs off between daemons that fail."""
+    supervisor = int((runtime_dir(str(m.path)) / "supervisor.pid").read_text())
+    os.rename(img, img.with_suffix(".gone"))
+    os.kill(daemon_pid(m), signal.SIGKILL)
+    time.sleep(0.5)
+    return supervisor
+
+
+def test_sigterm_unmounts_while_no_daemon_can_start(tmp_path, image):
+    """SIGTERM to the supervisor means what it means to a daemon, a lazy
+    unmount, also when no daemon serves: the supervisor does it, and ends
+    with the connection instead of backing off for ~28 s."""
+    img, _ = image
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        supervisor = _no_daemon_can_start(m, img)
+        os.kill(supervisor, signal.SIGTERM)
+        wait_until(lambda: not process_alive(supervisor), timeout=10, what="the supervisor")
+        assert not os.path.ismount(m.path)
+
+
+def test_sigterm_leaves_another_mount_at_the_mount_point(tmp_path, image):
+    """After a `umount -l` (a program still holds the mount, so the
+    connection lives on), the path may hold another mount: a SIGTERM with no
+    daemon serving does not detach that one."""
+    img, _ = image
+    with mounted(tmp_path, str(img), allow_unsigned=True) as m:
+        held = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            supervisor = _no_daemon_can_start(m, img)
+            subprocess.run(["umount", "-l", str(m.path)], check=True)
+            subprocess.run(["mount", "-t", "tmpfs", "other", str(m.path)], check=True)
+            try:
+                os.kill(supervisor, signal.SIGTERM)
+                time.sleep(1.0)  # (the supervisor answers a signal within ms)
+                assert os.path.ismount(m.path)
+                assert process_alive(supervisor)  # a program still holds the connection
+            finally:
+                subprocess.run(["umount", str(m.path)], check=True)
+        finally:
+            os.close(held)
+        wait_until(lambda: not process_alive(supervisor), timeout=60, what="the supervisor")
+
 def test_restart_refuses_a_foreground_mount(tmp_path, image, incfs, one_line_error):
     img, _ = image
     with mounted(tmp_path, str(img), allow_unsigned=True, supervise=False) as m:

@@ -24,13 +24,17 @@ daemon ends cleanly after an unmount.
 
 Signals: SIGUSR1 = upgrade (the daemon gets SIGUSR2, exits after a clean
 close, and a new one starts at once; requests that come while one is under
-way join it); SIGTERM/SIGINT are passed to the daemon (a lazy unmount).
+way join it); SIGTERM/SIGINT are passed to the daemon (a lazy unmount). One
+that finds no daemon serving (none runs, or one dies of it before it
+serves: the supervisor is backing off) is answered here with the same lazy
+unmount, if the mount at the mount point is still this connection's.
 Their handlers only note them: the supervisor's loop acts on them (see
 `Signals`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -53,6 +57,7 @@ HANDOVER_EXIT = 75      # the daemon's exit code when it made way for a new one
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 MAX_FAILURES = 10       # daemons in a row that died before serving again
+HANDOVER_ACK_TIMEOUT = 5.0  # s the first daemon waits for the supervisor's word (it takes µs)
 
 
 class Signals:
@@ -109,13 +114,18 @@ class Supervisor:
         self.restarts = 0
         self.daemon: subprocess.Popen | Forked | None = None
         self.upgrade_requested = False
+        self.stop_requested = False  # SIGTERM/SIGINT came: a lazy unmount is wanted
+        self.mount_device: tuple[int, int] | None = None  # this connection's, once mounted
         self._ready_r: int | None = None  # the running daemon's ready pipe (None: first one)
 
     # --- the first daemon -------------------------------------------------------
 
-    def start_first(self) -> int | None:
+    def start_first(self, pid_file: Path) -> int | None:
         """Run the first daemon; returns an exit code if it never handed
-        over (it failed, and said why on the ready pipe)."""
+        over (it failed, and said why on the ready pipe). Once it has, the
+        supervisor's pid file is written before the daemon hears back, so
+        the mount is reported ready only with it in place (`incfs restart`
+        and status find the supervisor there)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         args = [self.config_json, str(self.ready_fd) if self.ready_fd is not None else "-",
                 "--handover", str(theirs.fileno())]
@@ -127,10 +137,15 @@ class Supervisor:
             os.close(self.ready_fd)
             self.ready_fd = None
         handed = _receive_handover(ours)
-        ours.close()
         if handed is None:
+            ours.close()
             return self.daemon.wait()
         self.fuse_fd, self.connection = handed
+        pid_file.write_text(f"{os.getpid()}\n")
+        with contextlib.suppress(OSError):  # (a daemon gone meanwhile: its end is seen in run)
+            ours.send(b"K")
+        ours.close()
+        self.mount_device = _device_at(self._mountpoint())
         return None
 
     # --- later daemons ----------------------------------------------------------------
@@ -175,6 +190,8 @@ class Supervisor:
         while True:
             code = self._wait_daemon()
             served = self._served()
+            if self.stop_requested and code != 0 and not served:
+                self._unmount_lazily()  # it died (of the signal, say) before it could
             if code == 0 or not self._connected():
                 return 0  # unmounted: the daemon (or the kernel) said so
             if code == HANDOVER_EXIT or self.upgrade_requested or served:
@@ -239,7 +256,35 @@ class Supervisor:
             if signum == signal.SIGUSR1:
                 self._upgrade()
             elif signum in (signal.SIGTERM, signal.SIGINT):
-                self._signal_daemon(signum)
+                self.stop_requested = True
+                if self._daemon_running():
+                    self._signal_daemon(signum)
+                else:
+                    self._unmount_lazily()
+
+    def _mountpoint(self) -> str:
+        return json.loads(self.config_json)["mountpoint"]
+
+    def _unmount_lazily(self) -> None:
+        """What a daemon does on SIGTERM, for when none can: detach the
+        mount (the kernel then ends the connection once its last user is
+        gone, and the supervisor ends with it). Only if the mount at the
+        mount point is still this connection's (its device number, noted
+        when it was mounted): after a `umount -l` the path may hold another
+        mount, which is not ours to detach."""
+        from .fuse.device import unmount
+
+        mountpoint = self._mountpoint()
+        if self.mount_device is None or _device_at(mountpoint) != self.mount_device:
+            log.warning("no daemon serves, and %s is not this mount any more: not unmounted",
+                        mountpoint)
+            return
+        try:
+            unmount(mountpoint, lazy=True)
+        except OSError as e:
+            log.warning("no daemon serves, and %s could not be unmounted: %s", mountpoint, e)
+        else:
+            log.info("no daemon serves: %s unmounted lazily", mountpoint)
 
     def _upgrade(self) -> None:
         """Ask the daemon to make way, once: a second request while it winds
@@ -249,11 +294,23 @@ class Supervisor:
             self.upgrade_requested = True
             self._signal_daemon(signal.SIGUSR2)
 
+    def _daemon_running(self) -> bool:
+        return self.daemon is not None and self.daemon.poll() is None
+
     def _signal_daemon(self, signum: int) -> None:
         """Only this loop reaps the daemon, so until it has, its pid is its
         own (a zombie at worst, which a signal does not harm)."""
-        if self.daemon is not None and self.daemon.poll() is None:
+        if self._daemon_running():
             self.daemon.send_signal(signum)
+
+
+def _device_at(mountpoint: str) -> tuple[int, int] | None:
+    """The device number of the FUSE mount at `mountpoint` (from the mount
+    table: nothing is asked of the mount itself), or None."""
+    from .kmount import mount_at
+
+    entry = mount_at(mountpoint)
+    return (entry.major, entry.minor) if entry is not None and entry.is_fuse else None
 
 
 def _receive_handover(sock: socket.socket) -> tuple[int, dict] | None:
@@ -275,6 +332,9 @@ def hand_over(sock_fd: int, fuse_fd: int, connection: dict) -> None:
     """The daemon's side: give the supervisor the connection."""
     with socket.socket(fileno=sock_fd) as sock:
         socket.send_fds(sock, [json.dumps(connection).encode()], [fuse_fd])
+        sock.settimeout(HANDOVER_ACK_TIMEOUT)
+        with contextlib.suppress(OSError):  # (no answer: the supervisor died; serve on)
+            sock.recv(1)  # its pid file is written: the mount may be reported ready
 
 
 def restart_daemon(mountpoint: str, timeout: float) -> tuple[int | None, int]:
@@ -336,14 +396,13 @@ def main(argv: list[str]) -> int:
     ready_fd = int(argv[1]) if len(argv) > 1 and argv[1] != "-" else None
     rundir = runtime_dir(json.loads(config_json)["mountpoint"])
     sup = Supervisor(config_json, ready_fd, rundir, Signals())
-    code = sup.start_first()
+    pid_file = supervisor_pid_file(rundir)
+    code = sup.start_first(pid_file)
     if code is not None:
         return code
     startup.imports_done()  # forked from the mount command with the collector off
     os.environ.pop(WARM_STARTED_ENV, None)  # later daemons start afresh: cold
     os.environ.pop(EARLY_STARTED_ENV, None)
-    pid_file = supervisor_pid_file(rundir)
-    pid_file.write_text(f"{os.getpid()}\n")
     try:
         return sup.run()
     finally:
