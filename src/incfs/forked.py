@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import subprocess
 import sys
 from importlib import import_module
+
+from .procs import wait_gone
 
 TYPE_CHECKING = False  # (an early child imports this first thing: no typing yet)
 if TYPE_CHECKING:
@@ -64,17 +65,13 @@ class Forked:
 
     def wait(self, timeout: float | None = None) -> int:
         if timeout is not None and self.poll() is None:
-            pidfd = os.pidfd_open(self.pid)  # readable once the child has exited
-            try:
-                select.select([pidfd], [], [], timeout)
-            finally:
-                os.close(pidfd)
+            wait_gone(self.pid, timeout)  # (a zombie counts as gone)
             if self.poll() is None:
                 raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
         while self.returncode is None:
             try:
                 pid, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:  # poll() in a signal handler reaped it
+            except ChildProcessError:  # reaped elsewhere
                 break
             if pid == self.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)

@@ -148,6 +148,14 @@ def mount_at(path: str | os.PathLike) -> MountEntry | None:
     return found
 
 
+def fuse_device_at(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(major, minor) of the FUSE mount visible at `path`, or None (nothing
+    mounted there, or not FUSE): a connection's device number, from the
+    mount table alone."""
+    entry = mount_at(path)
+    return (entry.major, entry.minor) if entry is not None and entry.is_fuse else None
+
+
 def _resolve(path) -> str:
     """realpath of the parent joined with the last name: the mount root itself
     is never looked at (its daemon may hang or be gone)."""

@@ -357,11 +357,11 @@ def _tune_readahead(mountpoint: str, kb: int) -> None:
     number comes from the mount table, not a stat() of the mount point: that
     would be served by this daemon's own loop (so a worker thread, a few ms of
     a mount's start), and holds the mount busy for an unmount meanwhile."""
-    entry = kmount.mount_at(mountpoint)
-    if entry is None or not entry.is_fuse:
+    device = kmount.fuse_device_at(mountpoint)
+    if device is None:
         return
     try:
-        Path(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb").write_text(str(kb))
+        Path(f"/sys/class/bdi/{device[0]}:{device[1]}/read_ahead_kb").write_text(str(kb))
     except OSError:
         pass
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from . import preconnect, startup
 from .forked import (DAEMON_NAME, EARLY_STARTED_ENV, SUPERVISOR_NAME, WARM_STARTED_ENV, Forked,
                      fork_call, process_name, set_name)
+from .kmount import fuse_device_at
 from .rundir import drop_daemon_leftovers, runtime_dir
 
 log = logging.getLogger("incfs.supervisor")
@@ -145,7 +146,7 @@ class Supervisor:
         with contextlib.suppress(OSError):  # (a daemon gone meanwhile: its end is seen in run)
             ours.send(b"K")
         ours.close()
-        self.mount_device = _device_at(self._mountpoint())
+        self.mount_device = fuse_device_at(self._mountpoint())
         return None
 
     # --- later daemons ----------------------------------------------------------------
@@ -275,7 +276,7 @@ class Supervisor:
         from .fuse.device import unmount
 
         mountpoint = self._mountpoint()
-        if self.mount_device is None or _device_at(mountpoint) != self.mount_device:
+        if self.mount_device is None or fuse_device_at(mountpoint) != self.mount_device:
             log.warning("no daemon serves, and %s is not this mount any more: not unmounted",
                         mountpoint)
             return
@@ -302,15 +303,6 @@ class Supervisor:
         own (a zombie at worst, which a signal does not harm)."""
         if self._daemon_running():
             self.daemon.send_signal(signum)
-
-
-def _device_at(mountpoint: str) -> tuple[int, int] | None:
-    """The device number of the FUSE mount at `mountpoint` (from the mount
-    table: nothing is asked of the mount itself), or None."""
-    from .kmount import mount_at
-
-    entry = mount_at(mountpoint)
-    return (entry.major, entry.minor) if entry is not None and entry.is_fuse else None
 
 
 def _receive_handover(sock: socket.socket) -> tuple[int, dict] | None:
